@@ -1,0 +1,168 @@
+"""The `specforge` command line.
+
+User errors (a bad spec, an unknown backend, a bad option) print a located message and exit
+with code 2, never a traceback. Commands other than `run` import neither torch nor
+tensorflow: their start-up cost is the interpreter, pydantic and this package.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from specforge.errors import SpecError, UsageError
+
+if TYPE_CHECKING:
+    from specforge.ir.program import Program
+
+app = typer.Typer(
+    name="specforge",
+    help="Compile a declarative CNN spec (YAML) into training runs and standalone scripts.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SpecPath = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_default=False)]
+SetOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer needs Optional
+    "--set", "-s", help="Override a field: --set optimizer.learning_rate=0.01 (repeatable).",
+    show_default=False)]
+#: Kept in step with specforge.ir.lower.DEFAULT_MAX_PARAMS (a test checks), without importing
+#: the compiler before a command needs it.
+DEFAULT_MAX_PARAMS = 2_000_000_000
+MaxParams = Annotated[int, typer.Option(help="Refuse models with more parameters than this.")]
+
+
+def _compile(spec: Path, overrides: list[str] | None, max_params: int) -> Program:
+    from specforge.compiler import compile_spec
+
+    return compile_spec(spec, overrides or (), max_params=max_params)
+
+
+@app.command()
+def validate(spec: SpecPath, set_: SetOption = None,
+             max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Check a spec: schema, graph and shapes. Prints every problem at once."""
+    program = _compile(spec, set_, max_params)
+    g = program.graph
+    print(f"ok: {spec} ({len(g.nodes)} IR nodes, {g.trainable_params:,} trainable "
+          f"parameters, output {g[g.output].shape})")
+
+
+@app.command()
+def summary(spec: SpecPath, set_: SetOption = None,
+            max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Print a table of layers, output shapes, parameters and FLOPs, with totals."""
+    from specforge.summary import print_summary
+
+    print_summary(_compile(spec, set_, max_params))
+
+
+@app.command()
+def ir(spec: SpecPath, set_: SetOption = None,
+       max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Dump the compiled IR (graph, loss, optimizer, metrics) as JSON."""
+    print(json.dumps(_compile(spec, set_, max_params).to_json(), indent=2))
+
+
+@app.command()
+def resolve(spec: SpecPath, set_: SetOption = None) -> None:
+    """Print the fully resolved spec: `extends:` merged, `--set` applied, defaults filled."""
+    import yaml
+
+    from specforge.compiler import load_spec
+
+    _, model = load_spec(spec, set_ or ())
+    data = model.model_dump(mode="json", exclude_none=True)
+    print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (for editor completion and validation)."""
+    from specforge.docs import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def backends() -> None:
+    """List the installed backends."""
+    from specforge.backends import installed_backends
+
+    found = installed_backends()
+    if not found:
+        print("no backends installed")
+    for name, ep in sorted(found.items()):
+        print(f"{name}\t{ep.value}")
+
+
+@app.command()
+def build(spec: SpecPath,
+          backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+          output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+              "--output", "-o", help="Write the script here (default: stdout).")] = None,
+          set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Emit a standalone training script for a backend."""
+    from specforge.backends import load_backend
+
+    program = _compile(spec, set_, max_params)
+    text = load_backend(backend).build(program)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    _write_atomically(output, text)
+    print(f"wrote {output}", file=sys.stderr)
+
+
+@app.command()
+def run(spec: SpecPath,
+        backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+        run_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="Run folder (default: runs/<spec name>).")] = None,
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+        quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+        set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Train and evaluate a spec with a backend."""
+    from specforge.backends import RunOptions, load_backend
+
+    program = _compile(spec, set_, max_params)
+    impl = load_backend(backend)
+    folder = run_dir or Path("runs") / spec.stem
+    result = impl.run(program, RunOptions(run_dir=folder, device=device, quiet=quiet))
+    print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
+
+
+@app.command()
+def docs(check: Annotated[bool, typer.Option(help="Fail if docs/ is stale.")] = False,
+         out: Annotated[Path, typer.Option(help="Docs folder.")] = Path("docs")) -> None:
+    """Regenerate the spec reference in docs/ from the models."""
+    from specforge.docs import write_reference
+
+    stale = write_reference(out, check=check)
+    if check and stale:
+        raise UsageError(f"{', '.join(map(str, stale))} out of date: run `specforge docs`")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    """Entry point of the `specforge` script and `python -m specforge`."""
+    try:
+        app()
+    except SpecError as exc:
+        sys.stderr.write(exc.render() + "\n")
+        sys.exit(2)
+    except UsageError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

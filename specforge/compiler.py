@@ -1,0 +1,26 @@
+"""The pipeline in one place: YAML -> spec -> IR graph -> program."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from specforge.ir.lower import DEFAULT_MAX_PARAMS, lower_model
+from specforge.ir.program import Program, lower_training
+from specforge.spec.schema import Spec, validate_spec
+from specforge.spec.source import LoadedSpec, apply_overrides, load_file
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[LoadedSpec, Spec]:
+    """Read, merge (`extends:`), override (`--set`) and validate a spec file."""
+    loaded = load_file(path)
+    apply_overrides(loaded, overrides)
+    return loaded, validate_spec(loaded)
+
+
+def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
+                 max_params: int = DEFAULT_MAX_PARAMS) -> Program:
+    """Compile a spec file to a :class:`Program`; raises ``SpecError`` listing every problem."""
+    loaded, spec = load_spec(path, overrides)
+    graph = lower_model(spec, loaded, max_params=max_params)
+    return lower_training(spec, graph, loaded)

@@ -1,0 +1,140 @@
+"""User-facing errors: every problem names a file, line, column and field path.
+
+specforge never shows a traceback for a bad spec. Each stage (YAML, schema, graph, shapes)
+collects :class:`Problem` objects and raises one :class:`SpecError` holding all of them, so a
+user sees every mistake in a spec at once. The CLI renders them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: A path into the spec's data: mapping keys and list indices, e.g. ("model", "layers", 3).
+DataPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a YAML node starts. ``line`` and ``column`` are 1-based; 0 means unknown."""
+
+    file: str
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        if self.line <= 0:
+            return self.file
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec, with where it is and what would be valid."""
+
+    message: str
+    location: Location | None = None
+    path: DataPath = ()
+    hint: str | None = None
+    #: A second place worth showing, e.g. the use site of a block whose template failed.
+    via: Location | None = None
+
+    def render(self, *, with_source: bool = True) -> str:
+        where = f"{self.location}: " if self.location else ""
+        field_path = f"{format_path(self.path)}: " if self.path else ""
+        lines = [f"{where}error: {field_path}{self.message}"]
+        if with_source and self.location is not None:
+            lines.extend(_source_excerpt(self.location))
+        if self.via is not None:
+            lines.append(f"  note: reached through {self.via}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass
+class SpecError(Exception):
+    """One or more problems in a spec. ``str()`` gives the full report."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.render(with_source=False))
+
+    def render(self, *, with_source: bool = True) -> str:
+        body = "\n".join(p.render(with_source=with_source) for p in self.problems)
+        count = len(self.problems)
+        return f"{body}\n{count} error{'s' if count != 1 else ''} found."
+
+    def __str__(self) -> str:
+        return self.render(with_source=False)
+
+
+class UsageError(Exception):
+    """A bad command-line request that is not about a spec's contents (exit code 2)."""
+
+
+def format_path(path: DataPath) -> str:
+    """Render ("model", "layers", 3, "filters") as ``model.layers[3].filters``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+#: Words other tools use for specforge's fields, so that a hint can translate them.
+SYNONYMS = {
+    "lr": "learning_rate", "eps": "epsilon", "kernel_size": "kernel", "stride": "strides",
+    "pool_size": "pool", "out_channels": "filters", "out_features": "units",
+    "momentum": "running_decay", "dilation_rate": "dilation", "use_bias": "bias",
+    "padding_type": "padding", "p": "rate", "num_classes": "units", "input_shape": "input",
+    "alpha": "negative_slope", "max_norm": "clip_norm", "clipnorm": "clip_norm",
+    "clipvalue": "clip_value", "beta_1": "beta1", "beta_2": "beta2", "decay": "weight_decay",
+}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """The closest valid choice to a misspelt word, or None when nothing is close."""
+    choices = list(choices)
+    if SYNONYMS.get(word) in choices:
+        return SYNONYMS[word]
+    matches = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def valid_choices_hint(word: str, choices: Sequence[str], what: str = "valid") -> str:
+    """'did you mean X? valid: a, b, c' in one string."""
+    suggestion = did_you_mean(word, choices)
+    listed = ", ".join(sorted(choices))
+    if suggestion:
+        return f"did you mean '{suggestion}'? {what}: {listed}"
+    return f"{what}: {listed}"
+
+
+_source_cache: dict[str, list[str]] = {}
+
+
+def remember_source(file: str, text: str) -> None:
+    """Keep a file's text so that problems can quote the offending line."""
+    _source_cache[file] = text.splitlines()
+
+
+def _source_excerpt(location: Location) -> list[str]:
+    lines = _source_cache.get(location.file)
+    if lines is None:
+        try:
+            lines = Path(location.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        _source_cache[location.file] = lines
+    if not 1 <= location.line <= len(lines):
+        return []
+    text = lines[location.line - 1]
+    gutter = f"{location.line:>5} | "
+    caret = " " * (len(gutter) - 2) + "| " + " " * max(location.column - 1, 0) + "^"
+    return [gutter + text, caret]

@@ -1,0 +1,116 @@
+"""The IR: one small immutable node type, and the graph and program built from it.
+
+Tensors are per sample, channels last: images are ``(height, width, channels)``, vectors
+``(features,)``; the batch axis is implicit. Every implicit choice of the spec (which pads
+`same` means, whether a final softmax is folded into the loss, every default) is already
+settled in a node's ``attrs``: a backend translates nodes, it never decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from specforge.errors import Location
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A tensor a node owns. Layouts are specforge's neutral ones (see docs/ir.md)."""
+
+    name: str
+    shape: Shape
+    #: How specforge's own seeded generator draws the initial value.
+    init: str
+    trainable: bool = True
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def freeze(attrs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An immutable view of ``attrs`` (values must be immutable themselves)."""
+    return MappingProxyType(dict(attrs))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op applied to the outputs of other nodes."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+    shape: Shape
+    params: tuple[Param, ...] = ()
+    flops: int = 0
+    #: The spec layer this node was lowered from (several nodes may share one).
+    layer: str = ""
+    location: Location | None = field(default=None, compare=False)
+
+    @property
+    def param_count(self) -> int:
+        return sum(p.size for p in self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "op": self.op,
+            "inputs": list(self.inputs),
+            "attrs": {k: _jsonable(v) for k, v in self.attrs.items()},
+            "shape": list(self.shape),
+            "params": [{"name": p.name, "shape": list(p.shape), "init": p.init,
+                        "trainable": p.trainable} for p in self.params],
+            "flops": self.flops,
+            "layer": self.layer,
+            "source": str(self.location) if self.location else None,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes in topological order; the first is the `input` node."""
+
+    nodes: tuple[Node, ...]
+    output: str
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __getitem__(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    @property
+    def input(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.size for n in self.nodes for p in n.params if p.trainable)
+
+    @property
+    def non_trainable_params(self) -> int:
+        return sum(p.size for n in self.nodes for p in n.params if not p.trainable)
+
+    @property
+    def flops(self) -> int:
+        return sum(n.flops for n in self.nodes)

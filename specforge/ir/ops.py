@@ -1,0 +1,293 @@
+"""Every IR op: its meaning (docstring), shape rule, parameters and FLOP count.
+
+This is the one place where an op's semantics are defined. Backends translate these ops and
+the numpy reference implements them; neither adds meaning of its own. FLOPs count a
+multiply-add as 2 and an element-wise operation as 1, per sample.
+
+Neutral parameter layouts: conv kernel ``(kh, kw, in_channels / groups, filters)``, dense
+kernel ``(in_features, units)``, vectors ``(channels,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from specforge.ir.graph import Param, Shape
+
+Attrs = Mapping[str, Any]
+Pads = tuple[int, int, int, int]  # top, bottom, left, right
+
+
+class ShapeError(Exception):
+    """An op cannot apply to its input shapes; ``hint`` says what would work."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class OpResult:
+    shape: Shape
+    params: tuple[Param, ...] = ()
+    flops: int = 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    infer: Callable[[Attrs, list[Shape]], OpResult]
+    arity: int | None = 1  # None: two or more inputs
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def op(name: str, arity: int | None = 1) -> Callable[[Callable[..., OpResult]], Any]:
+    def register(fn: Callable[[Attrs, list[Shape]], OpResult]) -> Callable[..., OpResult]:
+        OPS[name] = OpDef(name, (fn.__doc__ or "").strip(), fn, arity)
+        return fn
+    return register
+
+
+def _numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def _image(op_name: str, shape: Shape) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ShapeError(f"{op_name} needs an image input (height, width, channels), "
+                         f"got shape {shape}",
+                         "it cannot follow flatten, dense or global pooling")
+    return shape  # type: ignore[return-value]
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """Pads (before, after) that make ``out = ceil(size / stride)``; the odd pixel goes after."""
+    out = -(-size // stride)
+    effective = (kernel - 1) * dilation + 1
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def window_output(size: int, before: int, after: int, kernel: int, stride: int,
+                  dilation: int = 1) -> int:
+    """Output length of a sliding window: floor((size + pads - effective) / stride) + 1."""
+    effective = (kernel - 1) * dilation + 1
+    return (size + before + after - effective) // stride + 1
+
+
+def _windowed(op_name: str, shape: Shape, kernel: tuple[int, int], strides: tuple[int, int],
+              dilation: tuple[int, int], pads: Pads) -> tuple[int, int]:
+    h, w, _ = _image(op_name, shape)
+    out = []
+    for axis, size, before, after, k, s, d in (("height", h, pads[0], pads[1], kernel[0],
+                                               strides[0], dilation[0]),
+                                              ("width", w, pads[2], pads[3], kernel[1],
+                                               strides[1], dilation[1])):
+        n = window_output(size, before, after, k, s, d)
+        if n < 1:
+            effective = (k - 1) * d + 1
+            raise ShapeError(
+                f"{op_name} window of {effective} is larger than the padded input {axis} "
+                f"{size + before + after} (input {shape}, pads {before}+{after})",
+                "use padding: same, a smaller kernel/pool, or fewer downsampling layers "
+                "before this one")
+        out.append(n)
+    return out[0], out[1]
+
+
+@op("input", arity=0)
+def input_op(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """The model's input, one sample of shape ``attrs.shape`` (height, width, channels)."""
+    return OpResult(tuple(attrs["shape"]))
+
+
+@op("conv2d")
+def conv2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Grouped 2-D cross-correlation.
+
+    ``y[i, j, f] = bias[f] + sum_{a, b, c} x_pad[i*sh + a*dh, j*sw + b*dw, g*Cg + c] *
+    kernel[a, b, c, f]``, where group ``g = f // (filters / groups)`` and ``x_pad`` is the
+    input padded by ``pads`` (top, bottom, left, right) with ``pad_mode``: zeros, reflect
+    (mirror without repeating the edge) or replicate (repeat the edge).
+    Kernel layout ``(kh, kw, in_channels / groups, filters)``; init glorot_uniform, bias zeros.
+    """
+    h, w, c = _image("conv2d", shapes[0])
+    groups, filters = attrs["groups"], attrs["filters"]
+    if c % groups or filters % groups:
+        raise ShapeError(f"conv2d groups={groups} must divide input channels {c} and "
+                         f"filters {filters}")
+    _check_reflect_pads(attrs, h, w)
+    oh, ow = _windowed("conv2d", shapes[0], attrs["kernel"], attrs["strides"],
+                       attrs["dilation"], attrs["pads"])
+    kh, kw = attrs["kernel"]
+    params = [Param("kernel", (kh, kw, c // groups, filters), "glorot_uniform")]
+    if attrs["bias"]:
+        params.append(Param("bias", (filters,), "zeros"))
+    macs = oh * ow * filters * kh * kw * (c // groups)
+    return OpResult((oh, ow, filters), tuple(params), 2 * macs + (oh * ow * filters
+                                                                  if attrs["bias"] else 0))
+
+
+def _check_reflect_pads(attrs: Attrs, h: int, w: int) -> None:
+    top, bottom, left, right = attrs["pads"]
+    if attrs.get("pad_mode", attrs.get("mode")) == "reflect" and (
+            max(top, bottom) >= h or max(left, right) >= w):
+        raise ShapeError(f"reflect padding {attrs['pads']} needs pads smaller than the input "
+                         f"({h}x{w})", "use zeros or replicate padding, or smaller pads")
+
+
+@op("pad2d")
+def pad2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Spatial padding by ``pads`` (top, bottom, left, right) with ``mode`` zeros, reflect
+    or replicate, as conv2d's ``pad_mode``."""
+    h, w, c = _image("pad2d", shapes[0])
+    _check_reflect_pads(attrs, h, w)
+    top, bottom, left, right = attrs["pads"]
+    return OpResult((h + top + bottom, w + left + right, c))
+
+
+@op("max_pool2d")
+def max_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Maximum over each ``pool`` window, moved by ``strides``. Padded cells are -inf: they
+    never win (a window always holds at least one real cell)."""
+    oh, ow = _windowed("max_pool2d", shapes[0], attrs["pool"], attrs["strides"], (1, 1),
+                       attrs["pads"])
+    _check_pool_pads("max_pool2d", attrs)
+    c = shapes[0][2]
+    return OpResult((oh, ow, c), (), oh * ow * c * attrs["pool"][0] * attrs["pool"][1])
+
+
+@op("avg_pool2d")
+def avg_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Mean over each ``pool`` window, moved by ``strides``. Padded cells are excluded from
+    both the sum and the divisor (Keras's `same`; torch's ``count_include_pad=False``)."""
+    oh, ow = _windowed("avg_pool2d", shapes[0], attrs["pool"], attrs["strides"], (1, 1),
+                       attrs["pads"])
+    _check_pool_pads("avg_pool2d", attrs)
+    c = shapes[0][2]
+    return OpResult((oh, ow, c), (), oh * ow * c * attrs["pool"][0] * attrs["pool"][1])
+
+
+def _check_pool_pads(op_name: str, attrs: Attrs) -> None:
+    top, bottom, left, right = attrs["pads"]
+    ph, pw = attrs["pool"]
+    if max(top, bottom) >= ph or max(left, right) >= pw:
+        raise ShapeError(f"{op_name} pads {attrs['pads']} must each be smaller than the pool "
+                         f"{attrs['pool']}, or a window could hold only padding")
+
+
+@op("global_avg_pool2d")
+def global_avg_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Mean over height and width: (H, W, C) -> (C,)."""
+    h, w, c = _image("global_avg_pool2d", shapes[0])
+    return OpResult((c,), (), h * w * c)
+
+
+@op("global_max_pool2d")
+def global_max_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Maximum over height and width: (H, W, C) -> (C,)."""
+    h, w, c = _image("global_max_pool2d", shapes[0])
+    return OpResult((c,), (), h * w * c)
+
+
+@op("flatten")
+def flatten(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """(H, W, C) -> (H*W*C,) in height, width, channel order (row-major channels-last).
+    Channels-first backends permute to this order before flattening."""
+    return OpResult((_numel(shapes[0]),))
+
+
+@op("dense")
+def dense(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """``y = x @ kernel + bias``; kernel ``(in_features, units)`` glorot_uniform, bias zeros."""
+    if len(shapes[0]) != 1:
+        raise ShapeError(f"dense needs a flat input, got shape {shapes[0]}",
+                         "insert {type: flatten} or {type: global_avg_pool2d} before it")
+    (n,), units = shapes[0], attrs["units"]
+    params = [Param("kernel", (n, units), "glorot_uniform")]
+    if attrs["bias"]:
+        params.append(Param("bias", (units,), "zeros"))
+    return OpResult((units,), tuple(params), 2 * n * units + (units if attrs["bias"] else 0))
+
+
+@op("batch_norm")
+def batch_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Per-channel (last axis) normalisation.
+
+    Training: ``y = gamma * (x - mean_b) / sqrt(var_b + epsilon) + beta`` with the batch's
+    mean and *biased* variance over every axis but the channel; then
+    ``moving_mean = decay * moving_mean + (1 - decay) * mean_b`` and
+    ``moving_var = decay * moving_var + (1 - decay) * var_b * n / (n - 1)`` (the *unbiased*
+    variance, n = elements per channel). Evaluation uses the moving statistics.
+    gamma init ones, beta zeros, moving_mean zeros, moving_var ones.
+    """
+    c = shapes[0][-1]
+    params = []
+    if attrs["scale"]:
+        params.append(Param("gamma", (c,), "ones"))
+    if attrs["center"]:
+        params.append(Param("beta", (c,), "zeros"))
+    params += [Param("moving_mean", (c,), "zeros", trainable=False),
+               Param("moving_var", (c,), "ones", trainable=False)]
+    return OpResult(shapes[0], tuple(params), 4 * _numel(shapes[0]))
+
+
+@op("dropout")
+def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Training only: zero each element with probability ``rate`` and scale the others by
+    1 / (1 - rate). ``spatial``: one draw per (sample, channel) on images. Identity in
+    evaluation. Masks come from specforge's generator in conformance runs."""
+    if attrs["spatial"]:
+        _image("spatial dropout", shapes[0])
+    return OpResult(shapes[0], (), _numel(shapes[0]))
+
+
+ACTIVATION_FORMULAS = {
+    "linear": "x",
+    "relu": "max(x, 0)",
+    "relu6": "min(max(x, 0), 6)",
+    "leaky_relu": "x if x >= 0 else negative_slope * x",
+    "elu": "x if x > 0 else alpha * (exp(x) - 1)",
+    "selu": "1.0507009873554805 * (x if x > 0 else 1.6732632423543772 * (exp(x) - 1))",
+    "gelu": "x * (1 + erf(x / sqrt(2))) / 2 (exact)",
+    "gelu_tanh": "x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2",
+    "silu": "x * sigmoid(x)",
+    "sigmoid": "1 / (1 + exp(-x))",
+    "hard_sigmoid": "relu6(x + 3) / 6",
+    "hard_swish": "x * relu6(x + 3) / 6",
+    "tanh": "tanh(x)",
+    "softplus": "log(1 + exp(x))",
+    "softsign": "x / (1 + |x|)",
+    "softmax": "exp(x) / sum(exp(x)) over the last (channel/feature) axis",
+}
+
+
+@op("activation")
+def activation(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Element-wise function ``fn`` (softmax: over the last axis); see ACTIVATION_FORMULAS.
+    ``negative_slope`` (leaky_relu) and ``alpha`` (elu) are always explicit."""
+    return OpResult(shapes[0], (), _numel(shapes[0]))
+
+
+@op("add", arity=None)
+def add(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Element-wise sum of inputs of identical shape."""
+    if len(set(shapes)) != 1:
+        raise ShapeError(f"add needs inputs of one shape, got {', '.join(map(str, shapes))}",
+                         "match them with a 1x1 conv2d (channels) or strides/pooling (size)")
+    return OpResult(shapes[0], (), _numel(shapes[0]) * (len(shapes) - 1))
+
+
+@op("concat", arity=None)
+def concat(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Concatenation along the last (channel/feature) axis; other axes must match."""
+    if len({s[:-1] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1:
+        raise ShapeError("concat needs inputs that differ only in the last axis, got "
+                         f"{', '.join(map(str, shapes))}")
+    return OpResult((*shapes[0][:-1], sum(s[-1] for s in shapes)))

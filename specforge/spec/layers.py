@@ -1,0 +1,226 @@
+"""The `model:` section: input shape and layers, as users write them.
+
+Each layer type's *meaning* (formula, defaults, shape rule) lives in the IR op it lowers to,
+in :mod:`specforge.ir.ops`; this module only describes what may be written. Sizes are
+``(height, width)``, tensors are ``(height, width, channels)`` per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+#: Names of layers and blocks: safe as identifiers in every backend and every template.
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+Size = Annotated[int, Field(ge=1, le=65_536)]
+Extent = Annotated[int, Field(ge=1, le=4_096)]
+Pad = Annotated[int, Field(ge=0, le=4_096)]
+PairOrInt = Extent | tuple[Extent, Extent]
+
+ActivationName = Literal[
+    "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "gelu_tanh", "silu",
+    "sigmoid", "hard_sigmoid", "hard_swish", "tanh", "softplus", "softsign", "softmax",
+]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: unknown keys are errors and values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ActivationConfig(SpecModel):
+    """An activation function with its parameters."""
+
+    fn: ActivationName = Field(description="Which function; see the IR `activation` op.")
+    negative_slope: float | None = Field(
+        None, description="leaky_relu only: slope for x < 0 (default 0.01).")
+    alpha: float | None = Field(None, gt=0, description="elu only: scale of the negative "
+                                                        "part (default 1.0).")
+
+    @model_validator(mode="after")
+    def _params_match_fn(self) -> ActivationConfig:
+        if self.negative_slope is not None and self.fn != "leaky_relu":
+            raise ValueError(f"negative_slope applies to leaky_relu, not {self.fn}")
+        if self.alpha is not None and self.fn != "elu":
+            raise ValueError(f"alpha applies to elu, not {self.fn}")
+        return self
+
+
+Activation = Annotated[
+    ActivationName | ActivationConfig,
+    Field(description="An activation name (`relu`) or `{fn: leaky_relu, negative_slope: 0.1}`."),
+]
+
+
+class PerSidePadding(SpecModel):
+    """Explicit padding for each side, in pixels."""
+
+    top: Pad = 0
+    bottom: Pad = 0
+    left: Pad = 0
+    right: Pad = 0
+
+
+Padding = Annotated[
+    Literal["valid", "same"] | Pad | tuple[Pad, Pad] | PerSidePadding,
+    Field(description="`valid` (none), `same` (output = ceil(input / stride), extra pixel "
+                      "after), an int for every side, `[height, width]` for both sides of "
+                      "each, or `{top, bottom, left, right}`."),
+]
+PaddingMode = Literal["zeros", "reflect", "replicate"]
+
+
+class LayerBase(SpecModel):
+    """Fields every layer has."""
+
+    name: Name | None = Field(None, description="Unique layer name; generated when omitted.")
+    inputs: Name | list[Name] | None = Field(
+        None, description="Layer name(s) this layer reads; `input` is the model's (or a "
+                          "block's) input. Default: the previous layer.")
+    repeat: int = Field(1, ge=1, le=1_000, description="Stack this layer N times in sequence.")
+
+
+class Conv2D(LayerBase):
+    """2-D convolution (cross-correlation), optionally grouped, with optional activation."""
+
+    type: Literal["conv2d"]
+    filters: Size = Field(description="Number of output channels.")
+    kernel: PairOrInt = Field(description="Kernel size: int or [height, width].")
+    strides: PairOrInt = 1
+    dilation: PairOrInt = 1
+    groups: Size = Field(1, description="Split channels into groups; must divide both "
+                                        "input channels and filters.")
+    padding: Padding = "valid"
+    padding_mode: PaddingMode = Field("zeros", description="What the padded pixels hold.")
+    bias: bool = True
+    activation: Activation | None = None
+
+
+class DepthwiseConv2D(LayerBase):
+    """Depthwise convolution: each input channel convolved with its own kernel(s)."""
+
+    type: Literal["depthwise_conv2d"]
+    kernel: PairOrInt
+    depth_multiplier: Size = Field(1, description="Output channels per input channel.")
+    strides: PairOrInt = 1
+    dilation: PairOrInt = 1
+    padding: Padding = "valid"
+    padding_mode: PaddingMode = "zeros"
+    bias: bool = True
+    activation: Activation | None = None
+
+
+class Pad2D(LayerBase):
+    """Explicit spatial padding as a layer of its own."""
+
+    type: Literal["pad2d", "zero_padding2d"]
+    padding: Pad | tuple[Pad, Pad] | PerSidePadding = 1
+    mode: PaddingMode = "zeros"
+
+
+class Pool2D(LayerBase):
+    """Max or average pooling over windows."""
+
+    type: Literal["max_pool2d", "max_pooling2d", "avg_pool2d", "average_pooling2d"]
+    pool: PairOrInt = Field(2, description="Window size: int or [height, width].")
+    strides: PairOrInt | None = Field(None, description="Default: the window size.")
+    padding: Padding = Field("valid", description="As for conv2d. Padded cells never win a "
+                                                  "max and never count in an average.")
+
+
+class GlobalPool2D(LayerBase):
+    """Mean or max over all spatial positions: (H, W, C) -> (C,)."""
+
+    type: Literal["global_avg_pool2d", "global_average_pooling2d",
+                  "global_max_pool2d", "global_max_pooling2d"]
+
+
+class Flatten(LayerBase):
+    """(H, W, C) -> (H*W*C,), in height, width, channel order."""
+
+    type: Literal["flatten"]
+
+
+class Dense(LayerBase):
+    """Fully connected layer on a flat vector."""
+
+    type: Literal["dense", "linear"]
+    units: Size
+    bias: bool = True
+    activation: Activation | None = None
+
+
+class BatchNorm(LayerBase):
+    """Batch normalisation over the channel axis."""
+
+    type: Literal["batch_norm", "batch_normalization"]
+    running_decay: float = Field(
+        0.9, ge=0, lt=1, description="running = decay * running + (1 - decay) * batch "
+        "statistic. (Not `momentum`: torch and Keras use that word for opposite things.)")
+    epsilon: float = Field(1e-5, gt=0, description="Added to the variance before the sqrt.")
+    scale: bool = Field(True, description="Learn a per-channel scale (gamma).")
+    center: bool = Field(True, description="Learn a per-channel offset (beta).")
+
+
+class Dropout(LayerBase):
+    """Inverted dropout: zero each element with probability `rate`, scale the rest."""
+
+    type: Literal["dropout"]
+    rate: float = Field(ge=0, lt=1)
+    spatial: bool = Field(False, description="Drop whole channels (SpatialDropout2D).")
+
+
+class ActivationLayer(LayerBase):
+    """An activation function as a layer of its own."""
+
+    type: Literal["activation"]
+    fn: ActivationName
+    negative_slope: float | None = None
+    alpha: float | None = Field(None, gt=0)
+
+    def config(self) -> ActivationConfig:
+        return ActivationConfig(fn=self.fn, negative_slope=self.negative_slope,
+                                alpha=self.alpha)
+
+
+class Merge(LayerBase):
+    """Element-wise sum (`add`) or channel concatenation (`concat`) of several inputs."""
+
+    type: Literal["add", "concat", "concatenate"]
+    inputs: list[Name] = Field(min_length=2, description="The layers to merge (at least 2).")
+
+
+class BlockUse(LayerBase):
+    """An instance of a block from `blocks:`, with arguments for its parameters."""
+
+    type: Literal["block"]
+    block: Name = Field(description="Name of a block defined under `blocks:`.")
+    args: dict[Name, Any] = Field(default_factory=dict,
+                                  description="Values for the block's parameters.")
+
+
+Layer = Annotated[
+    Conv2D | DepthwiseConv2D | Pad2D | Pool2D | GlobalPool2D | Flatten | Dense | BatchNorm
+    | Dropout | ActivationLayer | Merge | BlockUse,
+    Field(discriminator="type"),
+]
+
+
+class BlockDef(SpecModel):
+    """A reusable, parameterised group of layers. Inside it, `${param}` is replaced by the
+    argument's value and `input` names the block's input; its output is its last layer."""
+
+    params: dict[Name, Any] = Field(
+        default_factory=dict, description="Parameter names with defaults; null = required.")
+    layers: list[dict[str, Any]] = Field(min_length=1, description="Layers, as in the model.")
+
+
+class ModelSpec(SpecModel):
+    """The network: an input shape and a list (or graph) of layers."""
+
+    input: tuple[Extent, Extent, Annotated[int, Field(ge=1, le=4_096)]] = Field(
+        description="Input shape per sample: [height, width, channels].")
+    layers: list[Layer] = Field(min_length=1)
+    output: Name | None = Field(None, description="The output layer; default: the last one.")

@@ -1,0 +1,280 @@
+"""Reading YAML with a location for every node, `extends:` and `--set` overrides.
+
+PyYAML's composer gives nodes with start marks; we convert them to plain Python data ourselves
+so that we can (a) remember where every key and value came from, (b) refuse duplicate keys,
+which PyYAML silently overwrites, and (c) stop alias bombs: every node visited, aliases
+included, counts towards a budget, so a billion-laughs document fails fast instead of eating
+memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from specforge.errors import DataPath, Location, Problem, SpecError, remember_source
+
+#: Largest spec file read, in bytes. Specs are small; anything bigger is a mistake.
+MAX_FILE_BYTES = 1_000_000
+#: Largest number of YAML nodes after expanding aliases.
+MAX_NODES = 100_000
+#: Deepest `extends:` chain.
+MAX_EXTENDS_DEPTH = 16
+
+
+@dataclass
+class SourceMap:
+    """Where each value (and each mapping key) of a loaded document came from."""
+
+    values: dict[DataPath, Location] = field(default_factory=dict)
+    keys: dict[DataPath, Location] = field(default_factory=dict)
+
+    def locate(self, path: DataPath, *, key: bool = False) -> Location | None:
+        """The location of ``path``, or of its nearest ancestor that has one."""
+        if key and path in self.keys:
+            return self.keys[path]
+        probe = tuple(path)
+        while True:
+            if probe in self.values:
+                return self.values[probe]
+            if not probe:
+                return None
+            probe = probe[:-1]
+
+    def drop_under(self, prefix: DataPath) -> None:
+        """Forget every location at or below ``prefix`` (the value there was replaced)."""
+        n = len(prefix)
+        for table in (self.values, self.keys):
+            for path in [p for p in table if p[:n] == prefix]:
+                del table[path]
+
+    def copy_subtree(self, other: SourceMap, src: DataPath, dst: DataPath) -> None:
+        """Copy ``other``'s locations under ``src`` to this map under ``dst``."""
+        n = len(src)
+        for mine, theirs in ((self.values, other.values), (self.keys, other.keys)):
+            for path, loc in theirs.items():
+                if path[:n] == src:
+                    mine[dst + path[n:]] = loc
+
+
+@dataclass
+class LoadedSpec:
+    """Raw spec data (after `extends:` and `--set`) with its source map."""
+
+    data: dict[str, Any]
+    sources: SourceMap
+    file: str
+
+
+def _location(file: str, node: yaml.Node) -> Location:
+    mark = node.start_mark
+    return Location(file, mark.line + 1, mark.column + 1)
+
+
+class _Converter:
+    """Turns a composed YAML node tree into Python data plus a SourceMap."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.sources = SourceMap()
+        self.problems: list[Problem] = []
+        self.budget = MAX_NODES
+        self._scalars = yaml.constructor.SafeConstructor()
+        self._active: set[int] = set()
+
+    def convert(self, node: yaml.Node, path: DataPath) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise SpecError([Problem(
+                f"the document expands to more than {MAX_NODES:,} YAML nodes",
+                _location(self.file, node), path,
+                "this looks like an alias bomb: write the values out, or use blocks/repeat",
+            )])
+        self.sources.values[path] = _location(self.file, node)
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalars.construct_object(node)
+        if id(node) in self._active:
+            raise SpecError([Problem("recursive YAML alias", _location(self.file, node), path)])
+        self._active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self._active.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: DataPath) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            loc = _location(self.file, key_node)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.problems.append(Problem(
+                    "YAML merge keys (<<) are not supported", loc, path,
+                    "use `extends:` for whole specs, or `blocks:` for repeated layers",
+                ))
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problems.append(Problem("mapping keys must be plain strings", loc, path))
+                continue
+            key = str(self._scalars.construct_object(key_node))
+            if key in out:
+                first = self.sources.keys[(*path, key)]
+                self.problems.append(Problem(
+                    f"duplicate key '{key}' (first defined at line {first.line})", loc, path,
+                    "each key may appear once in a mapping",
+                ))
+                continue
+            self.sources.keys[(*path, key)] = loc
+            out[key] = self.convert(value_node, (*path, key))
+        return out
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
+    """Parse one YAML document, returning its data and where each node came from."""
+    remember_source(file, text)
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        what = " ".join(filter(None, [exc.context, exc.problem]))
+        raise SpecError([Problem(f"invalid YAML: {what}", loc, (),
+                                 "check indentation, colons and quotes")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(f"invalid YAML: {exc}", Location(file))]) from None
+    if len(nodes) != 1:
+        raise SpecError([Problem(
+            f"expected exactly one YAML document, found {len(nodes)}", Location(file, 1, 1),
+            hint="a spec is one mapping; remove extra `---` separators" if nodes else None,
+        )])
+    converter = _Converter(file)
+    data = converter.convert(nodes[0], ())
+    if converter.problems:
+        raise SpecError(converter.problems)
+    return data, converter.sources
+
+
+def _read_text(path: Path, display: str, referenced_at: Location | None) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise SpecError([Problem(
+                f"spec file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,}",
+                Location(display), hint="a spec describes a model; data belongs in data files",
+            )])
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(f"spec file not found: {display}", referenced_at)]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem(f"cannot read spec file {display}: {exc}",
+                                 referenced_at)]) from None
+
+
+def load_file(path: str | Path, *, _chain: Sequence[Path] = (),
+              _referenced_at: Location | None = None) -> LoadedSpec:
+    """Load a spec file and, recursively, the base spec it `extends:`."""
+    path = Path(path)
+    display = str(path)
+    text = _read_text(path, display, _referenced_at)
+    data, sources = parse_yaml(text, display)
+    if not isinstance(data, dict):
+        raise SpecError([Problem("a spec must be a YAML mapping (key: value pairs)",
+                                 sources.locate(()), ())])
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return LoadedSpec(data, sources, display)
+    at = sources.locate(("extends",))
+    if not isinstance(base_ref, str):
+        raise SpecError([Problem("`extends` must be a path to a base spec", at, ("extends",),
+                                 "e.g. extends: cifar.yaml (relative to this file)")])
+    base_path = (path.parent / base_ref).resolve()
+    chain = (*_chain, path.resolve())
+    if base_path in chain:
+        raise SpecError([Problem(f"`extends` cycle: {' -> '.join(p.name for p in chain)} -> "
+                                 f"{base_path.name}", at, ("extends",))])
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise SpecError([Problem(f"`extends` chain deeper than {MAX_EXTENDS_DEPTH}", at)])
+    base = load_file(base_path, _chain=chain, _referenced_at=at)
+    merged = _deep_merge(base.data, base.sources, data, sources, ())
+    return LoadedSpec(merged, base.sources, display)
+
+
+def _deep_merge(base: dict[str, Any], base_src: SourceMap, child: dict[str, Any],
+                child_src: SourceMap, path: DataPath) -> dict[str, Any]:
+    """Merge ``child`` into ``base`` (mappings recursively; anything else is replaced).
+
+    ``base_src`` is updated in place to describe the merged result.
+    """
+    out = dict(base)
+    for key, value in child.items():
+        sub = (*path, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], base_src, value, child_src, sub)
+        else:
+            base_src.drop_under(sub)
+            base_src.copy_subtree(child_src, sub, sub)
+            out[key] = value
+        if sub in child_src.keys:
+            base_src.keys[sub] = child_src.keys[sub]
+    return out
+
+
+def apply_overrides(spec: LoadedSpec, overrides: Sequence[str]) -> None:
+    """Apply ``--set a.b.0.c=value`` overrides in place; values are parsed as YAML."""
+    problems: list[Problem] = []
+    for raw in overrides:
+        try:
+            _apply_one(spec, raw)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+
+
+def _apply_one(spec: LoadedSpec, raw: str) -> None:
+    where = Location(f"--set {raw}")
+    dotted, sep, text = raw.partition("=")
+    if not sep or not dotted.strip():
+        raise SpecError([Problem("an override must look like path.to.field=value", where,
+                                 hint="e.g. --set optimizer.learning_rate=0.01")])
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(f"cannot parse the value: {exc}", where)]) from None
+    parts: list[str | int] = [int(p) if p.lstrip("-").isdigit() else p
+                              for p in dotted.strip().split(".")]
+    node: Any = spec.data
+    for i, part in enumerate(parts[:-1]):
+        node = _step(node, part, parts[: i + 1], where, create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        _step(node, last, parts, where, create=False)
+    elif not isinstance(node, dict):
+        raise SpecError([Problem(f"cannot set a field inside a {type(node).__name__}", where)])
+    node[last] = value
+    path = tuple(parts)
+    spec.sources.drop_under(path)
+    spec.sources.values[path] = where
+    spec.sources.keys[path] = where
+
+
+def _step(node: Any, part: str | int, so_far: list[str | int], where: Location,
+          *, create: bool) -> Any:
+    if isinstance(node, list):
+        if not isinstance(part, int) or not -len(node) <= part < len(node):
+            raise SpecError([Problem(
+                f"'{'.'.join(map(str, so_far))}' is not an index of a list of {len(node)} items",
+                where)])
+        return node[part]
+    if isinstance(node, dict):
+        if part not in node:
+            if not create:
+                return None
+            node[part] = {}
+        return node[part]
+    raise SpecError([Problem(f"'{'.'.join(map(str, so_far[:-1]))}' is a "
+                             f"{type(node).__name__}, not a mapping or list", where)])

@@ -1,0 +1,82 @@
+"""specforge's framework-neutral weights: named numpy arrays in documented layouts.
+
+Names are ``"{node}.{param}"`` (e.g. ``conv2d_1.kernel``); layouts are those of
+:mod:`specforge.ir.ops`: conv kernel ``(kh, kw, in/groups, filters)``, dense kernel
+``(in, units)``, vectors ``(channels,)``. Files are ``.npz`` archives read with
+``allow_pickle=False``, so loading one never runs code.
+
+Initial values are drawn here, in numpy, once: every backend loads the same arrays. Each
+tensor has its own generator seeded by (spec seed, tensor name), so adding a layer does not
+change the initial weights of the others.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from specforge.ir.graph import Graph, Param
+
+Weights = dict[str, np.ndarray]
+
+
+def parameter_table(graph: Graph) -> dict[str, Param]:
+    """Every parameter of the graph by its neutral name."""
+    return {f"{node.name}.{p.name}": p for node in graph for p in node.params}
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = int(np.prod(shape[:-2]))
+    return receptive * shape[-2], receptive * shape[-1]
+
+
+def draw(param: Param, name: str, seed: int) -> np.ndarray:
+    """The initial value of one parameter, as float32."""
+    if param.init == "zeros":
+        return np.zeros(param.shape, np.float32)
+    if param.init == "ones":
+        return np.ones(param.shape, np.float32)
+    if param.init == "glorot_uniform":
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        fan_in, fan_out = _fans(param.shape)
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        return rng.uniform(-limit, limit, param.shape).astype(np.float32)
+    raise ValueError(f"unknown initializer {param.init!r} for {name}")
+
+
+def initial_weights(graph: Graph, seed: int) -> Weights:
+    """specforge's initial weights for ``graph`` and ``seed``."""
+    return {name: draw(p, name, seed) for name, p in parameter_table(graph).items()}
+
+
+def check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError unless ``weights`` has exactly the graph's names and shapes."""
+    table = parameter_table(graph)
+    missing = sorted(set(table) - set(weights))
+    extra = sorted(set(weights) - set(table))
+    wrong = sorted(f"{n}: {tuple(weights[n].shape)} != {p.shape}" for n, p in table.items()
+                   if n in weights and tuple(weights[n].shape) != p.shape)
+    if missing or extra or wrong:
+        parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
+                 f"wrong shapes {wrong}" if wrong else ""]
+        raise ValueError("weights do not match the model: " + "; ".join(p for p in parts if p))
+
+
+def save_weights(path: str | Path, weights: Mapping[str, np.ndarray]) -> None:
+    """Write weights atomically to an .npz file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in weights.items()})
+    tmp.replace(path)
+
+
+def load_weights(path: str | Path) -> Weights:
+    """Read weights from an .npz file; pickled objects are refused."""
+    with np.load(Path(path), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
