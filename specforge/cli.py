@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -78,8 +78,19 @@ def resolve(spec: SpecPath, set_: SetOption = None) -> None:
     from specforge.compiler import load_spec
 
     _, model = load_spec(spec, set_ or ())
-    data = model.model_dump(mode="json", exclude_none=True)
+    data = _type_first(model.model_dump(mode="json", exclude_none=True))
     print(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100), end="")
+
+
+def _type_first(value: Any) -> Any:
+    """Put each mapping's `type` first, as people write it."""
+    if isinstance(value, dict):
+        ordered = {"type": value["type"]} if "type" in value else {}
+        ordered.update({k: _type_first(v) for k, v in value.items() if k != "type"})
+        return ordered
+    if isinstance(value, list):
+        return [_type_first(v) for v in value]
+    return value
 
 
 @app.command()

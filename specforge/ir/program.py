@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from specforge.errors import Problem, SpecError
@@ -84,9 +84,9 @@ class Program:
             "output": self.graph.output,
             "output_activation": self.output_activation,
             "nodes": [n.to_json() for n in self.graph],
-            "loss": asdict(self.loss),
-            "optimizer": _plain(asdict(self.optimizer)),
-            "metrics": [asdict(m) for m in self.metrics],
+            "loss": _plain(self.loss),
+            "optimizer": _plain(self.optimizer),
+            "metrics": [_plain(m) for m in self.metrics],
             "data": self.spec.data.model_dump(mode="json") if self.spec.data else None,
             "training": self.spec.training.model_dump(mode="json"),
             "totals": {"trainable_params": self.graph.trainable_params,
@@ -96,6 +96,9 @@ class Program:
 
 
 def _plain(value: Any) -> Any:
+    """JSON-ready data from IR dataclasses (``asdict`` cannot copy their frozen mappings)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -213,7 +216,3 @@ def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
         progress = min(t, p["t_max"]) / p["t_max"]
         return p["min_lr"] + (base - p["min_lr"]) * (1 + math.cos(math.pi * progress)) / 2
     return base
-
-
-def with_graph(program: Program, graph: Graph) -> Program:
-    return replace(program, graph=graph)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from specforge.spec.layers import SpecModel
 
@@ -191,14 +191,27 @@ Optimizer = Annotated[SGD | RMSprop | Adam, Field(discriminator="type")]
 
 # --- metrics ----------------------------------------------------------------------------------
 
+MetricName = Literal["accuracy", "precision", "recall", "f1", "top_k_accuracy"]
+
+
+def _metric_json_schema(schema: dict[str, Any]) -> None:
+    # A metric may be written as its bare name; say so to editors too.
+    as_object = dict(schema)
+    schema.clear()
+    schema["anyOf"] = [{"type": "string", "enum": list(MetricName.__args__)}, as_object]
+
+
 class Metric(SpecModel):
     """A metric computed over a whole epoch (streaming), never as a mean of batch values.
 
-    Classes are predicted by argmax (binary: logit > 0). precision, recall and f1 average
-    per-class values (`macro`) or pool the counts (`micro`).
+    Write a bare name (`accuracy`) or a mapping with options. Classes are predicted by
+    argmax (binary: logit > 0). precision, recall and f1 average per-class values (`macro`)
+    or pool the counts (`micro`).
     """
 
-    type: Literal["accuracy", "precision", "recall", "f1", "top_k_accuracy"]
+    model_config = ConfigDict(json_schema_extra=_metric_json_schema)
+
+    type: MetricName
     average: Literal["macro", "micro"] | None = Field(
         None, description="precision, recall, f1: default macro.")
     k: int | None = Field(None, ge=1, description="top_k_accuracy: default 5.")
