@@ -71,14 +71,11 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.Pool2D):
         pool = pair(layer.pool)
         strides = pair(layer.strides) if layer.strides is not None else pool
-        kind = "max_pool2d" if layer.type.startswith("max") else "avg_pool2d"
-        main = (kind, {"pool": pool, "strides": strides,
+        main = (canonical_type(layer), {"pool": pool, "strides": strides,
                        "pads": resolve_pads(layer.padding, in_shape, pool, strides)})
     elif isinstance(layer, L.Pad2D):
         main = ("pad2d", {"pads": resolve_pads(layer.padding, in_shape, (1, 1), (1, 1)),
                           "mode": layer.mode})
-    elif isinstance(layer, L.GlobalPool2D):
-        main = ("global_max_pool2d" if "max" in layer.type else "global_avg_pool2d", {})
     elif isinstance(layer, L.BatchNorm):
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})
@@ -86,9 +83,7 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
         main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
-    elif isinstance(layer, L.Merge):
-        return [("add" if layer.type == "add" else "concat", {})]
-    else:  # Flatten
+    else:  # flatten, global pooling, add, concat: the op is the type, with no attrs
         return [(canonical_type(layer), {})]
     extra = getattr(layer, "activation", None)
     return [main] if extra is None else [main, ("activation", activation_attrs(extra))]

@@ -121,20 +121,36 @@ class Pad2D(LayerBase):
 
 
 class Pool2D(LayerBase):
-    """Max or average pooling over windows."""
+    """Fields of both pooling layers."""
 
-    type: Literal["max_pool2d", "max_pooling2d", "avg_pool2d", "average_pooling2d"]
     pool: PairOrInt = Field(2, description="Window size: int or [height, width].")
     strides: PairOrInt | None = Field(None, description="Default: the window size.")
     padding: Padding = Field("valid", description="As for conv2d. Padded cells never win a "
                                                   "max and never count in an average.")
 
 
-class GlobalPool2D(LayerBase):
-    """Mean or max over all spatial positions: (H, W, C) -> (C,)."""
+class MaxPool2D(Pool2D):
+    """Maximum over each window."""
 
-    type: Literal["global_avg_pool2d", "global_average_pooling2d",
-                  "global_max_pool2d", "global_max_pooling2d"]
+    type: Literal["max_pool2d", "max_pooling2d"]
+
+
+class AvgPool2D(Pool2D):
+    """Mean over each window; padded cells are not counted."""
+
+    type: Literal["avg_pool2d", "average_pooling2d"]
+
+
+class GlobalAvgPool2D(LayerBase):
+    """Mean over all spatial positions: (H, W, C) -> (C,)."""
+
+    type: Literal["global_avg_pool2d", "global_average_pooling2d"]
+
+
+class GlobalMaxPool2D(LayerBase):
+    """Maximum over all spatial positions: (H, W, C) -> (C,)."""
+
+    type: Literal["global_max_pool2d", "global_max_pooling2d"]
 
 
 class Flatten(LayerBase):
@@ -186,10 +202,21 @@ class ActivationLayer(LayerBase):
 
 
 class Merge(LayerBase):
-    """Element-wise sum (`add`) or channel concatenation (`concat`) of several inputs."""
+    """Fields of both merge layers."""
 
-    type: Literal["add", "concat", "concatenate"]
     inputs: list[Name] = Field(min_length=2, description="The layers to merge (at least 2).")
+
+
+class Add(Merge):
+    """Element-wise sum of inputs of one shape."""
+
+    type: Literal["add"]
+
+
+class Concat(Merge):
+    """Concatenation along the channel (last) axis."""
+
+    type: Literal["concat", "concatenate"]
 
 
 class BlockUse(LayerBase):
@@ -202,8 +229,9 @@ class BlockUse(LayerBase):
 
 
 Layer = Annotated[
-    Conv2D | DepthwiseConv2D | Pad2D | Pool2D | GlobalPool2D | Flatten | Dense | BatchNorm
-    | Dropout | ActivationLayer | Merge | BlockUse,
+    Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Add | Concat
+    | BlockUse,
     Field(discriminator="type"),
 ]
 

@@ -22,6 +22,8 @@ from specforge.errors import DataPath, Location, Problem, SpecError, remember_so
 MAX_FILE_BYTES = 1_000_000
 #: Largest number of YAML nodes after expanding aliases.
 MAX_NODES = 100_000
+#: Deepest nesting of mappings and lists.
+MAX_DEPTH = 64
 #: Deepest `extends:` chain.
 MAX_EXTENDS_DEPTH = 16
 
@@ -95,6 +97,9 @@ class _Converter:
                 "this looks like an alias bomb: write the values out, or use blocks/repeat",
             )])
         self.sources.values[path] = _location(self.file, node)
+        if len(path) > MAX_DEPTH:
+            raise SpecError([Problem(f"the document nests deeper than {MAX_DEPTH} levels",
+                                     _location(self.file, node), path[:3])])
         if isinstance(node, yaml.ScalarNode):
             return self._scalars.construct_object(node)
         if id(node) in self._active:
@@ -146,6 +151,9 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
                                  "check indentation, colons and quotes")]) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(f"invalid YAML: {exc}", Location(file))]) from None
+    except RecursionError:
+        raise SpecError([Problem(f"the document nests too deeply (the limit is {MAX_DEPTH})",
+                                 Location(file))]) from None
     if len(nodes) != 1:
         raise SpecError([Problem(
             f"expected exactly one YAML document, found {len(nodes)}", Location(file, 1, 1),
