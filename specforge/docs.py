@@ -1,11 +1,13 @@
 """Reference documentation generated from the models and the IR ops (never by hand).
 
-`specforge docs` rewrites docs/spec-reference.md and docs/ir-ops.md; a test fails when the
-committed files differ from what the code generates.
+`specforge docs` rewrites docs/spec-reference.md, docs/ir-ops.md and docs/spec.schema.json
+(which the specs name for editor completion); a test fails when the committed files differ
+from what the code generates.
 """
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -121,8 +123,10 @@ def ops_reference() -> str:
 def write_reference(folder: Path, *, check: bool = False) -> list[Path]:
     """Write (or with ``check``, only compare) the generated docs; returns the stale files."""
     stale = []
+    schema_text = json.dumps(json_schema(), indent=2) + "\n"
     for path, text in ((folder / "spec-reference.md", spec_reference()),
-                       (folder / "ir-ops.md", ops_reference())):
+                       (folder / "ir-ops.md", ops_reference()),
+                       (folder / "spec.schema.json", schema_text)):
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current != text:
             stale.append(path)

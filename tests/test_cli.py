@@ -23,7 +23,7 @@ def test_ir_dumps_json_with_explicit_attrs():
     assert conv["attrs"]["kernel"] == [3, 3]
     assert conv["params"][0] == {"name": "kernel", "shape": [3, 3, 3, 32],
                                  "init": "glorot_uniform", "trainable": True}
-    assert conv["source"].startswith("specs/cifar.yaml:9:7")
+    assert conv["source"].startswith("specs/cifar.yaml:10:7")
     assert ir["output_activation"] == "softmax"
     assert ir["optimizer"]["hyper"] == {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-07}
     assert ir["totals"]["trainable_params"] == 160_202
