@@ -51,7 +51,7 @@ def test_set_errors_name_the_override(write_spec):
     bad = run_cli("validate", str(path), "--set", "optimizer.learning_rate=-1")
     assert bad.returncode == 2
     assert bad.stderr.startswith("--set optimizer.learning_rate=-1: error: "
-                                 "optimizer.learning_rate: Input should be greater than 0")
+                                 "optimizer.learning_rate: should be greater than 0")
 
 
 def test_extends_merges_and_errors_point_into_the_right_file(tmp_path):

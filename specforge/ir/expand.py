@@ -74,6 +74,8 @@ class _Expander:
         self.spec = spec
         self.loaded = loaded
         self.result = result
+        #: Every name given to a layer, repeated layer or block instance, with its place.
+        self.claimed: dict[str, Location | None] = {}
 
     def sequence(self, layers: list[tuple[Any, DataPath, Location | None, Location | None]],
                  *, scope: str, scope_input: str, depth: int) -> str:
@@ -88,6 +90,14 @@ class _Expander:
             else:
                 base = layer.name
             full = scope + base
+            if full in self.claimed:
+                first = self.claimed[full]
+                self.result.problems.append(Problem(
+                    f"duplicate layer name '{base}'"
+                    + (f" (first used at line {first.line})" if first else ""),
+                    self.loaded.sources.locate((*path, "name")), (*path, "name"),
+                    "layer and block names must be unique", via))
+            self.claimed.setdefault(full, location)
             if layer.inputs is None:
                 first_inputs: tuple[str, ...] = (previous,)
             else:

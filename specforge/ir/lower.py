@@ -95,6 +95,9 @@ def lower_model(spec: Spec, loaded: LoadedSpec, *,
     expansion = expand(spec, loaded)
     problems = list(expansion.problems)
     placed = _index(expansion.layers, problems)
+    if problems:
+        # Expansion or naming failed: wiring and shapes would be checked on a wrong graph.
+        raise SpecError(problems)
     resolve = {**{n: n for n in placed}, **expansion.aliases, "input": "input"}
     output_ref = spec.model.output or expansion.output
     _check_references(placed, resolve, problems, loaded)
@@ -130,19 +133,13 @@ def lower_model(spec: Spec, loaded: LoadedSpec, *,
 
 
 def _index(layers: list[Placed], problems: list[Problem]) -> dict[str, Placed]:
+    """Placed layers by name (names are unique: expansion reports duplicates)."""
     placed: dict[str, Placed] = {}
     for item in layers:
         if item.name == "input":
             problems.append(Problem("`input` is reserved for the model's input", item.location,
                                     (*item.path, "name"), "choose another name", item.via))
-        elif item.name in placed:
-            first = placed[item.name].location
-            problems.append(Problem(f"duplicate layer name '{item.name}'"
-                                    + (f" (first used at line {first.line})" if first else ""),
-                                    item.location, (*item.path, "name"),
-                                    "layer names must be unique", item.via))
-        else:
-            placed[item.name] = item
+        placed.setdefault(item.name, item)
     return placed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import Field, ValidationError
@@ -41,16 +42,55 @@ def validate_spec(loaded: LoadedSpec) -> Spec:
 
 def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: Any,
                              prefix: DataPath) -> list[Problem]:
-    """Turn pydantic errors into located problems with did-you-mean hints.
+    """Turn pydantic errors into located problems with did-you-mean hints, in file order.
 
     ``model`` is the type validated at ``prefix`` within the spec data.
     """
-    problems: list[Problem] = []
+    groups: dict[DataPath, list[tuple[dict[str, Any], tuple[Any, ...]]]] = {}
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        data_path = prefix + _data_path(loaded.data, prefix, loc)
-        problems.append(_problem(err, data_path, loaded, model, loc))
-    return _dedupe(problems)
+        groups.setdefault(prefix + _data_path(loaded.data, prefix, loc), []).append((err, loc))
+    problems = []
+    for path, errors in groups.items():
+        err, loc = _most_specific(errors)
+        problem = _problem(err, path, loaded, model, loc)
+        if len(errors) > 1 and err["type"] not in ("literal_error", "value_error"):
+            # A value that fits no member of a plain union: say what the field accepts.
+            description = _description_at(model, _field_loc(loc))
+            problem = Problem(f"{_short(err.get('input'))} is not an accepted value",
+                              problem.location, path, description or problem.hint)
+        problems.append(problem)
+    return _sorted(_merge_misspelt_required(problems))
+
+
+def _most_specific(errors: list[tuple[dict[str, Any], tuple[Any, ...]]]
+                   ) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """Of the errors one union member each gave, the one that speaks to the value written:
+    a failed check of a mapping's contents for a mapping, a choice among names for a name."""
+    if len(errors) == 1:
+        return errors[0]
+    value = errors[0][0].get("input")
+    for kind in (("value_error",) if isinstance(value, dict) else ("literal_error",)):
+        for err, loc in errors:
+            if err["type"] == kind:
+                return err, loc
+    return errors[0]
+
+
+def _merge_misspelt_required(problems: list[Problem]) -> list[Problem]:
+    """`optimiser:` makes `optimizer` both unknown and missing: report it once, as a typo."""
+    suggested = {(p.path[:-1], p.hint.split("'")[1]) for p in problems
+                 if p.message.startswith("unknown field") and p.hint
+                 and p.hint.startswith("did you mean")}
+    return [p for p in problems if not (p.message.startswith("missing required field")
+                                        and (p.path[:-1], p.path[-1]) in suggested)]
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    def key(p: Problem) -> tuple[str, int, int]:
+        loc = p.location
+        return (loc.file, loc.line, loc.column) if loc else ("", 0, 0)
+    return sorted(problems, key=key)
 
 
 def _data_path(data: Any, prefix: DataPath, loc: tuple[Any, ...]) -> DataPath:
@@ -68,6 +108,9 @@ def _data_path(data: Any, prefix: DataPath, loc: tuple[Any, ...]) -> DataPath:
             # A field that is missing from the data: keep it, it is the field named.
             path.append(part)
             node = None
+        elif isinstance(part, int) and isinstance(node, list):
+            path.append(part)  # an item missing from a fixed-length list
+            node = None
     return tuple(path)
 
 
@@ -84,21 +127,61 @@ def _has(node: Any, part: Any) -> bool:
     return False
 
 
+#: pydantic's words for a type, and what a YAML author calls it.
+_YAML_WORDS = [
+    ("Input should be a valid dictionary or object to extract fields from",
+     "expected a mapping (key: value pairs)"),
+    ("Input should be a valid dictionary", "expected a mapping (key: value pairs)"),
+    ("Input should be a valid tuple", "expected a list"),
+    ("Input should be a valid list", "expected a list"),
+    ("Input should be a valid integer, unable to parse string as an integer",
+     "expected a whole number"),
+    ("Input should be a valid integer, got a number with a fractional part",
+     "expected a whole number"),
+    ("Input should be a valid integer", "expected a whole number"),
+    ("Input should be a valid number, unable to parse string as a number", "expected a number"),
+    ("Input should be a valid number", "expected a number"),
+    ("Input should be a valid boolean, unable to interpret input",
+     "expected true or false"),
+    ("Input should be a valid boolean", "expected true or false"),
+    ("Input should be a valid string", "expected a string"),
+    ("Input should be", "should be"),
+]
+
+
+def _yaml_words(message: str) -> str:
+    if message.startswith("Value error, "):
+        return message[len("Value error, "):]
+    for pydantic_words, yaml_words in _YAML_WORDS:
+        if message.startswith(pydantic_words):
+            rest = message[len(pydantic_words):]
+            if " or instance of " in rest:  # "... or instance of ModelSpec": a class name
+                rest = ""
+            return yaml_words + rest
+    return message
+
+
 def _problem(err: Any, path: DataPath, loaded: LoadedSpec, model: Any,
              loc: tuple[Any, ...]) -> Problem:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
+    where = loaded.sources.locate(path)
     if kind == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
+        hint = valid_choices_hint(str(path[-1]), fields, "valid fields") if fields else None
+        home = _empty_section_taking(loaded, model, loc[:-1], path[:-1], str(path[-1]))
+        if home:
+            hint = f"it belongs to `{home}:`, which is empty here: indent it under `{home}:`"
         return Problem(f"unknown field '{path[-1]}'", loaded.sources.locate(path, key=True),
-                       path, valid_choices_hint(str(path[-1]), fields, "valid fields")
-                       if fields else None)
+                       path, hint)
+    if kind == "missing" and path and isinstance(path[-1], int):
+        return Problem(f"item [{path[-1]}] is missing from the list",
+                       loaded.sources.locate(path[:-1]), path,
+                       _description_at(model, _field_loc(loc)))
     if kind == "missing":
         fields = _fields_at(model, loc[:-1])
-        hint = None
-        if fields:
-            hint = f"this mapping takes: {', '.join(sorted(fields))}"
+        hint = f"this mapping takes: {', '.join(sorted(fields))}" if fields else None
         return Problem(f"missing required field '{path[-1]}'",
                        loaded.sources.locate(path[:-1]), path, hint)
     if kind == "union_tag_invalid":
@@ -107,51 +190,26 @@ def _problem(err: Any, path: DataPath, loaded: LoadedSpec, model: Any,
         return Problem(f"unknown type '{tag}'", loaded.sources.locate((*path, "type")),
                        (*path, "type"), valid_choices_hint(str(tag), tags, "valid types"))
     if kind == "union_tag_not_found":
-        return Problem("missing 'type'", loaded.sources.locate(path), path,
+        return Problem("missing 'type'", where, path,
                        f"add `type:`, one of: {_tags_at(model, loc)}")
-    if len(loc) > 1 and not _is_field_name(str(loc[-1])) and isinstance(loc[-2], str):
-        # A plain union member failed: the field's description says what is accepted.
-        description = _description_at(model, _field_loc(loc))
-        if description:
-            return Problem(f"{err['msg']} (got {_short(value)})",
-                           loaded.sources.locate(path), path, description)
-    message = err["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+    if kind == "literal_error" and isinstance(value, str):
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return Problem(f"unknown value '{value}'", where, path,
+                       valid_choices_hint(value, choices, "valid values"))
+    message = _yaml_words(err["msg"])
     if kind not in ("value_error", "assertion_error"):
         message += f" (got {_short(value)})"
-    return Problem(message, loaded.sources.locate(path), path)
+    return Problem(message, where, path)
 
 
 def _short(value: Any) -> str:
+    if value is None:
+        return "null"
     try:
         text = json.dumps(value, default=str)
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    """A value that fits no member of a plain union yields one error per member; keep the
-    first per (path, message) and collapse multiple messages on one path into one problem."""
-    by_path: dict[DataPath, list[Problem]] = {}
-    for p in problems:
-        by_path.setdefault(p.path, []).append(p)
-    out = []
-    for path, group in by_path.items():
-        if len(group) == 1:
-            out.append(group[0])
-            continue
-        messages = list(dict.fromkeys(p.message for p in group))
-        if len(messages) == 1:
-            out.append(group[0])
-        else:
-            first = group[0]
-            out.append(Problem(f"{first.message.rpartition('(got ')[2].rstrip(')')} is not "
-                               "an accepted value", first.location, path,
-                               first.hint or "accepted: " + "; or ".join(
-                                   m.rpartition(" (got ")[0] or m for m in messages)))
-    return out
 
 
 # --- walking the model types along a pydantic error location -----------------------------------
@@ -170,6 +228,21 @@ def _description_at(model: Any, loc: tuple[Any, ...]) -> str | None:
     parent = _type_at(model, loc[:-1])
     if _is_model(parent) and loc[-1] in parent.model_fields:
         return parent.model_fields[loc[-1]].description
+    return None
+
+
+def _empty_section_taking(loaded: LoadedSpec, model: Any, loc: tuple[Any, ...],
+                          path: DataPath, key: str) -> str | None:
+    """The sibling section, left empty (null), that has a field called ``key``."""
+    parent = _type_at(model, loc)
+    node: Any = loaded.data
+    for part in path:
+        node = node[part] if _has(node, part) else None
+    if not _is_model(parent) or not isinstance(node, dict):
+        return None
+    for name, info in parent.model_fields.items():
+        if node.get(name, 0) is None and key in _fields_at(info.annotation, ()):
+            return name
     return None
 
 

@@ -144,26 +144,60 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     try:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-        what = " ".join(filter(None, [exc.context, exc.problem]))
-        raise SpecError([Problem(f"invalid YAML: {what}", loc, (),
-                                 "check indentation, colons and quotes")]) from None
+        raise SpecError([_yaml_problem(exc, file)]) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(f"invalid YAML: {exc}", Location(file))]) from None
     except RecursionError:
-        raise SpecError([Problem(f"the document nests too deeply (the limit is {MAX_DEPTH})",
-                                 Location(file))]) from None
-    if len(nodes) != 1:
+        raise SpecError([Problem(f"the document nests deeper than {MAX_DEPTH} levels",
+                                 _too_deep(text, file))]) from None
+    if not nodes:
+        raise SpecError([Problem("the spec is empty", Location(file, 1, 1), (),
+                                 "a spec is a mapping with at least model, loss and optimizer; "
+                                 "see specs/cifar.yaml")])
+    if len(nodes) > 1:
         raise SpecError([Problem(
-            f"expected exactly one YAML document, found {len(nodes)}", Location(file, 1, 1),
-            hint="a spec is one mapping; remove extra `---` separators" if nodes else None,
+            f"expected exactly one YAML document, found {len(nodes)}",
+            _location(file, nodes[1]), (), "a spec is one mapping; remove extra `---` separators",
         )])
     converter = _Converter(file)
     data = converter.convert(nodes[0], ())
     if converter.problems:
         raise SpecError(converter.problems)
     return data, converter.sources
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError, file: str) -> Problem:
+    """Point at where the broken construct starts (an unclosed `[` say), and name where the
+    parser gave up in the message."""
+    context, problem = exc.context_mark, exc.problem_mark
+    # A flow collection or a scalar is short: its start is the useful place. A block
+    # mapping's start can be the top of the file: there the place it broke is better.
+    opener = exc.context and ("flow" in exc.context or "scanning" in exc.context)
+    mark = (context if opener else problem) or context or problem
+    loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+    what = " ".join(filter(None, [exc.context, exc.problem]))
+    other = problem if mark is context else context
+    if other and mark and (other.line, other.column) != (mark.line, mark.column):
+        what += f" (see also line {other.line + 1}, column {other.column + 1})"
+    return Problem(f"invalid YAML: {what}", loc, (), "check indentation, colons, quotes "
+                                                    "and closing brackets")
+
+
+def _too_deep(text: str, file: str) -> Location:
+    """Where nesting first exceeds MAX_DEPTH, found from the token stream (no recursion)."""
+    depth = 0
+    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken,
+               yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
+    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            depth += isinstance(token, opening) - isinstance(token, closing)
+            if depth > MAX_DEPTH:
+                mark = token.start_mark
+                return Location(file, mark.line + 1, mark.column + 1)
+    except yaml.YAMLError:
+        pass
+    return Location(file)
 
 
 def _read_text(path: Path, display: str, referenced_at: Location | None) -> str:
@@ -177,8 +211,15 @@ def _read_text(path: Path, display: str, referenced_at: Location | None) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([Problem(f"spec file not found: {display}", referenced_at)]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([Problem(f"cannot read spec file {display}: {exc}",
+    except UnicodeDecodeError as exc:
+        raw = path.read_bytes()[: exc.start]
+        line = raw.count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n") + 1) + 1
+        raise SpecError([Problem(f"the file is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})",
+                                 Location(display, line, column), (),
+                                 "save the spec as UTF-8")]) from None
+    except OSError as exc:
+        raise SpecError([Problem(f"cannot read spec file {display}: {exc.strerror or exc}",
                                  referenced_at)]) from None
 
 
