@@ -23,8 +23,9 @@ FromLogits = Literal["auto"] | bool
 _FROM_LOGITS_DOC = (
     "`auto`: a model that ends in softmax (sigmoid for binary) outputs probabilities and is "
     "trained as logits + cross-entropy-from-logits; any other output is taken as logits. "
-    "`false` with no final softmax: cross-entropy on the probabilities the model outputs, "
-    "clipped to [1e-7, 1 - 1e-7]. `true` with a final softmax is an error."
+    "`false`: the output is probabilities; a final softmax is folded as with `auto`, any "
+    "other output gets cross-entropy on probabilities clipped to [1e-7, 1 - 1e-7]. `true` "
+    "with a final softmax is an error."
 )
 
 
