@@ -102,6 +102,33 @@ def schema() -> None:
 
 
 @app.command()
+def data(spec: SpecPath, set_: SetOption = None,
+         preview: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+             help="Write a PNG grid of the first augmented training batch here.")] = None,
+         ) -> None:
+    """Load the spec's data: sizes of the splits, classes, batches; optional preview."""
+    import numpy as np
+
+    from specforge.data import build_pipeline
+
+    program = _compile(spec, set_, DEFAULT_MAX_PARAMS)
+    pipeline = build_pipeline(program, spec.parent)
+    parts = {"train": pipeline.train, "validation": pipeline.validation, "test": pipeline.test}
+    for name, part in parts.items():
+        size = len(part) if part is not None else 0
+        counts = np.bincount(part.labels) if part is not None and size else []
+        print(f"{name:<11}{size:>8,} images  per class: {list(map(int, counts))}")
+    steps = pipeline.steps_per_epoch(program.spec.training.steps_per_epoch)
+    print(f"batch size {pipeline.batch_size}, {pipeline.batches_per_pass} batches per pass, "
+          f"{steps} steps per epoch, image shape {list(program.graph.input.shape)}")
+    if preview is not None:
+        from specforge.data.preview import write_grid
+
+        write_grid(pipeline, preview)
+        print(f"wrote {preview}", file=sys.stderr)
+
+
+@app.command()
 def backends() -> None:
     """List the installed backends."""
     from specforge.backends import installed_backends

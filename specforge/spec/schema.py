@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -262,29 +262,33 @@ def _tags_at(model: Any, loc: tuple[Any, ...]) -> str:
 
 def _type_at(tp: Any, loc: tuple[Any, ...], *, stop_at_union: bool = False) -> Any:
     for part in loc:
-        tp = _strip(tp)
-        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
-            tp = tp.model_fields[part].annotation
-            continue
+        tp = _only_model(_strip(tp))
         origin = getattr(tp, "__origin__", None)
         args = getattr(tp, "__args__", ())
-        if origin in (list, tuple) and isinstance(part, int) and args:
+        if _is_model(tp):
+            if isinstance(part, str) and part in tp.model_fields:
+                tp = tp.model_fields[part].annotation
+        elif origin in (list, tuple) and isinstance(part, int) and args:
             tp = args[0]
         elif origin is dict and args:
             tp = args[1]
-        else:
+        else:  # a union: ``part`` names the member (its `type` tag or its class name)
             members = [m for m in _union_members(tp) if _is_model(m)]
-            chosen = [m for m in members if "type" in m.model_fields
-                      and part in _literal_values(m.model_fields["type"].annotation)]
-            named = [m for m in members if m.__name__ == part]
-            if chosen or named:
-                tp = (chosen or named)[0]
-            elif len(members) == 1:
-                tp = members[0]
-    if stop_at_union:
-        return _strip(tp)
-    members = [m for m in _union_members(_strip(tp)) if _is_model(m)]
-    return members[0] if len(members) == 1 else _strip(tp)
+            chosen = [m for m in members if m.__name__ == part or (
+                "type" in m.model_fields
+                and part in _literal_values(m.model_fields["type"].annotation))]
+            if chosen:
+                tp = chosen[0]
+    return _strip(tp) if stop_at_union else _only_model(_strip(tp))
+
+
+def _only_model(tp: Any) -> Any:
+    """``X | None`` (or any union with one model member) -> X; anything else unchanged."""
+    if _is_model(tp) or getattr(tp, "__origin__", None) in (list, tuple, dict):
+        return tp
+    members = [m for m in _union_members(tp) if _is_model(m)]
+    others = [m for m in _union_members(tp) if not _is_model(m) and m is not type(None)]
+    return members[0] if len(members) == 1 and not others else tp
 
 
 def _strip(tp: Any) -> Any:
@@ -294,12 +298,13 @@ def _strip(tp: Any) -> Any:
 
 
 def _union_members(tp: Any) -> list[Any]:
+    """The members of a (possibly nested, possibly Annotated) union, flattened."""
+    tp = _strip(tp)
     args = getattr(tp, "__args__", None)
-    if args is None or getattr(tp, "__origin__", None) in (list, dict, tuple):
+    if args is None or _is_model(tp) or getattr(tp, "__origin__", None) in (
+            list, dict, tuple, Literal):
         return [tp]
-    if _is_model(tp):
-        return [tp]
-    return [_strip(a) for a in args]
+    return [m for a in args for m in _union_members(a)]
 
 
 def _literal_values(tp: Any) -> list[str]:

@@ -306,6 +306,8 @@ def _apply_one(spec: LoadedSpec, raw: str) -> None:
         raise SpecError([Problem(f"cannot set a field inside a {type(node).__name__}", where)])
     node[last] = value
     path = tuple(parts)
+    for i in range(1, len(path)):  # mappings the override created come from it too
+        spec.sources.values.setdefault(path[:i], where)
     spec.sources.drop_under(path)
     spec.sources.values[path] = where
     spec.sources.keys[path] = where

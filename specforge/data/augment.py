@@ -1,0 +1,140 @@
+"""Random augmentation, vectorised over a batch, with parameters from specforge's generator.
+
+The transform of one image, in this order (every backend gets these exact pixels):
+
+1. affine: output pixel (i, j) samples the input at
+   ``sy = cy + (cos a * dy + sin a * dx) / zy`` and ``sx = cx + (-sin a * dy + cos a * dx) / zx``
+   where ``dy = i - cy - ty``, ``dx = j - cx - tx``, (cy, cx) is the image centre, ``a`` the
+   rotation (positive turns the content counter-clockwise), ``ty, tx`` the shifts in pixels
+   and ``zy, zx`` the zoom (above 1 enlarges). Sampling is bilinear; outside the image,
+   ``fill_mode`` decides: ``nearest`` repeats the edge, ``reflect`` mirrors about it
+   including the edge pixel (dcba|abcd|dcba, as Keras's ImageDataGenerator),
+   ``constant`` uses ``fill_value``;
+2. flips (horizontal, vertical), each with probability 1/2;
+3. random crop with padding p: shift by integers in [-p, p], zeros outside.
+
+Parameters are drawn for every image, always all of them and in a fixed order, so that
+switching one option on does not change the others' draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Per-image parameters of one batch (arrays of length N)."""
+
+    angle: np.ndarray      # radians
+    shift_y: np.ndarray    # pixels
+    shift_x: np.ndarray
+    zoom_y: np.ndarray
+    zoom_x: np.ndarray
+    flip_h: np.ndarray     # bool
+    flip_v: np.ndarray
+    crop_y: np.ndarray     # int
+    crop_x: np.ndarray
+
+
+def is_identity(aug: Any) -> bool:
+    return not (aug.rotation or aug.width_shift or aug.height_shift or aug.zoom
+                or aug.horizontal_flip or aug.vertical_flip or aug.crop_padding)
+
+
+def has_affine(aug: Any) -> bool:
+    return bool(aug.rotation or aug.width_shift or aug.height_shift or aug.zoom)
+
+
+def draw_params(aug: Any, n: int, height: int, width: int,
+                rng: np.random.Generator) -> AugmentParams:
+    """Draw one batch's parameters; uniform ranges as in Keras's ImageDataGenerator."""
+    u = rng.uniform(-1.0, 1.0, (5, n))
+    coins = rng.random((2, n)) < 0.5
+    p = aug.crop_padding
+    crops = rng.integers(-p, p + 1, (2, n))
+    return AugmentParams(
+        angle=np.deg2rad(aug.rotation * u[0]),
+        shift_x=aug.width_shift * width * u[1],
+        shift_y=aug.height_shift * height * u[2],
+        zoom_x=1.0 + aug.zoom * u[3],
+        zoom_y=1.0 + aug.zoom * u[4],
+        flip_h=coins[0] & bool(aug.horizontal_flip),
+        flip_v=coins[1] & bool(aug.vertical_flip),
+        crop_y=crops[0], crop_x=crops[1],
+    )
+
+
+def source_coordinates(params: AugmentParams, height: int, width: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each output pixel samples the input: two (N, H, W) float64 arrays."""
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    i = np.arange(height, dtype=np.float64)[None, :, None]
+    j = np.arange(width, dtype=np.float64)[None, None, :]
+    col = (slice(None), None, None)
+    dy = i - cy - params.shift_y[col]
+    dx = j - cx - params.shift_x[col]
+    cos, sin = np.cos(params.angle)[col], np.sin(params.angle)[col]
+    sy = cy + (cos * dy + sin * dx) / params.zoom_y[col]
+    sx = cx + (-sin * dy + cos * dx) / params.zoom_x[col]
+    return sy, sx
+
+
+def _fold(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Map possibly-outside integer indices inside; returns (index, inside mask)."""
+    inside = (index >= 0) & (index < size)
+    if mode == "reflect":
+        period = index % (2 * size)
+        return np.where(period >= size, 2 * size - 1 - period, period), inside
+    return np.clip(index, 0, size - 1), inside
+
+
+def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: str,
+                    fill: float) -> np.ndarray:
+    """Bilinear sampling of (N, H, W, C) float32 images at (N, H, W) coordinates."""
+    n, height, width, _ = images.shape
+    y0, x0 = np.floor(sy), np.floor(sx)
+    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
+    batch = np.arange(n)[:, None, None]
+    out = np.zeros(images.shape, np.float64)
+    for ddy, wgt_y in ((0, 1 - wy), (1, wy)):
+        yi, y_in = _fold(y0 + ddy, height, mode)
+        for ddx, wgt_x in ((0, 1 - wx), (1, wx)):
+            xi, x_in = _fold(x0 + ddx, width, mode)
+            value = images[batch, yi, xi]
+            if mode == "constant":
+                value = np.where((y_in & x_in)[..., None], value, fill)
+            out += wgt_y * wgt_x * value
+    return out.astype(np.float32)
+
+
+def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """out[n, i, j] = images[n, i + dy[n], j + dx[n]], zero outside (crop after padding)."""
+    n, height, width, _ = images.shape
+    rows = np.arange(height)[None, :] + dy[:, None]
+    cols = np.arange(width)[None, :] + dx[:, None]
+    valid = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+    batch = np.arange(n)[:, None, None]
+    out = images[batch, np.clip(rows, 0, height - 1)[:, :, None],
+                 np.clip(cols, 0, width - 1)[:, None, :]]
+    return np.where(valid[..., None], out, 0).astype(images.dtype)
+
+
+def apply(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+    """Augment a float32 (N, H, W, C) batch with ``params``."""
+    _, height, width, _ = images.shape
+    out = images
+    if has_affine(aug):
+        sy, sx = source_coordinates(params, height, width)
+        out = sample_bilinear(out, sy, sx, aug.fill_mode, aug.fill_value)
+    if aug.horizontal_flip:
+        out = np.where(params.flip_h[:, None, None, None], out[:, :, ::-1], out)
+    if aug.vertical_flip:
+        out = np.where(params.flip_v[:, None, None, None], out[:, ::-1], out)
+    if aug.crop_padding:
+        out = shift_with_zeros(out, params.crop_y, params.crop_x)
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -1,0 +1,158 @@
+"""Splits, shuffling and batches: the same numbers for every backend.
+
+Randomness comes from numpy generators keyed by the spec's seed and a purpose, so each
+stream is independent and can be reached directly (a resumed run, or one rank of several,
+computes the batch of any step without replaying the ones before it):
+
+- split: ``default_rng([seed, SPLIT])``;
+- the order of pass ``p`` over the training data: ``default_rng([seed, SHUFFLE, p])``;
+- augmentation of batch ``b`` of pass ``p``: ``default_rng([seed, AUGMENT, p, b])``.
+
+Training is a sequence of passes over the training set, each in its own order; a pass is cut
+into batches of ``batch_size`` (the last may be smaller). Training step ``s`` takes batch
+``s % batches_per_pass`` of pass ``s // batches_per_pass``. With `steps_per_epoch` unset,
+an epoch is one pass; with it set, epochs are that many consecutive steps of the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specforge.data import augment
+from specforge.data.sources import DataError, Dataset, load_source
+
+SPLIT, SHUFFLE, AUGMENT = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+def split_indices(labels: np.ndarray, validation: float, test: float, stratify: bool,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) indices. Each part keeps the order of one seeded
+    permutation; with ``stratify``, every class is split in the same proportions."""
+    perm = np.random.default_rng([seed, SPLIT]).permutation(len(labels))
+    groups = [perm[labels[perm] == c] for c in np.unique(labels)] if stratify else [perm]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for group in groups:
+        n_test = round(len(group) * test)
+        n_val = round(len(group) * validation)
+        parts[2].append(group[:n_test])
+        parts[1].append(group[n_test:n_test + n_val])
+        parts[0].append(group[n_test + n_val:])
+    rank = np.empty(len(labels), np.int64)
+    rank[perm] = np.arange(len(labels))
+    out = []
+    for part in parts:
+        joined = np.concatenate(part)
+        out.append(joined[np.argsort(rank[joined], kind="stable")])
+    return out[0], out[1], out[2]
+
+
+class DataPipeline:
+    """Batches of the train, validation and test sets for one spec."""
+
+    def __init__(self, data: Any, train: Dataset, validation: Dataset | None,
+                 test: Dataset | None, seed: int) -> None:
+        self.data = data
+        self.train, self.validation, self.test = train, validation, test
+        self.seed = seed
+        self.batch_size = len(train) if data.batch_size == "full" else int(data.batch_size)
+        self.batches_per_pass = -(-len(train) // self.batch_size)
+        self._scale = np.float32(data.normalize.scale)
+        self._mean = np.asarray(data.normalize.mean, np.float32)
+        self._std = np.asarray(data.normalize.std, np.float32)
+
+    def pass_order(self, pass_index: int) -> np.ndarray:
+        """The order of the training set in pass ``pass_index``."""
+        if not self.data.shuffle:
+            return np.arange(len(self.train))
+        return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
+            len(self.train))
+
+    def train_batch(self, step: int) -> Batch:
+        """The (augmented, normalised) training batch of global step ``step``."""
+        pass_index, b = divmod(step, self.batches_per_pass)
+        order = self.pass_order(pass_index)
+        indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+        images = np.asarray(self.train.images[indices], np.float32)
+        aug = self.data.augment
+        if not augment.is_identity(aug):
+            rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
+            params = augment.draw_params(aug, len(indices), images.shape[1], images.shape[2],
+                                         rng)
+            images = augment.apply(images, params, aug)
+        return Batch(self.normalize(images), self.train.labels[indices])
+
+    def train_batches(self, start: int, count: int) -> Iterator[Batch]:
+        for step in range(start, start + count):
+            yield self.train_batch(step)
+
+    def steps_per_epoch(self, configured: int | None) -> int:
+        return configured or self.batches_per_pass
+
+    def eval_batches(self, split: str, max_batches: int | None = None) -> Iterator[Batch]:
+        """Validation or test batches, in order, without augmentation."""
+        dataset = self.validation if split == "validation" else self.test
+        if dataset is None or len(dataset) == 0:
+            return
+        n = len(dataset)
+        count = -(-n // self.batch_size)
+        for b in range(count if max_batches is None else min(count, max_batches)):
+            sl = slice(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            images = np.asarray(dataset.images[np.arange(n)[sl]], np.float32)
+            yield Batch(self.normalize(images), dataset.labels[sl])
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """(pixel * scale - mean) / std, per channel, as float32."""
+        return ((images * self._scale - self._mean) / self._std).astype(np.float32)
+
+
+def build_pipeline(program: Any, spec_dir: Path | str = ".") -> DataPipeline:
+    """Load the program's data source, split it and check it against the model."""
+    data = program.spec.data
+    if data is None:
+        raise DataError("the spec has no `data:` section; add one, e.g. "
+                        "data: {source: {type: digits}}")
+    input_shape = tuple(program.graph.input.shape)
+    source = load_source(data.source, input_shape, Path(spec_dir), program.seed)
+    _check_against_model(source.train, input_shape, program.loss.classes)
+    if source.test is not None:
+        if data.split.test:
+            raise DataError(f"{source.train.origin} has its own test set: remove "
+                            "data.split.test")
+        _check_against_model(source.test, input_shape, program.loss.classes)
+    train_idx, val_idx, test_idx = split_indices(
+        source.train.labels, data.split.validation, data.split.test or 0.0,
+        data.split.stratify, program.seed)
+    train = source.train.subset(train_idx)
+    validation = source.train.subset(val_idx) if len(val_idx) else None
+    test = source.test if source.test is not None else (
+        source.train.subset(test_idx) if len(test_idx) else None)
+    if len(train) == 0:
+        raise DataError("no training data left after the split")
+    return DataPipeline(data, train, validation, test, program.seed)
+
+
+def _check_against_model(dataset: Dataset, input_shape: tuple[int, ...], classes: int) -> None:
+    shape = tuple(dataset.images.shape[1:])
+    if shape != input_shape:
+        raise DataError(f"{dataset.origin}: images are {shape} (height, width, channels) but "
+                        f"model.input is {list(input_shape)}")
+    if dataset.class_names and classes and len(dataset.class_names) > classes:
+        raise DataError(f"{dataset.origin}: {len(dataset.class_names)} classes, more than the "
+                        f"model's {classes} outputs")
+    labels = dataset.labels
+    if len(labels) and (labels.min() < 0 or (classes and labels.max() >= classes)):
+        raise DataError(f"{dataset.origin}: labels must lie in 0..{classes - 1}, found "
+                        f"{labels.min()}..{labels.max()}")
