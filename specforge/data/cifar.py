@@ -73,8 +73,9 @@ def read_batch(raw: bytes, origin: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> uint8 images (N, 32, 32, 3) and int64 labels."""
     try:
         batch = RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{origin}: not a valid CIFAR-10 batch ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file
+        raise DataError(f"{origin}: not a valid CIFAR-10 batch ({type(exc).__name__}: "
+                        f"{exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{origin}: not a CIFAR-10 batch (no data/labels)")
     data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
@@ -163,7 +164,8 @@ def load_cifar10(source: Any, spec_dir: Path) -> SourceData:
         cache = cache_dir() / "cifar10"
         candidates = [cache / FOLDER, cache / ARCHIVE]
     for candidate in candidates:
-        if candidate.is_dir() and (candidate / TEST_BATCH).exists():
+        if candidate.is_dir() and any((candidate / n).exists()
+                                      for n in [*TRAIN_BATCHES, TEST_BATCH]):
             return _from_folder(candidate)
         if candidate.is_file():
             return _from_archive(candidate)
@@ -172,6 +174,8 @@ def load_cifar10(source: Any, spec_dir: Path) -> SourceData:
         download(archive)
         return _from_archive(archive)
     where = candidates[0].parent if source.path is None else candidates[0]
-    raise DataError(f"CIFAR-10 not found at {where}. " + OFFLINE_HINT.format(
+    message = f"CIFAR-10 not found at {where}. " + OFFLINE_HINT.format(
         archive=ARCHIVE, folder=FOLDER, cache=cache_dir() / "cifar10")
-        + " Or set data.source.download: true to fetch it (163 MB).")
+    if source.path is None:
+        message += " Or set data.source.download: true to fetch it (163 MB)."
+    raise DataError(message)

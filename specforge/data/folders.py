@@ -61,6 +61,12 @@ def decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     height, width, channels = shape
     try:
         with image_module.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grayscale: scale, don't clip
+                eight_bit = np.round(np.asarray(image, np.float64) / 257).astype(np.uint8)
+                image = image_module.fromarray(eight_bit, "L")
+            elif image.mode in ("I", "F"):
+                raise DataError(f"{path}: 32-bit images (mode {image.mode}) are not "
+                                "supported; save it as 8-bit PNG or JPEG")
             image = image.convert("L" if channels == 1 else "RGB")
             if image.size != (width, height):
                 image = image.resize((width, height), image_module.Resampling.BILINEAR)

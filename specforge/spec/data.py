@@ -61,7 +61,10 @@ Source = Annotated[
 
 
 class Split(SpecModel):
-    """Fractions held out from the training data. The seed document's 80/20 is `test: 0.2`."""
+    """Fractions held out from the training data. The seed document's 80/20 is
+    `validation: 0.2` for a source with its own test set (its `train/` and `test/`
+    folders), or `test: 0.2` for a source without one. With `stratify`, each class is rounded
+    on its own, so very small classes can leave a part empty."""
 
     validation: Fraction = 0.0
     test: Fraction | None = Field(None, description="Only for sources without a test set.")
