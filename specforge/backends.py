@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,11 +29,11 @@ class RunOptions:
     """How `specforge run` was asked to train."""
 
     run_dir: Path
-    device: str = "auto"
+    spec_dir: Path = Path(".")
+    device: str | None = None
     quiet: bool = False
-    resume: Path | None = None
-    #: Backend-specific settings from the command line (`--opt key=value`).
-    extra: Mapping[str, str] = field(default_factory=dict)
+    log_json: bool = False
+    resume: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,44 @@ class RunResult:
     run_dir: Path
     #: Final test metrics, e.g. {"loss": 0.41, "accuracy": 0.87}.
     metrics: Mapping[str, float]
+
+
+class Trainer(ABC):
+    """One model being trained by a backend: the framework-specific half of the loop.
+
+    specforge's own loop (:mod:`specforge.runner`) owns epochs, batches, the learning-rate
+    schedule, metrics, logging, checkpoints and signals; a trainer only computes.
+    """
+
+    #: Where it computes, in words ("cpu", "cuda:0 (NVIDIA H100)").
+    device: str = "cpu"
+
+    @abstractmethod
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        """One optimizer step on a batch (NHWC float32, int64 labels) at learning rate
+        ``lr``; returns the batch's loss and its logits (for the training metrics)."""
+
+    @abstractmethod
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Loss and logits in evaluation mode, without updating anything."""
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs for NHWC float32 images, with the folded softmax/sigmoid applied
+        (class probabilities for classifiers)."""
+
+    @abstractmethod
+    def export_weights(self) -> dict[str, np.ndarray]:
+        """Current parameters and statistics in the neutral format."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        """Write model, optimizer, RNG and ``loop_state`` (JSON-able) to ``path``
+        atomically, in a format that loads without running code."""
+
+    @abstractmethod
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore what :meth:`save_checkpoint` wrote; returns the loop state."""
 
 
 class Backend(ABC):
@@ -52,20 +90,23 @@ class Backend(ABC):
     name: ClassVar[str]
     #: One line for `specforge backends`.
     description: ClassVar[str] = ""
+    #: The checkpoint file name in a run folder.
+    checkpoint_name: ClassVar[str] = "checkpoint"
 
     @abstractmethod
     def build(self, program: Program) -> str:
         """The text of a standalone training script for ``program``."""
 
     @abstractmethod
-    def run(self, program: Program, options: RunOptions) -> RunResult:
-        """Train and evaluate ``program``, writing a run folder."""
+    def create_trainer(self, program: Program, device: str | None = None,
+                       weights: Mapping[str, np.ndarray] | None = None) -> Trainer:
+        """A trainer for ``program`` starting from ``weights`` (default: specforge's initial
+        weights for the program's seed)."""
 
     @abstractmethod
     def create_model(self, program: Program, weights: Mapping[str, np.ndarray] | None = None
                      ) -> Any:
-        """The framework's model object, with ``weights`` (default: specforge's initial
-        weights for the program's seed) loaded."""
+        """The framework's model object, with ``weights`` loaded."""
 
     @abstractmethod
     def export_weights(self, model: Any, program: Program) -> dict[str, np.ndarray]:
@@ -75,6 +116,12 @@ class Backend(ABC):
     def import_weights(self, model: Any, program: Program,
                        weights: Mapping[str, np.ndarray]) -> None:
         """Load neutral-format weights into ``model`` in place."""
+
+    def run(self, program: Program, options: RunOptions) -> RunResult:
+        """Train and evaluate ``program`` with specforge's loop, writing a run folder."""
+        from specforge.runner import run_training
+
+        return run_training(self, program, options)
 
 
 def installed_backends() -> dict[str, Any]:

@@ -162,18 +162,81 @@ def build(spec: SpecPath,
 def run(spec: SpecPath,
         backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
         run_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-            help="Run folder (default: runs/<spec name>).")] = None,
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+            help="Run folder (default: runs/<spec file name>).")] = None,
+        device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help="auto, cpu or cuda (default: the spec's training.device).")] = None,
+        resume: Annotated[bool, typer.Option(
+            help="Continue the run in --run-dir from its last checkpoint.")] = False,
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+        json_log: Annotated[bool, typer.Option(
+            "--json", help="Print one JSON line per epoch (and the test result).")] = False,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
-    """Train and evaluate a spec with a backend."""
+    """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, load_backend
+    from specforge.runner import Interrupted
 
     program = _compile(spec, set_, max_params)
     impl = load_backend(backend)
     folder = run_dir or Path("runs") / spec.stem
-    result = impl.run(program, RunOptions(run_dir=folder, device=device, quiet=quiet))
-    print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}))
+    if resume:
+        _check_same_spec(program, folder)
+    options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
+                         quiet=quiet, log_json=json_log, resume=resume)
+    try:
+        result = impl.run(program, options)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
+
+
+def _check_same_spec(program: Program, folder: Path) -> None:
+    import yaml
+
+    saved = folder / "spec.yaml"
+    if not saved.exists():
+        raise UsageError(f"nothing to resume in {folder}: it has no spec.yaml")
+    current = program.spec.model_dump(mode="json", exclude_none=True)
+    if yaml.safe_load(saved.read_text(encoding="utf-8")) != current:
+        raise UsageError(f"the spec differs from the one {folder} was started with "
+                         f"({saved}); resume with the same spec and --set options")
+
+
+def _open_run(run_dir: Path) -> tuple[Any, Program, Path]:
+    """The backend, program and data folder of an existing run."""
+    from specforge.backends import load_backend
+    from specforge.compiler import compile_spec
+
+    info_path = run_dir / "run.json"
+    if not info_path.exists():
+        raise UsageError(f"{run_dir} is not a run folder (no run.json)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    program = compile_spec(run_dir / "spec.yaml")
+    return load_backend(info["backend"]), program, Path(info.get("spec_dir", "."))
+
+
+@app.command()
+def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Test metrics of a run's last checkpoint."""
+    from specforge.runner import evaluate_run
+
+    backend_impl, program, spec_dir = _open_run(run_dir)
+    metrics = evaluate_run(backend_impl, program, run_dir, spec_dir)
+    print(json.dumps(metrics))
+
+
+@app.command()
+def predict(run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+            images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")]) -> None:
+    """Class and probabilities for each image, with a run's last checkpoint."""
+    from specforge.runner import predict_images
+
+    backend_impl, program, _ = _open_run(run_dir)
+    for path, (label, probabilities) in zip(
+            images, predict_images(backend_impl, program, run_dir, images), strict=True):
+        print(json.dumps({"image": str(path), "class": label,
+                          "probabilities": [round(float(p), 6) for p in probabilities]}))
 
 
 @app.command()

@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 FAKE_MODULE = textwrap.dedent('''\
     """A third-party backend that knows nothing of specforge's internals."""
-    from specforge.backends import Backend, RunResult
+    from specforge.backends import Backend
 
     class FakeBackend(Backend):
         name = "fake"
@@ -24,8 +24,8 @@ FAKE_MODULE = textwrap.dedent('''\
             lines += [f"{n.name} = {n.op}({', '.join(n.inputs)})" for n in program.graph]
             return "\\n".join(lines) + "\\n"
 
-        def run(self, program, options):
-            return RunResult(options.run_dir, {"params": program.graph.trainable_params})
+        def create_trainer(self, program, device=None, weights=None):
+            raise NotImplementedError("this backend only builds")
 
         def create_model(self, program, weights=None):
             return dict(weights or {})
@@ -70,7 +70,7 @@ def test_unknown_backend_suggests_the_installed_ones(fake_backend_path):
                      env={"PYTHONPATH": str(fake_backend_path)})
     assert result.returncode == 2
     assert "unknown backend 'fak': did you mean 'fake'?" in result.stderr
-    assert "installed backends: broken, fake" in result.stderr
+    assert "installed backends: broken, fake, torch" in result.stderr
 
 
 def test_a_broken_plugin_is_reported_not_raised(fake_backend_path):

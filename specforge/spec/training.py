@@ -248,3 +248,10 @@ class Training(SpecModel):
                                                                 "training data.")
     validation_steps: int | None = Field(None, ge=1, description="Default: the whole "
                                                                  "validation set.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train; `auto` takes a GPU when there is one.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast the forward pass to bf16/fp16 (weights stay fp32).")
+    channels_last: bool = Field(False, description="Channels-last memory format (GPU speed).")
+    compile: bool = Field(False, description="Compile the model (torch.compile, or XLA).")
+    checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every N epochs.")

@@ -1,0 +1,175 @@
+"""PyTorch modules for the IR ops whose meaning torch's own layers do not have.
+
+This file imports only torch: `specforge build --backend torch` copies it verbatim into the
+standalone scripts it writes, so that `specforge run` and a built script compute with the
+very same code. Tensors are NCHW here; the IR's (H, W, C) order matters only for flatten.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
+
+
+def pad_nchw(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros",
+             value: float = 0.0) -> torch.Tensor:
+    """Pad (top, bottom, left, right) with zeros, reflect (no edge repeat) or replicate."""
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    if mode == "zeros":
+        return F.pad(x, (left, right, top, bottom), mode="constant", value=value)
+    return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
+
+
+class Conv2d(nn.Conv2d):
+    """Conv2d with explicit per-side pads and pad mode (IR `conv2d`)."""
+
+    def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
+                 strides: tuple[int, int], dilation: tuple[int, int], groups: int,
+                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool) -> None:
+        top, bottom, left, right = pads
+        # torch pads symmetrically with zeros by itself; anything else is padded first
+        self.symmetric = pad_mode == "zeros" and top == bottom and left == right
+        super().__init__(in_channels, filters, kernel, strides,
+                         (top, left) if self.symmetric else 0, dilation, groups, bias)
+        self.pads, self.pad_mode = pads, pad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.symmetric:
+            x = pad_nchw(x, self.pads, self.pad_mode)
+        return super().forward(x)
+
+
+class MaxPool2d(nn.Module):
+    """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
+
+    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
+                 pads: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.pool, self.strides, self.pads = pool, strides, pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_nchw(x, self.pads, "zeros", value=float("-inf"))
+        return F.max_pool2d(x, self.pool, self.strides)
+
+
+class AvgPool2d(nn.Module):
+    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
+
+    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
+                 pads: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.pool, self.strides, self.pads = pool, strides, pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not any(self.pads):
+            return F.avg_pool2d(x, self.pool, self.strides)
+        summed = F.avg_pool2d(pad_nchw(x, self.pads), self.pool, self.strides,
+                              divisor_override=1)
+        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        counts = F.avg_pool2d(pad_nchw(ones, self.pads), self.pool, self.strides,
+                              divisor_override=1)
+        return summed / counts
+
+
+class FlattenHWC(nn.Module):
+    """Flatten in (height, width, channel) order, the IR's order (IR `flatten`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1)
+        return x.reshape(x.shape[0], -1)
+
+
+class BatchNorm(nn.Module):
+    """running = decay * running + (1 - decay) * batch statistic; unbiased running variance
+    (IR `batch_norm`). torch's momentum is the weight of the new value: 1 - decay."""
+
+    def __init__(self, channels: int, decay: float, epsilon: float, scale: bool,
+                 center: bool) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels)) if scale else None
+        self.beta = nn.Parameter(torch.zeros(channels)) if center else None
+        self.register_buffer("moving_mean", torch.zeros(channels))
+        self.register_buffer("moving_var", torch.ones(channels))
+        self.momentum, self.epsilon = 1.0 - decay, epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.moving_mean, self.moving_var, self.gamma, self.beta,
+                            self.training, self.momentum, self.epsilon)
+
+
+class Activation(nn.Module):
+    """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
+
+    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self.fn
+        if fn == "linear":
+            return x
+        if fn == "leaky_relu":
+            return F.leaky_relu(x, self.negative_slope)
+        if fn == "elu":
+            return F.elu(x, self.alpha)
+        if fn == "gelu":
+            return F.gelu(x)
+        if fn == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
+        if fn == "softmax":
+            return torch.softmax(x, dim=1)
+        if fn == "softplus":
+            return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
+        return _ELEMENTWISE[fn](x)
+
+
+_ELEMENTWISE = {
+    "relu": torch.relu, "relu6": F.relu6, "selu": torch.selu, "silu": F.silu,
+    "sigmoid": torch.sigmoid, "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish,
+    "tanh": torch.tanh, "softsign": F.softsign,
+}
+
+
+class Add(nn.Module):
+    """Element-wise sum (IR `add`)."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+class Concat(nn.Module):
+    """Concatenation along channels (IR `concat`)."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=1)
+
+
+class GlobalPool(nn.Module):
+    """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) if self.kind == "avg" else x.amax(dim=(2, 3))
+
+
+class Pad2d(nn.Module):
+    """Explicit padding as a layer (IR `pad2d`)."""
+
+    def __init__(self, pads: tuple[int, int, int, int], mode: str) -> None:
+        super().__init__()
+        self.pads, self.mode = pads, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_nchw(x, self.pads, self.mode)

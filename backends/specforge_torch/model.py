@@ -1,0 +1,141 @@
+"""The IR graph as a torch `nn.Module`, and weights to and from specforge's neutral format."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from specforge.ir.graph import Graph, Node
+from specforge.weights import initial_weights
+from specforge_torch import layers as L
+
+
+def attribute_names(graph: Graph) -> dict[str, str]:
+    """A valid, unique Python/torch attribute name for every node (`layer1.0.conv1` ->
+    `layer1_0_conv1`)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for node in graph:
+        base = re.sub(r"\W", "_", node.name)
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        names[node.name] = name
+    return names
+
+
+def module_for(node: Node, in_shape: tuple[int, ...]) -> nn.Module | None:
+    """The module that computes ``node`` (None for the input)."""
+    a = node.attrs
+    op = node.op
+    if op == "input":
+        return None
+    if op == "conv2d":
+        return L.Conv2d(in_shape[-1], a["filters"], a["kernel"], a["strides"], a["dilation"],
+                        a["groups"], a["pads"], a["pad_mode"], a["bias"])
+    if op == "dense":
+        return nn.Linear(in_shape[-1], a["units"], bias=a["bias"])
+    if op == "max_pool2d":
+        return L.MaxPool2d(a["pool"], a["strides"], a["pads"])
+    if op == "avg_pool2d":
+        return L.AvgPool2d(a["pool"], a["strides"], a["pads"])
+    if op == "pad2d":
+        return L.Pad2d(a["pads"], a["mode"])
+    if op in ("global_avg_pool2d", "global_max_pool2d"):
+        return L.GlobalPool("avg" if op == "global_avg_pool2d" else "max")
+    if op == "flatten":
+        return L.FlattenHWC()
+    if op == "batch_norm":
+        return L.BatchNorm(in_shape[-1], a["decay"], a["epsilon"], a["scale"], a["center"])
+    if op == "dropout":
+        return nn.Dropout2d(a["rate"]) if a["spatial"] else nn.Dropout(a["rate"])
+    if op == "activation":
+        return L.Activation(a["fn"], a.get("negative_slope", 0.01), a.get("alpha", 1.0))
+    if op == "add":
+        return L.Add()
+    if op == "concat":
+        return L.Concat()
+    raise ValueError(f"the torch backend has no lowering for op {op!r}")
+
+
+class SpecModule(nn.Module):
+    """Runs an IR graph. Input (N, C, H, W) float32; output the graph's output (logits
+    where the spec's final softmax was folded into the loss)."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        self.graph = graph
+        self.names = attribute_names(graph)
+        shapes = {n.name: n.shape for n in graph}
+        self.steps: list[tuple[str, str, tuple[str, ...]]] = []
+        for node in graph:
+            module = module_for(node, shapes[node.inputs[0]] if node.inputs else ())
+            if module is not None:
+                self.add_module(self.names[node.name], module)
+                self.steps.append((node.name, self.names[node.name], node.inputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = {self.graph.input.name: x}
+        for name, attribute, inputs in self.steps:
+            values[name] = getattr(self, attribute)(*(values[i] for i in inputs))
+        return values[self.graph.output]
+
+
+# --- neutral weights <-> torch tensors ------------------------------------------------------
+
+def _to_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
+    if op == "conv2d" and param == "kernel":
+        return value.transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
+    if op == "dense" and param == "kernel":
+        return value.T
+    return value
+
+
+def _from_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
+    if op == "conv2d" and param == "kernel":
+        return value.transpose(2, 3, 1, 0)
+    if op == "dense" and param == "kernel":
+        return value.T
+    return value
+
+
+_TORCH_PARAM = {"kernel": "weight", "bias": "bias", "gamma": "gamma", "beta": "beta",
+                "moving_mean": "moving_mean", "moving_var": "moving_var"}
+
+
+def _tensor_of(module: SpecModule, node: Node, param: str) -> torch.Tensor:
+    return getattr(getattr(module, module.names[node.name]), _TORCH_PARAM[param])
+
+
+def import_weights(module: SpecModule, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy neutral-format weights into ``module`` in place."""
+    with torch.no_grad():
+        for node in module.graph:
+            for p in node.params:
+                value = _to_torch(node.op, p.name, np.asarray(weights[f"{node.name}.{p.name}"]))
+                target = _tensor_of(module, node, p.name)
+                target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
+
+
+def export_weights(module: SpecModule) -> dict[str, np.ndarray]:
+    """The module's parameters and statistics in the neutral format."""
+    out = {}
+    for node in module.graph:
+        for p in node.params:
+            value = _tensor_of(module, node, p.name).detach().cpu().numpy()
+            out[f"{node.name}.{p.name}"] = np.ascontiguousarray(_from_torch(node.op, p.name,
+                                                                            value))
+    return out
+
+
+def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None
+                 ) -> SpecModule:
+    module = SpecModule(graph)
+    import_weights(module, weights if weights is not None else initial_weights(graph, seed))
+    return module

@@ -1,0 +1,169 @@
+"""A run's folder (logs, metrics, plot, summary) and its progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from specforge import __version__
+
+if TYPE_CHECKING:
+    from specforge.backends import RunOptions
+    from specforge.ir.program import Program
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and a rename: never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class RunFolder:
+    def __init__(self, path: Path, checkpoint_name: str) -> None:
+        self.path = Path(path)
+        self.checkpoint = self.path / checkpoint_name
+
+    def start(self, program: Program, backend: str, spec_dir: Path,
+              class_names: list[str]) -> None:
+        """A fresh run: refuses to overwrite an earlier run's results."""
+        if (self.path / "run.json").exists():
+            from specforge.errors import UsageError
+
+            raise UsageError(f"{self.path} already holds a run: continue it with --resume, "
+                             "or choose another --run-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        spec = program.spec.model_dump(mode="json", exclude_none=True)
+        write_atomically(self.path / "spec.yaml", yaml.safe_dump(spec, sort_keys=False))
+        write_atomically(self.path / "run.json", json.dumps({
+            "backend": backend, "name": program.name, "specforge": __version__,
+            "spec_dir": str(Path(spec_dir).resolve()), "class_names": class_names,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=2))
+        for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv"):
+            (self.path / name).unlink(missing_ok=True)
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+
+    def log_step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        with open(self.path / "steps.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr})
+                    + "\n")
+
+    def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
+                  options: RunOptions) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        columns = list(dict.fromkeys(k for r in history for k in r))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomically(self.path / "metrics.csv", text.getvalue())
+        write_plot(self.path / "plot.png", history)
+        if options.log_json:
+            print(json.dumps({"event": "epoch", **record}), flush=True)
+
+    def finish(self, test: dict[str, float], device: str, options: RunOptions) -> None:
+        summary = {"test": test, "device": device,
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
+        if options.log_json:
+            print(json.dumps({"event": "test", **test}), flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, options: RunOptions, total_steps: int, done: int) -> Iterator[Any]:
+        if options.quiet or options.log_json:
+            yield _Silent()
+            return
+        bar = _Bar(total_steps, done)
+        with bar.live:
+            yield bar
+
+
+def write_plot(path: Path, history: list[dict[str, Any]]) -> None:
+    """Loss and metric curves per epoch (training and validation) as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:  # plotting is optional: the numbers are in metrics.csv
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[0] if k not in ("epoch", "step") and not k.startswith("val_")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    epochs = [r["epoch"] for r in history]
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(epochs, [r.get(key) for r in history], marker="o", label="train")
+        if any(f"val_{key}" in r for r in history):
+            ax.plot(epochs, [r.get(f"val_{key}") for r in history], marker="o",
+                    label="validation")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+class _Silent:
+    def advance(self, images: int, seconds: float, epoch: int, loss: float) -> None:
+        pass
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        pass
+
+
+class _Bar:
+    """A rich progress bar: epoch, step, loss, images/s and time left."""
+
+    def __init__(self, total: int, done: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(file=sys.stderr)
+        self.live = Progress(TextColumn("{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                             TimeRemainingColumn(), console=self.console, transient=False)
+        self.task = self.live.add_task("training", total=total, completed=done, info="")
+        self.images, self.seconds = 0, 0.0
+        self.last_refresh = 0.0
+
+    def advance(self, images: int, seconds: float, epoch: int, loss: float) -> None:
+        self.images += images
+        self.seconds += seconds
+        now = time.perf_counter()
+        info = None
+        if now - self.last_refresh > 0.25:  # formatting every step would cost throughput
+            rate = self.images / self.seconds if self.seconds else 0.0
+            info = f"loss {loss:.4f}  {rate:,.0f} img/s"
+            self.last_refresh = now
+        self.live.update(self.task, advance=1, description=f"epoch {epoch + 1}",
+                         **({"info": info} if info else {}))
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items()
+                          if k not in ("epoch", "step"))
+        self.live.console.print(f"epoch {record['epoch']}: {shown}", highlight=False)

@@ -1,0 +1,222 @@
+"""specforge's training loop, shared by every backend.
+
+The loop owns what must be identical across backends: which batch each step sees
+(:mod:`specforge.data.pipeline`), the learning rate of each step (:func:`lr_at`), metrics over
+whole epochs, the run folder, checkpoints, resume, NaN detection and clean stops on Ctrl-C or
+SIGTERM. A backend's :class:`~specforge.backends.Trainer` only computes.
+
+Run folder: ``spec.yaml`` (resolved), ``run.json``, ``steps.jsonl`` (loss and learning rate
+per step), ``metrics.jsonl`` and ``metrics.csv`` (per epoch), ``plot.png``, the backend's
+checkpoint, ``weights.npz`` (final weights, neutral format) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from specforge.data import DataPipeline, build_pipeline
+from specforge.errors import UsageError
+from specforge.ir.program import Program, lr_at
+from specforge.metrics import MetricAccumulator
+from specforge.runfolder import RunFolder
+from specforge.weights import save_weights
+
+if TYPE_CHECKING:
+    from specforge.backends import Backend, RunOptions, RunResult, Trainer
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite (exit code 2: the spec's settings caused it)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was written and the run can be resumed."""
+
+
+def run_training(backend: Backend, program: Program, options: RunOptions) -> RunResult:
+    """Train ``program`` with ``backend``, writing ``options.run_dir``."""
+    from specforge.backends import RunResult
+
+    pipeline = build_pipeline(program, options.spec_dir)
+    folder = RunFolder(options.run_dir, backend.checkpoint_name)
+    if options.resume:
+        if not folder.checkpoint.exists():
+            raise UsageError(f"nothing to resume: {folder.checkpoint} does not exist")
+    else:
+        folder.start(program, backend.name, options.spec_dir, pipeline.train.class_names)
+    device = options.device or program.spec.training.device
+    trainer = backend.create_trainer(program, device=device)
+    loop = Loop(program, pipeline, trainer, folder, options)
+    if options.resume:
+        loop.restore(trainer.load_checkpoint(folder.checkpoint))
+    with _stop_on_signals(loop):
+        metrics = loop.run()
+    return RunResult(folder.path, metrics)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(loop: Loop) -> Iterator[None]:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current step."""
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        loop.stop_requested = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Loop:
+    """The epochs and steps of one run; its state is what a checkpoint must hold."""
+
+    def __init__(self, program: Program, pipeline: DataPipeline, trainer: Trainer,
+                 folder: RunFolder, options: RunOptions) -> None:
+        self.program, self.pipeline, self.trainer = program, pipeline, trainer
+        self.folder, self.options = folder, options
+        training = program.spec.training
+        self.epochs = training.epochs
+        self.steps_per_epoch = pipeline.steps_per_epoch(training.steps_per_epoch)
+        self.validation_steps = training.validation_steps
+        self.train_metrics = MetricAccumulator(program.metrics, program.loss.classes)
+        self.step = 0           # global optimizer steps done
+        self.loss_sum = 0.0     # this epoch, weighted by batch size
+        self.seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.stop_requested: str | None = None
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
+                "confusion": self.train_metrics.confusion.tolist(),
+                "top_k_hits": {str(k): v for k, v in self.train_metrics.top_k_hits.items()},
+                "count": self.train_metrics.count, "history": self.history}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step, self.loss_sum, self.seen = state["step"], state["loss_sum"], state["seen"]
+        self.train_metrics.confusion = np.asarray(state["confusion"], np.int64)
+        self.train_metrics.top_k_hits = {int(k): v for k, v in state["top_k_hits"].items()}
+        self.train_metrics.count = state["count"]
+        self.history = state["history"]
+
+    def checkpoint(self) -> None:
+        self.trainer.save_checkpoint(self.folder.checkpoint, self.state())
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        total = self.epochs * self.steps_per_epoch
+        with self.folder.progress(self.options, total, self.step) as progress:
+            while self.step < total:
+                self._train_step(progress)
+                if self.step % self.steps_per_epoch == 0:
+                    self._end_epoch(progress)
+                if self.stop_requested:
+                    self.checkpoint()
+                    raise Interrupted(f"stopped by {self.stop_requested} after step "
+                                      f"{self.step}; checkpoint written to "
+                                      f"{self.folder.checkpoint}; continue with --resume")
+        test = self.evaluate("test")
+        self.folder.finish(test, self.trainer.device, self.options)
+        save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
+        return test
+
+    def _train_step(self, progress: Any) -> None:
+        batch = self.pipeline.train_batch(self.step)
+        lr = lr_at(self.program.optimizer, self.step, self.steps_per_epoch)
+        started = time.perf_counter()
+        loss, logits = self.trainer.train_step(batch.x, batch.y, lr)
+        if not math.isfinite(loss):
+            self.folder.log_step(self.step, self.epoch, loss, lr)
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {self.step} (epoch {self.epoch + 1}, "
+                f"learning rate {lr:.3g}); lower the learning rate or add clip_norm")
+        self.train_metrics.update(logits, batch.y)
+        self.loss_sum += loss * len(batch.y)
+        self.seen += len(batch.y)
+        self.folder.log_step(self.step, self.epoch, loss, lr)
+        self.step += 1
+        progress.advance(len(batch.y), time.perf_counter() - started, self.epoch,
+                         self.loss_sum / self.seen)
+
+    @property
+    def epoch(self) -> int:
+        """The 0-based epoch of the next step (or of the last one, at an epoch's end)."""
+        return max(self.step - 1, 0) // self.steps_per_epoch
+
+    def _end_epoch(self, progress: Any) -> None:
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
+                                  "loss": self.loss_sum / max(self.seen, 1),
+                                  **self.train_metrics.result()}
+        validation = self.evaluate("validation")
+        record.update({f"val_{k}": v for k, v in validation.items()})
+        self.history.append(record)
+        self.loss_sum, self.seen = 0.0, 0
+        self.train_metrics.reset()
+        self.folder.log_epoch(record, self.history, self.options)
+        progress.epoch_done(record)
+        if (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
+                self.step == self.epochs * self.steps_per_epoch:
+            self.checkpoint()
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and metrics over a whole split (empty dict when the split is empty)."""
+        accumulator = MetricAccumulator(self.program.metrics, self.program.loss.classes)
+        loss_sum, seen = 0.0, 0
+        limit = self.validation_steps if split == "validation" else None
+        for batch in self.pipeline.eval_batches(split, limit):
+            loss, logits = self.trainer.evaluate_batch(batch.x, batch.y)
+            accumulator.update(logits, batch.y)
+            loss_sum += loss * len(batch.y)
+            seen += len(batch.y)
+        if not seen:
+            return {}
+        return {"loss": loss_sum / seen, **accumulator.result()}
+
+
+def evaluate_run(backend: Backend, program: Program, run_dir: Path,
+                 spec_dir: Path) -> dict[str, float]:
+    """Test metrics of a finished (or interrupted) run's last checkpoint."""
+    folder = RunFolder(run_dir, backend.checkpoint_name)
+    trainer = backend.create_trainer(program, device=program.spec.training.device)
+    trainer.load_checkpoint(folder.checkpoint)
+    pipeline = build_pipeline(program, spec_dir)
+    loop = Loop(program, pipeline, trainer, folder, _quiet_options(run_dir))
+    return loop.evaluate("test")
+
+
+def _quiet_options(run_dir: Path) -> RunOptions:
+    from specforge.backends import RunOptions
+
+    return RunOptions(run_dir=run_dir, quiet=True)
+
+
+def predict_images(backend: Backend, program: Program, run_dir: Path,
+                   paths: list[Path]) -> list[tuple[str, np.ndarray]]:
+    """(class name, probabilities) per image file, with the run's last checkpoint."""
+    from specforge.data.folders import decode
+
+    folder = RunFolder(run_dir, backend.checkpoint_name)
+    trainer = backend.create_trainer(program, device=program.spec.training.device)
+    trainer.load_checkpoint(folder.checkpoint)
+    shape = tuple(program.graph.input.shape)
+    images = np.stack([decode(Path(p), shape) for p in paths]).astype(np.float32)
+    norm = program.spec.data.normalize if program.spec.data else None
+    if norm is not None:
+        images = (images * np.float32(norm.scale) - np.asarray(norm.mean, np.float32)) / \
+            np.asarray(norm.std, np.float32)
+    outputs = trainer.predict(images.astype(np.float32))
+    names = folder.info().get("class_names") or []
+    result = []
+    for row in outputs:
+        k = int(row.argmax()) if len(row) > 1 else int(row[0] > 0.5)
+        result.append((names[k] if k < len(names) else str(k), row))
+    return result
