@@ -36,6 +36,7 @@ class RunFolder:
     def __init__(self, path: Path, checkpoint_name: str) -> None:
         self.path = Path(path)
         self.checkpoint = self.path / checkpoint_name
+        self._steps: Any = None
 
     def start(self, program: Program, backend: str, spec_dir: Path,
               class_names: list[str]) -> None:
@@ -60,9 +61,21 @@ class RunFolder:
         return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
 
     def log_step(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        with open(self.path / "steps.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr})
-                    + "\n")
+        if self._steps is None:  # kept open: reopening it every step costs throughput
+            self._steps = open(self.path / "steps.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._steps.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
+                                      "lr": lr}) + "\n")
+
+    def flush(self) -> None:
+        """Make the step log durable (before a checkpoint, so the two agree)."""
+        if self._steps is not None:
+            self._steps.flush()
+            os.fsync(self._steps.fileno())
+
+    def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
 
     def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
                   options: RunOptions) -> None:

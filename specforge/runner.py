@@ -57,8 +57,11 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
     loop = Loop(program, pipeline, trainer, folder, options)
     if options.resume:
         loop.restore(trainer.load_checkpoint(folder.checkpoint))
-    with _stop_on_signals(loop):
-        metrics = loop.run()
+    try:
+        with _stop_on_signals(loop):
+            metrics = loop.run()
+    finally:
+        folder.close()
     return RunResult(folder.path, metrics)
 
 
@@ -109,6 +112,7 @@ class Loop:
         self.history = state["history"]
 
     def checkpoint(self) -> None:
+        self.folder.flush()
         self.trainer.save_checkpoint(self.folder.checkpoint, self.state())
 
     # --- the loop ------------------------------------------------------------------------
@@ -168,18 +172,25 @@ class Loop:
             self.checkpoint()
 
     def evaluate(self, split: str) -> dict[str, float]:
-        """Loss and metrics over a whole split (empty dict when the split is empty)."""
-        accumulator = MetricAccumulator(self.program.metrics, self.program.loss.classes)
-        loss_sum, seen = 0.0, 0
         limit = self.validation_steps if split == "validation" else None
-        for batch in self.pipeline.eval_batches(split, limit):
-            loss, logits = self.trainer.evaluate_batch(batch.x, batch.y)
-            accumulator.update(logits, batch.y)
-            loss_sum += loss * len(batch.y)
-            seen += len(batch.y)
-        if not seen:
-            return {}
-        return {"loss": loss_sum / seen, **accumulator.result()}
+        return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch,
+                              self.program.metrics, self.program.loss.classes, limit)
+
+
+def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
+                   classes: int, limit: int | None = None) -> dict[str, float]:
+    """Loss and metrics over a whole split (an empty dict when the split is empty).
+    ``evaluate_batch(x, y)`` returns a batch's mean loss and its logits."""
+    accumulator = MetricAccumulator(metrics, classes)
+    loss_sum, seen = 0.0, 0
+    for batch in pipeline.eval_batches(split, limit):
+        loss, logits = evaluate_batch(batch.x, batch.y)
+        accumulator.update(logits, batch.y)
+        loss_sum += loss * len(batch.y)
+        seen += len(batch.y)
+    if not seen:
+        return {}
+    return {"loss": loss_sum / seen, **accumulator.result()}
 
 
 def evaluate_run(backend: Backend, program: Program, run_dir: Path,

@@ -755,7 +755,7 @@ def test_batches_follow_the_documented_streams(digits_pipelines):
         indices = order[b * 32:(b + 1) * 32]
         images = a.train.images[indices].astype(np.float32)
         params = augment.draw_params(aug, 32, 8, 8, np.random.default_rng([0, AUG_KEY, p, b]))
-        expected = augment.apply(images, params, aug) * np.float32(0.0625)
+        expected = augment.apply_augmentation(images, params, aug) * np.float32(0.0625)
         batch = a.train_batch(step)
         np.testing.assert_array_equal(batch.y, a.train.labels[indices])
         np.testing.assert_allclose(batch.x, expected, rtol=1e-6, atol=1e-6)
@@ -837,7 +837,7 @@ def test_identity_parameters_return_the_input(fill_mode):
                   horizontal_flip=True, vertical_flip=True, crop_padding=2,
                   fill_mode=fill_mode, fill_value=99)
     images = images_of((3, 7, 9, 2))
-    out = augment.apply(images, make_params(3), aug)
+    out = augment.apply_augmentation(images, make_params(3), aug)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, images)
 
@@ -846,14 +846,14 @@ def test_identity_parameters_return_the_input(fill_mode):
 def test_rotation_by_quarter_turns(degrees, k):
     aug = Augment(rotation=180, fill_mode="constant")
     images = images_of((2, 6, 6, 3))
-    out = augment.apply(images, make_params(2, angle=np.deg2rad(degrees)), aug)
+    out = augment.apply_augmentation(images, make_params(2, angle=np.deg2rad(degrees)), aug)
     np.testing.assert_allclose(out, np.rot90(images, k=k, axes=(1, 2)), atol=1e-4)
 
 
 def test_positive_angle_turns_counter_clockwise():
     image = np.zeros((1, 5, 5, 1), np.float32)
     image[0, 0, 4, 0] = 1  # top right
-    out = augment.apply(image, make_params(1, angle=np.pi / 2), Augment(rotation=90))
+    out = augment.apply_augmentation(image, make_params(1, angle=np.pi / 2), Augment(rotation=90))
     assert np.unravel_index(np.argmax(out), out.shape) == (0, 0, 0, 0)  # now top left
 
 
@@ -862,7 +862,7 @@ def test_integer_shift_with_constant_fill(fill_value):
     aug = Augment(width_shift=0.5, height_shift=0.5, fill_mode="constant",
                   fill_value=fill_value)
     images = images_of((2, 6, 7, 2))
-    out = augment.apply(images, make_params(2, shift_x=2, shift_y=-1), aug)
+    out = augment.apply_augmentation(images, make_params(2, shift_x=2, shift_y=-1), aug)
     # content moves 2 right and 1 up
     expected = np.roll(np.roll(images, 2, axis=2), -1, axis=1)
     expected[:, :, :2] = fill_value
@@ -884,45 +884,45 @@ def row_image(values) -> np.ndarray:
 ])
 def test_fill_modes_at_the_border(mode, shift, expected):
     aug = Augment(width_shift=0.5, fill_mode=mode)
-    out = augment.apply(row_image([1, 2, 3, 4, 5]), make_params(1, shift_x=shift), aug)
+    out = augment.apply_augmentation(row_image([1, 2, 3, 4, 5]), make_params(1, shift_x=shift), aug)
     np.testing.assert_array_equal(out, row_image(expected))
 
 
 def test_reflect_over_more_than_one_width():
     # ...abcd dcba | abcd | dcba abcd...: period 2 * width
     aug = Augment(width_shift=0.9, fill_mode="reflect")
-    out = augment.apply(row_image([1, 2, 3, 4]), make_params(1, shift_x=6), aug)
+    out = augment.apply_augmentation(row_image([1, 2, 3, 4]), make_params(1, shift_x=6), aug)
     np.testing.assert_array_equal(out, row_image([3, 4, 4, 3]))
 
 
 def test_reflect_vertically():
     aug = Augment(height_shift=0.5, fill_mode="reflect")
     column = np.asarray([1, 2, 3, 4], np.float32).reshape(1, 4, 1, 1)
-    out = augment.apply(column, make_params(1, shift_y=1), aug)
+    out = augment.apply_augmentation(column, make_params(1, shift_y=1), aug)
     np.testing.assert_array_equal(out.ravel(), [1, 1, 2, 3])
 
 
 def test_flips():
     images = images_of((2, 5, 6, 3))
-    out = augment.apply(images, make_params(2, flip_h=[True, False]),
+    out = augment.apply_augmentation(images, make_params(2, flip_h=[True, False]),
                         Augment(horizontal_flip=True))
     np.testing.assert_array_equal(out[0], images[0, :, ::-1])
     np.testing.assert_array_equal(out[1], images[1])
-    out = augment.apply(images, make_params(2, flip_v=True), Augment(vertical_flip=True))
+    out = augment.apply_augmentation(images, make_params(2, flip_v=True), Augment(vertical_flip=True))
     np.testing.assert_array_equal(out, images[:, ::-1])
-    out = augment.apply(images, make_params(2, flip_h=True), Augment(horizontal_flip=True))
+    out = augment.apply_augmentation(images, make_params(2, flip_h=True), Augment(horizontal_flip=True))
     np.testing.assert_array_equal(out, images[:, :, ::-1])
 
 
 def test_crop_is_a_zero_filled_integer_shift():
     images = images_of((2, 6, 7, 2)) + 1  # no zeros inside
-    out = augment.apply(images, make_params(2, crop_y=2, crop_x=-1), Augment(crop_padding=3))
+    out = augment.apply_augmentation(images, make_params(2, crop_y=2, crop_x=-1), Augment(crop_padding=3))
     # out[i, j] = images[i + 2, j - 1]
     expected = np.roll(np.roll(images, -2, axis=1), 1, axis=2)
     expected[:, -2:] = 0
     expected[:, :, :1] = 0
     np.testing.assert_array_equal(out, expected)
-    shifted = augment.apply(images, make_params(2, shift_y=-2, shift_x=1),
+    shifted = augment.apply_augmentation(images, make_params(2, shift_y=-2, shift_x=1),
                             Augment(width_shift=0.5, fill_mode="constant"))
     np.testing.assert_array_equal(out, shifted)
 
@@ -930,7 +930,7 @@ def test_crop_is_a_zero_filled_integer_shift():
 def test_flip_comes_before_crop():
     images = images_of((1, 4, 5, 1)) + 1
     aug = Augment(horizontal_flip=True, crop_padding=1)
-    out = augment.apply(images, make_params(1, flip_h=True, crop_x=1), aug)
+    out = augment.apply_augmentation(images, make_params(1, flip_h=True, crop_x=1), aug)
     flipped = images[:, :, ::-1]
     np.testing.assert_array_equal(out[:, :, :-1], flipped[:, :, 1:])
     np.testing.assert_array_equal(out[:, :, -1], 0)

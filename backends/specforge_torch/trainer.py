@@ -87,6 +87,31 @@ def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torc
     return F.l1_loss(output, target)
 
 
+def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None
+                 ) -> torch.Tensor:
+    """The model's float32 output, the forward pass autocast to ``autocast`` if set."""
+    if autocast is None:
+        return model(images)
+    with torch.autocast(images.device.type, dtype=autocast):
+        return model(images).float()
+
+
+def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                   loss: LossIR, opt: OptimizerIR, images: torch.Tensor,
+                   labels: torch.Tensor, lr: float, autocast: torch.dtype | None = None
+                   ) -> tuple[float, np.ndarray]:
+    """One training step at learning rate ``lr``: the batch's loss and its logits."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    output = forward_pass(model, images, autocast)
+    value = loss_value(loss, output, labels)
+    value.backward()
+    clip_gradients(params, opt.clip_value, opt.clip_norm)
+    optimizer.step()
+    return value.item(), output.detach().cpu().numpy()
+
+
 class TorchTrainer(Trainer):
     def __init__(self, program: Program, device: str | None = None,
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
@@ -115,24 +140,13 @@ class TorchTrainer(Trainer):
         return images, torch.from_numpy(y).to(self.torch_device, non_blocking=True)
 
     def _output(self, images: torch.Tensor) -> torch.Tensor:
-        if self.autocast is None:
-            return self.forward(images)
-        with torch.autocast(self.torch_device.type, dtype=self.autocast):
-            return self.forward(images).float()
+        return forward_pass(self.forward, images, self.autocast)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         images, labels = self._inputs(x, y)
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        output = self._output(images)
-        loss = loss_value(self.program.loss, output, labels)
-        loss.backward()
-        opt = self.program.optimizer
-        clip_gradients(self.params, opt.clip_value, opt.clip_norm)
-        self.optimizer.step()
-        return loss.item(), output.detach().cpu().numpy()
+        return optimizer_step(self.forward, self.optimizer, self.params, self.program.loss,
+                              self.program.optimizer, images, labels, lr, self.autocast)
 
     @torch.no_grad()
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

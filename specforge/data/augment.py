@@ -124,7 +124,7 @@ def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.n
     return np.where(valid[..., None], out, 0).astype(images.dtype)
 
 
-def apply(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+def apply_augmentation(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
     """Augment a float32 (N, H, W, C) batch with ``params``."""
     _, height, width, _ = images.shape
     out = images

@@ -79,7 +79,7 @@ def shift_with_zeros(images: torch.Tensor, dy: Any, dx: Any) -> torch.Tensor:
     return torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
 
 
-def apply(images: torch.Tensor, params: AugmentParams, aug: Any) -> torch.Tensor:
+def apply_augmentation(images: torch.Tensor, params: AugmentParams, aug: Any) -> torch.Tensor:
     """Augment a float (N, H, W, C) batch on its device; returns float32."""
     _, height, width, _ = images.shape
     device = images.device

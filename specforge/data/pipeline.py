@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from specforge.data import augment
+from specforge.data.augment import apply_augmentation, draw_params, is_identity
 from specforge.data.sources import DataError, Dataset, load_source
 
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3
@@ -87,11 +87,10 @@ class DataPipeline:
         indices = order[b * self.batch_size:(b + 1) * self.batch_size]
         images = np.asarray(self.train.images[indices], np.float32)
         aug = self.data.augment
-        if not augment.is_identity(aug):
+        if not is_identity(aug):
             rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
-            params = augment.draw_params(aug, len(indices), images.shape[1], images.shape[2],
-                                         rng)
-            images = augment.apply(images, params, aug)
+            params = draw_params(aug, len(indices), images.shape[1], images.shape[2], rng)
+            images = apply_augmentation(images, params, aug)
         return Batch(self.normalize(images), self.train.labels[indices])
 
     def train_batches(self, start: int, count: int) -> Iterator[Batch]:
@@ -132,16 +131,21 @@ def build_pipeline(program: Any, spec_dir: Path | str = ".") -> DataPipeline:
             raise DataError(f"{source.train.origin} has its own test set: remove "
                             "data.split.test")
         _check_against_model(source.test, input_shape, program.loss.classes)
+    return assemble_pipeline(data, source, program.seed)
+
+
+def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
+    """Split a loaded source (its own test set, if any, stays the test set)."""
     train_idx, val_idx, test_idx = split_indices(
         source.train.labels, data.split.validation, data.split.test or 0.0,
-        data.split.stratify, program.seed)
+        data.split.stratify, seed)
     train = source.train.subset(train_idx)
     validation = source.train.subset(val_idx) if len(val_idx) else None
     test = source.test if source.test is not None else (
         source.train.subset(test_idx) if len(test_idx) else None)
     if len(train) == 0:
         raise DataError("no training data left after the split")
-    return DataPipeline(data, train, validation, test, program.seed)
+    return DataPipeline(data, train, validation, test, seed)
 
 
 def _check_against_model(dataset: Dataset, input_shape: tuple[int, ...], classes: int) -> None:
