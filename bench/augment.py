@@ -14,10 +14,10 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the pipeline's numpy: one core
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from specforge.compiler import compile_spec  # noqa: E402
-from specforge.data import build_pipeline  # noqa: E402
+from specforge.compiler import compile_spec
+from specforge.data import build_pipeline
 
 GOAL = 3.0
 SPEC_OVERRIDES = ["data.source={type: synthetic, samples: 4096}", "data.split.validation=0"]

@@ -91,8 +91,11 @@ class RunFolder:
         if options.log_json:
             print(json.dumps({"event": "epoch", **record}), flush=True)
 
-    def finish(self, test: dict[str, float], device: str, options: RunOptions) -> None:
-        summary = {"test": test, "device": device,
+    def finish(self, test: dict[str, float], device: str, options: RunOptions,
+               speed: dict[str, float]) -> None:
+        """Write summary.json; ``speed`` covers this process's steps (after a resume, the
+        resumed part only)."""
+        summary = {"test": test, "device": device, **speed,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
         if options.log_json:

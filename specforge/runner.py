@@ -96,6 +96,9 @@ class Loop:
         self.seen = 0
         self.history: list[dict[str, Any]] = []
         self.stop_requested: str | None = None
+        #: Time in training steps (batch, forward, backward, update), for images/s.
+        self.train_seconds = 0.0
+        self.train_images = 0
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -129,14 +132,16 @@ class Loop:
                                       f"{self.step}; checkpoint written to "
                                       f"{self.folder.checkpoint}; continue with --resume")
         test = self.evaluate("test")
-        self.folder.finish(test, self.trainer.device, self.options)
+        speed = {"train_seconds": self.train_seconds,
+                 "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9)}
+        self.folder.finish(test, self.trainer.device, self.options, speed)
         save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
         return test
 
     def _train_step(self, progress: Any) -> None:
+        started = time.perf_counter()
         batch = self.pipeline.train_batch(self.step)
         lr = lr_at(self.program.optimizer, self.step, self.steps_per_epoch)
-        started = time.perf_counter()
         loss, logits = self.trainer.train_step(batch.x, batch.y, lr)
         if not math.isfinite(loss):
             self.folder.log_step(self.step, self.epoch, loss, lr)
@@ -148,8 +153,10 @@ class Loop:
         self.seen += len(batch.y)
         self.folder.log_step(self.step, self.epoch, loss, lr)
         self.step += 1
-        progress.advance(len(batch.y), time.perf_counter() - started, self.epoch,
-                         self.loss_sum / self.seen)
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        self.train_images += len(batch.y)
+        progress.advance(len(batch.y), seconds, self.epoch, self.loss_sum / self.seen)
 
     @property
     def epoch(self) -> int:
