@@ -908,15 +908,18 @@ def test_flips():
                         Augment(horizontal_flip=True))
     np.testing.assert_array_equal(out[0], images[0, :, ::-1])
     np.testing.assert_array_equal(out[1], images[1])
-    out = augment.apply_augmentation(images, make_params(2, flip_v=True), Augment(vertical_flip=True))
+    out = augment.apply_augmentation(images, make_params(2, flip_v=True),
+                                     Augment(vertical_flip=True))
     np.testing.assert_array_equal(out, images[:, ::-1])
-    out = augment.apply_augmentation(images, make_params(2, flip_h=True), Augment(horizontal_flip=True))
+    out = augment.apply_augmentation(images, make_params(2, flip_h=True),
+                                     Augment(horizontal_flip=True))
     np.testing.assert_array_equal(out, images[:, :, ::-1])
 
 
 def test_crop_is_a_zero_filled_integer_shift():
     images = images_of((2, 6, 7, 2)) + 1  # no zeros inside
-    out = augment.apply_augmentation(images, make_params(2, crop_y=2, crop_x=-1), Augment(crop_padding=3))
+    out = augment.apply_augmentation(images, make_params(2, crop_y=2, crop_x=-1),
+                                     Augment(crop_padding=3))
     # out[i, j] = images[i + 2, j - 1]
     expected = np.roll(np.roll(images, -2, axis=1), 1, axis=2)
     expected[:, -2:] = 0
