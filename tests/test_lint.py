@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
+import sys
 
 import pytest
 
@@ -11,9 +12,8 @@ from tests.conftest import ROOT
 
 
 def test_ruff_is_clean():
-    ruff = shutil.which("ruff")
-    if ruff is None:
+    if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff is not installed (it comes with the [test] extra)")
-    result = subprocess.run([ruff, "check", "specforge", "backends", "tests", "bench",
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "specforge", "backends", "tests", "bench",
                              "generated"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
