@@ -60,6 +60,7 @@ TRAINING = SimpleNamespace(
     precision='fp32',
     channels_last=False,
     compile=False,
+    data_on_device='auto',
     checkpoint_every=1,
 )
 # The final softmax/sigmoid is folded into the loss; predictions apply it.
@@ -808,17 +809,25 @@ class DataPipeline:
         return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
             len(self.train))
 
-    def train_batch(self, step: int) -> Batch:
-        """The (augmented, normalised) training batch of global step ``step``."""
+    def batch_plan(self, step: int) -> tuple[np.ndarray, AugmentParams | None]:
+        """Which training images step ``step`` takes, and their augmentation parameters
+        (None without augmentation): what any implementation of the batch must use."""
         pass_index, b = divmod(step, self.batches_per_pass)
         order = self.pass_order(pass_index)
         indices = order[b * self.batch_size:(b + 1) * self.batch_size]
-        images = np.asarray(self.train.images[indices], np.float32)
         aug = self.data.augment
-        if not is_identity(aug):
-            rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
-            params = draw_params(aug, len(indices), images.shape[1], images.shape[2], rng)
-            images = apply_augmentation(images, params, aug)
+        if is_identity(aug):
+            return indices, None
+        rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
+        height, width = self.train.images.shape[1:3]
+        return indices, draw_params(aug, len(indices), height, width, rng)
+
+    def train_batch(self, step: int) -> Batch:
+        """The (augmented, normalised) training batch of global step ``step``."""
+        indices, params = self.batch_plan(step)
+        images = np.asarray(self.train.images[indices], np.float32)
+        if params is not None:
+            images = apply_augmentation(images, params, self.data.augment)
         return Batch(self.normalize(images), self.train.labels[indices])
 
     def train_batches(self, start: int, count: int) -> Iterator[Batch]:

@@ -53,6 +53,11 @@ class Trainer(ABC):
     #: Where it computes, in words ("cpu", "cuda:0 (NVIDIA H100)").
     device: str = "cpu"
 
+    def batch_source(self, pipeline: Any) -> Any:
+        """What gives the training batches (``.train_batch(step)``): by default the numpy
+        pipeline itself; a backend may assemble the same batches on its device."""
+        return pipeline
+
     @abstractmethod
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         """One optimizer step on a batch (NHWC float32, int64 labels) at learning rate

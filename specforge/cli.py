@@ -165,8 +165,9 @@ def run(spec: SpecPath,
             help="Run folder (default: runs/<spec file name>).")] = None,
         device: Annotated[Optional[str], typer.Option(  # noqa: UP045
             help="auto, cpu or cuda (default: the spec's training.device).")] = None,
-        resume: Annotated[bool, typer.Option(
-            help="Continue the run in --run-dir from its last checkpoint.")] = False,
+        resume: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="Continue the run in this folder from its last checkpoint.",
+            show_default=False)] = None,
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
         json_log: Annotated[bool, typer.Option(
             "--json", help="Print one JSON line per epoch (and the test result).")] = False,
@@ -177,11 +178,13 @@ def run(spec: SpecPath,
 
     program = _compile(spec, set_, max_params)
     impl = load_backend(backend)
-    folder = run_dir or Path("runs") / spec.stem
-    if resume:
+    if resume is not None and run_dir is not None and resume != run_dir:
+        raise UsageError("--resume names the run folder; leave out --run-dir")
+    folder = resume or run_dir or Path("runs") / spec.stem
+    if resume is not None:
         _check_same_spec(program, folder)
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
-                         quiet=quiet, log_json=json_log, resume=resume)
+                         quiet=quiet, log_json=json_log, resume=resume is not None)
     try:
         result = impl.run(program, options)
     except Interrupted as exc:

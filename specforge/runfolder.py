@@ -44,8 +44,8 @@ class RunFolder:
         if (self.path / "run.json").exists():
             from specforge.errors import UsageError
 
-            raise UsageError(f"{self.path} already holds a run: continue it with --resume, "
-                             "or choose another --run-dir")
+            raise UsageError(f"{self.path} already holds a run: continue it with "
+                             f"--resume {self.path}, or choose another --run-dir")
         self.path.mkdir(parents=True, exist_ok=True)
         spec = program.spec.model_dump(mode="json", exclude_none=True)
         write_atomically(self.path / "spec.yaml", yaml.safe_dump(spec, sort_keys=False))

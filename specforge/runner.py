@@ -85,6 +85,7 @@ class Loop:
     def __init__(self, program: Program, pipeline: DataPipeline, trainer: Trainer,
                  folder: RunFolder, options: RunOptions) -> None:
         self.program, self.pipeline, self.trainer = program, pipeline, trainer
+        self.batches = trainer.batch_source(pipeline)
         self.folder, self.options = folder, options
         training = program.spec.training
         self.epochs = training.epochs
@@ -130,7 +131,8 @@ class Loop:
                     self.checkpoint()
                     raise Interrupted(f"stopped by {self.stop_requested} after step "
                                       f"{self.step}; checkpoint written to "
-                                      f"{self.folder.checkpoint}; continue with --resume")
+                                      f"{self.folder.checkpoint}; continue with --resume "
+                                      f"{self.folder.path}")
         test = self.evaluate("test")
         speed = {"train_seconds": self.train_seconds,
                  "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9)}
@@ -140,7 +142,7 @@ class Loop:
 
     def _train_step(self, progress: Any) -> None:
         started = time.perf_counter()
-        batch = self.pipeline.train_batch(self.step)
+        batch = self.batches.train_batch(self.step)
         lr = lr_at(self.program.optimizer, self.step, self.steps_per_epoch)
         loss, logits = self.trainer.train_step(batch.x, batch.y, lr)
         if not math.isfinite(loss):

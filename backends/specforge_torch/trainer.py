@@ -134,8 +134,19 @@ class TorchTrainer(Trainer):
         self.autocast = _AUTOCAST.get(training.precision)
         self.forward = torch.compile(self.model) if training.compile else self.model
 
-    def _inputs(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(x).to(self.torch_device, non_blocking=True)
+    def batch_source(self, pipeline: Any) -> Any:
+        from specforge_torch.device_data import DeviceBatches, fits_on_device
+
+        wanted = self.program.spec.training.data_on_device
+        if wanted is True or (wanted == "auto" and self.torch_device.type == "cuda"
+                              and fits_on_device(pipeline)):
+            return DeviceBatches(pipeline, self.torch_device)
+        return pipeline
+
+    def _inputs(self, x: np.ndarray | torch.Tensor, y: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+        images = images.to(self.torch_device, non_blocking=True)
         images = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
         return images, torch.from_numpy(y).to(self.torch_device, non_blocking=True)
 

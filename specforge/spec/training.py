@@ -254,4 +254,7 @@ class Training(SpecModel):
         "fp32", description="Autocast the forward pass to bf16/fp16 (weights stay fp32).")
     channels_last: bool = Field(False, description="Channels-last memory format (GPU speed).")
     compile: bool = Field(False, description="Compile the model (torch.compile, or XLA).")
+    data_on_device: Literal["auto"] | bool = Field(
+        "auto", description="Hold the training set on the device and build batches there "
+                            "(`auto`: on a GPU, when it fits in 2 GiB).")
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every N epochs.")
