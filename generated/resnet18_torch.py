@@ -1029,6 +1029,7 @@ def make_optimizer(opt: OptimizerIR, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=opt.learning_rate, betas=betas, eps=h["epsilon"],
                weight_decay=opt.weight_decay)
 
+
 def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
                    clip_norm: float | None) -> None:
     """Clamp each element to +-clip_value, then scale all gradients together by
@@ -1042,6 +1043,7 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
                                                      for g in grads]))
         scale = clip_norm / torch.clamp(norm, min=clip_norm)
         torch._foreach_mul_(grads, scale)
+
 
 def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
@@ -1064,6 +1066,7 @@ def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torc
         return F.mse_loss(output, target)
     return F.l1_loss(output, target)
 
+
 def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None
                  ) -> torch.Tensor:
     """The model's float32 output, the forward pass autocast to ``autocast`` if set."""
@@ -1071,6 +1074,7 @@ def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None
         return model(images)
     with torch.autocast(images.device.type, dtype=autocast):
         return model(images).float()
+
 
 def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                    loss: LossIR, opt: OptimizerIR, images: torch.Tensor,
@@ -1086,6 +1090,7 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
     clip_gradients(params, opt.clip_value, opt.clip_norm)
     optimizer.step()
     return value.item(), output.detach().cpu().numpy()
+
 
 def _to_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "conv2d" and param == "kernel":
@@ -1113,6 +1118,7 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
     receptive = int(np.prod(shape[:-2]))
     return receptive * shape[-2], receptive * shape[-1]
 
+
 def draw(param: Param, name: str, seed: int) -> np.ndarray:
     """The initial value of one parameter, as float32."""
     if param.init == "zeros":
@@ -1125,6 +1131,7 @@ def draw(param: Param, name: str, seed: int) -> np.ndarray:
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-limit, limit, param.shape).astype(np.float32)
     raise ValueError(f"unknown initializer {param.init!r} for {name}")
+
 
 @dataclass
 class Dataset:
@@ -1144,12 +1151,14 @@ class Dataset:
             self.images.subset(indices)  # type: ignore[attr-defined]
         return Dataset(images, self.labels[indices], self.class_names, self.origin)
 
+
 @dataclass
 class SourceData:
     """A source's training data and, when it has one, its own test set."""
 
     train: Dataset
     test: Dataset | None = None
+
 
 def split_indices(labels: np.ndarray, validation: float, test: float, stratify: bool,
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1172,12 +1181,14 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
 
+
 @dataclass(frozen=True)
 class Batch:
     """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
 
     x: np.ndarray
     y: np.ndarray
+
 
 class DataPipeline:
     """Batches of the train, validation and test sets for one spec."""
@@ -1244,6 +1255,7 @@ class DataPipeline:
         """(pixel * scale - mean) / std, per channel, as float32."""
         return ((images * self._scale - self._mean) / self._std).astype(np.float32)
 
+
 def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
     """Split a loaded source (its own test set, if any, stays the test set)."""
     train_idx, val_idx, test_idx = split_indices(
@@ -1256,6 +1268,7 @@ def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
     if len(train) == 0:
         raise DataError("no training data left after the split")
     return DataPipeline(data, train, validation, test, seed)
+
 
 @dataclass(frozen=True)
 class AugmentParams:
@@ -1271,12 +1284,15 @@ class AugmentParams:
     crop_y: np.ndarray     # int
     crop_x: np.ndarray
 
+
 def is_identity(aug: Any) -> bool:
     return not (aug.rotation or aug.width_shift or aug.height_shift or aug.zoom
                 or aug.horizontal_flip or aug.vertical_flip or aug.crop_padding)
 
+
 def has_affine(aug: Any) -> bool:
     return bool(aug.rotation or aug.width_shift or aug.height_shift or aug.zoom)
+
 
 def draw_params(aug: Any, n: int, height: int, width: int,
                 rng: np.random.Generator) -> AugmentParams:
@@ -1296,6 +1312,7 @@ def draw_params(aug: Any, n: int, height: int, width: int,
         crop_y=crops[0], crop_x=crops[1],
     )
 
+
 def source_coordinates(params: AugmentParams, height: int, width: int
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Where each output pixel samples the input: two (N, H, W) float64 arrays."""
@@ -1310,6 +1327,7 @@ def source_coordinates(params: AugmentParams, height: int, width: int
     sx = cx + (-sin * dy + cos * dx) / params.zoom_x[col]
     return sy, sx
 
+
 def _fold(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Map possibly-outside integer indices inside; returns (index, inside mask)."""
     inside = (index >= 0) & (index < size)
@@ -1317,6 +1335,7 @@ def _fold(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarr
         period = index % (2 * size)
         return np.where(period >= size, 2 * size - 1 - period, period), inside
     return np.clip(index, 0, size - 1), inside
+
 
 def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: str,
                     fill: float) -> np.ndarray:
@@ -1337,6 +1356,7 @@ def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: st
             out += wgt_y * wgt_x * value
     return out.astype(np.float32)
 
+
 def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """out[n, i, j] = images[n, i + dy[n], j + dx[n]], zero outside (crop after padding)."""
     n, height, width, _ = images.shape
@@ -1347,6 +1367,7 @@ def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.n
     out = images[batch, np.clip(rows, 0, height - 1)[:, :, None],
                  np.clip(cols, 0, width - 1)[:, None, :]]
     return np.where(valid[..., None], out, 0).astype(images.dtype)
+
 
 def apply_augmentation(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
     """Augment a float32 (N, H, W, C) batch with ``params``."""
@@ -1362,6 +1383,7 @@ def apply_augmentation(images: np.ndarray, params: AugmentParams, aug: Any) -> n
     if aug.crop_padding:
         out = shift_with_zeros(out, params.crop_y, params.crop_x)
     return np.ascontiguousarray(out, dtype=np.float32)
+
 
 def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based). Every backend calls this.
@@ -1389,6 +1411,7 @@ def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
         progress = min(t, p["t_max"]) / p["t_max"]
         return p["min_lr"] + (base - p["min_lr"]) * (1 + math.cos(math.pi * progress)) / 2
     return base
+
 
 class MetricAccumulator:
     """Streams (logits, labels) batches; :meth:`result` gives every metric of the spec."""
@@ -1434,8 +1457,10 @@ class MetricAccumulator:
                 out[m.label] = _averaged(m.kind, m.average or "macro", tp, predicted, actual)
         return out
 
+
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
 
 def _averaged(kind: str, average: str, tp: np.ndarray, predicted: np.ndarray,
               actual: np.ndarray) -> float:
@@ -1452,6 +1477,7 @@ def _averaged(kind: str, average: str, tp: np.ndarray, predicted: np.ndarray,
         values = _ratio(2 * precision * recall, precision + recall)
     present = (predicted + actual) > 0
     return float(values[present].mean()) if present.any() else 0.0
+
 
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
                    classes: int, limit: int | None = None) -> dict[str, float]:

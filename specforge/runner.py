@@ -142,27 +142,28 @@ class Loop:
 
     def _train_step(self, progress: Any) -> None:
         started = time.perf_counter()
+        epoch = self.step // self.steps_per_epoch
         batch = self.batches.train_batch(self.step)
         lr = lr_at(self.program.optimizer, self.step, self.steps_per_epoch)
         loss, logits = self.trainer.train_step(batch.x, batch.y, lr)
         if not math.isfinite(loss):
-            self.folder.log_step(self.step, self.epoch, loss, lr)
+            self.folder.log_step(self.step, epoch, loss, lr)
             raise TrainingDiverged(
-                f"the loss became {loss} at step {self.step} (epoch {self.epoch + 1}, "
+                f"the loss became {loss} at step {self.step} (epoch {epoch + 1}, "
                 f"learning rate {lr:.3g}); lower the learning rate or add clip_norm")
         self.train_metrics.update(logits, batch.y)
         self.loss_sum += loss * len(batch.y)
         self.seen += len(batch.y)
-        self.folder.log_step(self.step, self.epoch, loss, lr)
+        self.folder.log_step(self.step, epoch, loss, lr)
         self.step += 1
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
         self.train_images += len(batch.y)
-        progress.advance(len(batch.y), seconds, self.epoch, self.loss_sum / self.seen)
+        progress.advance(len(batch.y), seconds, epoch, self.loss_sum / self.seen)
 
     @property
     def epoch(self) -> int:
-        """The 0-based epoch of the next step (or of the last one, at an epoch's end)."""
+        """The 0-based epoch of the last step done (at an epoch's end: the one ending)."""
         return max(self.step - 1, 0) // self.steps_per_epoch
 
     def _end_epoch(self, progress: Any) -> None:

@@ -3,16 +3,16 @@
 The script does not import specforge. Everything that must compute exactly as
 `specforge run` does (initial weights, data split and order, augmentation, layers, loss,
 optimizer, clipping, schedule, metrics) is copied into it from the very functions that
-`specforge run` uses, with ``inspect.getsource``: one piece of code serves both, so the
+`specforge run` uses, read from their source files: one piece of code serves both, so the
 script's per-step losses equal the run's. The spec's values reach the template only as
-``repr`` literals or validated names, so no spec can inject code.
+``repr`` literals or validated names, so no spec can inject code. Building imports
+neither torch nor the torch modules it copies from: it reads their text.
 """
 
 from __future__ import annotations
 
-import inspect
+import ast
 import re
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -25,8 +25,11 @@ from specforge.data import augment, cifar, folders, pipeline, sources
 from specforge.ir import program as program_module
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
+from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
 
-TEMPLATES = Path(__file__).parent / "templates"
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
 
 # (module, names) copied into every script, in this order.
 SHARED: list[tuple[ModuleType, list[str]]] = [
@@ -58,11 +61,20 @@ CONSTANTS: dict[str, list[tuple[ModuleType, list[str]]]] = {
 }
 
 
-def copied(parts: list[tuple[ModuleType, list[str]]]) -> str:
-    """The source of the named functions and classes, as they are in specforge."""
-    blocks = [inspect.getsource(getattr(module, name)) for module, names in parts
-              for name in names]
-    return "\n\n".join(textwrap.dedent(b).rstrip() for b in blocks)
+def copied(parts: list[tuple[ModuleType | Path, list[str]]]) -> str:
+    """The source text of the named top-level functions and classes, as in their files."""
+    blocks = []
+    for module, names in parts:
+        path = Path(module.__file__) if isinstance(module, ModuleType) else module
+        text = path.read_text(encoding="utf-8")
+        definitions = {n.name: n for n in ast.parse(text).body
+                       if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        lines = text.splitlines()
+        for name in names:
+            node = definitions[name]
+            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            blocks.append("\n".join(lines[first - 1:node.end_lineno]))
+    return "\n\n\n".join(blocks)
 
 
 def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:
@@ -72,19 +84,14 @@ def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:
 
 def layers_source() -> str:
     """specforge_torch/layers.py without its module docstring and imports."""
-    from specforge_torch import layers
-
-    text = inspect.getsource(layers)
-    body = text[text.index("_PAD_MODES"):]
-    return body.rstrip()
+    text = LAYERS.read_text(encoding="utf-8")
+    return text[text.index("_PAD_MODES"):].rstrip()
 
 
 def torch_helpers() -> str:
-    from specforge_torch import model, trainer
-
-    return copied([(trainer, ["make_optimizer", "clip_gradients", "loss_value", "forward_pass",
+    return copied([(TRAINER, ["make_optimizer", "clip_gradients", "loss_value", "forward_pass",
                               "optimizer_step"]),
-                   (model, ["_to_torch"])])
+                   (MODEL, ["_to_torch"])])
 
 
 def namespace(value: Any, indent: int = 0, width: int = 100, used: int = 0) -> str:
@@ -164,8 +171,6 @@ def module_call(node: Node, in_shape: tuple[int, ...]) -> str:
 
 def model_lines(graph: Graph) -> tuple[list[tuple[str, str, str]], list[str]]:
     """(attribute, constructor, comment) per module and the forward's lines."""
-    from specforge_torch.model import attribute_names
-
     names = attribute_names(graph)
     shapes = {n.name: n.shape for n in graph}
     variables = {graph.input.name: "x"}
@@ -211,8 +216,6 @@ def render_script(program: Program) -> str:
     spec = program.spec
     source_kind = spec.data.source.type if spec.data else None
     modules, forward = model_lines(program.graph)
-    from specforge_torch.model import _TORCH_PARAM, attribute_names
-
     names = attribute_names(program.graph)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, n.op, tuple(p.shape), p.init)
               for n in program.graph for p in n.params]
@@ -227,7 +230,7 @@ def render_script(program: Program) -> str:
         optimizer=assignment("OPTIMIZER", program.optimizer),
         metrics=assignment("METRICS", list(program.metrics)),
         training=assignment("TRAINING", spec.training),
-        torch_names=assignment("TORCH_NAMES", _TORCH_PARAM),
-        input_shape=tuple(program.graph.input.shape), torch_param=_TORCH_PARAM,
+        torch_names=assignment("TORCH_NAMES", TORCH_PARAM_NAMES),
+        input_shape=tuple(program.graph.input.shape), torch_param=TORCH_PARAM_NAMES,
     )
     return body.replace("# {imports}\n", import_block(body))

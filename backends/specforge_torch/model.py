@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -12,22 +11,7 @@ from torch import nn
 from specforge.ir.graph import Graph, Node
 from specforge.weights import initial_weights
 from specforge_torch import layers as L
-
-
-def attribute_names(graph: Graph) -> dict[str, str]:
-    """A valid, unique Python/torch attribute name for every node (`layer1.0.conv1` ->
-    `layer1_0_conv1`)."""
-    names: dict[str, str] = {}
-    taken: set[str] = set()
-    for node in graph:
-        base = re.sub(r"\W", "_", node.name)
-        name, k = base, 1
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        names[node.name] = name
-    return names
+from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
 
 
 def module_for(node: Node, in_shape: tuple[int, ...]) -> nn.Module | None:
@@ -105,12 +89,8 @@ def _from_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-_TORCH_PARAM = {"kernel": "weight", "bias": "bias", "gamma": "gamma", "beta": "beta",
-                "moving_mean": "moving_mean", "moving_var": "moving_var"}
-
-
 def _tensor_of(module: SpecModule, node: Node, param: str) -> torch.Tensor:
-    return getattr(getattr(module, module.names[node.name]), _TORCH_PARAM[param])
+    return getattr(getattr(module, module.names[node.name]), TORCH_PARAM_NAMES[param])
 
 
 def import_weights(module: SpecModule, weights: Mapping[str, np.ndarray]) -> None:

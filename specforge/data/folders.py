@@ -15,7 +15,7 @@ import numpy as np
 
 from specforge.data.sources import DataError, Dataset, SourceData
 
-EXTENSIONS = {".png", ".jpg", ".jpeg"}
+EXTENSIONS = (".jpeg", ".jpg", ".png")
 #: Decoded folders up to this size are held in memory; larger ones are streamed.
 IN_MEMORY_BYTES = 1 << 30
 
