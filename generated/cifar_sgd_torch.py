@@ -1026,7 +1026,7 @@ def train(pipeline: DataPipeline, model: Model, optimizer: torch.optim.Optimizer
     for epoch in range(epochs):
         metrics = MetricAccumulator(METRICS, LOSS.classes)
         loss_sum, seen = 0.0, 0
-        started = time.perf_counter()
+        started, timed = time.perf_counter(), 0
         for _ in range(steps_per_epoch):
             batch = pipeline.train_batch(step)
             lr = lr_at(OPTIMIZER, step, steps_per_epoch)
@@ -1043,7 +1043,9 @@ def train(pipeline: DataPipeline, model: Model, optimizer: torch.optim.Optimizer
                 log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
                                       "lr": lr}) + "\n")
             step += 1
-        rate = seen / (time.perf_counter() - started)
+            if step == 5:  # images/s leaves out the first steps (allocation, tuning)
+                started, timed = time.perf_counter(), seen
+        rate = (seen - timed) / (time.perf_counter() - started)
         validation = evaluate_split(pipeline, "validation", evaluate_batch, METRICS,
                                     LOSS.classes, TRAINING.validation_steps)
         shown = {"loss": loss_sum / seen, **metrics.result(),

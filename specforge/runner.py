@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from specforge.backends import Backend, RunOptions, RunResult, Trainer
 
 
+#: Steps of each process left out of the images/s in summary.json.
+WARMUP_STEPS = 5
+
+
 class TrainingDiverged(UsageError):
     """The loss became NaN or infinite (exit code 2: the spec's settings caused it)."""
 
@@ -100,6 +104,7 @@ class Loop:
         #: Time in training steps (batch, forward, backward, update), for images/s.
         self.train_seconds = 0.0
         self.train_images = 0
+        self.steps_timed = 0
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -157,8 +162,10 @@ class Loop:
         self.folder.log_step(self.step, epoch, loss, lr)
         self.step += 1
         seconds = time.perf_counter() - started
-        self.train_seconds += seconds
-        self.train_images += len(batch.y)
+        self.steps_timed += 1
+        if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
+            self.train_seconds += seconds
+            self.train_images += len(batch.y)
         progress.advance(len(batch.y), seconds, epoch, self.loss_sum / self.seen)
 
     @property
