@@ -8,6 +8,7 @@ settled in a node's ``attrs``: a backend translates nodes, it never decides.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -114,3 +115,19 @@ class Graph:
     @property
     def flops(self) -> int:
         return sum(n.flops for n in self.nodes)
+
+
+def identifier_names(graph: Graph) -> dict[str, str]:
+    """A valid, unique Python identifier for every node (`layer1.0.conv1` ->
+    `layer1_0_conv1`), for backends whose names cannot hold dots."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for node in graph:
+        base = re.sub(r"\W", "_", node.name)
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        names[node.name] = name
+    return names

@@ -1,0 +1,171 @@
+"""Keras 3 layers for the IR ops whose meaning Keras's own layers do not have.
+
+This file imports only keras: `specforge build --backend keras` copies it into the
+standalone scripts it writes. Tensors are NHWC, as in the IR. Everything is written with
+``keras.ops``, so it runs on the TensorFlow, JAX and PyTorch backends of Keras.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+def pad_nhwc(x, pads, mode="zeros", value=0.0):
+    """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
+    replicate (repeat the edge; built from slices, since TensorFlow has no `edge` pad)."""
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    widths = [[0, 0], [top, bottom], [left, right], [0, 0]]
+    if mode == "zeros":
+        return ops.pad(x, widths, mode="constant", constant_values=value)
+    if mode == "reflect":
+        return ops.pad(x, widths, mode="reflect")
+    rows = [x[:, :1]] * top + [x] + [x[:, -1:]] * bottom
+    x = ops.concatenate(rows, axis=1) if top or bottom else x
+    cols = [x[:, :, :1]] * left + [x] + [x[:, :, -1:]] * right
+    return ops.concatenate(cols, axis=2) if left or right else x
+
+
+class Conv2D(keras.layers.Conv2D):
+    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`)."""
+
+    def __init__(self, filters, kernel, strides, dilation, groups, pads, pad_mode, bias,
+                 **kwargs):
+        super().__init__(filters, kernel, strides=strides, padding="valid",
+                         dilation_rate=dilation, groups=groups, use_bias=bias, **kwargs)
+        self.pads, self.pad_mode = tuple(pads), pad_mode
+
+    def call(self, x):
+        return super().call(pad_nhwc(x, self.pads, self.pad_mode))
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, c = input_shape
+        top, bottom, left, right = self.pads
+        grown = (n, None if h is None else h + top + bottom,
+                 None if w is None else w + left + right, c)
+        return super().compute_output_shape(grown)
+
+
+class Pad2D(keras.layers.Layer):
+    """Explicit padding as a layer (IR `pad2d`)."""
+
+    def __init__(self, pads, mode, **kwargs):
+        super().__init__(**kwargs)
+        self.pads, self.mode = tuple(pads), mode
+
+    def call(self, x):
+        return pad_nhwc(x, self.pads, self.mode)
+
+
+class MaxPool2D(keras.layers.Layer):
+    """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
+
+    def __init__(self, pool, strides, pads, **kwargs):
+        super().__init__(**kwargs)
+        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
+
+    def call(self, x):
+        x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
+        return ops.max_pool(x, self.pool, self.strides, padding="valid")
+
+
+class AvgPool2D(keras.layers.Layer):
+    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
+
+    def __init__(self, pool, strides, pads, **kwargs):
+        super().__init__(**kwargs)
+        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
+
+    def call(self, x):
+        mean = ops.average_pool(pad_nhwc(x, self.pads), self.pool, self.strides, "valid")
+        if not any(self.pads):
+            return mean
+        ones = ops.ones((1, x.shape[1], x.shape[2], 1), dtype=x.dtype)
+        share = ops.average_pool(pad_nhwc(ones, self.pads), self.pool, self.strides, "valid")
+        return mean / share  # mean over the window / fraction of it that is real
+
+
+class BatchNorm(keras.layers.Layer):
+    """running = decay * running + (1 - decay) * batch statistic, with the unbiased batch
+    variance for the running variance (IR `batch_norm`). Keras's own BatchNormalization
+    uses the biased one and a momentum of the opposite meaning."""
+
+    def __init__(self, decay, epsilon, scale, center, **kwargs):
+        super().__init__(**kwargs)
+        self.decay, self.epsilon, self.scale, self.center = decay, epsilon, scale, center
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        self.gamma = self.add_weight(shape=(c,), initializer="ones", name="gamma") \
+            if self.scale else None
+        self.beta = self.add_weight(shape=(c,), initializer="zeros", name="beta") \
+            if self.center else None
+        self.moving_mean = self.add_weight(shape=(c,), initializer="zeros",
+                                           name="moving_mean", trainable=False)
+        self.moving_var = self.add_weight(shape=(c,), initializer="ones", name="moving_var",
+                                          trainable=False)
+
+    def call(self, x, training=False):
+        axes = list(range(len(x.shape) - 1))
+        if training:
+            mean = ops.mean(x, axis=axes)
+            var = ops.mean(ops.square(x - mean), axis=axes)
+            n = 1
+            for a in axes:
+                n = n * ops.shape(x)[a]
+            n = ops.cast(n, x.dtype)
+            unbiased = var * n / ops.maximum(n - 1, 1)
+            self.moving_mean.assign(self.decay * self.moving_mean + (1 - self.decay) * mean)
+            self.moving_var.assign(self.decay * self.moving_var + (1 - self.decay) * unbiased)
+        else:
+            mean, var = self.moving_mean, self.moving_var
+        y = (x - mean) * ops.rsqrt(var + self.epsilon)
+        if self.gamma is not None:
+            y = y * self.gamma
+        if self.beta is not None:
+            y = y + self.beta
+        return y
+
+
+class Activation(keras.layers.Layer):
+    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
+
+    def __init__(self, fn, negative_slope=0.01, alpha=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+
+    def call(self, x):
+        fn = self.fn
+        if fn == "linear":
+            return x
+        if fn == "leaky_relu":
+            return ops.leaky_relu(x, negative_slope=self.negative_slope)
+        if fn == "elu":
+            return ops.elu(x, alpha=self.alpha)
+        if fn == "gelu":
+            return ops.gelu(x, approximate=False)
+        if fn == "gelu_tanh":
+            return ops.gelu(x, approximate=True)
+        if fn == "softmax":
+            return ops.softmax(x, axis=-1)
+        return getattr(ops, _ELEMENTWISE[fn])(x)
+
+
+_ELEMENTWISE = {
+    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
+    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
+    "softplus": "softplus", "softsign": "softsign",
+}
+
+
+class GlobalPool(keras.layers.Layer):
+    """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
+
+    def __init__(self, kind, **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+
+    def call(self, x):
+        return ops.mean(x, axis=(1, 2)) if self.kind == "avg" else ops.max(x, axis=(1, 2))

@@ -1,0 +1,93 @@
+"""The IR graph as a `keras.Model`, and weights to and from specforge's neutral format.
+
+Keras's layouts are the neutral ones (NHWC tensors, HWIO conv kernels, (in, units) dense
+kernels): weights cross without transposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import numpy as np
+
+from specforge.ir.graph import Graph, Node, identifier_names
+from specforge.weights import initial_weights
+from specforge_keras import layers as L
+
+
+def layer_for(node: Node, name: str) -> keras.layers.Layer:
+    a, op = node.attrs, node.op
+    if op == "conv2d":
+        return L.Conv2D(a["filters"], a["kernel"], a["strides"], a["dilation"], a["groups"],
+                        a["pads"], a["pad_mode"], a["bias"], name=name)
+    if op == "dense":
+        return keras.layers.Dense(a["units"], use_bias=a["bias"], name=name)
+    if op == "max_pool2d":
+        return L.MaxPool2D(a["pool"], a["strides"], a["pads"], name=name)
+    if op == "avg_pool2d":
+        return L.AvgPool2D(a["pool"], a["strides"], a["pads"], name=name)
+    if op == "pad2d":
+        return L.Pad2D(a["pads"], a["mode"], name=name)
+    if op in ("global_avg_pool2d", "global_max_pool2d"):
+        return L.GlobalPool("avg" if op == "global_avg_pool2d" else "max", name=name)
+    if op == "flatten":
+        return keras.layers.Flatten(name=name)  # NHWC: already height, width, channel order
+    if op == "batch_norm":
+        return L.BatchNorm(a["decay"], a["epsilon"], a["scale"], a["center"], name=name)
+    if op == "dropout":
+        cls = keras.layers.SpatialDropout2D if a["spatial"] else keras.layers.Dropout
+        return cls(a["rate"], name=name)
+    if op == "activation":
+        return L.Activation(a["fn"], a.get("negative_slope", 0.01), a.get("alpha", 1.0),
+                            name=name)
+    if op == "add":
+        return keras.layers.Add(name=name)
+    if op == "concat":
+        return keras.layers.Concatenate(axis=-1, name=name)
+    raise ValueError(f"the keras backend has no lowering for op {op!r}")
+
+
+def build_model(graph: Graph) -> keras.Model:
+    """A functional keras.Model of the graph (input NHWC float32, output the logits)."""
+    names = identifier_names(graph)
+    inputs = keras.Input(shape=graph.input.shape, name=names[graph.input.name])
+    values = {graph.input.name: inputs}
+    for node in graph:
+        if node.op == "input":
+            continue
+        args = [values[i] for i in node.inputs]
+        values[node.name] = layer_for(node, names[node.name])(
+            args if node.op in ("add", "concat") else args[0])
+    return keras.Model(inputs, values[graph.output], name="specforge_model")
+
+
+_KERAS_PARAM = {"kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
+                "moving_mean": "moving_mean", "moving_var": "moving_var"}
+
+
+def _variable(model: keras.Model, names: dict[str, str], node: Node, param: str) -> object:
+    return getattr(model.get_layer(names[node.name]), _KERAS_PARAM[param])
+
+
+def import_weights(model: keras.Model, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+    names = identifier_names(graph)
+    for node in graph:
+        for p in node.params:
+            _variable(model, names, node, p.name).assign(
+                np.asarray(weights[f"{node.name}.{p.name}"], np.float32))
+
+
+def export_weights(model: keras.Model, graph: Graph) -> dict[str, np.ndarray]:
+    names = identifier_names(graph)
+    return {f"{n.name}.{p.name}": np.array(keras.ops.convert_to_numpy(
+        _variable(model, names, n, p.name))) for n in graph for p in n.params}
+
+
+def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None
+                 ) -> keras.Model:
+    keras.utils.set_random_seed(seed)  # dropout's seed generators, created with the layers
+    model = build_model(graph)
+    import_weights(model, graph, weights if weights is not None else
+                   initial_weights(graph, seed))
+    return model

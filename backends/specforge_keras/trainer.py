@@ -1,0 +1,239 @@
+"""Training a Keras model with specforge's loss, optimizer and clipping, written in keras.ops.
+
+Keras's optimizers differ from specforge's formulas (SGD momentum under a schedule, RMSprop's
+epsilon inside the square root, Adam's "epsilon hat", per-variable clipnorm), so the update
+is specforge's own: a pure function of (parameters, gradients, slots, step, lr) in keras.ops,
+compiled with tf.function on TensorFlow and run eagerly on PyTorch. `fit()` is not used: it
+shuffles by itself and its epoch loss is a weighted mean that includes regularisers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from specforge.backends import Trainer
+from specforge.errors import UsageError
+from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
+from specforge_keras.model import create_model, export_weights
+
+
+def loss_value(loss: LossIR, output: Any, labels: Any) -> Any:
+    """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
+    e = loss.label_smoothing
+    if loss.kind == "cross_entropy":
+        classes = output.shape[-1]
+        target = ops.one_hot(labels, classes) * (1 - e) + e / classes
+        if loss.from_logits:
+            log_p = output - ops.logsumexp(output, axis=-1, keepdims=True)
+        else:
+            log_p = ops.log(ops.clip(output, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
+        return -ops.mean(ops.sum(target * log_p, axis=-1))
+    if loss.kind == "binary_cross_entropy":
+        target = ops.cast(labels, output.dtype) * (1 - e) + e / 2
+        z = output[:, 0]
+        if loss.from_logits:  # max(z, 0) - z t + log(1 + exp(-|z|)), the stable form
+            return ops.mean(ops.relu(z) - z * target + ops.log1p(ops.exp(-ops.abs(z))))
+        p = ops.clip(z, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+        return -ops.mean(target * ops.log(p) + (1 - target) * ops.log(1 - p))
+    target = ops.one_hot(labels, output.shape[-1])
+    if loss.kind == "mse":
+        return ops.mean(ops.square(output - target))
+    return ops.mean(ops.abs(output - target))
+
+
+def clip_gradients(grads: list[Any], clip_value: float | None,
+                   clip_norm: float | None) -> list[Any]:
+    """Clamp each element to +-clip_value, then scale all gradients together by
+    clip_norm / max(global norm, clip_norm)."""
+    if clip_value is not None:
+        grads = [ops.clip(g, -clip_value, clip_value) for g in grads]
+    if clip_norm is not None and grads:
+        norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+        scale = clip_norm / ops.maximum(norm, clip_norm)
+        grads = [g * scale for g in grads]
+    return grads
+
+
+def slot_count(opt: OptimizerIR) -> int:
+    """How many state tensors the optimizer keeps per parameter."""
+    if opt.kind == "sgd":
+        return 1 if opt.hyper["momentum"] else 0
+    return 1 if opt.kind == "rmsprop" else 2
+
+
+def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
+                     slots: list[list[Any]], step: Any, lr: Any
+                     ) -> tuple[list[Any], list[list[Any]]]:
+    """specforge's update rules (docs/semantics.md); ``step`` counts from 1."""
+    h, wd = opt.hyper, opt.weight_decay
+    new_params, new_slots = [], []
+    for p, g, s in zip(params, grads, slots, strict=True):
+        if wd and opt.kind != "adamw":
+            g = g + wd * p  # coupled L2
+        if opt.kind == "sgd":
+            if h["momentum"]:
+                buf = h["momentum"] * s[0] + g
+                d = g + h["momentum"] * buf if h["nesterov"] else buf
+                s = [buf]
+            else:
+                d = g
+            p = p - lr * d
+        elif opt.kind == "rmsprop":
+            v = h["rho"] * s[0] + (1 - h["rho"]) * ops.square(g)
+            p = p - lr * g / (ops.sqrt(v) + h["epsilon"])
+            s = [v]
+        else:
+            if opt.kind == "adamw" and wd:
+                p = p * (1 - lr * wd)  # decoupled decay, before the Adam step
+            m = h["beta1"] * s[0] + (1 - h["beta1"]) * g
+            v = h["beta2"] * s[1] + (1 - h["beta2"]) * ops.square(g)
+            m_hat = m / (1 - ops.power(h["beta1"], step))
+            v_hat = v / (1 - ops.power(h["beta2"], step))
+            p = p - lr * m_hat / (ops.sqrt(v_hat) + h["epsilon"])
+            s = [m, v]
+        new_params.append(p)
+        new_slots.append(s)
+    return new_params, new_slots
+
+
+def make_slots(opt: OptimizerIR, trainable: list[Any]) -> list[list[Any]]:
+    """Zero-initialised optimizer state variables, per parameter."""
+    return [[keras.Variable(ops.zeros(v.shape), trainable=False, name=f"slot{k}_{i}")
+             for k in range(slot_count(opt))] for i, v in enumerate(trainable)]
+
+
+def apply_update(opt: OptimizerIR, trainable: list[Any], slots: list[list[Any]],
+                 grads: list[Any], step: Any, lr: Any) -> None:
+    """Clip, compute specforge's update and assign it to the variables."""
+    grads = clip_gradients(grads, opt.clip_value, opt.clip_norm)
+    params = [v.value for v in trainable]
+    values = [[s.value for s in group] for group in slots]
+    new_params, new_slots = optimizer_update(opt, params, grads, values, step, lr)
+    for v, value in zip(trainable, new_params, strict=True):
+        v.assign(value)
+    for group, group_values in zip(slots, new_slots, strict=True):
+        for s, value in zip(group, group_values, strict=True):
+            s.assign(value)
+
+
+def make_train_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
+                    ) -> Any:
+    """``step(x, y, lr, t) -> (loss, output)`` for the running Keras backend: compiled with
+    tf.function on TensorFlow (without XLA, which changes rounding), eager on PyTorch."""
+    trainable = list(model.trainable_variables)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=False, reduce_retracing=True)
+        def tf_step(x: Any, y: Any, lr: Any, t: Any) -> Any:
+            with tf.GradientTape() as tape:
+                output = model(x, training=True)
+                value = loss_value(loss, output, y)
+            apply_update(opt, trainable, slots, tape.gradient(value, trainable), t, lr)
+            return value, output
+        return tf_step
+    if backend == "torch":
+        import torch
+
+        def torch_step(x: Any, y: Any, lr: Any, t: Any) -> Any:
+            output = model(x, training=True)
+            value = loss_value(loss, output, y)
+            for v in trainable:
+                v.value.grad = None
+            value.backward()
+            with torch.no_grad():
+                apply_update(opt, trainable, slots, [v.value.grad for v in trainable], t, lr)
+            return value, output
+        return torch_step
+    raise UsageError(f"specforge trains Keras models on KERAS_BACKEND=tensorflow or torch; "
+                     f"{backend!r} is not supported yet")
+
+
+def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
+                     ) -> tuple[float, np.ndarray]:
+    """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
+    value, output = step(ops.convert_to_tensor(x), ops.convert_to_tensor(y),
+                         ops.convert_to_tensor(np.float32(lr)),
+                         ops.convert_to_tensor(np.float32(t)))
+    return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+
+
+def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
+                   ) -> tuple[float, np.ndarray]:
+    """Loss and output in evaluation mode."""
+    output = model(ops.convert_to_tensor(x), training=False)
+    value = loss_value(loss, output, ops.convert_to_tensor(y))
+    return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+
+
+class KerasTrainer(Trainer):
+    def __init__(self, program: Program, device: str | None = None,
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
+        self.program = program
+        backend = keras.backend.backend()
+        self.device = f"{device or 'auto'} (keras on {backend})"
+        self.model = create_model(program.graph, program.seed, weights)
+        self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
+        self.step_count = 0
+        self._train = make_train_step(self.model, program.loss, program.optimizer, self.slots)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        self.step_count += 1
+        return keras_train_step(self._train, x, y, lr, self.step_count)
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        return keras_evaluate(self.model, self.program.loss, x, y)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        output = self.model(ops.convert_to_tensor(x), training=False)
+        if self.program.output_activation == "softmax":
+            output = ops.softmax(output, axis=-1)
+        elif self.program.output_activation == "sigmoid":
+            output = ops.sigmoid(output)
+        return np.asarray(ops.convert_to_numpy(output))
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        return export_weights(self.model, self.program.graph)
+
+    # --- checkpoints: Keras's weights file, an .npz of optimizer slots, a JSON pointer ----
+    def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        tag = f"{self.step_count:09d}"
+        weights = path.with_name(f"checkpoint-{tag}.weights.h5")
+        state = path.with_name(f"checkpoint-{tag}.state.npz")
+        self.model.save_weights(weights)
+        arrays = {f"slot_{i}_{k}": ops.convert_to_numpy(s) for i, group in
+                  enumerate(self.slots) for k, s in enumerate(group)}
+        np.savez(state, step_count=np.int64(self.step_count), **arrays)
+        pointer = {"weights": weights.name, "state": state.name, "loop": loop_state}
+        old = json.loads(path.read_text()) if path.exists() else None
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(pointer))
+        os.replace(tmp, path)  # the checkpoint is whatever the pointer names: atomic
+        if old:
+            for name in (old["weights"], old["state"]):
+                if name not in (weights.name, state.name):
+                    path.with_name(name).unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        try:
+            pointer = json.loads(path.read_text())
+            self.model.load_weights(path.with_name(pointer["weights"]))
+            with np.load(path.with_name(pointer["state"]), allow_pickle=False) as state:
+                self.step_count = int(state["step_count"])
+                for i, group in enumerate(self.slots):
+                    for k, s in enumerate(group):
+                        s.assign(state[f"slot_{i}_{k}"])
+        except FileNotFoundError as exc:
+            raise UsageError(f"no checkpoint at {path} ({exc.filename})") from None
+        except (ValueError, KeyError, OSError) as exc:
+            raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
+        return pointer["loop"]
