@@ -1,0 +1,166 @@
+"""Standalone training scripts: the machinery every backend's `build` shares.
+
+A script does not import specforge. What must compute exactly as `specforge run` does
+(initial weights, data split and order, augmentation, schedule, metrics, and each backend's
+layers and update rules) is copied into it from the very functions `specforge run` uses,
+read from their source files (so building imports no framework): one piece of code serves
+both. The spec's values reach a script only as ``repr`` literals, SimpleNamespace
+expressions of them, or validated names: no spec can inject code.
+
+Each backend has a template that extends ``templates/script.py.j2`` (settings, data,
+training loop) with its imports, layers, model and train step.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jinja2
+
+from specforge import __version__, metrics, runner, weights
+from specforge.data import augment, cifar, folders, pipeline, sources
+from specforge.ir import program as program_module
+from specforge.ir.program import Program
+
+CORE_TEMPLATES = Path(__file__).parent / "templates"
+#: What a name must look like before it is written into a script as an identifier.
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# (module, names) copied into every script, in this order.
+SHARED: list[tuple[ModuleType, list[str]]] = [
+    (weights, ["_fans", "draw"]),
+    (sources, ["Dataset", "SourceData"]),
+    (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]),
+    (augment, ["AugmentParams", "is_identity", "has_affine", "draw_params",
+               "source_coordinates", "_fold", "sample_bilinear", "shift_with_zeros",
+               "apply_augmentation"]),
+    (program_module, ["lr_at"]),
+    (metrics, ["MetricAccumulator", "_ratio", "_averaged"]),
+    (runner, ["evaluate_split"]),
+]
+# What each data source needs on top.
+LOADERS: dict[str, list[tuple[ModuleType, list[str]]]] = {
+    "digits": [(sources, ["_load_digits"])],
+    "synthetic": [(sources, ["_synthetic"])],
+    "npz": [(sources, ["_load_npz", "_npz_dataset"])],
+    "cifar10": [(cifar, ["_reconstruct", "RestrictedUnpickler", "cache_dir", "read_batch",
+                         "_from_folder", "_from_archive", "_assemble", "md5sum", "download",
+                         "load_cifar10"])],
+    "image_folder": [(folders, ["_pil", "ImageFiles", "decode", "_scan", "_check_modes",
+                                "_dataset", "load_image_folders"])],
+}
+CONSTANTS: dict[str, list[tuple[ModuleType, list[str]]]] = {
+    "cifar10": [(cifar, ["URL", "ARCHIVE", "FOLDER", "MD5", "TRAIN_BATCHES", "TEST_BATCH",
+                         "CLASSES", "OFFLINE_HINT"])],
+    "image_folder": [(folders, ["EXTENSIONS", "IN_MEMORY_BYTES"])],
+}
+
+
+def copied(parts: list[tuple[ModuleType | Path, list[str]]]) -> str:
+    """The source text of the named top-level functions and classes, as in their files."""
+    blocks = []
+    for module, names in parts:
+        path = Path(module.__file__) if isinstance(module, ModuleType) else module
+        text = path.read_text(encoding="utf-8")
+        definitions = {n.name: n for n in ast.parse(text).body
+                       if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        lines = text.splitlines()
+        for name in names:
+            node = definitions[name]
+            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            blocks.append("\n".join(lines[first - 1:node.end_lineno]))
+    return "\n\n\n".join(blocks)
+
+
+def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:
+    return "\n".join(f"{name} = {getattr(module, name)!r}" for module, names in parts
+                     for name in names)
+
+
+def module_body(path: Path, first_definition: str) -> str:
+    """A module's text from ``first_definition`` on (no docstring, no imports)."""
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(first_definition):].rstrip()
+
+
+def namespace(value: Any, indent: int = 0, width: int = 100, used: int = 0) -> str:
+    """A Python expression for a spec or IR value, wrapped black-style to ``width`` columns
+    (``indent``: the line's indentation, ``used``: columns taken before the value on its
+    first line). Models and dataclasses become SimpleNamespace (attribute access, as in
+    specforge), mappings dicts, the rest ``repr`` literals."""
+    if hasattr(value, "model_fields"):
+        items = [(f"{k}=", getattr(value, k)) for k in type(value).model_fields]
+        return _wrapped("SimpleNamespace(", items, ")", indent, width, used)
+    if hasattr(value, "__dataclass_fields__"):
+        items = [(f"{k}=", getattr(value, k)) for k in value.__dataclass_fields__]
+        return _wrapped("SimpleNamespace(", items, ")", indent, width, used)
+    if isinstance(value, Mapping):
+        return _wrapped("{", [(f"{k!r}: ", v) for k, v in value.items()], "}", indent, width,
+                        used)
+    if isinstance(value, list):
+        return _wrapped("[", [("", v) for v in value], "]", indent, width, used)
+    if isinstance(value, tuple):
+        close = ",)" if len(value) == 1 else ")"
+        return _wrapped("(", [("", v) for v in value], close, indent, width, used)
+    if isinstance(value, str | int | float | bool) or value is None:
+        return repr(value)
+    raise TypeError(f"cannot emit {type(value).__name__} into a script")
+
+
+def assignment(name: str, value: Any) -> str:
+    """``NAME = <value>`` as a top-level statement, wrapped to 100 columns."""
+    return f"{name} = {namespace(value, 0, 100, len(name) + 3)}"
+
+
+def _wrapped(open_: str, items: list[tuple[str, Any]], close: str, indent: int, width: int,
+             used: int) -> str:
+    """One line if it fits, else one item a line, indented by four more columns."""
+    flat = open_ + ", ".join(k + namespace(v, 0, 10**6) for k, v in items) + close
+    if indent + used + len(flat) <= width or not items:
+        return flat
+    inner = indent + 4
+    lines = [f"{' ' * inner}{k}{namespace(v, inner, width - 1, len(k))}," for k, v in items]
+    return open_ + "\n" + "\n".join(lines) + "\n" + " " * indent + close.lstrip(",")
+
+
+#: Modules the copied code may use, imported by the script only when it does.
+OPTIONAL_IMPORTS = ["codecs", "hashlib", "io", "os", "pickle", "tarfile", "urllib.error",
+                    "urllib.request", "zlib"]
+
+
+def import_block(code: str) -> str:
+    """The script's standard-library imports: always the loop's, and the rest as used."""
+    modules = ["argparse", "contextlib", "json", "math", "time"] + [
+        m for m in OPTIONAL_IMPORTS if re.search(rf"\b{re.escape(m)}\.", code)]
+    names = ["dataclass", "field"] if re.search(r"\bfield\(", code) else ["dataclass"]
+    return "".join(f"import {m}\n" for m in sorted(modules)) + \
+        f"from dataclasses import {', '.join(names)}\n"
+
+
+def render(program: Program, backend: str, template_folder: Path, template: str,
+           **context: Any) -> str:
+    """A backend's script for ``program``: its template (extending the core one), the core
+    context (settings, data, shared code) and the backend's ``context``."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([template_folder, CORE_TEMPLATES]),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True,
+                             autoescape=False)
+    env.filters["py"] = repr
+    spec = program.spec
+    source_kind = spec.data.source.type if spec.data else None
+    body = env.get_template(template).render(
+        version=__version__, backend=backend, program=program, spec=spec,
+        source_kind=source_kind, shared=copied(SHARED),
+        loaders=copied(LOADERS.get(source_kind, [])),
+        loader_constants=constants(CONSTANTS.get(source_kind, [])),
+        data=assignment("DATA", spec.data), loss=assignment("LOSS", program.loss),
+        optimizer=assignment("OPTIMIZER", program.optimizer),
+        metrics=assignment("METRICS", list(program.metrics)),
+        training=assignment("TRAINING", spec.training),
+        input_shape=tuple(program.graph.input.shape), **context)
+    return body.replace("# {imports}\n", import_block(body))
