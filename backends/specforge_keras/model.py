@@ -14,38 +14,14 @@ import numpy as np
 from specforge.ir.graph import Graph, Node, identifier_names
 from specforge.weights import initial_weights
 from specforge_keras import layers as L
+from specforge_keras.recipes import layer_recipe
 
 
 def layer_for(node: Node, name: str) -> keras.layers.Layer:
-    a, op = node.attrs, node.op
-    if op == "conv2d":
-        return L.Conv2D(a["filters"], a["kernel"], a["strides"], a["dilation"], a["groups"],
-                        a["pads"], a["pad_mode"], a["bias"], name=name)
-    if op == "dense":
-        return keras.layers.Dense(a["units"], use_bias=a["bias"], name=name)
-    if op == "max_pool2d":
-        return L.MaxPool2D(a["pool"], a["strides"], a["pads"], name=name)
-    if op == "avg_pool2d":
-        return L.AvgPool2D(a["pool"], a["strides"], a["pads"], name=name)
-    if op == "pad2d":
-        return L.Pad2D(a["pads"], a["mode"], name=name)
-    if op in ("global_avg_pool2d", "global_max_pool2d"):
-        return L.GlobalPool("avg" if op == "global_avg_pool2d" else "max", name=name)
-    if op == "flatten":
-        return keras.layers.Flatten(name=name)  # NHWC: already height, width, channel order
-    if op == "batch_norm":
-        return L.BatchNorm(a["decay"], a["epsilon"], a["scale"], a["center"], name=name)
-    if op == "dropout":
-        cls = keras.layers.SpatialDropout2D if a["spatial"] else keras.layers.Dropout
-        return cls(a["rate"], name=name)
-    if op == "activation":
-        return L.Activation(a["fn"], a.get("negative_slope", 0.01), a.get("alpha", 1.0),
-                            name=name)
-    if op == "add":
-        return keras.layers.Add(name=name)
-    if op == "concat":
-        return keras.layers.Concatenate(axis=-1, name=name)
-    raise ValueError(f"the keras backend has no lowering for op {op!r}")
+    cls, args, kwargs = layer_recipe(node)
+    factory = getattr(keras.layers, cls.rpartition(".")[2]) if cls.startswith("keras.") \
+        else getattr(L, cls)
+    return factory(*args, **kwargs, name=name)
 
 
 def build_model(graph: Graph) -> keras.Model:
