@@ -13,13 +13,14 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import compare  # noqa: E402 - bench/ is not a package
+
 GOAL = 0.97
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -89,29 +90,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    contenders = {"specforge run": specforge_run, "built script": built_script}
-    ratios: dict[str, list[float]] = {name: [] for name in contenders}
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    baseline: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, measure in contenders.items():
-                work = Path(tmp) / f"{r}-{name.replace(' ', '_')}"
-                work.mkdir()
-                before = hand_written(args.steps, work)
-                rate = measure(args.steps, work)
-                after = hand_written(args.steps, work)
-                ratios[name].append(rate / ((before + after) / 2))
-                rates[name].append(rate)
-                baseline += [before, after]
     print(f"keras backend {os.environ.get('KERAS_BACKEND', 'tensorflow')}, batch 32, "
           f"{args.steps} steps x {args.rounds} rounds")
-    print(f"  model.fit: {statistics.median(baseline):8,.0f} images/s (median)")
-    for name in contenders:
-        ratio = statistics.median(ratios[name])
-        print(f"{name:>14}: {statistics.median(rates[name]):8,.0f} images/s  ratio {ratio:.3f} "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in ratios[name])}; goal >= {GOAL}): "
-              f"{'met' if ratio >= GOAL else 'NOT met'}")
+    compare({"specforge run": specforge_run, "built script": built_script}, hand_written,
+            "model.fit", args.steps, args.rounds, GOAL)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import compare  # noqa: E402 - bench/ is not a package
+
 GOAL = 0.97
 
 
@@ -100,34 +102,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    # This machine's speed drifts by 20% within a minute: every round measures the
-    # hand-written loop right before and right after each contender, each in a fresh process
-    # like the contenders, and takes the ratio to their mean; the median over rounds is
-    # reported with every round's ratio.
-    pairs = {"specforge run": (specforge_run, hand_written_process),
-             "built script": (built_script, hand_written_process)}
-    ratios: dict[str, list[float]] = {name: [] for name in pairs}
-    rates: dict[str, list[float]] = {name: [] for name in pairs}
-    baseline: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, (measure, reference) in pairs.items():
-                work = Path(tmp) / f"{r}-{name.replace(' ', '_')}"
-                work.mkdir()
-                before = reference(args.steps, args.device, work)
-                rate = measure(args.steps, args.device, work)
-                after = reference(args.steps, args.device, work)
-                ratios[name].append(rate / ((before + after) / 2))
-                rates[name].append(rate)
-                baseline += [before, after]
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch 32, {args.steps} steps x {args.rounds} rounds")
-    print(f"  hand-written: {statistics.median(baseline):8,.0f} images/s (median)")
-    for name in pairs:
-        ratio = statistics.median(ratios[name])
-        print(f"{name:>14}: {statistics.median(rates[name]):8,.0f} images/s  ratio {ratio:.3f} "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in ratios[name])}; goal >= {GOAL}): "
-              f"{'met' if ratio >= GOAL else 'NOT met'}")
+
+    def bind(measure: Callable[[int, str, Path], float]) -> Callable[[int, Path], float]:
+        return lambda steps, work: measure(steps, args.device, work)
+
+    compare({"specforge run": bind(specforge_run), "built script": bind(built_script)},
+            bind(hand_written_process), "hand-written", args.steps, args.rounds, GOAL)
 
 
 if __name__ == "__main__":
