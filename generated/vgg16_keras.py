@@ -625,7 +625,8 @@ def apply_update(opt: OptimizerIR, trainable: list[Any], slots: list[list[Any]],
 def make_train_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
                     ) -> Any:
     """``step(x, y, lr, t) -> (loss, output)`` for the running Keras backend: compiled with
-    tf.function on TensorFlow (without XLA, which changes rounding), eager on PyTorch."""
+    tf.function on TensorFlow (without XLA, which changes rounding), eager on PyTorch,
+    jit-compiled as a pure function on JAX."""
     trainable = list(model.trainable_variables)
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -652,8 +653,44 @@ def make_train_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list
                 apply_update(opt, trainable, slots, [v.value.grad for v in trainable], t, lr)
             return value, output
         return torch_step
-    raise UsageError(f"specforge trains Keras models on KERAS_BACKEND=tensorflow or torch; "
-                     f"{backend!r} is not supported yet")
+    if backend == "jax":
+        return _jax_step(model, loss, opt, slots)
+    raise UsageError(f"specforge trains Keras models on KERAS_BACKEND=tensorflow, torch or "
+                     f"jax, not {backend!r}")
+
+
+def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]) -> Any:
+    """JAX has no variables to assign inside a traced step: the step is a pure function of
+    the variables' values (jit-compiled), and the new values are assigned after it."""
+    import jax
+
+    trainable = list(model.trainable_variables)
+    others = list(model.non_trainable_variables)
+
+    def forward(params: Any, states: Any, x: Any, y: Any) -> Any:
+        output, states = model.stateless_call(params, states, x, training=True)
+        return loss_value(loss, output, y), (output, states)
+
+    @jax.jit
+    def pure_step(params: Any, states: Any, slot_values: Any, x: Any, y: Any, lr: Any,
+                  t: Any) -> Any:
+        (value, (output, states)), grads = jax.value_and_grad(forward, has_aux=True)(
+            params, states, x, y)
+        grads = clip_gradients(grads, opt.clip_value, opt.clip_norm)
+        params, slot_values = optimizer_update(opt, params, grads, slot_values, t, lr)
+        return value, output, params, states, slot_values
+
+    def jax_step(x: Any, y: Any, lr: Any, t: Any) -> Any:
+        value, output, params, states, slot_values = pure_step(
+            [v.value for v in trainable], [v.value for v in others],
+            [[s.value for s in group] for group in slots], x, y, lr, t)
+        for variable, new in zip([*trainable, *others], [*params, *states], strict=True):
+            variable.assign(new)
+        for group, values in zip(slots, slot_values, strict=True):
+            for s, new in zip(group, values, strict=True):
+                s.assign(new)
+        return value, output
+    return jax_step
 
 
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int

@@ -250,6 +250,10 @@ class KerasTrainer(Trainer):
         self.model.save_weights(weights)
         arrays = {f"slot_{i}_{k}": ops.convert_to_numpy(s) for i, group in
                   enumerate(self.slots) for k, s in enumerate(group)}
+        # The weights file leaves out the dropout layers' random state: keep every
+        # non-trainable variable here, so that a resumed run draws the same masks.
+        arrays.update({f"state_{i}": ops.convert_to_numpy(v)
+                       for i, v in enumerate(self.model.non_trainable_variables)})
         np.savez(state, step_count=np.int64(self.step_count), **arrays)
         pointer = {"weights": weights.name, "state": state.name, "loop": loop_state}
         old = json.loads(path.read_text()) if path.exists() else None
@@ -270,6 +274,8 @@ class KerasTrainer(Trainer):
                 for i, group in enumerate(self.slots):
                     for k, s in enumerate(group):
                         s.assign(state[f"slot_{i}_{k}"])
+                for i, v in enumerate(self.model.non_trainable_variables):
+                    v.assign(state[f"state_{i}"])
         except FileNotFoundError as exc:
             raise UsageError(f"no checkpoint at {path} ({exc.filename})") from None
         except (ValueError, KeyError, OSError) as exc:
