@@ -139,7 +139,8 @@ def write_plot(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 class _Silent:
-    def advance(self, images: int, seconds: float, epoch: int, loss: float) -> None:
+    def advance(self, images: int, seconds: float, epoch: int, loss: float,
+                metrics: Any = None) -> None:
         pass
 
     def epoch_done(self, record: dict[str, Any]) -> None:
@@ -167,14 +168,17 @@ class _Bar:
         self.images, self.seconds = 0, 0.0
         self.last_refresh = 0.0
 
-    def advance(self, images: int, seconds: float, epoch: int, loss: float) -> None:
+    def advance(self, images: int, seconds: float, epoch: int, loss: float,
+                metrics: Any = None) -> None:
         self.images += images
         self.seconds += seconds
         now = time.perf_counter()
         info = None
         if now - self.last_refresh > 0.25:  # formatting every step would cost throughput
             rate = self.images / self.seconds if self.seconds else 0.0
-            info = f"loss {loss:.4f}  {rate:,.0f} img/s"
+            shown = "".join(f"  {k} {v:.4f}" for k, v in (metrics.result() if metrics
+                                                           else {}).items())
+            info = f"loss {loss:.4f}{shown}  {rate:,.0f} img/s"
             self.last_refresh = now
         self.live.update(self.task, advance=1, description=f"epoch {epoch + 1}",
                          **({"info": info} if info else {}))

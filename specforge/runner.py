@@ -166,7 +166,8 @@ class Loop:
         if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
             self.train_seconds += seconds
             self.train_images += len(batch.y)
-        progress.advance(len(batch.y), seconds, epoch, self.loss_sum / self.seen)
+        progress.advance(len(batch.y), seconds, epoch, self.loss_sum / self.seen,
+                         self.train_metrics)
 
     @property
     def epoch(self) -> int:
