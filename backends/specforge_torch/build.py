@@ -14,6 +14,7 @@ from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
 from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
 from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
+from specforge_torch.recipes import module_recipe
 
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
@@ -27,34 +28,9 @@ def torch_helpers() -> str:
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:
     """The constructor expression of a node's module (every argument a literal)."""
-    a = node.attrs
-    op = node.op
-    r = repr
-    if op == "conv2d":
-        return (f"Conv2d({in_shape[-1]}, {a['filters']}, kernel={r(a['kernel'])}, "
-                f"strides={r(a['strides'])}, dilation={r(a['dilation'])}, "
-                f"groups={a['groups']}, pads={r(a['pads'])}, pad_mode={r(a['pad_mode'])}, "
-                f"bias={a['bias']})")
-    if op == "dense":
-        return f"nn.Linear({in_shape[-1]}, {a['units']}, bias={a['bias']})"
-    if op in ("max_pool2d", "avg_pool2d"):
-        cls = "MaxPool2d" if op == "max_pool2d" else "AvgPool2d"
-        return f"{cls}(pool={r(a['pool'])}, strides={r(a['strides'])}, pads={r(a['pads'])})"
-    if op == "pad2d":
-        return f"Pad2d({r(a['pads'])}, {r(a['mode'])})"
-    if op in ("global_avg_pool2d", "global_max_pool2d"):
-        return f"GlobalPool({'avg' if 'avg' in op else 'max'!r})"
-    if op == "flatten":
-        return "FlattenHWC()"
-    if op == "batch_norm":
-        return (f"BatchNorm({in_shape[-1]}, decay={r(a['decay'])}, epsilon={r(a['epsilon'])}, "
-                f"scale={a['scale']}, center={a['center']})")
-    if op == "dropout":
-        return f"nn.{'Dropout2d' if a['spatial'] else 'Dropout'}({r(a['rate'])})"
-    if op == "activation":
-        extra = "".join(f", {k}={r(v)}" for k, v in a.items() if k != "fn")
-        return f"Activation({r(a['fn'])}{extra})"
-    return {"add": "Add()", "concat": "Concat()"}[op]
+    cls, args, kwargs = module_recipe(node, in_shape)
+    arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{cls}({', '.join(arguments)})"
 
 
 def model_lines(graph: Graph) -> tuple[list[tuple[str, str, str]], list[str]]:

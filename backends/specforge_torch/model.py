@@ -12,40 +12,16 @@ from specforge.ir.graph import Graph, Node
 from specforge.weights import initial_weights
 from specforge_torch import layers as L
 from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
+from specforge_torch.recipes import module_recipe
 
 
 def module_for(node: Node, in_shape: tuple[int, ...]) -> nn.Module | None:
     """The module that computes ``node`` (None for the input)."""
-    a = node.attrs
-    op = node.op
-    if op == "input":
+    if node.op == "input":
         return None
-    if op == "conv2d":
-        return L.Conv2d(in_shape[-1], a["filters"], a["kernel"], a["strides"], a["dilation"],
-                        a["groups"], a["pads"], a["pad_mode"], a["bias"])
-    if op == "dense":
-        return nn.Linear(in_shape[-1], a["units"], bias=a["bias"])
-    if op == "max_pool2d":
-        return L.MaxPool2d(a["pool"], a["strides"], a["pads"])
-    if op == "avg_pool2d":
-        return L.AvgPool2d(a["pool"], a["strides"], a["pads"])
-    if op == "pad2d":
-        return L.Pad2d(a["pads"], a["mode"])
-    if op in ("global_avg_pool2d", "global_max_pool2d"):
-        return L.GlobalPool("avg" if op == "global_avg_pool2d" else "max")
-    if op == "flatten":
-        return L.FlattenHWC()
-    if op == "batch_norm":
-        return L.BatchNorm(in_shape[-1], a["decay"], a["epsilon"], a["scale"], a["center"])
-    if op == "dropout":
-        return nn.Dropout2d(a["rate"]) if a["spatial"] else nn.Dropout(a["rate"])
-    if op == "activation":
-        return L.Activation(a["fn"], a.get("negative_slope", 0.01), a.get("alpha", 1.0))
-    if op == "add":
-        return L.Add()
-    if op == "concat":
-        return L.Concat()
-    raise ValueError(f"the torch backend has no lowering for op {op!r}")
+    cls, args, kwargs = module_recipe(node, in_shape)
+    factory = getattr(nn, cls[3:]) if cls.startswith("nn.") else getattr(L, cls)
+    return factory(*args, **kwargs)
 
 
 class SpecModule(nn.Module):
