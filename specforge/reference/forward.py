@@ -1,0 +1,136 @@
+"""Forward pass of an IR graph in numpy float64, one function per op."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from math import erf, sqrt
+from typing import Any
+
+import numpy as np
+
+from specforge.ir.graph import Graph, Node
+
+Array = np.ndarray
+
+
+def pad(x: Array, pads: tuple[int, int, int, int], mode: str = "zeros",
+        value: float = 0.0) -> Array:
+    """(N, H, W, C) padded (top, bottom, left, right): zeros, reflect (edge not repeated)
+    or replicate (edge repeated)."""
+    top, bottom, left, right = pads
+    widths = ((0, 0), (top, bottom), (left, right), (0, 0))
+    if mode == "zeros":
+        return np.pad(x, widths, mode="constant", constant_values=value)
+    return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
+
+
+def windows(x: Array, kernel: tuple[int, int], strides: tuple[int, int],
+            dilation: tuple[int, int] = (1, 1)) -> Array:
+    """(N, OH, OW, kh, kw, C): every window of an already padded input."""
+    _, h, w, _ = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilation
+    oh = (h - (kh - 1) * dh - 1) // sh + 1
+    ow = (w - (kw - 1) * dw - 1) // sw + 1
+    rows = (np.arange(oh) * sh)[:, None] + np.arange(kh) * dh     # (OH, kh)
+    cols = (np.arange(ow) * sw)[:, None] + np.arange(kw) * dw     # (OW, kw)
+    return x[:, rows[:, None, :, None], cols[None, :, None, :], :]
+
+
+def conv2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    a = node.attrs
+    x = pad(xs[0], a["pads"], a["pad_mode"])
+    patches = windows(x, a["kernel"], a["strides"], a["dilation"])  # (N, OH, OW, kh, kw, C)
+    kernel = w["kernel"]                                             # (kh, kw, C/g, F)
+    groups, c = a["groups"], x.shape[-1]
+    cg, fg = c // groups, a["filters"] // groups
+    outs = [np.einsum("nhwijc,ijcf->nhwf", patches[..., g * cg:(g + 1) * cg],
+                      kernel[..., g * fg:(g + 1) * fg]) for g in range(groups)]
+    y = np.concatenate(outs, axis=-1)
+    return y + w["bias"] if a["bias"] else y
+
+
+def max_pool2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    a = node.attrs
+    x = pad(xs[0], a["pads"], value=-np.inf)
+    return windows(x, a["pool"], a["strides"]).max(axis=(3, 4))
+
+
+def avg_pool2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    a = node.attrs
+    summed = windows(pad(xs[0], a["pads"]), a["pool"], a["strides"]).sum(axis=(3, 4))
+    ones = np.ones((1, *xs[0].shape[1:3], 1))
+    count = windows(pad(ones, a["pads"]), a["pool"], a["strides"]).sum(axis=(3, 4))
+    return summed / count  # padded cells are in neither the sum nor the count
+
+
+def batch_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    a, x = node.attrs, xs[0]
+    axes = tuple(range(x.ndim - 1))
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    else:
+        mean, var = w["moving_mean"], w["moving_var"]
+    y = (x - mean) / np.sqrt(var + a["epsilon"])
+    if a["scale"]:
+        y = y * w["gamma"]
+    return y + w["beta"] if a["center"] else y
+
+
+_erf = np.vectorize(erf)
+
+
+def _softmax(x: Array) -> Array:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Array, Mapping[str, Any]], Array]] = {
+    "linear": lambda x, a: x,
+    "relu": lambda x, a: np.maximum(x, 0),
+    "relu6": lambda x, a: np.clip(x, 0, 6),
+    "leaky_relu": lambda x, a: np.where(x >= 0, x, a["negative_slope"] * x),
+    "elu": lambda x, a: np.where(x > 0, x, a["alpha"] * np.expm1(np.minimum(x, 0))),
+    "selu": lambda x, a: 1.0507009873554805 * np.where(
+        x > 0, x, 1.6732632423543772 * np.expm1(np.minimum(x, 0))),
+    "gelu": lambda x, a: x * (1 + _erf(x / sqrt(2))) / 2,
+    "gelu_tanh": lambda x, a: x * (1 + np.tanh(sqrt(2 / np.pi) * (x + 0.044715 * x**3))) / 2,
+    "silu": lambda x, a: x / (1 + np.exp(-x)),
+    "sigmoid": lambda x, a: 1 / (1 + np.exp(-x)),
+    "hard_sigmoid": lambda x, a: np.clip(x + 3, 0, 6) / 6,
+    "hard_swish": lambda x, a: x * np.clip(x + 3, 0, 6) / 6,
+    "tanh": lambda x, a: np.tanh(x),
+    "softplus": lambda x, a: np.logaddexp(0, x),
+    "softsign": lambda x, a: x / (1 + np.abs(x)),
+    "softmax": lambda x, a: _softmax(x),
+}
+
+OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] = {
+    "conv2d": conv2d,
+    "max_pool2d": max_pool2d,
+    "avg_pool2d": avg_pool2d,
+    "batch_norm": batch_norm,
+    "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"]),
+    "global_avg_pool2d": lambda n, xs, w, t: xs[0].mean(axis=(1, 2)),
+    "global_max_pool2d": lambda n, xs, w, t: xs[0].max(axis=(1, 2)),
+    "flatten": lambda n, xs, w, t: xs[0].reshape(len(xs[0]), -1),  # NHWC: H, W, C order
+    "dense": lambda n, xs, w, t: xs[0] @ w["kernel"] + (w["bias"] if n.attrs["bias"] else 0),
+    "dropout": lambda n, xs, w, t: xs[0],  # evaluation mode; masks are specforge's elsewhere
+    "activation": lambda n, xs, w, t: ACTIVATIONS[n.attrs["fn"]](xs[0], n.attrs),
+    "add": lambda n, xs, w, t: sum(xs[1:], xs[0]),
+    "concat": lambda n, xs, w, t: np.concatenate(xs, axis=-1),
+}
+
+
+def reference_forward(graph: Graph, weights: Mapping[str, Array], x: Array,
+                      training: bool = False) -> dict[str, Array]:
+    """Every node's output for NHWC input ``x``, in float64. With ``training``, batch norm
+    uses the batch's statistics (dropout is always the identity here)."""
+    values: dict[str, Array] = {graph.input.name: np.asarray(x, np.float64)}
+    for node in graph:
+        if node.op == "input":
+            continue
+        own = {p.name: np.asarray(weights[f"{node.name}.{p.name}"], np.float64)
+               for p in node.params}
+        values[node.name] = OPS[node.op](node, [values[i] for i in node.inputs], own,
+                                         training)
+    return values
