@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from specforge.errors import DataPath, Location, Problem, SpecError, valid_choices_hint
+from specforge.errors import DataPath, Location, Problem, valid_choices_hint
 from specforge.spec.layers import BlockUse, Layer, Merge
 from specforge.spec.schema import Spec, problems_from_validation
 from specforge.spec.source import LoadedSpec, SourceMap
@@ -238,7 +238,3 @@ def _substitute(value: Any, values: dict[str, tuple[Any, DataPath]], path: DataP
         return arg
     return _REFERENCE.sub(lambda m: str(values[m.group(1)][0]), value)
 
-
-def raise_if(problems: list[Problem]) -> None:
-    if problems:
-        raise SpecError(problems)
