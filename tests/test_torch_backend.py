@@ -30,64 +30,22 @@ torch = pytest.importorskip("torch")
 from specforge_torch import TorchBackend, load_model  # noqa: E402 - needs torch present
 from specforge_torch.model import create_model, export_weights  # noqa: E402
 
-# One intra-op thread per process: the exact loss comparisons below need both processes to
-# reduce in the same order (which depends on the thread count), and on a 2-core machine two
-# single-threaded processes run side by side instead of fighting over the cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from tests.processes import (  # noqa: E402
+    ENV,
+    PNG_SIGNATURE,
+    cli,
+    ok,
+    read_jsonl,
+    refused,
+    run_all,
+    sets,
+    specforge,
+)
+
 DIGITS = str(SPECS / "digits.yaml")
 SYNTHETIC = "data.source={type: synthetic, samples: 256}"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REGENERATE = ("for s in specs/*.yaml; do specforge build $s -b torch "
               "-o generated/$(basename $s .yaml)_torch.py; done")
-
-
-def specforge(*args: str) -> list[str]:
-    return [sys.executable, "-m", "specforge", *args]
-
-
-def run_all(*commands: list[str], cwd: Path = ROOT, timeout: float = 300,
-            env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess[str]]:
-    """Run the commands side by side; their results in order."""
-    procs = [subprocess.Popen(c, cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c in commands]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results
-
-
-def cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return run_all(specforge(*args), cwd=cwd, timeout=timeout)[0]
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"{result.args}\n{result.stdout[-2000:]}\n" \
-                                   f"{result.stderr[-3000:]}"
-    return result
-
-
-def refused(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
-    """A user error: exit code 2, a message with every phrase, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    for phrase in phrases:
-        assert phrase in result.stderr, result.stderr
-    return result.stderr
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 # --- 1. a full run of the digits spec ------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""Running the CLI in subprocesses, shared by the backend tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT
+
+# One intra-op thread per process: exact loss comparisons need both processes to reduce in
+# the same order (which depends on the thread count), and on a 2-core machine two
+# single-threaded processes run side by side instead of fighting over the cores.
+# Every subprocess gets the same KERAS_BACKEND, so that "equal" compares the same kernels.
+KERAS_BACKEND = "tensorflow" if importlib.util.find_spec("tensorflow") else "torch"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+       "KERAS_BACKEND": KERAS_BACKEND}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def specforge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "specforge", *args]
+
+
+def run_all(*commands: list[str], cwd: Path = ROOT, timeout: float = 300,
+            env: dict[str, str] | None = None,
+            envs: list[dict[str, str]] | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Run the commands side by side (``envs``: one environment each); results in order."""
+    envs = envs or [env or ENV] * len(commands)
+    procs = [subprocess.Popen(c, cwd=cwd, env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for c, e in zip(commands, envs, strict=True)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run_all(specforge(*args), cwd=cwd, timeout=timeout)[0]
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"{result.args}\n{result.stdout[-2000:]}\n" \
+                                   f"{result.stderr[-3000:]}"
+    return result
+
+
+def refused(result: subprocess.CompletedProcess[str], *phrases: str) -> str:
+    """A user error: exit code 2, a message with every phrase, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    return result.stderr
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
