@@ -218,14 +218,8 @@ def evaluate_run(backend: Backend, program: Program, run_dir: Path,
     trainer = backend.create_trainer(program, device=program.spec.training.device)
     trainer.load_checkpoint(folder.checkpoint)
     pipeline = build_pipeline(program, spec_dir)
-    loop = Loop(program, pipeline, trainer, folder, _quiet_options(run_dir))
-    return loop.evaluate("test")
-
-
-def _quiet_options(run_dir: Path) -> RunOptions:
-    from specforge.backends import RunOptions
-
-    return RunOptions(run_dir=run_dir, quiet=True)
+    return evaluate_split(pipeline, "test", trainer.evaluate_batch, program.metrics,
+                          program.loss.classes)
 
 
 def predict_images(backend: Backend, program: Program, run_dir: Path,
