@@ -437,7 +437,7 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
     return value.item(), output.detach().cpu().numpy()
 
 
-def _to_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
+def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "conv2d" and param == "kernel":
         return value.transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
     if op == "dense" and param == "kernel":
@@ -450,7 +450,7 @@ def load_initial_weights(model: Model) -> None:
         for name, attribute, param, op, shape, init in PARAMETERS:
             value = draw(SimpleNamespace(shape=shape, init=init), name, SEED)
             target = getattr(getattr(model, attribute), TORCH_NAMES[param])
-            target.copy_(torch.from_numpy(np.ascontiguousarray(_to_torch(op, param, value))))
+            target.copy_(torch.from_numpy(np.ascontiguousarray(to_torch_layout(op, param, value))))
 
 
 # --- 5. Data: source, split, order of batches, augmentation --------------------------------

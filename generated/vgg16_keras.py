@@ -523,6 +523,14 @@ def load_initial_weights(model: keras.Model) -> None:
 
 
 # --- 6. Loss, specforge's optimizer and the train step, in keras.ops -----------------------
+def optimizer_slots(opt: OptimizerIR) -> tuple[str, ...]:
+    """The names of the state tensors the optimizer keeps per parameter, each of the
+    parameter's shape: SGD's momentum buffer, RMSprop's mean square, Adam's two moments."""
+    if opt.kind == "sgd":
+        return ("momentum",) if opt.hyper["momentum"] else ()
+    return ("mean_square",) if opt.kind == "rmsprop" else ("m", "v")
+
+
 def loss_value(loss: LossIR, output: Any, labels: Any) -> Any:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
     e = loss.label_smoothing
@@ -558,13 +566,6 @@ def clip_gradients(grads: list[Any], clip_value: float | None,
         scale = clip_norm / ops.maximum(norm, clip_norm)
         grads = [g * scale for g in grads]
     return grads
-
-
-def slot_count(opt: OptimizerIR) -> int:
-    """How many state tensors the optimizer keeps per parameter."""
-    if opt.kind == "sgd":
-        return 1 if opt.hyper["momentum"] else 0
-    return 1 if opt.kind == "rmsprop" else 2
 
 
 def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
@@ -605,7 +606,7 @@ def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
 def make_slots(opt: OptimizerIR, trainable: list[Any]) -> list[list[Any]]:
     """Zero-initialised optimizer state variables, per parameter."""
     return [[keras.Variable(ops.zeros(v.shape), trainable=False, name=f"slot{k}_{i}")
-             for k in range(slot_count(opt))] for i, v in enumerate(trainable)]
+             for k in range(len(optimizer_slots(opt)))] for i, v in enumerate(trainable)]
 
 
 def apply_update(opt: OptimizerIR, trainable: list[Any], slots: list[list[Any]],

@@ -9,7 +9,7 @@ so that `specforge build` stays free of torch and tensorflow.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -86,6 +86,48 @@ class Trainer(ABC):
         """Restore what :meth:`save_checkpoint` wrote; returns the loop state."""
 
 
+class Probe(ABC):
+    """A backend's model and optimizer as the conformance suite drives them (see
+    :mod:`specforge.conformance`): one call per computation, everything in specforge's
+    neutral layouts (NHWC images, the weights format of :mod:`specforge.weights`).
+
+    ``masks`` maps each dropout node to its mask in the node's output layout (N, H, W, C) or
+    (N, features) (spatial dropout: (N, 1, 1, C)), already scaled (0 or 1 / (1 - rate)). In
+    training mode a dropout multiplies by its mask instead of drawing one, so that every
+    backend drops the same units.
+    """
+
+    #: Where it computes, in words.
+    device: str = "cpu"
+    #: What the probe changed so as to compute in full float32 (e.g. TF32 turned off).
+    notes: Sequence[str] = ()
+
+    @abstractmethod
+    def output(self, x: np.ndarray, training: bool,
+               masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The graph's output (logits where the softmax was folded into the loss). May
+        update batch norm's running statistics in training mode."""
+
+    @abstractmethod
+    def gradients(self, x: np.ndarray, y: np.ndarray, masks: Mapping[str, np.ndarray]
+                  ) -> tuple[float, dict[str, np.ndarray]]:
+        """The batch's loss in training mode and its gradient with respect to every
+        trainable parameter, before clipping. The parameters are not changed (batch norm's
+        running statistics may be)."""
+
+    @abstractmethod
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float,
+             masks: Mapping[str, np.ndarray]) -> float:
+        """One training step at learning rate ``lr`` (the Nth call is optimizer step N);
+        returns the batch's loss."""
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """Every parameter and statistic (neutral names) and the optimizer's state, as
+        ``"{parameter}:{slot}"`` with the slots of
+        :func:`specforge.ir.program.optimizer_slots`."""
+
+
 class Backend(ABC):
     """What every backend plugin provides. Weights cross backends in specforge's neutral
     format: a mapping ``"{node}.{param}" -> numpy array`` in the layouts of
@@ -121,6 +163,12 @@ class Backend(ABC):
     def import_weights(self, model: Any, program: Program,
                        weights: Mapping[str, np.ndarray]) -> None:
         """Load neutral-format weights into ``model`` in place."""
+
+    def create_probe(self, program: Program, device: str | None = None,
+                     weights: Mapping[str, np.ndarray] | None = None) -> Probe:
+        """The conformance suite's handle on this backend (see :class:`Probe`)."""
+        raise UsageError(f"backend '{self.name}' does not support conformance checks "
+                         "(it provides no Backend.create_probe)")
 
     def run(self, program: Program, options: RunOptions) -> RunResult:
         """Train and evaluate ``program`` with specforge's loop, writing a run folder."""

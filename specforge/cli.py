@@ -243,6 +243,56 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
 
 
 @app.command()
+def conform(spec: SpecPath,
+            steps: Annotated[int, typer.Option(min=0, help="Training steps to compare.")] = 20,
+            backends: Annotated[str, typer.Option(
+                help="Comma-separated backends; the first is the baseline.")] = "torch,keras",
+            device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+                help="cpu or cuda (default: each backend's own choice).")] = None,
+            out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+                help="Report folder (default: conformance/<spec file name>).")] = None,
+            reference: Annotated[bool, typer.Option(
+                help="Also run the float64 numpy reference, which says which backend is "
+                     "wrong when they disagree.")] = True,
+            chaos_factor: Annotated[float, typer.Option(
+                help="The N-step tolerance as a multiple of the chaos floor.")] = 10.0,
+            set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Check that backends compute the same forward pass, gradients and N training steps.
+
+    Writes report.json and losses.png; exits 1 when any quantity is out of tolerance.
+    """
+    from rich.console import Console
+
+    from specforge.conformance.check import conform as run_conformance
+    from specforge.conformance.compare import Tolerance
+    from specforge.conformance.report import print_report, write_report
+    from specforge.data.pipeline import build_pipeline
+
+    program = _compile(spec, set_, max_params)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UsageError(f"--backends {backends!r}: name each backend once, e.g. torch,keras")
+    if len(names) == 1 and not reference:
+        raise UsageError("one backend without --reference compares nothing: add a backend "
+                         "or leave out --no-reference")
+    if program.spec.data is None:
+        raise UsageError(f"{spec}: conform needs training batches; add a `data:` section "
+                         "or --set 'data={source: {type: synthetic}}'")
+    pipeline = build_pipeline(program, spec.parent)
+    console = Console(stderr=True)
+    report = run_conformance(program, pipeline, names, steps, device,
+                             Tolerance(chaos_factor=chaos_factor), reference, spec.name,
+                             log=lambda message: console.print(f"[dim]{message}[/]"))
+    # a pipe gets the whole table rather than rich's 80 columns
+    print_report(report, Console(width=None if sys.stdout.isatty() else 150))
+    folder = out or Path("conformance") / spec.stem
+    written = write_report(report, folder)
+    console.print(f"wrote {', '.join(map(str, written))}")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def docs(check: Annotated[bool, typer.Option(help="Fail if docs/ is stale.")] = False,
          out: Annotated[Path, typer.Option(help="Docs folder.")] = Path("docs")) -> None:
     """Regenerate the spec reference in docs/ from the models."""

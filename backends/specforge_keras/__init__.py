@@ -15,7 +15,7 @@ from specforge.backends import Backend
 if TYPE_CHECKING:
     import numpy as np
 
-    from specforge.backends import Trainer
+    from specforge.backends import Probe, Trainer
     from specforge.ir.program import Program
 
 
@@ -34,6 +34,12 @@ class KerasBackend(Backend):
         from specforge_keras.trainer import KerasTrainer
 
         return KerasTrainer(program, device, weights)
+
+    def create_probe(self, program: Program, device: str | None = None,
+                     weights: Mapping[str, np.ndarray] | None = None) -> Probe:
+        from specforge_keras.probe import KerasProbe
+
+        return KerasProbe(program, device, weights)
 
     def create_model(self, program: Program, weights: Mapping[str, np.ndarray] | None = None
                      ) -> Any:

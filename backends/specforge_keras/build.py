@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from specforge.ir import program as program_module
 from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import Program
 from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
@@ -17,7 +18,7 @@ from specforge_keras.recipes import layer_recipe
 
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
-HELPERS = ["loss_value", "clip_gradients", "slot_count", "optimizer_update", "make_slots",
+HELPERS = ["loss_value", "clip_gradients", "optimizer_update", "make_slots",
            "apply_update", "make_train_step", "_jax_step", "keras_train_step", "keras_evaluate"]
 
 
@@ -56,4 +57,4 @@ def render_script(program: Program) -> str:
                   model_lines=model_lines(program.graph),
                   params=assignment("PARAMETERS", params),
                   layers=module_body(LAYERS, "def pad_nhwc"),
-                  helpers=copied([(TRAINER, HELPERS)]))
+                  helpers=copied([(program_module, ["optimizer_slots"]), (TRAINER, HELPERS)]))

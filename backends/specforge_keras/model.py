@@ -6,7 +6,8 @@ kernels): weights cross without transposes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -24,16 +25,21 @@ def layer_for(node: Node, name: str) -> keras.layers.Layer:
     return factory(*args, **kwargs, name=name)
 
 
-def build_model(graph: Graph) -> keras.Model:
-    """A functional keras.Model of the graph (input NHWC float32, output the logits)."""
+def build_model(graph: Graph, replacements: Mapping[str, Callable[[Node, str], Any]] | None
+                = None) -> keras.Model:
+    """A functional keras.Model of the graph (input NHWC float32, output the logits).
+    ``replacements`` maps an op to a factory ``(node, name) -> layer`` used instead of the
+    op's usual layer (the conformance probe's dropout)."""
     names = identifier_names(graph)
+    replacements = replacements or {}
     inputs = keras.Input(shape=graph.input.shape, name=names[graph.input.name])
     values = {graph.input.name: inputs}
     for node in graph:
         if node.op == "input":
             continue
         args = [values[i] for i in node.inputs]
-        values[node.name] = layer_for(node, names[node.name])(
+        make = replacements.get(node.op, layer_for)
+        values[node.name] = make(node, names[node.name])(
             args if node.op in ("add", "concat") else args[0])
     return keras.Model(inputs, values[graph.output], name="specforge_model")
 
@@ -60,10 +66,11 @@ def export_weights(model: keras.Model, graph: Graph) -> dict[str, np.ndarray]:
         _variable(model, names, n, p.name))) for n in graph for p in n.params}
 
 
-def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None
+def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None,
+                 replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
                  ) -> keras.Model:
     keras.utils.set_random_seed(seed)  # dropout's seed generators, created with the layers
-    model = build_model(graph)
+    model = build_model(graph, replacements)
     import_weights(model, graph, weights if weights is not None else
                    initial_weights(graph, seed))
     return model

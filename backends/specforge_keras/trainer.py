@@ -22,7 +22,13 @@ from keras import ops
 
 from specforge.backends import Trainer
 from specforge.errors import UsageError
-from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
+from specforge.ir.program import (
+    PROBABILITY_EPSILON,
+    LossIR,
+    OptimizerIR,
+    Program,
+    optimizer_slots,
+)
 from specforge_keras.model import create_model, export_weights
 
 
@@ -63,13 +69,6 @@ def clip_gradients(grads: list[Any], clip_value: float | None,
     return grads
 
 
-def slot_count(opt: OptimizerIR) -> int:
-    """How many state tensors the optimizer keeps per parameter."""
-    if opt.kind == "sgd":
-        return 1 if opt.hyper["momentum"] else 0
-    return 1 if opt.kind == "rmsprop" else 2
-
-
 def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
                      slots: list[list[Any]], step: Any, lr: Any
                      ) -> tuple[list[Any], list[list[Any]]]:
@@ -108,7 +107,7 @@ def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
 def make_slots(opt: OptimizerIR, trainable: list[Any]) -> list[list[Any]]:
     """Zero-initialised optimizer state variables, per parameter."""
     return [[keras.Variable(ops.zeros(v.shape), trainable=False, name=f"slot{k}_{i}")
-             for k in range(slot_count(opt))] for i, v in enumerate(trainable)]
+             for k in range(len(optimizer_slots(opt)))] for i, v in enumerate(trainable)]
 
 
 def apply_update(opt: OptimizerIR, trainable: list[Any], slots: list[list[Any]],

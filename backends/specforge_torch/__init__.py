@@ -16,7 +16,7 @@ from specforge.backends import Backend
 if TYPE_CHECKING:
     import numpy as np
 
-    from specforge.backends import Trainer
+    from specforge.backends import Probe, Trainer
     from specforge.ir.program import Program
 
 
@@ -35,6 +35,12 @@ class TorchBackend(Backend):
         from specforge_torch.trainer import TorchTrainer
 
         return TorchTrainer(program, device, weights)
+
+    def create_probe(self, program: Program, device: str | None = None,
+                     weights: Mapping[str, np.ndarray] | None = None) -> Probe:
+        from specforge_torch.probe import TorchProbe
+
+        return TorchProbe(program, device, weights)
 
     def create_model(self, program: Program, weights: Mapping[str, np.ndarray] | None = None
                      ) -> Any:

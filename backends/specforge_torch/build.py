@@ -23,7 +23,7 @@ LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.
 def torch_helpers() -> str:
     return copied([(TRAINER, ["make_optimizer", "clip_gradients", "loss_value", "forward_pass",
                               "optimizer_step"]),
-                   (MODEL, ["_to_torch"])])
+                   (MODEL, ["to_torch_layout"])])
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:

@@ -49,7 +49,7 @@ class SpecModule(nn.Module):
 
 # --- neutral weights <-> torch tensors ------------------------------------------------------
 
-def _to_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
+def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "conv2d" and param == "kernel":
         return value.transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
     if op == "dense" and param == "kernel":
@@ -57,7 +57,7 @@ def _to_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _from_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
+def from_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "conv2d" and param == "kernel":
         return value.transpose(2, 3, 1, 0)
     if op == "dense" and param == "kernel":
@@ -65,7 +65,7 @@ def _from_torch(op: str, param: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _tensor_of(module: SpecModule, node: Node, param: str) -> torch.Tensor:
+def tensor_of(module: SpecModule, node: Node, param: str) -> torch.Tensor:
     return getattr(getattr(module, module.names[node.name]), TORCH_PARAM_NAMES[param])
 
 
@@ -74,8 +74,9 @@ def import_weights(module: SpecModule, weights: Mapping[str, np.ndarray]) -> Non
     with torch.no_grad():
         for node in module.graph:
             for p in node.params:
-                value = _to_torch(node.op, p.name, np.asarray(weights[f"{node.name}.{p.name}"]))
-                target = _tensor_of(module, node, p.name)
+                value = to_torch_layout(node.op, p.name,
+                                        np.asarray(weights[f"{node.name}.{p.name}"]))
+                target = tensor_of(module, node, p.name)
                 target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
 
 
@@ -84,8 +85,8 @@ def export_weights(module: SpecModule) -> dict[str, np.ndarray]:
     out = {}
     for node in module.graph:
         for p in node.params:
-            value = _tensor_of(module, node, p.name).detach().cpu().numpy()
-            out[f"{node.name}.{p.name}"] = np.ascontiguousarray(_from_torch(node.op, p.name,
+            value = tensor_of(module, node, p.name).detach().cpu().numpy()
+            out[f"{node.name}.{p.name}"] = np.ascontiguousarray(from_torch_layout(node.op, p.name,
                                                                             value))
     return out
 

@@ -54,6 +54,14 @@ class OptimizerIR:
     schedule: ScheduleIR | None
 
 
+def optimizer_slots(opt: OptimizerIR) -> tuple[str, ...]:
+    """The names of the state tensors the optimizer keeps per parameter, each of the
+    parameter's shape: SGD's momentum buffer, RMSprop's mean square, Adam's two moments."""
+    if opt.kind == "sgd":
+        return ("momentum",) if opt.hyper["momentum"] else ()
+    return ("mean_square",) if opt.kind == "rmsprop" else ("m", "v")
+
+
 @dataclass(frozen=True)
 class MetricIR:
     kind: str  # accuracy | precision | recall | f1 | top_k_accuracy

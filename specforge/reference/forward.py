@@ -43,8 +43,8 @@ def conv2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) 
     kernel = w["kernel"]                                             # (kh, kw, C/g, F)
     groups, c = a["groups"], x.shape[-1]
     cg, fg = c // groups, a["filters"] // groups
-    outs = [np.einsum("nhwijc,ijcf->nhwf", patches[..., g * cg:(g + 1) * cg],
-                      kernel[..., g * fg:(g + 1) * fg]) for g in range(groups)]
+    outs = [np.tensordot(patches[..., g * cg:(g + 1) * cg], kernel[..., g * fg:(g + 1) * fg],
+                         axes=([3, 4, 5], [0, 1, 2])) for g in range(groups)]
     y = np.concatenate(outs, axis=-1)
     return y + w["bias"] if a["bias"] else y
 
@@ -114,7 +114,8 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "global_max_pool2d": lambda n, xs, w, t: xs[0].max(axis=(1, 2)),
     "flatten": lambda n, xs, w, t: xs[0].reshape(len(xs[0]), -1),  # NHWC: H, W, C order
     "dense": lambda n, xs, w, t: xs[0] @ w["kernel"] + (w["bias"] if n.attrs["bias"] else 0),
-    "dropout": lambda n, xs, w, t: xs[0],  # evaluation mode; masks are specforge's elsewhere
+    # Training with a mask (scaled: 0 or 1 / (1 - rate)) multiplies by it; otherwise identity.
+    "dropout": lambda n, xs, w, t: xs[0] * w["mask"] if t and "mask" in w else xs[0],
     "activation": lambda n, xs, w, t: ACTIVATIONS[n.attrs["fn"]](xs[0], n.attrs),
     "add": lambda n, xs, w, t: sum(xs[1:], xs[0]),
     "concat": lambda n, xs, w, t: np.concatenate(xs, axis=-1),
@@ -122,15 +123,20 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
 
 
 def reference_forward(graph: Graph, weights: Mapping[str, Array], x: Array,
-                      training: bool = False) -> dict[str, Array]:
+                      training: bool = False, masks: Mapping[str, Array] | None = None
+                      ) -> dict[str, Array]:
     """Every node's output for NHWC input ``x``, in float64. With ``training``, batch norm
-    uses the batch's statistics (dropout is always the identity here)."""
+    uses the batch's statistics and each dropout node multiplies by its mask in ``masks``
+    (:mod:`specforge.conformance.masks`); a dropout without a mask is the identity."""
+    masks = masks or {}
     values: dict[str, Array] = {graph.input.name: np.asarray(x, np.float64)}
     for node in graph:
         if node.op == "input":
             continue
         own = {p.name: np.asarray(weights[f"{node.name}.{p.name}"], np.float64)
                for p in node.params}
+        if node.name in masks:
+            own["mask"] = np.asarray(masks[node.name], np.float64)
         values[node.name] = OPS[node.op](node, [values[i] for i in node.inputs], own,
                                          training)
     return values

@@ -1,0 +1,195 @@
+"""`specforge conform`: run one program through every backend and the reference, compare.
+
+Every backend starts from specforge's initial weights and sees the same batches, the same
+learning rates and the same dropout masks (:mod:`specforge.conformance.masks`). Three
+phases, each compared quantity by quantity (:mod:`specforge.conformance.compare`):
+
+1. **forward**: the output of the first training batch in evaluation and in training mode,
+   and the loss;
+2. **gradients** of every trainable parameter on that batch;
+3. **after N steps**: the per-step losses, every parameter and statistic, the optimizer
+   state, and the output in evaluation mode, against the chaos floor of a perturbed run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from specforge.backends import Probe, load_backend
+from specforge.conformance.compare import (
+    GROUP_SHARE,
+    Difference,
+    Tolerance,
+    difference,
+    magnitude,
+    unit_last_place_perturbation,
+)
+from specforge.conformance.masks import dropout_masks
+from specforge.ir.program import Program, lr_at
+from specforge.weights import initial_weights
+
+REFERENCE = "reference"
+PHASES = ("forward", "gradients", "after N steps")
+Quantities = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One quantity compared across backends: ``pairs`` maps "keras vs torch" or
+    "torch vs reference" to the difference."""
+
+    phase: str
+    quantity: str
+    pairs: Mapping[str, Difference]
+    tolerance: float
+    floor: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(d.max_abs <= self.tolerance for d in self.pairs.values())
+
+    @property
+    def off(self) -> list[str]:
+        """The backends that are further than the tolerance from the reference."""
+        return [pair.split(" vs ")[0] for pair, d in self.pairs.items()
+                if pair.endswith(f" vs {REFERENCE}") and d.max_abs > self.tolerance]
+
+
+@dataclass
+class Report:
+    spec: str
+    steps: int
+    backends: list[str]
+    reference: bool
+    tolerance: Tolerance
+    devices: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    #: per-step losses by run: each backend, the reference, and the perturbed run
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    floor_backend: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.passed]
+
+
+def _masks(program: Program, step: int, batch: int) -> dict[str, np.ndarray]:
+    return dropout_masks(program.graph, program.seed, step, batch)
+
+
+def first_look(probe: Probe, program: Program, x: np.ndarray, y: np.ndarray
+               ) -> dict[str, Quantities]:
+    """Forward outputs, loss and gradients on the first batch (no update)."""
+    masks = _masks(program, 0, len(x))
+    forward = {"output (evaluation)": probe.output(x, False, {}),
+               "output (training)": probe.output(x, True, masks)}
+    loss, grads = probe.gradients(x, y, masks)
+    forward["loss"] = np.float64(loss)
+    return {"forward": forward, "gradients": grads}
+
+
+def train(probe: Probe, program: Program, pipeline: Any, steps: int
+          ) -> tuple[list[float], Quantities]:
+    """``steps`` training steps; the per-step losses and the final state, with the
+    evaluation-mode output of the first batch."""
+    per_epoch = pipeline.steps_per_epoch(program.spec.training.steps_per_epoch)
+    losses = []
+    for step in range(steps):
+        batch = pipeline.train_batch(step)
+        lr = lr_at(program.optimizer, step, per_epoch)
+        losses.append(probe.step(batch.x, batch.y, lr, _masks(program, step, len(batch.x))))
+    first = pipeline.train_batch(0)
+    state = probe.state()
+    state["output (evaluation)"] = probe.output(first.x, False, {})
+    return losses, state
+
+
+def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int = 20,
+            device: str | None = None, tolerance: Tolerance | None = None,
+            reference: bool = True, spec_name: str = "",
+            log: Callable[[str], None] = lambda message: None) -> Report:
+    """Run ``program`` through ``backends`` (and the numpy reference) and compare."""
+    tolerance = tolerance or Tolerance()
+    impls = {name: load_backend(name) for name in backends}
+    start = initial_weights(program.graph, program.seed)
+    report = Report(spec_name or program.name, steps, list(backends), reference, tolerance,
+                    floor_backend=backends[0])
+
+    def fresh(name: str, weights: Mapping[str, np.ndarray] = start) -> Probe:
+        from specforge.reference.probe import ReferenceProbe
+
+        probe = ReferenceProbe(program, weights) if name == REFERENCE else \
+            impls[name].create_probe(program, device, weights)
+        report.devices[name] = probe.device
+        report.notes.extend(n for n in probe.notes if n not in report.notes)
+        return probe
+
+    names = [*backends, REFERENCE] if reference else list(backends)
+    batch = pipeline.train_batch(0)
+    looks, finals = {}, {}
+    for name in names:
+        log(f"{name}: forward and gradients on the first batch")
+        looks[name] = first_look(fresh(name), program, batch.x, batch.y)
+        log(f"{name}: {steps} training steps")
+        report.losses[name], finals[name] = train(fresh(name), program, pipeline, steps)
+    perturbed = f"{backends[0]} (weights moved 1 ulp)"
+    log(f"{perturbed}: {steps} training steps for the chaos floor")
+    report.losses[perturbed], floor_run = train(
+        fresh(backends[0], unit_last_place_perturbation(start, program.seed)), program,
+        pipeline, steps)
+    for phase in ("forward", "gradients"):
+        rtol = tolerance.forward_rtol if phase == "forward" else tolerance.gradient_rtol
+        report.rows += compare_phase(phase, {n: looks[n][phase] for n in names}, backends,
+                                     reference, lambda q, scale, group, rtol=rtol:
+                                     rtol * (scale + GROUP_SHARE * group))
+    finals = {n: {"loss per step": np.asarray(report.losses[n]), **finals[n]} for n in names}
+    floor_run["loss per step"] = np.asarray(report.losses[perturbed])
+    floors = {q: difference(floor_run[q], finals[backends[0]][q]).max_abs for q in floor_run}
+
+    def after_steps(q: str, scale: float, group: float) -> float:
+        return max(tolerance.steps_rtol * (scale + GROUP_SHARE * group),
+                   tolerance.chaos_factor * floors[q])
+
+    report.rows += compare_phase("after N steps", finals, backends, reference, after_steps,
+                                 floors)
+    return report
+
+
+def _group(quantity: str) -> str:
+    """Quantities whose magnitudes are comparable: outputs, parameters, each optimizer
+    slot (Adam's v is the square of a gradient)."""
+    if quantity.startswith(("output", "loss")):
+        return quantity.split(" ")[0]
+    return quantity.rpartition(":")[2] if ":" in quantity else "parameters"
+
+
+def compare_phase(phase: str, results: Mapping[str, Quantities], backends: Sequence[str],
+                  reference: bool, tolerance_of: Callable[[str, float, float], float],
+                  floors: Mapping[str, float] | None = None) -> list[Row]:
+    """A row per quantity: each backend against the first, and against the reference."""
+    expected = results[REFERENCE] if reference else results[backends[0]]
+    groups: dict[str, float] = {}
+    for q, value in expected.items():
+        groups[_group(q)] = max(groups.get(_group(q), 0.0), magnitude(value))
+    rows = []
+    for q, value in expected.items():
+        pairs = {f"{b} vs {backends[0]}": difference(results[b][q], results[backends[0]][q])
+                 for b in backends[1:]}
+        if reference:
+            pairs.update({f"{b} vs {REFERENCE}": difference(results[b][q], value)
+                          for b in backends})
+        scale = magnitude(value)
+        rows.append(Row(phase, q, pairs, tolerance_of(q, scale, groups[_group(q)]),
+                        None if floors is None else floors[q]))
+    return rows
+
+
+__all__ = ["PHASES", "REFERENCE", "Report", "Row", "conform"]

@@ -1,0 +1,81 @@
+"""Comparisons and tolerances: when two arrays count as the same number.
+
+A difference is measured against the quantity's scale, the largest magnitude of its
+reference value (or of the first backend's, without the reference). Tolerances:
+
+- **forward and gradients** (one computation from the same weights): ``rtol * (scale +
+  GROUP_SHARE * group scale)``, where the group scale is the largest magnitude among all
+  quantities of the same kind (all gradients, say). The second term is there because float32
+  sums with cancellation carry rounding error in proportion to their terms, not to their
+  result: a bias gradient that sums to 0.05 from terms of size 1 is only good to about
+  1e-7 of the terms.
+- **after N steps**: training amplifies rounding differences by however chaotic the run is.
+  The run's own sensitivity is measured: the first backend trains again from its initial
+  weights moved by one float32 ulp (about 1e-7 relative), and the largest difference that
+  makes is the *chaos floor*. The tolerance is ``max(rtol * (scale + GROUP_SHARE * group
+  scale), chaos_factor * floor)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The share of its group's scale that a quantity's tolerance includes (see above).
+GROUP_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close two backends must be; a conformance case may override any field."""
+
+    #: forward outputs and the loss, relative to the scale
+    forward_rtol: float = 1e-5
+    #: gradients, relative to the scale
+    gradient_rtol: float = 1e-5
+    #: parameters and optimizer state after N steps, before the chaos floor is considered
+    steps_rtol: float = 1e-5
+    #: the N-step difference may be this multiple of the chaos floor
+    chaos_factor: float = 10.0
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How far ``actual`` is from ``expected``."""
+
+    max_abs: float
+    scale: float
+
+    @property
+    def max_rel(self) -> float:
+        return self.max_abs / self.scale if self.scale else (0.0 if self.max_abs == 0
+                                                             else float("inf"))
+
+
+def magnitude(value: np.ndarray) -> float:
+    value = np.asarray(value, np.float64)
+    return float(np.abs(value).max()) if value.size else 0.0
+
+
+def difference(actual: np.ndarray, expected: np.ndarray) -> Difference:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shapes differ: {actual.shape} and {expected.shape}")
+    finite = np.isfinite(actual).all() and np.isfinite(expected).all()
+    max_abs = magnitude(actual - expected) if finite else float("inf")
+    return Difference(max_abs, magnitude(expected))
+
+
+def unit_last_place_perturbation(weights: Mapping[str, np.ndarray], seed: int
+                                 ) -> dict[str, np.ndarray]:
+    """Every non-zero float32 weight moved one ulp up or down at random: about 1e-7
+    relative, the smallest change float32 can make (zeros stay zero)."""
+    rng = np.random.default_rng([seed, 5])
+    out = {}
+    for name in sorted(weights):
+        w = np.asarray(weights[name], np.float32)
+        direction = np.where(rng.random(w.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+        out[name] = np.where(w != 0, np.nextafter(w, direction), w).astype(np.float32)
+    return out
