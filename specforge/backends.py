@@ -139,6 +139,9 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     #: The checkpoint file name in a run folder.
     checkpoint_name: ClassVar[str] = "checkpoint"
+    #: Conformance cases this backend skips: case name pattern (glob) -> the reason, which
+    #: the suite reports (see :mod:`specforge.conformance.suite`).
+    conformance_excludes: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def build(self, program: Program) -> str:

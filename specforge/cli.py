@@ -243,53 +243,95 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
 
 
 @app.command()
-def conform(spec: SpecPath,
+def conform(spec: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
+                help="The spec file (YAML); leave out with --suite.", show_default=False)] = None,
             steps: Annotated[int, typer.Option(min=0, help="Training steps to compare.")] = 20,
             backends: Annotated[str, typer.Option(
                 help="Comma-separated backends; the first is the baseline.")] = "torch,keras",
             device: Annotated[Optional[str], typer.Option(  # noqa: UP045
                 help="cpu or cuda (default: each backend's own choice).")] = None,
             out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-                help="Report folder (default: conformance/<spec file name>).")] = None,
+                help="Report folder (default: conformance/<spec file name>, or "
+                     "conformance/suite).")] = None,
             reference: Annotated[bool, typer.Option(
                 help="Also run the float64 numpy reference, which says which backend is "
                      "wrong when they disagree.")] = True,
             chaos_factor: Annotated[float, typer.Option(
                 help="The N-step tolerance as a multiple of the chaos floor.")] = 10.0,
+            suite: Annotated[bool, typer.Option(
+                help="Run the shipped conformance suite instead of one spec.")] = False,
+            case: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+                help="With --suite: only cases matching this glob (repeatable).",
+                show_default=False)] = None,
             set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Check that backends compute the same forward pass, gradients and N training steps.
 
-    Writes report.json and losses.png; exits 1 when any quantity is out of tolerance.
+    Writes report.json and losses.png (with --suite, suite.json); exits 1 when any quantity
+    is out of tolerance.
     """
     from rich.console import Console
 
-    from specforge.conformance.check import conform as run_conformance
-    from specforge.conformance.compare import Tolerance
-    from specforge.conformance.report import print_report, write_report
-    from specforge.data.pipeline import build_pipeline
-
-    program = _compile(spec, set_, max_params)
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if not names or len(set(names)) != len(names):
         raise UsageError(f"--backends {backends!r}: name each backend once, e.g. torch,keras")
     if len(names) == 1 and not reference:
         raise UsageError("one backend without --reference compares nothing: add a backend "
                          "or leave out --no-reference")
+    # a pipe gets the whole table rather than rich's 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    log = Console(stderr=True)
+    if suite:
+        if spec is not None or set_:
+            raise UsageError("--suite runs the shipped cases: leave out the spec and --set")
+        passed = _conform_suite(names, case or [], device, reference,
+                                out or Path("conformance") / "suite", console, log)
+    elif spec is None:
+        raise UsageError("name a spec file, or use --suite")
+    else:
+        passed = _conform_spec(spec, set_, max_params, names, steps, device, reference,
+                               chaos_factor, out or Path("conformance") / spec.stem,
+                               console, log)
+    if not passed:
+        raise typer.Exit(1)
+
+
+def _conform_spec(spec: Path, overrides: list[str] | None, max_params: int, names: list[str],
+                  steps: int, device: str | None, reference: bool, chaos_factor: float,
+                  out: Path, console: Any, log: Any) -> bool:
+    from specforge.conformance.check import conform as run_conformance
+    from specforge.conformance.compare import Tolerance
+    from specforge.conformance.report import print_report, write_report
+    from specforge.data.pipeline import build_pipeline
+
+    program = _compile(spec, overrides, max_params)
     if program.spec.data is None:
         raise UsageError(f"{spec}: conform needs training batches; add a `data:` section "
                          "or --set 'data={source: {type: synthetic}}'")
     pipeline = build_pipeline(program, spec.parent)
-    console = Console(stderr=True)
     report = run_conformance(program, pipeline, names, steps, device,
                              Tolerance(chaos_factor=chaos_factor), reference, spec.name,
-                             log=lambda message: console.print(f"[dim]{message}[/]"))
-    # a pipe gets the whole table rather than rich's 80 columns
-    print_report(report, Console(width=None if sys.stdout.isatty() else 150))
-    folder = out or Path("conformance") / spec.stem
-    written = write_report(report, folder)
-    console.print(f"wrote {', '.join(map(str, written))}")
-    if not report.passed:
-        raise typer.Exit(1)
+                             log=lambda message: log.print(f"[dim]{message}[/]"))
+    print_report(report, console)
+    written = write_report(report, out)
+    log.print(f"wrote {', '.join(map(str, written))}")
+    return report.passed
+
+
+def _conform_suite(names: list[str], patterns: list[str], device: str | None,
+                   reference: bool, out: Path, console: Any, log: Any) -> bool:
+    from specforge.backends import load_backend
+    from specforge.conformance.report import print_suite, write_suite
+    from specforge.conformance.suite import run_suite, select
+
+    cases = select(patterns)
+    if not cases:
+        raise UsageError(f"no conformance case matches {', '.join(patterns)}")
+    impls = {n: load_backend(n) for n in names}
+    results = run_suite(cases, impls, device, reference,
+                        log=lambda message: log.print(f"[dim]{message}[/]"))
+    print_suite(results, console)
+    log.print(f"wrote {write_suite(results, out)}")
+    return all(r.report is None or r.report.passed for r in results)
 
 
 @app.command()

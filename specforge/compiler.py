@@ -8,7 +8,7 @@ from pathlib import Path
 from specforge.ir.lower import DEFAULT_MAX_PARAMS, lower_model
 from specforge.ir.program import Program, lower_training
 from specforge.spec.schema import Spec, validate_spec
-from specforge.spec.source import LoadedSpec, apply_overrides, load_file
+from specforge.spec.source import LoadedSpec, apply_overrides, load_file, parse_yaml
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[LoadedSpec, Spec]:
@@ -24,3 +24,13 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     loaded, spec = load_spec(path, overrides)
     graph = lower_model(spec, loaded, max_params=max_params)
     return lower_training(spec, graph, loaded)
+
+
+def compile_text(text: str, name: str, overrides: Sequence[str] = ()) -> Program:
+    """Compile a spec given as YAML text; ``name`` stands for the file in error messages.
+    (`extends:` needs a file: it is not available here.)"""
+    data, sources = parse_yaml(text, name)
+    loaded = LoadedSpec(data, sources, name)
+    apply_overrides(loaded, overrides)
+    spec = validate_spec(loaded)
+    return lower_training(spec, lower_model(spec, loaded), loaded)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specforge.conformance.check import PHASES, Report, Row
+from specforge.conformance.suite import CaseResult
 from specforge.runfolder import write_atomically
 
 
@@ -64,10 +65,12 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"  {name}: {device}")
     for note in report.notes:
         console.print(f"  note: {note}")
-    console.print(f"  chaos floor: {report.floor_backend} trained again from its initial "
-                  "weights moved by one float32 ulp (about 1e-7); the N-step tolerance is "
+    console.print("  chaos floor: the largest change in each backend's own run when trained "
+                  "again from its initial weights moved by one float32 ulp (about 1e-7); the "
+                  "N-step tolerance is "
                   f"{report.tolerance.chaos_factor:g} x that floor, or "
-                  f"{report.tolerance.steps_rtol:g} relative if larger")
+                  f"{report.tolerance.steps_rtol:g} relative if larger; the backends "
+                  "against each other decide, the reference names the one that strays")
     failed = report.failures()
     counts = ", ".join(f"{p.replace('N steps', f'{report.steps} steps')} "
                        f"{sum(r.phase == p for r in report.rows)}" for p in PHASES)
@@ -86,9 +89,10 @@ def report_json(report: Report) -> dict[str, Any]:
         "spec": report.spec, "steps": report.steps, "backends": report.backends,
         "reference": report.reference, "passed": report.passed,
         "devices": report.devices, "notes": report.notes,
-        "tolerance": asdict(report.tolerance), "floor_backend": report.floor_backend,
+        "tolerance": asdict(report.tolerance),
         "rows": [{"phase": r.phase, "quantity": r.quantity, "tolerance": r.tolerance,
                   "floor": r.floor, "passed": r.passed, "off": r.off,
+                  "decided_by": list(r.decisive),
                   "pairs": {p: {"max_abs": d.max_abs, "max_rel": d.max_rel}
                             for p, d in r.pairs.items()}} for r in report.rows],
         "losses": report.losses,
@@ -135,3 +139,57 @@ def write_loss_plot(path: Path, report: Report) -> bool:
     plt.close(fig)
     write_atomically(path, buffer.getvalue())
     return True
+
+
+def worst_ratio(report: Report) -> float:
+    """The largest deciding difference as a share of its tolerance (above 1 fails)."""
+    return max((r.pairs[p].max_abs / r.tolerance if r.tolerance else float("inf")
+                for r in report.rows for p in r.decisive if r.pairs[p].max_abs),
+               default=0.0)
+
+
+def print_suite(results: list[CaseResult], console: Console) -> None:
+    """One row per case, the exclusions with their reasons, and a verdict."""
+    table = Table(title="conformance suite", title_justify="left", title_style="bold")
+    for column in ("case", "backends", *PHASES, "worst diff / tol", "result"):
+        table.add_column(column, justify="left" if column in ("case", "backends", "result")
+                         else "right")
+    for result in results:
+        report = result.report
+        if report is None:
+            table.add_row(result.case.name, "-", "", "", "", "", "[yellow]excluded[/]")
+            continue
+        counts = [f"{sum(r.passed for r in report.rows if r.phase == p)}/"
+                  f"{sum(r.phase == p for r in report.rows)}" for p in PHASES]
+        failed = report.failures()
+        verdict = "[green]pass[/]" if not failed else "[red]FAIL[/] " + ", ".join(
+            f"{r.quantity}" + (f" ({', '.join(r.off)} off)" if r.off else "")
+            for r in failed[:3])
+        table.add_row(result.case.name, ",".join(report.backends), *counts,
+                      f"{worst_ratio(report):.2f}", verdict)
+    console.print(table)
+    for result in results:
+        for backend, reason in result.excluded.items():
+            console.print(f"  excluded: {result.case.name} on {backend}: {reason}")
+    ran = [r for r in results if r.report is not None]
+    failed = [r for r in ran if not r.report.passed]
+    quantities = sum(len(r.report.rows) for r in ran)
+    worst = max((worst_ratio(r.report) for r in ran), default=0.0)
+    if failed:
+        console.print(f"[red]conformance suite FAILED[/]: {len(failed)} of {len(ran)} cases "
+                      f"({', '.join(r.case.name for r in failed[:5])})")
+    else:
+        console.print(f"[green]conformance suite passed[/]: {len(ran)} cases, {quantities} "
+                      f"quantities, the largest difference {worst:.2f} of its tolerance")
+
+
+def write_suite(results: list[CaseResult], folder: Path) -> Path:
+    """suite.json: every case's report, and the exclusions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "suite.json"
+    write_atomically(path, json.dumps({
+        "passed": all(r.report is None or r.report.passed for r in results),
+        "cases": [{"name": r.case.name, "excluded": r.excluded,
+                   "report": None if r.report is None else report_json(r.report)}
+                  for r in results]}, indent=1))
+    return path
