@@ -66,8 +66,8 @@ def print_report(report: Report, console: Console) -> None:
     for note in report.notes:
         console.print(f"  note: {note}")
     console.print("  chaos floor: the largest change in each backend's own run when trained "
-                  "again from its initial weights moved by one float32 ulp (about 1e-7); the "
-                  "N-step tolerance is "
+                  "again with its initial weights and every batch's pixels moved by one "
+                  "float32 ulp (about 1e-7); the N-step tolerance is "
                   f"{report.tolerance.chaos_factor:g} x that floor, or "
                   f"{report.tolerance.steps_rtol:g} relative if larger; the backends "
                   "against each other decide, the reference names the one that strays")
