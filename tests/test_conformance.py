@@ -5,6 +5,7 @@ else."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from specforge.compiler import compile_text
 from specforge.conformance.suite import ACTIVATIONS, CASES, Case, run_case, select
 from specforge.ir.ops import OPS
 from specforge.reference.forward import ACTIVATIONS as REFERENCE_ACTIVATIONS
-from tests.conftest import run_cli
+from tests.conftest import ROOT
+from tests.processes import ENV, ok, read_jsonl, refused, run_all, sets, specforge
 
 torch = pytest.importorskip("torch")
 keras = pytest.importorskip("keras")
@@ -154,9 +156,8 @@ def test_a_biased_running_variance_in_keras_is_caught(monkeypatch):
 
 def test_conform_writes_tables_json_and_plot(tmp_path: Path):
     out = tmp_path / "report"
-    result = run_cli("conform", "specs/digits.yaml", "--steps", "3", "--out", str(out),
-                     timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = ok(run_all(specforge("conform", "specs/digits.yaml", "--steps", "3", "--out",
+                                  str(out)))[0])
     assert "conformance passed" in result.stdout
     for title in ("forward", "gradients", "after 3 steps", "chaos floor", "max rel"):
         assert title in result.stdout
@@ -184,10 +185,7 @@ def test_conform_writes_tables_json_and_plot(tmp_path: Path):
     (["specs/digits.yaml", "--backends", "torhc"], "did you mean 'torch'"),
 ])
 def test_conform_usage_errors(args, message):
-    result = run_cli("conform", *args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    refused(run_all(specforge("conform", *args))[0], message)
 
 
 FAULTY_BACKEND = textwrap.dedent('''\
@@ -216,9 +214,10 @@ def test_a_third_party_backend_runs_the_suite(tmp_path: Path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: faulty-backend\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[specforge.backends]\nfaulty = faulty_backend:Faulty\n")
     out = tmp_path / "suite"
-    result = run_cli("conform", "--suite", "--backends", "faulty", "--case", "activation-gel*",
-                     "--case", "optimizer-sgd", "--case", "optimizer-adamw", "--out", str(out),
-                     env={"PYTHONPATH": str(tmp_path)}, timeout=300)
+    result = run_all(specforge("conform", "--suite", "--backends", "faulty", "--case",
+                               "activation-gel*", "--case", "optimizer-sgd", "--case",
+                               "optimizer-adamw", "--out", str(out)),
+                     env={**ENV, "PYTHONPATH": str(tmp_path)})[0]
     assert result.returncode == 1, result.stderr[-3000:]
     assert "excluded: activation-gelu on faulty: no exact gelu yet" in result.stdout
     assert "conformance suite FAILED: 1 of 2 cases (optimizer-adamw)" in result.stdout
@@ -231,9 +230,9 @@ def test_a_third_party_backend_runs_the_suite(tmp_path: Path):
 # --- 5. the seed's model, 50 steps --------------------------------------------------------
 
 def test_the_seed_model_conforms_for_50_steps(tmp_path: Path):
-    result = run_cli("conform", "specs/cifar.yaml", "--steps", "50", "--out", str(tmp_path),
-                     "--set", "data.source={type: synthetic, samples: 2000}", timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ok(run_all(specforge("conform", "specs/cifar.yaml", "--steps", "50", "--out", str(tmp_path),
+                         "--set", "data.source={type: synthetic, samples: 2000}"),
+               timeout=600)[0])
     report = json.loads((tmp_path / "report.json").read_text())
     losses = report["losses"]
     assert len(losses["torch"]) == len(losses["keras"]) == 50
@@ -242,3 +241,38 @@ def test_the_seed_model_conforms_for_50_steps(tmp_path: Path):
     gap = np.abs(np.subtract(losses["torch"], losses["keras"])).max()
     assert gap == curve["pairs"]["keras vs torch"]["max_abs"] <= curve["tolerance"]
     assert losses["torch"][-1] < losses["torch"][0]  # it trains
+
+
+# --- 6. run against build: both backends' scripts and `specforge run` ------------------------
+
+DIGITS = str(ROOT / "specs" / "digits.yaml")
+# dropout off: a built script draws its masks from its framework, as a user's run does
+SHORT = ["model.layers.5.rate=0", "training.epochs=1", "training.steps_per_epoch=20"]
+
+
+def test_built_scripts_of_both_backends_agree_with_each_other_and_with_run(tmp_path: Path):
+    scripts = {b: tmp_path / f"train_{b}.py" for b in BACKENDS}  # not torch.py
+    for result in run_all(*(specforge("build", DIGITS, "-b", b, "-o", str(path), *sets(*SHORT))
+                            for b, path in scripts.items())):
+        ok(result)
+    results = run_all(
+        *([sys.executable, str(path), "--log-steps", f"{b}.jsonl"]
+          for b, path in scripts.items()),
+        *(specforge("run", DIGITS, "-b", b, "--run-dir", str(tmp_path / f"run-{b}"),
+                    "--quiet", *sets(*SHORT)) for b in BACKENDS),
+        specforge("conform", DIGITS, "--steps", "20", "--out", str(tmp_path / "conform"),
+                  *sets(*SHORT)), cwd=tmp_path, timeout=600)
+    for result in results:
+        ok(result)
+    built = {b: [s["loss"] for s in read_jsonl(tmp_path / f"{b}.jsonl")] for b in BACKENDS}
+    ran = {b: [s["loss"] for s in read_jsonl(tmp_path / f"run-{b}" / "steps.jsonl")]
+           for b in BACKENDS}
+    assert len(built["torch"]) == len(built["keras"]) == 20
+    # a script and `specforge run` are the same code on the same CPU: equal to the last bit
+    assert built == ran
+    # across backends: within the tolerance `specforge conform` derives for these 20 steps
+    report = json.loads((tmp_path / "conform" / "report.json").read_text())
+    curve = next(r for r in report["rows"] if r["quantity"] == "loss per step")
+    assert report["losses"]["torch"] == pytest.approx(built["torch"], abs=0)
+    gap = np.abs(np.subtract(built["torch"], built["keras"])).max()
+    assert 0 < gap <= curve["tolerance"], (gap, curve["tolerance"])
