@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from specforge.backends import Probe
+from specforge.errors import UsageError
 from specforge.ir.graph import Node, identifier_names
 from specforge.ir.program import Program, optimizer_slots
 from specforge_keras.model import _variable, create_model, export_weights
@@ -76,12 +77,41 @@ def full_precision() -> list[str]:
     return []
 
 
+def where_keras_computes(requested: str | None) -> str:
+    """The device the running Keras backend computes on, in words; a clear error when it
+    is not the ``requested`` one (Keras picks its device itself)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        kind, name = ("cuda" if device.platform == "gpu" else device.platform), \
+            device.device_kind
+    elif backend == "torch":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        name = torch.cuda.get_device_name() if kind == "cuda" else "cpu"
+    else:
+        import tensorflow as tf
+
+        kind = "cuda" if tf.config.list_logical_devices("GPU") else "cpu"
+        name = kind
+    if requested not in (None, "auto") and not requested.startswith(kind):
+        raise UsageError(
+            f"--device {requested}: Keras on {backend} sees no GPU here" if kind == "cpu" else
+            f"--device {requested}: Keras on {backend} computes on the GPU; hide it "
+            "(CUDA_VISIBLE_DEVICES=) to compute on the CPU")
+    return f"{kind} ({name}, keras on {backend})" if name != kind else \
+        f"{kind} (keras on {backend})"
+
+
 class KerasProbe(Probe):
     def __init__(self, program: Program, device: str | None = None,
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
         self.notes = full_precision()
         self.program = program
-        self.device = f"{device or 'auto'} (keras on {keras.backend.backend()})"
+        self.device = where_keras_computes(device)
         self.dropout_names: list[str] = []
         layers: list[MaskedDropout] = []
 
