@@ -276,3 +276,33 @@ def test_built_scripts_of_both_backends_agree_with_each_other_and_with_run(tmp_p
     assert report["losses"]["torch"] == pytest.approx(built["torch"], abs=0)
     gap = np.abs(np.subtract(built["torch"], built["keras"])).max()
     assert 0 < gap <= curve["tolerance"], (gap, curve["tolerance"])
+
+
+# --- 7. the neutral weights format: torch -> neutral -> keras -> neutral is exact ----------
+
+ROUND_TRIP = ["conv-dilation-groups-depthwise", "add-concat-residual", "batch-norm",
+              "batch-norm-on-features", "dropout-after-flatten"]
+
+
+@pytest.mark.parametrize("name", [*ROUND_TRIP, "specs/cifar.yaml"])
+def test_weights_round_trip_torch_neutral_keras_neutral_exactly(name):
+    from specforge_keras.model import create_model as keras_model
+    from specforge_keras.model import export_weights as keras_export
+    from specforge_torch.model import create_model as torch_model
+    from specforge_torch.model import export_weights as torch_export
+
+    from specforge.compiler import compile_spec
+    from specforge.weights import parameter_table
+
+    program = compile_spec(ROOT / name) if name.endswith(".yaml") else \
+        compile_text(select([name])[0].spec_text(), name)
+    rng = np.random.default_rng(0)  # not the initial values: every bit pattern counts
+    weights = {k: rng.normal(size=p.shape).astype(np.float32)
+               for k, p in parameter_table(program.graph).items()}
+    through_torch = torch_export(torch_model(program.graph, program.seed, weights))
+    through_keras = keras_export(keras_model(program.graph, program.seed, through_torch),
+                                 program.graph)
+    assert set(through_keras) == set(weights)
+    for key, value in weights.items():
+        assert through_keras[key].dtype == np.float32
+        np.testing.assert_array_equal(through_keras[key], value, err_msg=key)

@@ -168,9 +168,11 @@ def print_suite(results: list[CaseResult], console: Console) -> None:
         table.add_row(result.case.name, ",".join(report.backends), *counts,
                       f"{worst_ratio(report):.2f}", verdict)
     console.print(table)
-    for result in results:
-        for backend, reason in result.excluded.items():
-            console.print(f"  excluded: {result.case.name} on {backend}: {reason}")
+    exclusions = [(r.case.name, b, why) for r in results for b, why in r.excluded.items()]
+    for case, backend, reason in exclusions:
+        console.print(f"  excluded: {case} on {backend}: {reason}")
+    if not exclusions:
+        console.print("  excluded: nothing")
     ran = [r for r in results if r.report is not None]
     failed = [r for r in ran if not r.report.passed]
     quantities = sum(len(r.report.rows) for r in ran)
