@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import jinja2
+from pydantic import BaseModel
 
 from specforge import __version__, metrics, runner, weights
 from specforge.data import augment, cifar, folders, pipeline, sources
@@ -93,7 +94,7 @@ def namespace(value: Any, indent: int = 0, width: int = 100, used: int = 0) -> s
     (``indent``: the line's indentation, ``used``: columns taken before the value on its
     first line). Models and dataclasses become SimpleNamespace (attribute access, as in
     specforge), mappings dicts, the rest ``repr`` literals."""
-    if hasattr(value, "model_fields"):
+    if isinstance(value, BaseModel):
         items = [(f"{k}=", getattr(value, k)) for k in type(value).model_fields]
         return _wrapped("SimpleNamespace(", items, ")", indent, width, used)
     if hasattr(value, "__dataclass_fields__"):

@@ -27,7 +27,7 @@ from specforge.conformance.compare import (
     Tolerance,
     difference,
     magnitude,
-    unit_last_place_perturbation,
+    move_one_ulp,
 )
 from specforge.conformance.masks import dropout_masks
 from specforge.ir.program import Program, lr_at
@@ -35,6 +35,9 @@ from specforge.metrics import MetricAccumulator
 from specforge.weights import initial_weights
 
 REFERENCE = "reference"
+#: the purpose of the chaos floor's random stream (the data pipeline's are 1 to 3, dropout
+#: masks' 4)
+PERTURB = 5
 PHASES = ("forward", "gradients", "after N steps")
 Quantities = dict[str, np.ndarray]
 
@@ -153,23 +156,7 @@ def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int
         looks[name] = first_look(fresh(name), program, batch.x, batch.y)
         log(f"{name}: {steps} training steps")
         report.losses[name], finals[name] = train(fresh(name), program, pipeline, steps)
-    # Each backend's own sensitivity: the same backend from weights moved by one ulp, and
-    # every batch's pixels moved by one ulp (rounding enters at every step, not only at the
-    # start). The floor is the largest over the backends: their roundings amplify
-    # differently.
-    moved = unit_last_place_perturbation(start, program.seed)
-
-    def jitter_inputs(x: np.ndarray, step: int) -> np.ndarray:
-        return unit_last_place_perturbation({"x": x}, program.seed + step + 1)["x"]
-
-    floors: dict[str, float] = {}
-    for name in backends:
-        perturbed = f"{name} (moved 1 ulp)"
-        log(f"{perturbed}: {steps} training steps for the chaos floor")
-        report.losses[perturbed], floor_run = train(fresh(name, moved), program, pipeline,
-                                                     steps, jitter_inputs)
-        for q, value in floor_run.items():
-            floors[q] = max(floors.get(q, 0.0), difference(value, finals[name][q]).max_abs)
+    floors = chaos_floors(program, pipeline, backends, steps, finals, fresh, report, log)
 
     for phase in ("forward", "gradients"):
         rtol = tolerance.forward_rtol if phase == "forward" else tolerance.gradient_rtol
@@ -184,6 +171,31 @@ def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int
     report.rows += compare_phase("after N steps", finals, backends, reference, after_steps,
                                  floors)
     return report
+
+
+def chaos_floors(program: Program, pipeline: Any, backends: Sequence[str], steps: int,
+                 finals: Mapping[str, Quantities], fresh: Callable[..., Probe],
+                 report: Report, log: Callable[[str], None]) -> dict[str, float]:
+    """Each backend's own sensitivity, per quantity: the same backend trained again with its
+    initial weights and every batch's pixels moved by one ulp (rounding enters at every
+    step, not only at the start). The largest over the backends: their roundings amplify
+    differently."""
+    start = initial_weights(program.graph, program.seed)
+    rng = np.random.default_rng([program.seed, PERTURB])
+    moved = {name: move_one_ulp(start[name], rng) for name in sorted(start)}
+
+    def jitter(x: np.ndarray, step: int) -> np.ndarray:
+        return move_one_ulp(x, np.random.default_rng([program.seed, PERTURB, step]))
+
+    floors: dict[str, float] = {}
+    for name in backends:
+        perturbed = f"{name} (moved 1 ulp)"
+        log(f"{perturbed}: {steps} training steps for the chaos floor")
+        report.losses[perturbed], run = train(fresh(name, moved), program, pipeline, steps,
+                                              jitter)
+        for q, value in run.items():
+            floors[q] = max(floors.get(q, 0.0), difference(value, finals[name][q]).max_abs)
+    return floors
 
 
 def _group(quantity: str) -> str:

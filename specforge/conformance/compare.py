@@ -18,7 +18,6 @@ reference value (or of the first backend's, without the reference). Tolerances:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,14 +67,9 @@ def difference(actual: np.ndarray, expected: np.ndarray) -> Difference:
     return Difference(max_abs, magnitude(expected))
 
 
-def unit_last_place_perturbation(weights: Mapping[str, np.ndarray], seed: int
-                                 ) -> dict[str, np.ndarray]:
-    """Every non-zero float32 weight moved one ulp up or down at random: about 1e-7
+def move_one_ulp(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every non-zero float32 element moved one ulp up or down at random: about 1e-7
     relative, the smallest change float32 can make (zeros stay zero)."""
-    rng = np.random.default_rng([seed, 5])
-    out = {}
-    for name in sorted(weights):
-        w = np.asarray(weights[name], np.float32)
-        direction = np.where(rng.random(w.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
-        out[name] = np.where(w != 0, np.nextafter(w, direction), w).astype(np.float32)
-    return out
+    value = np.asarray(value, np.float32)
+    direction = np.where(rng.random(value.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+    return np.where(value != 0, np.nextafter(value, direction), value).astype(np.float32)
