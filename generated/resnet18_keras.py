@@ -21,7 +21,7 @@ import json
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -1116,6 +1116,14 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
     return out[0], out[1], out[2]
 
 
+def shard(size: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
+    contiguous, in order, sizes differing by at most one."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 @dataclass(frozen=True)
 class Batch:
     """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
@@ -1145,22 +1153,30 @@ class DataPipeline:
         return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
             len(self.train))
 
-    def batch_plan(self, step: int) -> tuple[np.ndarray, AugmentParams | None]:
-        """Which training images step ``step`` takes, and their augmentation parameters
-        (None without augmentation): what any implementation of the batch must use."""
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Which training images step ``step`` takes (the whole batch)."""
         pass_index, b = divmod(step, self.batches_per_pass)
-        order = self.pass_order(pass_index)
-        indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+        return self.pass_order(pass_index)[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def batch_plan(self, step: int, part: slice = slice(None)
+                   ) -> tuple[np.ndarray, AugmentParams | None]:
+        """Which training images step ``step`` takes, and their augmentation parameters
+        (None without augmentation): what any implementation of the batch must use.
+        ``part``: only that part of the batch (a :func:`shard`)."""
+        indices = self.batch_indices(step)
         aug = self.data.augment
         if is_identity(aug):
-            return indices, None
+            return indices[part], None
+        pass_index, b = divmod(step, self.batches_per_pass)
         rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
         height, width = self.train.images.shape[1:3]
-        return indices, draw_params(aug, len(indices), height, width, rng)
+        params = draw_params(aug, len(indices), height, width, rng)
+        return indices[part], params.take(part)
 
-    def train_batch(self, step: int) -> Batch:
-        """The (augmented, normalised) training batch of global step ``step``."""
-        indices, params = self.batch_plan(step)
+    def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
+        """The (augmented, normalised) training batch of global step ``step``, or ``part``
+        of it."""
+        indices, params = self.batch_plan(step, part)
         images = np.asarray(self.train.images[indices], np.float32)
         if params is not None:
             images = apply_augmentation(images, params, self.data.augment)
@@ -1217,6 +1233,10 @@ class AugmentParams:
     flip_v: np.ndarray
     crop_y: np.ndarray     # int
     crop_x: np.ndarray
+
+    def take(self, part: slice) -> AugmentParams:
+        """The parameters of the images in ``part`` of the batch."""
+        return AugmentParams(*(getattr(self, f.name)[part] for f in fields(self)))
 
 
 def is_identity(aug: Any) -> bool:
@@ -1447,15 +1467,20 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
-        evaluate_batch: Any) -> None:
-    """Train, validating every epoch, then report the test metrics."""
+        evaluate_batch: Any, batches: Any = None, main: bool = True) -> None:
+    """Train, validating every epoch, then report the test metrics. ``batches``: where the
+    training batches come from (default: ``pipeline``); ``main``: whether this process
+    prints and logs (one of several data-parallel processes does)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
-            if args.log_steps else None
-        train(pipeline, train_step, evaluate_batch, args.epochs, steps_per_epoch, log)
+            if args.log_steps and main else None
+        train(pipeline, batches or pipeline, train_step, evaluate_batch, args.epochs,
+              steps_per_epoch, log, main)
     test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
-    print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items()) or "no test set"))
+    if main:
+        print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())
+                          or "no test set"))
 
 
 def main() -> None:
@@ -1478,8 +1503,8 @@ def main() -> None:
         model.save_weights(args.save)
 
 
-def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: int,
-          steps_per_epoch: int, log: Any) -> None:
+def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,
+          epochs: int, steps_per_epoch: int, log: Any, main: bool = True) -> None:
     """specforge's loop: step s takes batch s of the pass sequence and lr_at(s).
     ``train_step(batch, lr, step)`` returns the loss and the logits."""
     step = 0
@@ -1488,7 +1513,7 @@ def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: 
         loss_sum, seen = 0.0, 0
         started, timed = time.perf_counter(), 0
         for _ in range(steps_per_epoch):
-            batch = pipeline.train_batch(step)
+            batch = batches.train_batch(step)
             lr = lr_at(OPTIMIZER, step, steps_per_epoch)
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
@@ -1507,9 +1532,10 @@ def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: 
                                     LOSS.classes, TRAINING.validation_steps)
         shown = {"loss": loss_sum / seen, **metrics.result(),
                  **{f"val_{k}": v for k, v in validation.items()}}
-        print(f"epoch {epoch + 1}/{epochs}: "
-              + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-              + f"  ({rate:,.0f} images/s)", flush=True)
+        if main:
+            print(f"epoch {epoch + 1}/{epochs}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                  + f"  ({rate:,.0f} images/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ does not need specforge. With the spec's seed it computes the same per-step loss
 
     python THIS_SCRIPT.py [--epochs N] [--steps-per-epoch N] [--data-dir DIR]
                           [--log-steps FILE.jsonl] [--save FILE] [--device cpu|cuda]
+
+Under torchrun (`torchrun --nproc-per-node N THIS_SCRIPT.py`) it trains data-parallel with
+DistributedDataParallel: each process takes its shard of every batch, and the losses equal
+one process's on the whole batch.
 The sections below: 1 settings, 2 layers, 3 the model, 4 initial weights, 5 data,
 6 loss, optimizer and metrics, 7 training.
 """
@@ -19,15 +23,18 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
+import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -686,18 +693,36 @@ def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None
 
 def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                    loss: LossIR, opt: OptimizerIR, images: torch.Tensor,
-                   labels: torch.Tensor, lr: float, autocast: torch.dtype | None = None
-                   ) -> tuple[float, np.ndarray]:
-    """One training step at learning rate ``lr``: the batch's loss and its logits."""
+                   labels: torch.Tensor, lr: float, autocast: torch.dtype | None = None,
+                   share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step at learning rate ``lr``: the batch's loss and its logits (still
+    on the device). ``share``: the weight of this batch's mean loss in the gradient (a
+    data-parallel shard's size times the number of processes over the whole batch's size;
+    DDP averages the processes' gradients)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     output = forward_pass(model, images, autocast)
     value = loss_value(loss, output, labels)
-    value.backward()
+    (value * share if share != 1.0 else value).backward()
     clip_gradients(params, opt.clip_value, opt.clip_norm)
     optimizer.step()
-    return value.item(), output.detach().cpu().numpy()
+    return value.detach(), output.detach()
+
+
+def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+               loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
+               lr: float, ranks: Ranks, device: torch.device,
+               autocast: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+    """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
+    the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
+    logits, the same on every process."""
+    mine = y[shard(len(y), ranks.rank, ranks.world)]
+    images, labels = to_tensors(x, mine)
+    value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
+                                   autocast, share=len(mine) * ranks.world / len(y))
+    return all_sum(value.item() * len(mine), device) / len(y), gather_rows(output, len(y),
+                                                                            ranks)
 
 
 def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
@@ -706,6 +731,66 @@ def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "dense" and param == "kernel":
         return value.T
     return value
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def ranks_from_environment() -> Ranks | None:
+    """This process's place among torchrun's processes, or None outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(ranks: Ranks, device: torch.device) -> torch.device:
+    """Join the process group (nccl on CUDA, gloo on the CPU); this process's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                rank=ranks.rank, world_size=ranks.world)
+    # A kernel with one input channel has a size-1 dimension whose stride differs between
+    # the parameter and its gradient: the same layout, and a warning DDP need not print.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket")
+    return device
+
+
+class ShardedBatches:
+    """The batch source of one process: ``x`` is this process's shard of the step's batch,
+    ``y`` the labels of the whole batch (the trainer picks its own and gathers the others'
+    outputs, so the loop counts metrics over the whole batch)."""
+
+    def __init__(self, source: Any, pipeline: Any, ranks: Ranks) -> None:
+        self.source, self.pipeline, self.ranks = source, pipeline, ranks
+
+    def train_batch(self, step: int) -> Batch:
+        labels = self.pipeline.train.labels[self.pipeline.batch_indices(step)]
+        part = shard(len(labels), self.ranks.rank, self.ranks.world)
+        return Batch(self.source.train_batch(step, part).x, labels)
+
+
+def all_sum(value: float, device: torch.device) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())
+
+
+def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> np.ndarray:
+    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's."""
+    biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
+    padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(parts, padded)
+    sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu().numpy()
 
 
 def load_initial_weights(model: Model) -> None:
@@ -790,6 +875,14 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
     return out[0], out[1], out[2]
 
 
+def shard(size: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
+    contiguous, in order, sizes differing by at most one."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
 @dataclass(frozen=True)
 class Batch:
     """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
@@ -819,22 +912,30 @@ class DataPipeline:
         return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
             len(self.train))
 
-    def batch_plan(self, step: int) -> tuple[np.ndarray, AugmentParams | None]:
-        """Which training images step ``step`` takes, and their augmentation parameters
-        (None without augmentation): what any implementation of the batch must use."""
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Which training images step ``step`` takes (the whole batch)."""
         pass_index, b = divmod(step, self.batches_per_pass)
-        order = self.pass_order(pass_index)
-        indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+        return self.pass_order(pass_index)[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def batch_plan(self, step: int, part: slice = slice(None)
+                   ) -> tuple[np.ndarray, AugmentParams | None]:
+        """Which training images step ``step`` takes, and their augmentation parameters
+        (None without augmentation): what any implementation of the batch must use.
+        ``part``: only that part of the batch (a :func:`shard`)."""
+        indices = self.batch_indices(step)
         aug = self.data.augment
         if is_identity(aug):
-            return indices, None
+            return indices[part], None
+        pass_index, b = divmod(step, self.batches_per_pass)
         rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
         height, width = self.train.images.shape[1:3]
-        return indices, draw_params(aug, len(indices), height, width, rng)
+        params = draw_params(aug, len(indices), height, width, rng)
+        return indices[part], params.take(part)
 
-    def train_batch(self, step: int) -> Batch:
-        """The (augmented, normalised) training batch of global step ``step``."""
-        indices, params = self.batch_plan(step)
+    def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
+        """The (augmented, normalised) training batch of global step ``step``, or ``part``
+        of it."""
+        indices, params = self.batch_plan(step, part)
         images = np.asarray(self.train.images[indices], np.float32)
         if params is not None:
             images = apply_augmentation(images, params, self.data.augment)
@@ -891,6 +992,10 @@ class AugmentParams:
     flip_v: np.ndarray
     crop_y: np.ndarray     # int
     crop_x: np.ndarray
+
+    def take(self, part: slice) -> AugmentParams:
+        """The parameters of the images in ``part`` of the batch."""
+        return AugmentParams(*(getattr(self, f.name)[part] for f in fields(self)))
 
 
 def is_identity(aug: Any) -> bool:
@@ -1121,15 +1226,20 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
-        evaluate_batch: Any) -> None:
-    """Train, validating every epoch, then report the test metrics."""
+        evaluate_batch: Any, batches: Any = None, main: bool = True) -> None:
+    """Train, validating every epoch, then report the test metrics. ``batches``: where the
+    training batches come from (default: ``pipeline``); ``main``: whether this process
+    prints and logs (one of several data-parallel processes does)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
-            if args.log_steps else None
-        train(pipeline, train_step, evaluate_batch, args.epochs, steps_per_epoch, log)
+            if args.log_steps and main else None
+        train(pipeline, batches or pipeline, train_step, evaluate_batch, args.epochs,
+              steps_per_epoch, log, main)
     test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
-    print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items()) or "no test set"))
+    if main:
+        print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())
+                          or "no test set"))
 
 
 def to_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1142,13 +1252,19 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = ranks_from_environment()  # under torchrun: this process's place
+    if ranks is not None:
+        device = join(ranks, device)
     pipeline = load_data(args.data_dir)
     model = Model()
     load_initial_weights(model)
     model.to(device)
-    torch.manual_seed(SEED)  # dropout's random stream, seeded once the model exists
+    # dropout's random stream, seeded once the model exists (each process its own)
+    torch.manual_seed(SEED + (ranks.rank if ranks else 0))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(OPTIMIZER, params)
+    trained = model if ranks is None else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         model.eval()
@@ -1158,17 +1274,27 @@ def main() -> None:
             return loss_value(LOSS, output, labels).item(), output.cpu().numpy()
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        images, labels = to_tensors(batch, device)
         model.train()
-        return optimizer_step(model, optimizer, params, LOSS, OPTIMIZER, images, labels, lr)
+        if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
+            return shard_step(trained, optimizer, params, LOSS, OPTIMIZER,
+                              lambda x, y: to_tensors(Batch(x, y), device), batch.x, batch.y,
+                              lr, ranks, device)
+        images, labels = to_tensors(batch, device)
+        value, output = optimizer_step(model, optimizer, params, LOSS, OPTIMIZER, images,
+                                       labels, lr)
+        return value.item(), output.cpu().numpy()
 
-    run(args, pipeline, train_step, evaluate_batch)
-    if args.save:
+    main = ranks is None or ranks.rank == 0
+    run(args, pipeline, train_step, evaluate_batch,
+        None if ranks is None else ShardedBatches(pipeline, pipeline, ranks), main)
+    if args.save and main:
         torch.save(model.state_dict(), args.save)
+    if ranks is not None:
+        dist.destroy_process_group()
 
 
-def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: int,
-          steps_per_epoch: int, log: Any) -> None:
+def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,
+          epochs: int, steps_per_epoch: int, log: Any, main: bool = True) -> None:
     """specforge's loop: step s takes batch s of the pass sequence and lr_at(s).
     ``train_step(batch, lr, step)`` returns the loss and the logits."""
     step = 0
@@ -1177,7 +1303,7 @@ def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: 
         loss_sum, seen = 0.0, 0
         started, timed = time.perf_counter(), 0
         for _ in range(steps_per_epoch):
-            batch = pipeline.train_batch(step)
+            batch = batches.train_batch(step)
             lr = lr_at(OPTIMIZER, step, steps_per_epoch)
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
@@ -1196,9 +1322,10 @@ def train(pipeline: DataPipeline, train_step: Any, evaluate_batch: Any, epochs: 
                                     LOSS.classes, TRAINING.validation_steps)
         shown = {"loss": loss_sum / seen, **metrics.result(),
                  **{f"val_{k}": v for k, v in validation.items()}}
-        print(f"epoch {epoch + 1}/{epochs}: "
-              + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-              + f"  ({rate:,.0f} images/s)", flush=True)
+        if main:
+            print(f"epoch {epoch + 1}/{epochs}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                  + f"  ({rate:,.0f} images/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,17 @@ class Trainer(ABC):
 
     #: Where it computes, in words ("cpu", "cuda:0 (NVIDIA H100)").
     device: str = "cpu"
+    #: False in all but one of several data-parallel processes: only that one writes the
+    #: run folder and shows progress.
+    writes_run_folder: bool = True
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        """Whether the run stops after this step, given whether this process was asked to;
+        data-parallel processes must agree (by default: there is one process)."""
+        return wanted
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: most trainers hold nothing
+        """Release what the trainer holds beyond memory (a process group, say)."""
 
     def batch_source(self, pipeline: Any) -> Any:
         """What gives the training batches (``.train_batch(step)``): by default the numpy

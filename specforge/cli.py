@@ -8,6 +8,8 @@ tensorflow: their start-up cost is the interpreter, pydantic and this package.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -171,6 +173,14 @@ def run(spec: SpecPath,
         quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
         json_log: Annotated[bool, typer.Option(
             "--json", help="Print one JSON line per epoch (and the test result).")] = False,
+        nproc_per_node: Annotated[Optional[int], typer.Option(  # noqa: UP045
+            min=1, help="Data-parallel processes on this machine (torch: launched through "
+                        "torchrun, with DDP).", show_default=False)] = None,
+        nnodes: Annotated[int, typer.Option(min=1, help="Machines (with torchrun).")] = 1,
+        node_rank: Annotated[int, typer.Option(min=0, help="This machine's rank.")] = 0,
+        rdzv_endpoint: Annotated[Optional[str], typer.Option(  # noqa: UP045
+            help="HOST:PORT where the machines meet (several machines).",
+            show_default=False)] = None,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, load_backend
@@ -178,6 +188,9 @@ def run(spec: SpecPath,
 
     program = _compile(spec, set_, max_params)
     impl = load_backend(backend)
+    if nproc_per_node is not None or nnodes > 1:
+        raise typer.Exit(_launch(backend, nproc_per_node or 1, nnodes, node_rank,
+                                 rdzv_endpoint))
     if resume is not None and run_dir is not None and resume != run_dir:
         raise UsageError("--resume names the run folder; leave out --run-dir")
     folder = resume or run_dir or Path("runs") / spec.stem
@@ -190,8 +203,53 @@ def run(spec: SpecPath,
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         raise typer.Exit(130) from None
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-    print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one line, from the first of several processes
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
+
+
+#: `specforge run` options that torchrun takes; the rest is passed to every process.
+LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def _launch(backend: str, nproc: int, nnodes: int, node_rank: int,
+            endpoint: str | None) -> int:
+    """Run this same command once per process through torchrun; its exit code."""
+    import subprocess
+
+    if backend != "torch":
+        raise UsageError(f"--nproc-per-node/--nnodes launch torch's DDP; the {backend} "
+                         "backend does not train data-parallel yet")
+    if nnodes > 1 and endpoint is None:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every "
+                         "machine)")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                f"--nnodes={nnodes}", f"--node-rank={node_rank}"]
+    launcher += [f"--rdzv-endpoint={endpoint}", "--rdzv-backend=c10d"] if endpoint else \
+        ["--standalone"]
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{o}=" for o in LAUNCH_OPTIONS)):
+            args.append(arg)
+    child = subprocess.Popen([*launcher, "-m", "specforge", *args])
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:  # torchrun passes it on to every process
+        forwarded.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    # the processes checkpoint and stop; torchrun reports their exit as a failure
+    return 130 if forwarded else code
 
 
 def _check_same_spec(program: Program, folder: Path) -> None:

@@ -33,14 +33,18 @@ def write_atomically(path: Path, data: bytes | str) -> None:
 
 
 class RunFolder:
-    def __init__(self, path: Path, checkpoint_name: str) -> None:
+    def __init__(self, path: Path, checkpoint_name: str, writes: bool = True) -> None:
         self.path = Path(path)
         self.checkpoint = self.path / checkpoint_name
+        #: False in data-parallel processes other than rank 0: they write nothing here
+        self.writes = writes
         self._steps: Any = None
 
     def start(self, program: Program, backend: str, spec_dir: Path,
               class_names: list[str]) -> None:
         """A fresh run: refuses to overwrite an earlier run's results."""
+        if not self.writes:
+            return
         if (self.path / "run.json").exists():
             from specforge.errors import UsageError
 
@@ -61,6 +65,8 @@ class RunFolder:
         return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
 
     def log_step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        if not self.writes:
+            return
         if self._steps is None:  # kept open: reopening it every step costs throughput
             self._steps = open(self.path / "steps.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._steps.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
@@ -79,6 +85,8 @@ class RunFolder:
 
     def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
                   options: RunOptions) -> None:
+        if not self.writes:
+            return
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         columns = list(dict.fromkeys(k for r in history for k in r))
@@ -95,6 +103,8 @@ class RunFolder:
                speed: dict[str, float]) -> None:
         """Write summary.json; ``speed`` covers this process's steps (after a resume, the
         resumed part only)."""
+        if not self.writes:
+            return
         summary = {"test": test, "device": device, **speed,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
@@ -103,7 +113,7 @@ class RunFolder:
 
     @contextlib.contextmanager
     def progress(self, options: RunOptions, total_steps: int, done: int) -> Iterator[Any]:
-        if options.quiet or options.log_json:
+        if options.quiet or options.log_json or not self.writes:
             yield _Silent()
             return
         bar = _Bar(total_steps, done)

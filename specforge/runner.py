@@ -50,22 +50,26 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
     from specforge.backends import RunResult
 
     pipeline = build_pipeline(program, options.spec_dir)
-    folder = RunFolder(options.run_dir, backend.checkpoint_name)
-    if options.resume:
-        if not folder.checkpoint.exists():
-            raise UsageError(f"nothing to resume: {folder.checkpoint} does not exist")
-    else:
-        folder.start(program, backend.name, options.spec_dir, pipeline.train.class_names)
     device = options.device or program.spec.training.device
     trainer = backend.create_trainer(program, device=device)
-    loop = Loop(program, pipeline, trainer, folder, options)
-    if options.resume:
-        loop.restore(trainer.load_checkpoint(folder.checkpoint))
     try:
-        with _stop_on_signals(loop):
-            metrics = loop.run()
+        folder = RunFolder(options.run_dir, backend.checkpoint_name,
+                           writes=trainer.writes_run_folder)
+        if options.resume:
+            if not folder.checkpoint.exists():
+                raise UsageError(f"nothing to resume: {folder.checkpoint} does not exist")
+        else:
+            folder.start(program, backend.name, options.spec_dir, pipeline.train.class_names)
+        loop = Loop(program, pipeline, trainer, folder, options)
+        if options.resume:
+            loop.restore(trainer.load_checkpoint(folder.checkpoint))
+        try:
+            with _stop_on_signals(loop):
+                metrics = loop.run()
+        finally:
+            folder.close()
     finally:
-        folder.close()
+        trainer.close()
     return RunResult(folder.path, metrics)
 
 
@@ -132,7 +136,8 @@ class Loop:
                 self._train_step(progress)
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(progress)
-                if self.stop_requested:
+                if self.trainer.agree_to_stop(self.stop_requested is not None):
+                    self.stop_requested = self.stop_requested or "another process's signal"
                     self.checkpoint()
                     raise Interrupted(f"stopped by {self.stop_requested} after step "
                                       f"{self.step}; checkpoint written to "
@@ -142,7 +147,8 @@ class Loop:
         speed = {"train_seconds": self.train_seconds,
                  "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9)}
         self.folder.finish(test, self.trainer.device, self.options, speed)
-        save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
+        if self.folder.writes:
+            save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
         return test
 
     def _train_step(self, progress: Any) -> None:

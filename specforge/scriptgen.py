@@ -36,7 +36,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHARED: list[tuple[ModuleType, list[str]]] = [
     (weights, ["_fans", "draw"]),
     (sources, ["Dataset", "SourceData"]),
-    (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]),
+    (pipeline, ["split_indices", "shard", "Batch", "DataPipeline", "assemble_pipeline"]),
     (augment, ["AugmentParams", "is_identity", "has_affine", "draw_params",
                "source_coordinates", "_fold", "sample_bilinear", "shift_with_zeros",
                "apply_augmentation"]),
@@ -131,14 +131,14 @@ def _wrapped(open_: str, items: list[tuple[str, Any]], close: str, indent: int, 
 
 #: Modules the copied code may use, imported by the script only when it does.
 OPTIONAL_IMPORTS = ["codecs", "hashlib", "io", "os", "pickle", "tarfile", "urllib.error",
-                    "urllib.request", "zlib"]
+                    "urllib.request", "warnings", "zlib"]
 
 
 def import_block(code: str) -> str:
     """The script's standard-library imports: always the loop's, and the rest as used."""
     modules = ["argparse", "contextlib", "json", "math", "time"] + [
         m for m in OPTIONAL_IMPORTS if re.search(rf"\b{re.escape(m)}\.", code)]
-    names = ["dataclass", "field"] if re.search(r"\bfield\(", code) else ["dataclass"]
+    names = ["dataclass", *(n for n in ("field", "fields") if re.search(rf"\b{n}\(", code))]
     return "".join(f"import {m}\n" for m in sorted(modules)) + \
         f"from dataclasses import {', '.join(names)}\n"
 

@@ -20,10 +20,15 @@ HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
 
 
+DISTRIBUTED = HERE / "distributed.py"
+
+
 def torch_helpers() -> str:
     return copied([(TRAINER, ["make_optimizer", "clip_gradients", "loss_value", "forward_pass",
-                              "optimizer_step"]),
-                   (MODEL, ["to_torch_layout"])])
+                              "optimizer_step", "shard_step"]),
+                   (MODEL, ["to_torch_layout"]),
+                   (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
+                                  "all_sum", "gather_rows"])])
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:

@@ -34,8 +34,8 @@ class DeviceBatches:
         self.mean = torch.as_tensor(np.asarray(norm.mean, np.float32), device=device)
         self.std = torch.as_tensor(np.asarray(norm.std, np.float32), device=device)
 
-    def train_batch(self, step: int) -> Batch:
-        indices, params = self.pipeline.batch_plan(step)
+    def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
+        indices, params = self.pipeline.batch_plan(step, part)
         index = torch.from_numpy(indices).to(self.images.device)
         images = self.images.index_select(0, index).float()
         if params is not None:

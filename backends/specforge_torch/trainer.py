@@ -20,8 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from specforge.backends import Trainer
+from specforge.data.pipeline import shard
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
+from specforge_torch.distributed import (
+    Ranks,
+    ShardedBatches,
+    all_sum,
+    any_rank,
+    gather_rows,
+    gather_states,
+    join,
+    ranks_from_environment,
+)
 from specforge_torch.model import SpecModule, create_model, export_weights
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,18 +109,36 @@ def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None
 
 def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                    loss: LossIR, opt: OptimizerIR, images: torch.Tensor,
-                   labels: torch.Tensor, lr: float, autocast: torch.dtype | None = None
-                   ) -> tuple[float, np.ndarray]:
-    """One training step at learning rate ``lr``: the batch's loss and its logits."""
+                   labels: torch.Tensor, lr: float, autocast: torch.dtype | None = None,
+                   share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step at learning rate ``lr``: the batch's loss and its logits (still
+    on the device). ``share``: the weight of this batch's mean loss in the gradient (a
+    data-parallel shard's size times the number of processes over the whole batch's size;
+    DDP averages the processes' gradients)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     output = forward_pass(model, images, autocast)
     value = loss_value(loss, output, labels)
-    value.backward()
+    (value * share if share != 1.0 else value).backward()
     clip_gradients(params, opt.clip_value, opt.clip_norm)
     optimizer.step()
-    return value.item(), output.detach().cpu().numpy()
+    return value.detach(), output.detach()
+
+
+def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+               loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
+               lr: float, ranks: Ranks, device: torch.device,
+               autocast: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+    """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
+    the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
+    logits, the same on every process."""
+    mine = y[shard(len(y), ranks.rank, ranks.world)]
+    images, labels = to_tensors(x, mine)
+    value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
+                                   autocast, share=len(mine) * ranks.world / len(y))
+    return all_sum(value.item() * len(mine), device) / len(y), gather_rows(output, len(y),
+                                                                            ranks)
 
 
 class TorchTrainer(Trainer):
@@ -118,13 +147,21 @@ class TorchTrainer(Trainer):
         training = program.spec.training
         self.program = program
         self.torch_device = resolve_device(device)
+        #: this process's place under torchrun (None: the only process)
+        self.ranks = ranks_from_environment()
+        if self.ranks is not None:
+            self.torch_device = join(self.ranks, self.torch_device)
+            self.writes_run_folder = self.ranks.rank == 0
         self.device = str(self.torch_device)
         if self.torch_device.type == "cuda":
             self.device += f" ({torch.cuda.get_device_name(self.torch_device)})"
+        if self.ranks is not None:
+            self.device += f" x {self.ranks.world} processes"
         self.model: SpecModule = create_model(program.graph, program.seed, weights).to(
             self.torch_device)
-        # Dropout draws from torch's generator: seed it once the model exists.
-        torch.manual_seed(program.seed)
+        # Dropout draws from torch's generator: seed it once the model exists (each process
+        # differently: their shards must not share masks).
+        torch.manual_seed(program.seed + (self.ranks.rank if self.ranks else 0))
         self.memory_format = torch.channels_last if training.channels_last else \
             torch.contiguous_format
         if training.channels_last:
@@ -132,16 +169,24 @@ class TorchTrainer(Trainer):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(program.optimizer, self.params)
         self.autocast = _AUTOCAST.get(training.precision)
-        self.forward = torch.compile(self.model) if training.compile else self.model
+        trained: Any = self.model
+        if self.ranks is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(
+                self.model, device_ids=[self.torch_device] if self.torch_device.type ==
+                "cuda" else None)
+        self.forward = torch.compile(trained) if training.compile else trained
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device
 
         wanted = self.program.spec.training.data_on_device
+        source = pipeline
         if wanted is True or (wanted == "auto" and self.torch_device.type == "cuda"
                               and fits_on_device(pipeline)):
-            return DeviceBatches(pipeline, self.torch_device)
-        return pipeline
+            source = DeviceBatches(pipeline, self.torch_device)
+        return source if self.ranks is None else ShardedBatches(source, pipeline, self.ranks)
 
     def _inputs(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,10 +199,26 @@ class TorchTrainer(Trainer):
         return forward_pass(self.forward, images, self.autocast)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        images, labels = self._inputs(x, y)
+        """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`)."""
         self.model.train()
-        return optimizer_step(self.forward, self.optimizer, self.params, self.program.loss,
-                              self.program.optimizer, images, labels, lr, self.autocast)
+        if self.ranks is not None:
+            return shard_step(self.forward, self.optimizer, self.params, self.program.loss,
+                              self.program.optimizer, self._inputs, x, y, lr, self.ranks,
+                              self.torch_device, self.autocast)
+        images, labels = self._inputs(x, y)
+        value, output = optimizer_step(self.forward, self.optimizer, self.params,
+                                       self.program.loss, self.program.optimizer, images,
+                                       labels, lr, self.autocast)
+        return value.item(), output.cpu().numpy()
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        return wanted if self.ranks is None else any_rank(wanted, self.torch_device)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.ranks is not None and dist.is_initialized():
+            dist.destroy_process_group()
 
     @torch.no_grad()
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -182,9 +243,15 @@ class TorchTrainer(Trainer):
         return export_weights(self.model)
 
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        rng = torch.get_rng_state()
+        if self.ranks is not None:  # every process's dropout generator; rank 0 writes
+            rngs = gather_states(rng.to(self.torch_device), self.ranks)
+            if self.ranks.rank != 0:
+                return
+            rng = torch.stack([r.cpu() for r in rngs])
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "loop": json.dumps(loop_state)}
-        if torch.cuda.is_available():
+                 "torch_rng": rng, "loop": json.dumps(loop_state)}
+        if torch.cuda.is_available() and self.ranks is None:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
@@ -202,7 +269,14 @@ class TorchTrainer(Trainer):
             raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        rng = state["torch_rng"].cpu()
+        world = self.ranks.world if self.ranks else 1
+        if (rng.dim() == 2) != (world > 1) or (world > 1 and len(rng) != world):
+            saved = len(rng) if rng.dim() == 2 else 1
+            raise UsageError(f"{path} was written by {saved} process(es); resume it with "
+                             f"as many (--nproc-per-node), not {world}")
+        # a row of the stacked states points into their storage: give torch its own copy
+        torch.set_rng_state(rng[self.ranks.rank].clone() if self.ranks else rng)
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return json.loads(state["loop"])

@@ -19,7 +19,7 @@ switching one option on does not change the others' draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,10 @@ class AugmentParams:
     flip_v: np.ndarray
     crop_y: np.ndarray     # int
     crop_x: np.ndarray
+
+    def take(self, part: slice) -> AugmentParams:
+        """The parameters of the images in ``part`` of the batch."""
+        return AugmentParams(*(getattr(self, f.name)[part] for f in fields(self)))
 
 
 def is_identity(aug: Any) -> bool:

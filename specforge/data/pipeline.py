@@ -12,6 +12,11 @@ Training is a sequence of passes over the training set, each in its own order; a
 into batches of ``batch_size`` (the last may be smaller). Training step ``s`` takes batch
 ``s % batches_per_pass`` of pass ``s // batches_per_pass``. With `steps_per_epoch` unset,
 an epoch is one pass; with it set, epochs are that many consecutive steps of the sequence.
+
+``batch_size`` is the whole step's batch, however many processes train: in data-parallel
+training, process ``r`` of ``w`` takes the contiguous part :func:`shard` of each batch (the
+augmentation parameters are drawn for the whole batch, then cut the same way), so the
+processes together see exactly the batches one process would.
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ from specforge.data.augment import (
 from specforge.data.sources import DataError, Dataset, load_source
 
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3
+
+
+def shard(size: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
+    contiguous, in order, sizes differing by at most one."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
@@ -85,22 +98,30 @@ class DataPipeline:
         return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
             len(self.train))
 
-    def batch_plan(self, step: int) -> tuple[np.ndarray, AugmentParams | None]:
-        """Which training images step ``step`` takes, and their augmentation parameters
-        (None without augmentation): what any implementation of the batch must use."""
+    def batch_indices(self, step: int) -> np.ndarray:
+        """Which training images step ``step`` takes (the whole batch)."""
         pass_index, b = divmod(step, self.batches_per_pass)
-        order = self.pass_order(pass_index)
-        indices = order[b * self.batch_size:(b + 1) * self.batch_size]
+        return self.pass_order(pass_index)[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def batch_plan(self, step: int, part: slice = slice(None)
+                   ) -> tuple[np.ndarray, AugmentParams | None]:
+        """Which training images step ``step`` takes, and their augmentation parameters
+        (None without augmentation): what any implementation of the batch must use.
+        ``part``: only that part of the batch (a :func:`shard`)."""
+        indices = self.batch_indices(step)
         aug = self.data.augment
         if is_identity(aug):
-            return indices, None
+            return indices[part], None
+        pass_index, b = divmod(step, self.batches_per_pass)
         rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
         height, width = self.train.images.shape[1:3]
-        return indices, draw_params(aug, len(indices), height, width, rng)
+        params = draw_params(aug, len(indices), height, width, rng)
+        return indices[part], params.take(part)
 
-    def train_batch(self, step: int) -> Batch:
-        """The (augmented, normalised) training batch of global step ``step``."""
-        indices, params = self.batch_plan(step)
+    def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
+        """The (augmented, normalised) training batch of global step ``step``, or ``part``
+        of it."""
+        indices, params = self.batch_plan(step, part)
         images = np.asarray(self.train.images[indices], np.float32)
         if params is not None:
             images = apply_augmentation(images, params, self.data.augment)

@@ -1,0 +1,121 @@
+"""Data-parallel training with torchrun and DDP, on the CPU (gloo): two processes with half
+a batch each compute what one process computes with the whole batch."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specforge.weights import load_weights
+from tests.conftest import ROOT
+from tests.processes import ENV, ok, read_jsonl, refused, run_all, sets, specforge
+
+pytest.importorskip("torch")
+
+DIGITS = str(ROOT / "specs" / "digits.yaml")
+# 33 images a step: shards of 17 and 16, so the shares of an uneven split are exercised
+SMALL = ["data.batch_size=33", "training.epochs=1", "training.steps_per_epoch=15"]
+NO_DROPOUT = "model.layers.5.rate=0"  # torch's dropout generator differs per process
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node=2"]
+
+
+def test_two_processes_compute_what_one_computes(tmp_path: Path):
+    one, two, conform = tmp_path / "one", tmp_path / "two", tmp_path / "conform"
+    results = run_all(
+        specforge("run", DIGITS, "-b", "torch", "--run-dir", str(one), "--quiet",
+                  *sets(NO_DROPOUT, *SMALL)),
+        specforge("run", DIGITS, "-b", "torch", "--run-dir", str(two), "--quiet",
+                  "--nproc-per-node", "2", *sets(NO_DROPOUT, *SMALL)),
+        specforge("conform", DIGITS, "--backends", "torch", "--steps", "15", "--out",
+                  str(conform), *sets(NO_DROPOUT, *SMALL)), timeout=600)
+    for result in results:
+        ok(result)
+    # the tolerance of one backend against itself after 15 steps, from its chaos floor
+    report = json.loads((conform / "report.json").read_text())
+    tolerance = {r["quantity"]: r["tolerance"] for r in report["rows"]
+                 if r["phase"] == "after N steps"}
+    losses = {run: [s["loss"] for s in read_jsonl(run / "steps.jsonl")] for run in (one, two)}
+    assert len(losses[one]) == len(losses[two]) == 15  # rank 0 alone writes the log
+    gap = np.abs(np.subtract(losses[one], losses[two])).max()
+    assert gap <= tolerance["loss per step"], (gap, tolerance["loss per step"])
+    w1, w2 = load_weights(one / "weights.npz"), load_weights(two / "weights.npz")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert np.abs(w1[name] - w2[name]).max() <= tolerance[name], name
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["device"] == "cpu x 2 processes"
+    assert results[1].stderr.count("test: ") == 1  # one process reports
+
+
+def test_the_built_script_runs_under_torchrun(tmp_path: Path):
+    script = tmp_path / "train_digits.py"
+    ok(run_all(specforge("build", DIGITS, "-b", "torch", "-o", str(script),
+                         *sets(NO_DROPOUT, *SMALL)))[0])
+    run_dir = tmp_path / "run"
+    built, ran = run_all(
+        [*TORCHRUN, str(script), "--log-steps", "L.jsonl"],
+        specforge("run", DIGITS, "-b", "torch", "--run-dir", str(run_dir), "--quiet",
+                  "--nproc-per-node", "2", *sets(NO_DROPOUT, *SMALL)),
+        cwd=tmp_path, timeout=600)
+    ok(built)
+    ok(ran)
+    logged = read_jsonl(tmp_path / "L.jsonl")
+    assert len(logged) == 15
+    # the same code, sharding and reductions: equal to the last bit
+    assert [s["loss"] for s in logged] == [s["loss"] for s in read_jsonl(run_dir /
+                                                                         "steps.jsonl")]
+    assert built.stdout.count("test: ") == 1
+
+
+RESUME = ["data.batch_size=33", "training.epochs=3", "training.steps_per_epoch=30"]
+
+
+def test_resume_under_ddp_gives_the_uninterrupted_weights(tmp_path: Path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    command = ["run", DIGITS, "-b", "torch", "--quiet", "--nproc-per-node", "2",
+               *sets(*RESUME)]  # with dropout: each process's generator is restored
+    ok(run_all(specforge(*command, "--run-dir", str(a)), timeout=600)[0])
+    part = subprocess.Popen(specforge(*command, "--run-dir", str(b)), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while part.poll() is None and time.monotonic() < deadline:
+            steps = b / "steps.jsonl"
+            if steps.exists() and steps.read_text().count("\n") >= 10:
+                part.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.005)
+        _, err = part.communicate(timeout=300)
+    finally:
+        if part.poll() is None:
+            part.kill()
+            part.wait()
+    assert part.returncode == 130, err[-3000:]
+    assert not (b / "summary.json").exists()
+    stopped = len(read_jsonl(b / "steps.jsonl"))
+    assert 10 <= stopped < 90
+    one_process = run_all(specforge("run", DIGITS, "-b", "torch", "--quiet", "--resume",
+                                    str(b), *sets(*RESUME)))[0]
+    refused(one_process, "written by 2 process(es)", "--nproc-per-node")
+    ok(run_all(specforge("run", DIGITS, "-b", "torch", "--quiet", "--nproc-per-node", "2",
+                         "--resume", str(b), *sets(*RESUME)), timeout=600)[0])
+    wa, wb = load_weights(a / "weights.npz"), load_weights(b / "weights.npz")
+    for name in wa:
+        assert np.array_equal(wa[name], wb[name]), name
+    assert read_jsonl(a / "steps.jsonl") == read_jsonl(b / "steps.jsonl")
+
+
+def test_launch_options_are_checked():
+    keras, nodes = run_all(
+        specforge("run", DIGITS, "-b", "keras", "--nproc-per-node", "2"),
+        specforge("run", DIGITS, "-b", "torch", "--nnodes", "2"))
+    refused(keras, "does not train data-parallel yet")
+    refused(nodes, "--rdzv-endpoint")
