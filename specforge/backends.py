@@ -34,6 +34,8 @@ class RunOptions:
     quiet: bool = False
     log_json: bool = False
     resume: bool = False
+    #: Keras: train over every device the backend sees (Keras's distribution API)
+    data_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ class Backend(ABC):
     def create_trainer(self, program: Program, device: str | None = None,
                        weights: Mapping[str, np.ndarray] | None = None) -> Trainer:
         """A trainer for ``program`` starting from ``weights`` (default: specforge's initial
-        weights for the program's seed)."""
+        weights for the program's seed). A backend that trains data-parallel within one
+        process also takes ``data_parallel=True`` (passed only when asked for)."""
 
     @abstractmethod
     def create_model(self, program: Program, weights: Mapping[str, np.ndarray] | None = None

@@ -181,6 +181,9 @@ def run(spec: SpecPath,
         rdzv_endpoint: Annotated[Optional[str], typer.Option(  # noqa: UP045
             help="HOST:PORT where the machines meet (several machines).",
             show_default=False)] = None,
+        data_parallel: Annotated[bool, typer.Option(
+            help="keras: train over every device Keras sees, with its distribution API "
+                 "(KERAS_BACKEND=jax).")] = False,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, load_backend
@@ -196,8 +199,12 @@ def run(spec: SpecPath,
     folder = resume or run_dir or Path("runs") / spec.stem
     if resume is not None:
         _check_same_spec(program, folder)
+    if data_parallel and backend != "keras":
+        raise UsageError(f"--data-parallel is Keras's; the {backend} backend trains "
+                         "data-parallel with --nproc-per-node")
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
-                         quiet=quiet, log_json=json_log, resume=resume is not None)
+                         quiet=quiet, log_json=json_log, resume=resume is not None,
+                         data_parallel=data_parallel)
     try:
         result = impl.run(program, options)
     except Interrupted as exc:

@@ -51,7 +51,8 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
 
     pipeline = build_pipeline(program, options.spec_dir)
     device = options.device or program.spec.training.device
-    trainer = backend.create_trainer(program, device=device)
+    parallel = {"data_parallel": True} if options.data_parallel else {}
+    trainer = backend.create_trainer(program, device=device, **parallel)
     try:
         folder = RunFolder(options.run_dir, backend.checkpoint_name,
                            writes=trainer.writes_run_folder)

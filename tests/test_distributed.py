@@ -119,3 +119,58 @@ def test_launch_options_are_checked():
         specforge("run", DIGITS, "-b", "torch", "--nnodes", "2"))
     refused(keras, "does not train data-parallel yet")
     refused(nodes, "--rdzv-endpoint")
+
+
+# --- Keras: the distribution API over two (emulated) devices, on JAX -----------------------
+
+KERAS_JAX = {**ENV, "KERAS_BACKEND": "jax",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+SHARDED = """\
+import numpy as np
+from specforge.compiler import compile_spec
+from specforge_keras.trainer import KerasTrainer
+trainer = KerasTrainer(compile_spec({spec!r}), data_parallel=True)
+print(trainer.device)
+print(trainer._split(np.zeros((32, 8, 8, 1), np.float32)).sharding.spec)
+print(type(trainer._split(np.zeros((33, 8, 8, 1), np.float32))).__name__)
+"""
+
+
+def test_keras_data_parallel_computes_what_one_device_computes(tmp_path: Path):
+    pytest.importorskip("jax")
+    pytest.importorskip("keras")
+    one, two, conform = tmp_path / "one", tmp_path / "two", tmp_path / "conform"
+    small = sets(NO_DROPOUT, "training.epochs=1", "training.steps_per_epoch=15")
+    results = run_all(
+        specforge("run", DIGITS, "-b", "keras", "--run-dir", str(one), "--quiet", *small),
+        specforge("run", DIGITS, "-b", "keras", "--run-dir", str(two), "--quiet",
+                  "--data-parallel", *small),
+        specforge("conform", DIGITS, "--backends", "keras", "--steps", "15", "--out",
+                  str(conform), *small),
+        [sys.executable, "-c", SHARDED.format(spec=DIGITS)], env=KERAS_JAX, timeout=600)
+    for result in results:
+        ok(result)
+    device, spec, whole = results[3].stdout.splitlines()[-3:]
+    assert "data-parallel over 2 devices (cpu:0, cpu:1)" in device
+    assert spec.startswith(("P('batch'", "PartitionSpec('batch'"))  # the batch is cut in two
+    assert whole == "ndarray"  # 33 does not divide by 2: that batch stays whole
+    report = json.loads((conform / "report.json").read_text())
+    tolerance = {r["quantity"]: r["tolerance"] for r in report["rows"]
+                 if r["phase"] == "after N steps"}
+    losses = {run: [s["loss"] for s in read_jsonl(run / "steps.jsonl")] for run in (one, two)}
+    assert len(losses[one]) == len(losses[two]) == 15
+    assert np.abs(np.subtract(losses[one], losses[two])).max() <= tolerance["loss per step"]
+    w1, w2 = load_weights(one / "weights.npz"), load_weights(two / "weights.npz")
+    for name in w1:
+        assert np.abs(w1[name] - w2[name]).max() <= tolerance[name], name
+    assert "data-parallel over 2 devices" in json.loads((two / "summary.json").read_text())[
+        "device"]
+
+
+def test_keras_data_parallel_needs_jax():
+    pytest.importorskip("tensorflow")
+    refused(run_all(specforge("run", DIGITS, "-b", "keras", "--data-parallel"),
+                    env={**ENV, "KERAS_BACKEND": "tensorflow"})[0],
+            "KERAS_BACKEND=jax")
+    refused(run_all(specforge("run", DIGITS, "-b", "torch", "--data-parallel"))[0],
+            "--nproc-per-node")

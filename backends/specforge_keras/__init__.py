@@ -30,10 +30,11 @@ class KerasBackend(Backend):
         return render_script(program)
 
     def create_trainer(self, program: Program, device: str | None = None,
-                       weights: Mapping[str, np.ndarray] | None = None) -> Trainer:
+                       weights: Mapping[str, np.ndarray] | None = None,
+                       data_parallel: bool = False) -> Trainer:
         from specforge_keras.trainer import KerasTrainer
 
-        return KerasTrainer(program, device, weights)
+        return KerasTrainer(program, device, weights, data_parallel)
 
     def create_probe(self, program: Program, device: str | None = None,
                      weights: Mapping[str, np.ndarray] | None = None) -> Probe:

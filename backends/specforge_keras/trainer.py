@@ -214,12 +214,32 @@ def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
 
 
+def data_parallel_over_devices() -> Any:
+    """Keras's DataParallel over every device it sees, set as the distribution (so that the
+    variables created next are replicated). Keras 3 distributes on JAX only."""
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise UsageError(f"--data-parallel uses Keras's distribution API, which runs on "
+                         f"JAX: set KERAS_BACKEND=jax (not {backend})")
+    from keras import distribution
+
+    parallel = distribution.DataParallel(devices=distribution.list_devices())
+    distribution.set_distribution(parallel)
+    return parallel
+
+
 class KerasTrainer(Trainer):
     def __init__(self, program: Program, device: str | None = None,
-                 weights: Mapping[str, np.ndarray] | None = None) -> None:
+                 weights: Mapping[str, np.ndarray] | None = None,
+                 data_parallel: bool = False) -> None:
         self.program = program
         backend = keras.backend.backend()
         self.device = f"{device or 'auto'} (keras on {backend})"
+        #: Keras's DataParallel distribution, when training over several devices
+        self.parallel = data_parallel_over_devices() if data_parallel else None
+        if self.parallel is not None:
+            devices = self.parallel.device_mesh.devices.ravel().tolist()
+            self.device += f", data-parallel over {len(devices)} devices ({', '.join(devices)})"
         self.model = create_model(program.graph, program.seed, weights)
         self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
         self.step_count = 0
@@ -227,7 +247,19 @@ class KerasTrainer(Trainer):
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         self.step_count += 1
+        if self.parallel is not None:
+            x, y = self._split(x), self._split(y)
         return keras_train_step(self._train, x, y, lr, self.step_count)
+
+    def _split(self, batch: np.ndarray) -> Any:
+        """The batch cut along its first axis over the devices (XLA then reduces the
+        gradients across them). A batch that does not divide evenly stays whole."""
+        from keras import distribution
+
+        if len(batch) % self.parallel.device_mesh.shape[0]:
+            return batch
+        return distribution.distribute_tensor(batch,
+                                              self.parallel.get_data_layout(batch.shape))
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return keras_evaluate(self.model, self.program.loss, x, y)
