@@ -63,20 +63,26 @@ def avg_pool2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bo
     return summed / count  # padded cells are in neither the sum nor the count
 
 
-def batch_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
-    a, x = node.attrs, xs[0]
+def batch_statistics(x: Array, w: Mapping[str, Array], training: bool
+                     ) -> tuple[Array, Array, tuple[int, ...]]:
+    """Batch norm's mean and (biased) variance: the batch's in training, the running ones
+    in evaluation; and the axes they reduce."""
     axes = tuple(range(x.ndim - 1))
     if training:
-        mean, var = x.mean(axis=axes), x.var(axis=axes)
-    else:
-        mean, var = w["moving_mean"], w["moving_var"]
-    y = (x - mean) / np.sqrt(var + a["epsilon"])
+        return x.mean(axis=axes), x.var(axis=axes), axes
+    return w["moving_mean"], w["moving_var"], axes
+
+
+def batch_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    a = node.attrs
+    mean, var, _ = batch_statistics(xs[0], w, training)
+    y = (xs[0] - mean) / np.sqrt(var + a["epsilon"])
     if a["scale"]:
         y = y * w["gamma"]
     return y + w["beta"] if a["center"] else y
 
 
-_erf = np.vectorize(erf)
+erf_elementwise = np.vectorize(erf)
 
 
 def _softmax(x: Array) -> Array:
@@ -92,7 +98,7 @@ ACTIVATIONS: dict[str, Callable[[Array, Mapping[str, Any]], Array]] = {
     "elu": lambda x, a: np.where(x > 0, x, a["alpha"] * np.expm1(np.minimum(x, 0))),
     "selu": lambda x, a: 1.0507009873554805 * np.where(
         x > 0, x, 1.6732632423543772 * np.expm1(np.minimum(x, 0))),
-    "gelu": lambda x, a: x * (1 + _erf(x / sqrt(2))) / 2,
+    "gelu": lambda x, a: x * (1 + erf_elementwise(x / sqrt(2))) / 2,
     "gelu_tanh": lambda x, a: x * (1 + np.tanh(sqrt(2 / np.pi) * (x + 0.044715 * x**3))) / 2,
     "silu": lambda x, a: x / (1 + np.exp(-x)),
     "sigmoid": lambda x, a: 1 / (1 + np.exp(-x)),
