@@ -14,7 +14,7 @@ from math import pi, sqrt
 import numpy as np
 
 from specforge.ir.graph import Graph, Node
-from specforge.reference.forward import ACTIVATIONS, erf_elementwise, batch_statistics, pad, windows
+from specforge.reference.forward import ACTIVATIONS, batch_statistics, erf_elementwise, pad, windows
 
 Array = np.ndarray
 Grads = tuple[list[Array], dict[str, Array]]
@@ -139,7 +139,8 @@ DERIVATIVES: dict[str, Callable[[Array, Mapping], Array]] = {
     "elu": lambda x, a: np.where(x > 0, 1.0, a["alpha"] * np.exp(np.minimum(x, 0))),
     "selu": lambda x, a: 1.0507009873554805 * np.where(
         x > 0, 1.0, 1.6732632423543772 * np.exp(np.minimum(x, 0))),
-    "gelu": lambda x, a: (1 + erf_elementwise(x / sqrt(2))) / 2 + x * np.exp(-x**2 / 2) / sqrt(2 * pi),
+    "gelu": lambda x, a: (1 + erf_elementwise(x / sqrt(2))) / 2
+    + x * np.exp(-x**2 / 2) / sqrt(2 * pi),
     "gelu_tanh": lambda x, a: _gelu_tanh_derivative(x),
     "silu": lambda x, a: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))),
     "sigmoid": lambda x, a: _sigmoid(x) * (1 - _sigmoid(x)),
