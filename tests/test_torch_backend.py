@@ -591,3 +591,19 @@ def test_bf16_and_channels_last_train_on_cpu(tmp_path):
     assert not np.array_equal(losses["bf16"], losses["fp32"])  # autocast took effect
     # bf16 keeps 8 significant bits (~0.4% per rounding): a few steps stay within 5%
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+
+
+@pytest.mark.parametrize(("setting", "mode"), [("true", "default"),
+                                                ("reduce-overhead", "reduce-overhead"),
+                                                ("max-autotune", "max-autotune"),
+                                                ("false", None)])
+def test_compile_modes_reach_torch_compile(monkeypatch, setting, mode):
+    import torch
+    from specforge_torch.trainer import TorchTrainer
+
+    from specforge.compiler import compile_spec
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    TorchTrainer(compile_spec(DIGITS, [f"training.compile={setting}"]), "cpu")
+    assert modes == ([mode] if mode else [])

@@ -176,7 +176,8 @@ class TorchTrainer(Trainer):
             trained = DistributedDataParallel(
                 self.model, device_ids=[self.torch_device] if self.torch_device.type ==
                 "cuda" else None)
-        self.forward = torch.compile(trained) if training.compile else trained
+        mode = "default" if training.compile is True else training.compile
+        self.forward = torch.compile(trained, mode=mode) if mode else trained
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device

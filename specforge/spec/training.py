@@ -253,7 +253,11 @@ class Training(SpecModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast the forward pass to bf16/fp16 (weights stay fp32).")
     channels_last: bool = Field(False, description="Channels-last memory format (GPU speed).")
-    compile: bool = Field(False, description="Compile the model (torch.compile, or XLA).")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        False, description="Compile the model with torch.compile (true: its default mode; "
+                           "`reduce-overhead` replays CUDA graphs, which helps small batches; "
+                           "`max-autotune` also searches kernels). Keras: ignored (its "
+                           "train step is a tf.function without XLA, or jax.jit).")
     data_on_device: Literal["auto"] | bool = Field(
         "auto", description="Hold the training set on the device and build batches there "
                             "(`auto`: on a GPU, when it fits in 2 GiB).")
