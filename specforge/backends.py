@@ -43,6 +43,8 @@ class RunResult:
     run_dir: Path
     #: Final test metrics, e.g. {"loss": 0.41, "accuracy": 0.87}.
     metrics: Mapping[str, float]
+    #: False in all but one of several data-parallel processes (that one reports)
+    main_process: bool = True
 
 
 class Trainer(ABC):

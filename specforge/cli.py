@@ -8,7 +8,6 @@ tensorflow: their start-up cost is the interpreter, pydantic and this package.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -210,7 +209,7 @@ def run(spec: SpecPath,
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         raise typer.Exit(130) from None
-    if os.environ.get("RANK", "0") == "0":  # one line, from the first of several processes
+    if result.main_process:  # one line, from the first of several processes
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
 

@@ -71,7 +71,7 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
             folder.close()
     finally:
         trainer.close()
-    return RunResult(folder.path, metrics)
+    return RunResult(folder.path, metrics, trainer.writes_run_folder)
 
 
 @contextlib.contextmanager

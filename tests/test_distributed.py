@@ -3,8 +3,10 @@ a batch each compute what one process computes with the whole batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,20 +138,38 @@ print(type(trainer._split(np.zeros((33, 8, 8, 1), np.float32))).__name__)
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def test_keras_data_parallel_computes_what_one_device_computes(tmp_path: Path):
+    """Two devices in one process, and two processes (as on two machines) with one device
+    each, against one device."""
     pytest.importorskip("jax")
     pytest.importorskip("keras")
     one, two, conform = tmp_path / "one", tmp_path / "two", tmp_path / "conform"
+    apart = tmp_path / "two-processes"
     small = sets(NO_DROPOUT, "training.epochs=1", "training.steps_per_epoch=15")
-    results = run_all(
+    process = {**ENV, "KERAS_BACKEND": "jax",
+               "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{_free_port()}",
+               "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+    commands = [
         specforge("run", DIGITS, "-b", "keras", "--run-dir", str(one), "--quiet", *small),
         specforge("run", DIGITS, "-b", "keras", "--run-dir", str(two), "--quiet",
                   "--data-parallel", *small),
         specforge("conform", DIGITS, "--backends", "keras", "--steps", "15", "--out",
                   str(conform), *small),
-        [sys.executable, "-c", SHARDED.format(spec=DIGITS)], env=KERAS_JAX, timeout=600)
+        [sys.executable, "-c", SHARDED.format(spec=DIGITS)],
+        *[specforge("run", DIGITS, "-b", "keras", "--run-dir", str(apart), "--quiet",
+                    "--data-parallel", *small)] * 2]
+    envs = [KERAS_JAX] * 4 + [{**process, "KERAS_DISTRIBUTION_PROCESS_ID": str(i)}
+                              for i in (0, 1)]
+    results = run_all(*commands, envs=envs, timeout=600)
     for result in results:
         ok(result)
+    assert [r.stderr.count("test: ") for r in results[4:]] == [1, 0]  # process 0 reports
     device, spec, whole = results[3].stdout.splitlines()[-3:]
     assert "data-parallel over 2 devices (cpu:0, cpu:1)" in device
     assert spec.startswith(("P('batch'", "PartitionSpec('batch'"))  # the batch is cut in two
@@ -157,14 +177,17 @@ def test_keras_data_parallel_computes_what_one_device_computes(tmp_path: Path):
     report = json.loads((conform / "report.json").read_text())
     tolerance = {r["quantity"]: r["tolerance"] for r in report["rows"]
                  if r["phase"] == "after N steps"}
-    losses = {run: [s["loss"] for s in read_jsonl(run / "steps.jsonl")] for run in (one, two)}
-    assert len(losses[one]) == len(losses[two]) == 15
-    assert np.abs(np.subtract(losses[one], losses[two])).max() <= tolerance["loss per step"]
-    w1, w2 = load_weights(one / "weights.npz"), load_weights(two / "weights.npz")
-    for name in w1:
-        assert np.abs(w1[name] - w2[name]).max() <= tolerance[name], name
-    assert "data-parallel over 2 devices" in json.loads((two / "summary.json").read_text())[
-        "device"]
+    w1 = load_weights(one / "weights.npz")
+    losses = [s["loss"] for s in read_jsonl(one / "steps.jsonl")]
+    for run in (two, apart):
+        theirs = [s["loss"] for s in read_jsonl(run / "steps.jsonl")]
+        assert len(theirs) == len(losses) == 15
+        assert np.abs(np.subtract(losses, theirs)).max() <= tolerance["loss per step"]
+        w2 = load_weights(run / "weights.npz")
+        for name in w1:
+            assert np.abs(w1[name] - w2[name]).max() <= tolerance[name], (run, name)
+        device = json.loads((run / "summary.json").read_text())["device"]
+        assert "data-parallel over 2 devices" in device
 
 
 def test_keras_data_parallel_needs_jax():
@@ -174,3 +197,7 @@ def test_keras_data_parallel_needs_jax():
             "KERAS_BACKEND=jax")
     refused(run_all(specforge("run", DIGITS, "-b", "torch", "--data-parallel"))[0],
             "--nproc-per-node")
+    if importlib.util.find_spec("jax"):
+        half = {**ENV, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+        refused(run_all(specforge("run", DIGITS, "-b", "keras", "--data-parallel"),
+                        env=half)[0], "missing KERAS_DISTRIBUTION_JOB_ADDRESSES")

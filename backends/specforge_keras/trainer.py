@@ -214,15 +214,31 @@ def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
 
 
+#: Keras's own variables for several processes (machines): `keras.distribution.initialize`
+#: reads them. Every process runs the same command with its own process id.
+PROCESS_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                     "KERAS_DISTRIBUTION_PROCESS_ID")
+
+
 def data_parallel_over_devices() -> Any:
     """Keras's DataParallel over every device it sees, set as the distribution (so that the
-    variables created next are replicated). Keras 3 distributes on JAX only."""
+    variables created next are replicated). Keras 3 distributes on JAX only. With Keras's
+    process variables set, the processes first join each other and the devices are all of
+    theirs."""
     backend = keras.backend.backend()
     if backend != "jax":
         raise UsageError(f"--data-parallel uses Keras's distribution API, which runs on "
                          f"JAX: set KERAS_BACKEND=jax (not {backend})")
+    import jax
     from keras import distribution
 
+    if any(v in os.environ for v in PROCESS_VARIABLES):
+        missing = [v for v in PROCESS_VARIABLES if v not in os.environ]
+        if missing:
+            raise UsageError(f"several processes need all of {', '.join(PROCESS_VARIABLES)}; "
+                             f"missing {', '.join(missing)}")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs talk too
+        distribution.initialize()
     parallel = distribution.DataParallel(devices=distribution.list_devices())
     distribution.set_distribution(parallel)
     return parallel
@@ -236,10 +252,15 @@ class KerasTrainer(Trainer):
         backend = keras.backend.backend()
         self.device = f"{device or 'auto'} (keras on {backend})"
         #: Keras's DataParallel distribution, when training over several devices
+        self.processes = 1
         self.parallel = data_parallel_over_devices() if data_parallel else None
         if self.parallel is not None:
+            import jax
+
             devices = self.parallel.device_mesh.devices.ravel().tolist()
             self.device += f", data-parallel over {len(devices)} devices ({', '.join(devices)})"
+            self.processes = jax.process_count()
+            self.writes_run_folder = jax.process_index() == 0
         self.model = create_model(program.graph, program.seed, weights)
         self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
         self.step_count = 0
@@ -247,9 +268,26 @@ class KerasTrainer(Trainer):
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         self.step_count += 1
-        if self.parallel is not None:
-            x, y = self._split(x), self._split(y)
-        return keras_train_step(self._train, x, y, lr, self.step_count)
+        if self.parallel is None:
+            return keras_train_step(self._train, x, y, lr, self.step_count)
+        value, output = self._train(self._split(x), self._split(y), np.float32(lr),
+                                    np.float32(self.step_count))
+        return float(np.asarray(value)), self._whole(output)
+
+    def _whole(self, array: Any) -> np.ndarray:
+        """A batch-sharded array as numpy, whichever processes hold its parts."""
+        if self.processes == 1:
+            return np.asarray(array)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        if self.parallel is None or self.processes == 1:
+            return wanted
+        from jax.experimental import multihost_utils
+
+        return bool(np.asarray(multihost_utils.process_allgather(np.array([wanted]))).any())
 
     def _split(self, batch: np.ndarray) -> Any:
         """The batch cut along its first axis over the devices (XLA then reduces the
