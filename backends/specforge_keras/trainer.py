@@ -315,6 +315,8 @@ class KerasTrainer(Trainer):
 
     # --- checkpoints: Keras's weights file, an .npz of optimizer slots, a JSON pointer ----
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        if not self.writes_run_folder:  # another process holds the same (replicated) state
+            return
         tag = f"{self.step_count:09d}"
         weights = path.with_name(f"checkpoint-{tag}.weights.h5")
         state = path.with_name(f"checkpoint-{tag}.state.npz")
