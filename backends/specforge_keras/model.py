@@ -48,7 +48,7 @@ _KERAS_PARAM = {"kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "b
                 "moving_mean": "moving_mean", "moving_var": "moving_var"}
 
 
-def _variable(model: keras.Model, names: dict[str, str], node: Node, param: str) -> object:
+def variable_of(model: keras.Model, names: dict[str, str], node: Node, param: str) -> object:
     return getattr(model.get_layer(names[node.name]), _KERAS_PARAM[param])
 
 
@@ -56,14 +56,14 @@ def import_weights(model: keras.Model, graph: Graph, weights: Mapping[str, np.nd
     names = identifier_names(graph)
     for node in graph:
         for p in node.params:
-            _variable(model, names, node, p.name).assign(
+            variable_of(model, names, node, p.name).assign(
                 np.asarray(weights[f"{node.name}.{p.name}"], np.float32))
 
 
 def export_weights(model: keras.Model, graph: Graph) -> dict[str, np.ndarray]:
     names = identifier_names(graph)
     return {f"{n.name}.{p.name}": np.array(keras.ops.convert_to_numpy(
-        _variable(model, names, n, p.name))) for n in graph for p in n.params}
+        variable_of(model, names, n, p.name))) for n in graph for p in n.params}
 
 
 def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None,

@@ -19,7 +19,7 @@ from specforge.backends import Probe
 from specforge.errors import UsageError
 from specforge.ir.graph import Node, identifier_names
 from specforge.ir.program import Program, optimizer_slots
-from specforge_keras.model import _variable, create_model, export_weights
+from specforge_keras.model import create_model, export_weights, variable_of
 from specforge_keras.trainer import loss_value, make_slots, make_train_step
 
 
@@ -127,7 +127,7 @@ class KerasProbe(Probe):
         self._train = make_train_step(self.wrapped, program.loss, program.optimizer,
                                       self.slots)
         names = identifier_names(program.graph)
-        by_id = {id(_variable(self.model, names, n, p.name)): f"{n.name}.{p.name}"
+        by_id = {id(variable_of(self.model, names, n, p.name)): f"{n.name}.{p.name}"
                  for n in program.graph for p in n.params}
         self.trainable_names = [by_id[id(v)] for v in trainable]
         self.steps = 0

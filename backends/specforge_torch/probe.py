@@ -79,7 +79,7 @@ class TorchProbe(Probe):
     def output(self, x: np.ndarray, training: bool,
                masks: Mapping[str, np.ndarray]) -> np.ndarray:
         self._set_masks(masks)
-        images, _ = self.trainer._inputs(x, np.zeros(len(x), np.int64))
+        images, _ = self.trainer.tensors(x, np.zeros(len(x), np.int64))
         self.trainer.model.train(training)
         with torch.no_grad():
             return forward_pass(self.trainer.model, images, None).cpu().numpy()
@@ -87,7 +87,7 @@ class TorchProbe(Probe):
     def gradients(self, x: np.ndarray, y: np.ndarray, masks: Mapping[str, np.ndarray]
                   ) -> tuple[float, dict[str, np.ndarray]]:
         self._set_masks(masks)
-        images, labels = self.trainer._inputs(x, y)
+        images, labels = self.trainer.tensors(x, y)
         model = self.trainer.model.train()
         model.zero_grad(set_to_none=True)
         value = loss_value(self.trainer.program.loss, model(images), labels)

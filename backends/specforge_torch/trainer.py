@@ -189,8 +189,10 @@ class TorchTrainer(Trainer):
             source = DeviceBatches(pipeline, self.torch_device)
         return source if self.ranks is None else ShardedBatches(source, pipeline, self.ranks)
 
-    def _inputs(self, x: np.ndarray | torch.Tensor, y: np.ndarray
+    def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NHWC images (numpy or a tensor) and labels as the model's tensors: NCHW, on the
+        device, in the trainer's memory format."""
         images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
         images = images.to(self.torch_device, non_blocking=True)
         images = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
@@ -204,9 +206,9 @@ class TorchTrainer(Trainer):
         self.model.train()
         if self.ranks is not None:
             return shard_step(self.forward, self.optimizer, self.params, self.program.loss,
-                              self.program.optimizer, self._inputs, x, y, lr, self.ranks,
+                              self.program.optimizer, self.tensors, x, y, lr, self.ranks,
                               self.torch_device, self.autocast)
-        images, labels = self._inputs(x, y)
+        images, labels = self.tensors(x, y)
         value, output = optimizer_step(self.forward, self.optimizer, self.params,
                                        self.program.loss, self.program.optimizer, images,
                                        labels, lr, self.autocast)
@@ -223,7 +225,7 @@ class TorchTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        images, labels = self._inputs(x, y)
+        images, labels = self.tensors(x, y)
         self.model.eval()
         output = self._output(images)
         return loss_value(self.program.loss, output, labels).item(), output.cpu().numpy()
@@ -231,7 +233,7 @@ class TorchTrainer(Trainer):
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (the folded softmax/sigmoid applied)."""
-        images, _ = self._inputs(x, np.zeros(len(x), np.int64))
+        images, _ = self.tensors(x, np.zeros(len(x), np.int64))
         self.model.eval()
         output = self._output(images)
         if self.program.output_activation == "softmax":
