@@ -368,6 +368,16 @@ TORCH_NAMES = {
 }
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype `training.precision` autocasts the forward pass to (None: float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """torch.compile's mode for `training.compile` (None: do not compile)."""
+    return "default" if setting is True else (setting or None)
+
+
 def make_optimizer(opt: OptimizerIR, params: Any) -> torch.optim.Optimizer:
     h = opt.hyper
     if opt.kind == "sgd":
@@ -1094,9 +1104,14 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
                           or "no test set"))
 
 
+# training.channels_last and training.precision, as `specforge run` applies them
+MEMORY_FORMAT = torch.channels_last if TRAINING.channels_last else torch.contiguous_format
+AUTOCAST = autocast_dtype(TRAINING.precision)
+
+
 def to_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(batch.x).to(device).permute(0, 3, 1, 2).contiguous()
-    return images, torch.from_numpy(batch.y).to(device)
+    images = torch.from_numpy(batch.x).to(device).permute(0, 3, 1, 2)
+    return images.contiguous(memory_format=MEMORY_FORMAT), torch.from_numpy(batch.y).to(device)
 
 
 def main() -> None:
@@ -1110,30 +1125,32 @@ def main() -> None:
     pipeline = load_data(args.data_dir)
     model = Model()
     load_initial_weights(model)
-    model.to(device)
+    model.to(device, memory_format=MEMORY_FORMAT)
     # dropout's random stream, seeded once the model exists (each process its own)
     torch.manual_seed(SEED + (ranks.rank if ranks else 0))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(OPTIMIZER, params)
     trained = model if ranks is None else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
+    mode = compile_mode(TRAINING.compile)
+    forward = torch.compile(trained, mode=mode) if mode else trained
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         model.eval()
         with torch.no_grad():
             images, labels = to_tensors(Batch(x, y), device)
-            output = model(images)
+            output = forward_pass(forward, images, AUTOCAST)
             return loss_value(LOSS, output, labels).item(), output.cpu().numpy()
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
         model.train()
         if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
-            return shard_step(trained, optimizer, params, LOSS, OPTIMIZER,
+            return shard_step(forward, optimizer, params, LOSS, OPTIMIZER,
                               lambda x, y: to_tensors(Batch(x, y), device), batch.x, batch.y,
-                              lr, ranks, device)
+                              lr, ranks, device, AUTOCAST)
         images, labels = to_tensors(batch, device)
-        value, output = optimizer_step(model, optimizer, params, LOSS, OPTIMIZER, images,
-                                       labels, lr)
+        value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER, images,
+                                       labels, lr, AUTOCAST)
         return value.item(), output.cpu().numpy()
 
     main = ranks is None or ranks.rank == 0

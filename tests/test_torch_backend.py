@@ -126,6 +126,8 @@ HEAVY = [
     "model.layers.5.rate=0.5",
     "loss.label_smoothing=0.1",
     "training.steps_per_epoch=10",
+    "training.precision=bf16",  # the script autocasts and lays out memory as run does
+    "training.channels_last=true",
 ]
 
 

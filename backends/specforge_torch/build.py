@@ -24,8 +24,9 @@ DISTRIBUTED = HERE / "distributed.py"
 
 
 def torch_helpers() -> str:
-    return copied([(TRAINER, ["make_optimizer", "clip_gradients", "loss_value", "forward_pass",
-                              "optimizer_step", "shard_step"]),
+    return copied([(TRAINER, ["autocast_dtype", "compile_mode", "make_optimizer",
+                              "clip_gradients", "loss_value", "forward_pass", "optimizer_step",
+                              "shard_step"]),
                    (MODEL, ["to_torch_layout"]),
                    (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
                                   "all_sum", "gather_rows"])])

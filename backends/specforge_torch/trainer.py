@@ -35,7 +35,15 @@ from specforge_torch.distributed import (
 )
 from specforge_torch.model import SpecModule, create_model, export_weights
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype `training.precision` autocasts the forward pass to (None: float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """torch.compile's mode for `training.compile` (None: do not compile)."""
+    return "default" if setting is True else (setting or None)
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -168,7 +176,7 @@ class TorchTrainer(Trainer):
             self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(program.optimizer, self.params)
-        self.autocast = _AUTOCAST.get(training.precision)
+        self.autocast = autocast_dtype(training.precision)
         trained: Any = self.model
         if self.ranks is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -176,7 +184,7 @@ class TorchTrainer(Trainer):
             trained = DistributedDataParallel(
                 self.model, device_ids=[self.torch_device] if self.torch_device.type ==
                 "cuda" else None)
-        mode = "default" if training.compile is True else training.compile
+        mode = compile_mode(training.compile)
         self.forward = torch.compile(trained, mode=mode) if mode else trained
 
     def batch_source(self, pipeline: Any) -> Any:
