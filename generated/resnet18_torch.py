@@ -180,8 +180,40 @@ class BatchNorm(nn.Module):
         self.momentum, self.epsilon = 1.0 - decay, epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _data_parallel():
+            return self._over_all_processes(x)
         return F.batch_norm(x, self.moving_mean, self.moving_var, self.gamma, self.beta,
                             self.training, self.momentum, self.epsilon)
+
+    def _over_all_processes(self, x: torch.Tensor) -> torch.Tensor:
+        """Training under DDP: the statistics of the whole batch, every process's shard
+        together (the IR's batch norm is over the batch), through differentiable
+        all-reduces, so that N processes compute what one computes on the whole batch."""
+        from torch.distributed.nn.functional import all_reduce
+
+        axes = [0, 2, 3] if x.dim() == 4 else [0]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mine = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        totals = all_reduce(torch.cat([x.sum(axes), mine]))  # the sums and the count
+        count = totals[-1]
+        mean = totals[:-1] / count
+        centred = x - mean.reshape(shape)
+        var = all_reduce((centred * centred).sum(axes)) / count
+        with torch.no_grad():
+            unbiased = var * count / torch.clamp(count - 1, min=1)
+            self.moving_mean.lerp_(mean, self.momentum)
+            self.moving_var.lerp_(unbiased, self.momentum)
+        y = centred * torch.rsqrt(var + self.epsilon).reshape(shape)
+        if self.gamma is not None:
+            y = y * self.gamma.reshape(shape)
+        return y + self.beta.reshape(shape) if self.beta is not None else y
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several training together (torchrun and DDP)."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and \
+        distributed.get_world_size() > 1
 
 
 class Activation(nn.Module):

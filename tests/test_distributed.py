@@ -29,15 +29,24 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node=2"]
 
 
-def test_two_processes_compute_what_one_computes(tmp_path: Path):
+# batch norm over the whole batch: the processes' shards together
+WITH_BATCH_NORM = (
+    "model.layers=[{type: conv2d, filters: 8, kernel: 3, padding: same, bias: false},"
+    " {type: batch_norm}, {type: activation, fn: relu}, {type: max_pool2d, pool: 2},"
+    " {type: flatten}, {type: dense, units: 16, bias: false}, {type: batch_norm},"
+    " {type: activation, fn: relu}, {type: dense, units: 10, activation: softmax}]")
+
+
+@pytest.mark.parametrize("model", [NO_DROPOUT, WITH_BATCH_NORM], ids=["digits", "batch-norm"])
+def test_two_processes_compute_what_one_computes(tmp_path: Path, model: str):
     one, two, conform = tmp_path / "one", tmp_path / "two", tmp_path / "conform"
     results = run_all(
         specforge("run", DIGITS, "-b", "torch", "--run-dir", str(one), "--quiet",
-                  *sets(NO_DROPOUT, *SMALL)),
+                  *sets(model, *SMALL)),
         specforge("run", DIGITS, "-b", "torch", "--run-dir", str(two), "--quiet",
-                  "--nproc-per-node", "2", *sets(NO_DROPOUT, *SMALL)),
+                  "--nproc-per-node", "2", *sets(model, *SMALL)),
         specforge("conform", DIGITS, "--backends", "torch", "--steps", "15", "--out",
-                  str(conform), *sets(NO_DROPOUT, *SMALL)), timeout=600)
+                  str(conform), *sets(model, *SMALL)), timeout=600)
     for result in results:
         ok(result)
     # the tolerance of one backend against itself after 15 steps, from its chaos floor
