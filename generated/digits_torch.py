@@ -422,6 +422,17 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
         torch._foreach_mul_(grads, scale)
 
 
+def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NHWC images (numpy or a tensor) and labels as the model takes them: NCHW, on
+    ``device``, in ``memory_format``."""
+    images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return (images.contiguous(memory_format=memory_format),
+            torch.from_numpy(y).to(device, non_blocking=True))
+
+
 def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
     e = loss.label_smoothing
@@ -1019,11 +1030,6 @@ MEMORY_FORMAT = torch.channels_last if TRAINING.channels_last else torch.contigu
 AUTOCAST = autocast_dtype(TRAINING.precision)
 
 
-def to_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(batch.x).to(device).permute(0, 3, 1, 2)
-    return images.contiguous(memory_format=MEMORY_FORMAT), torch.from_numpy(batch.y).to(device)
-
-
 def main() -> None:
     parser = arguments()
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
@@ -1045,20 +1051,22 @@ def main() -> None:
     mode = compile_mode(TRAINING.compile)
     forward = torch.compile(trained, mode=mode) if mode else trained
 
+    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return model_inputs(x, y, device, MEMORY_FORMAT)
+
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         model.eval()
         with torch.no_grad():
-            images, labels = to_tensors(Batch(x, y), device)
+            images, labels = tensors(x, y)
             output = forward_pass(forward, images, AUTOCAST)
             return loss_value(LOSS, output, labels).item(), output.cpu().numpy()
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
         model.train()
         if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
-            return shard_step(forward, optimizer, params, LOSS, OPTIMIZER,
-                              lambda x, y: to_tensors(Batch(x, y), device), batch.x, batch.y,
-                              lr, ranks, device, AUTOCAST)
-        images, labels = to_tensors(batch, device)
+            return shard_step(forward, optimizer, params, LOSS, OPTIMIZER, tensors, batch.x,
+                              batch.y, lr, ranks, device, AUTOCAST)
+        images, labels = tensors(batch.x, batch.y)
         value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER, images,
                                        labels, lr, AUTOCAST)
         return value.item(), output.cpu().numpy()

@@ -84,6 +84,17 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
         torch._foreach_mul_(grads, scale)
 
 
+def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NHWC images (numpy or a tensor) and labels as the model takes them: NCHW, on
+    ``device``, in ``memory_format``."""
+    images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return (images.contiguous(memory_format=memory_format),
+            torch.from_numpy(y).to(device, non_blocking=True))
+
+
 def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
     e = loss.label_smoothing
@@ -199,12 +210,8 @@ class TorchTrainer(Trainer):
 
     def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """NHWC images (numpy or a tensor) and labels as the model's tensors: NCHW, on the
-        device, in the trainer's memory format."""
-        images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-        images = images.to(self.torch_device, non_blocking=True)
-        images = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
-        return images, torch.from_numpy(y).to(self.torch_device, non_blocking=True)
+        """:func:`model_inputs` on this trainer's device, in its memory format."""
+        return model_inputs(x, y, self.torch_device, self.memory_format)
 
     def _output(self, images: torch.Tensor) -> torch.Tensor:
         return forward_pass(self.forward, images, self.autocast)
