@@ -156,7 +156,8 @@ def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int
         looks[name] = first_look(fresh(name), program, batch.x, batch.y)
         log(f"{name}: {steps} training steps")
         report.losses[name], finals[name] = train(fresh(name), program, pipeline, steps)
-    floors = chaos_floors(program, pipeline, backends, steps, finals, fresh, report, log)
+    floors = chaos_floors(program, pipeline, backends, steps, start, finals, fresh, report,
+                          log)
 
     for phase in ("forward", "gradients"):
         rtol = tolerance.forward_rtol if phase == "forward" else tolerance.gradient_rtol
@@ -174,13 +175,13 @@ def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int
 
 
 def chaos_floors(program: Program, pipeline: Any, backends: Sequence[str], steps: int,
-                 finals: Mapping[str, Quantities], fresh: Callable[..., Probe],
-                 report: Report, log: Callable[[str], None]) -> dict[str, float]:
+                 start: Mapping[str, np.ndarray], finals: Mapping[str, Quantities],
+                 fresh: Callable[..., Probe], report: Report, log: Callable[[str], None]
+                 ) -> dict[str, float]:
     """Each backend's own sensitivity, per quantity: the same backend trained again with its
     initial weights and every batch's pixels moved by one ulp (rounding enters at every
     step, not only at the start). The largest over the backends: their roundings amplify
-    differently."""
-    start = initial_weights(program.graph, program.seed)
+    differently. ``start``: the initial weights the other runs began from."""
     rng = np.random.default_rng([program.seed, PERTURB])
     moved = {name: move_one_ulp(start[name], rng) for name in sorted(start)}
 
