@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,48 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
+
+
+def stop_after_steps(process: subprocess.Popen[str], steps: Path, count: int = 10,
+                     wait: float = 120) -> str:
+    """SIGTERM to a `specforge run` ``process`` once its run folder's ``steps`` log holds
+    ``count`` lines (within 240 s); its stderr, once it has exited."""
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if steps.exists() and steps.read_text().count("\n") >= count:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.005)
+    return process.communicate(timeout=wait)[1]
+
+
+def check_evaluate_and_predict(run_dir: Path, images_dir: Path) -> None:
+    """`specforge evaluate` gives the run's test metrics, and `predict` classifies five
+    digits images (the run trained on digits) as a ~98% model does."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in range(5):
+        path = images_dir / f"digit{i}.png"
+        # the digits source uses these very pixel values (0..16) as uint8
+        Image.fromarray(digits.images[i].astype(np.uint8), "L").save(path)
+        paths.append(path)
+    evaluated, predicted = run_all(specforge("evaluate", str(run_dir)),
+                                   specforge("predict", str(run_dir), *map(str, paths)))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the final checkpoint holds the weights the run was tested with; same code and data
+    assert json.loads(ok(evaluated).stdout) == summary["test"]
+
+    lines = [json.loads(line) for line in ok(predicted).stdout.splitlines()]
+    assert [line["image"] for line in lines] == list(map(str, paths))
+    for line in lines:
+        probabilities = line["probabilities"]
+        assert len(probabilities) == 10 and min(probabilities) >= 0
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)  # each rounded to 6 places
+        assert line["class"] == str(int(np.argmax(probabilities)))
+    correct = sum(line["class"] == str(digits.target[i]) for i, line in enumerate(lines))
+    assert correct >= 4  # a ~98% model

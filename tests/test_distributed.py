@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,16 @@ import pytest
 
 from specforge.weights import load_weights
 from tests.conftest import ROOT
-from tests.processes import ENV, ok, read_jsonl, refused, run_all, sets, specforge
+from tests.processes import (
+    ENV,
+    ok,
+    read_jsonl,
+    refused,
+    run_all,
+    sets,
+    specforge,
+    stop_after_steps,
+)
 
 pytest.importorskip("torch")
 
@@ -97,14 +104,7 @@ def test_resume_under_ddp_gives_the_uninterrupted_weights(tmp_path: Path):
     part = subprocess.Popen(specforge(*command, "--run-dir", str(b)), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while part.poll() is None and time.monotonic() < deadline:
-            steps = b / "steps.jsonl"
-            if steps.exists() and steps.read_text().count("\n") >= 10:
-                part.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.005)
-        _, err = part.communicate(timeout=300)
+        err = stop_after_steps(part, b / "steps.jsonl", wait=300)
     finally:
         if part.poll() is None:
             part.kill()

@@ -9,11 +9,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from tests.processes import (  # noqa: E402
     ENV,
     KERAS_BACKEND,
     PNG_SIGNATURE,
+    check_evaluate_and_predict,
     cli,
     ok,
     read_jsonl,
@@ -42,6 +41,7 @@ from tests.processes import (  # noqa: E402
     run_all,
     sets,
     specforge,
+    stop_after_steps,
 )
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
@@ -282,13 +282,7 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path, dropout)
 
     try:
         full, part = start("--run-dir", str(a)), start("--run-dir", str(b))
-        deadline = time.monotonic() + 240
-        while part.poll() is None and time.monotonic() < deadline:
-            if steps_b.exists() and steps_b.read_text().count("\n") >= 10:
-                part.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.005)
-        _, err = part.communicate(timeout=120)
+        err = stop_after_steps(part, steps_b)
         assert part.returncode == 130, (
             f"exit {part.returncode}: run B was not interrupted (if it finished first, make "
             f"it longer with more steps)\n{err[-3000:]}")
@@ -335,32 +329,8 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path, dropout)
 # --- 6. evaluate and predict ---------------------------------------------------------------------
 
 def test_evaluate_and_predict_use_the_runs_checkpoint(digits_run, tmp_path):
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     run_dir = digits_run
-    digits = load_digits()
-    paths = []
-    for i in range(5):
-        path = tmp_path / f"digit{i}.png"
-        # the digits source uses these very pixel values (0..16) as uint8
-        Image.fromarray(digits.images[i].astype(np.uint8), "L").save(path)
-        paths.append(path)
-    evaluated, predicted = run_all(specforge("evaluate", str(run_dir)),
-                                   specforge("predict", str(run_dir), *map(str, paths)))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    # the final checkpoint holds the weights the run was tested with; same code and data
-    assert json.loads(ok(evaluated).stdout) == summary["test"]
-
-    lines = [json.loads(line) for line in ok(predicted).stdout.splitlines()]
-    assert [line["image"] for line in lines] == list(map(str, paths))
-    for line in lines:
-        probabilities = line["probabilities"]
-        assert len(probabilities) == 10 and min(probabilities) >= 0
-        assert sum(probabilities) == pytest.approx(1, abs=1e-5)  # each rounded to 6 places
-        assert line["class"] == str(int(np.argmax(probabilities)))
-    correct = sum(line["class"] == str(digits.target[i]) for i, line in enumerate(lines))
-    assert correct >= 4  # a ~98% model
+    check_evaluate_and_predict(run_dir, tmp_path)
 
 
 # --- 7. the Python API ---------------------------------------------------------------------------
