@@ -90,13 +90,17 @@ class DataPipeline:
         self._scale = np.float32(data.normalize.scale)
         self._mean = np.asarray(data.normalize.mean, np.float32)
         self._std = np.asarray(data.normalize.std, np.float32)
+        #: the last pass's order: every step of a pass needs it, and drawing a permutation
+        #: of a 50,000-image set takes 0.6 ms, a tenth of a fast GPU step
+        self._order: tuple[int, np.ndarray] | None = None
 
     def pass_order(self, pass_index: int) -> np.ndarray:
         """The order of the training set in pass ``pass_index``."""
-        if not self.data.shuffle:
-            return np.arange(len(self.train))
-        return np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
-            len(self.train))
+        if self._order is None or self._order[0] != pass_index:
+            order = np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
+                len(self.train)) if self.data.shuffle else np.arange(len(self.train))
+            self._order = (pass_index, order)
+        return self._order[1].copy()  # the caller's own: the kept one stays as drawn
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Which training images step ``step`` takes (the whole batch)."""
