@@ -9,7 +9,7 @@ so that `specforge build` stays free of torch and tensorflow.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,6 +47,10 @@ class RunResult:
     main_process: bool = True
 
 
+#: A started training step: calling it waits for the step's (loss, logits).
+PendingStep = Callable[[], "tuple[float, np.ndarray]"]
+
+
 class Trainer(ABC):
     """One model being trained by a backend: the framework-specific half of the loop.
 
@@ -77,6 +81,13 @@ class Trainer(ABC):
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         """One optimizer step on a batch (NHWC float32, int64 labels) at learning rate
         ``lr``; returns the batch's loss and its logits (for the training metrics)."""
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        """:meth:`train_step`, without waiting for its results: call what it returns for the
+        loss and logits. The loop starts the next step before it reads this one's, so that
+        a GPU computes while the host logs. By default the step runs to its end here."""
+        result = self.train_step(x, y, lr)
+        return lambda: result
 
     @abstractmethod
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

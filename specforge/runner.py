@@ -17,6 +17,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from specforge.runfolder import RunFolder
 from specforge.weights import save_weights
 
 if TYPE_CHECKING:
-    from specforge.backends import Backend, RunOptions, RunResult, Trainer
+    from specforge.backends import Backend, PendingStep, RunOptions, RunResult, Trainer
 
 
 #: Steps of each process left out of the images/s in summary.json.
@@ -88,6 +89,16 @@ def _stop_on_signals(loop: Loop) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+@dataclass(frozen=True)
+class StartedStep:
+    """A training step the trainer has started, with what the loop logs once it ends."""
+
+    step: int
+    labels: np.ndarray
+    lr: float
+    results: PendingStep
+
+
 class Loop:
     """The epochs and steps of one run; its state is what a checkpoint must hold."""
 
@@ -110,6 +121,7 @@ class Loop:
         self.train_seconds = 0.0
         self.train_images = 0
         self.steps_timed = 0
+        self.clock = time.perf_counter()  # when the last step finished
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -133,11 +145,24 @@ class Loop:
     def run(self) -> dict[str, float]:
         total = self.epochs * self.steps_per_epoch
         with self.folder.progress(self.options, total, self.step) as progress:
+            self.clock = time.perf_counter()
+            started: StartedStep | None = None
             while self.step < total:
-                self._train_step(progress)
+                started = started or self._start(self.step)
+                # Agreed before the next step starts: data-parallel processes must all start
+                # (and so all-reduce) the same steps.
+                stop = self.trainer.agree_to_stop(self.stop_requested is not None)
+                # The next step starts before this one's loss is read, so that a GPU computes
+                # while the host logs; not across an epoch's end, whose evaluation and
+                # checkpoint need this step's weights.
+                following = None
+                if not stop and (self.step + 1) % self.steps_per_epoch:
+                    following = self._start(self.step + 1)
+                self._finish(started, progress)
+                started = following
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(progress)
-                if self.trainer.agree_to_stop(self.stop_requested is not None):
+                if stop:
                     self.stop_requested = self.stop_requested or "another process's signal"
                     self.checkpoint()
                     raise Interrupted(f"stopped by {self.stop_requested} after step "
@@ -152,28 +177,33 @@ class Loop:
             save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
         return test
 
-    def _train_step(self, progress: Any) -> None:
-        started = time.perf_counter()
-        epoch = self.step // self.steps_per_epoch
-        batch = self.batches.train_batch(self.step)
-        lr = lr_at(self.program.optimizer, self.step, self.steps_per_epoch)
-        loss, logits = self.trainer.train_step(batch.x, batch.y, lr)
+    def _start(self, step: int) -> StartedStep:
+        batch = self.batches.train_batch(step)
+        lr = lr_at(self.program.optimizer, step, self.steps_per_epoch)
+        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr))
+
+    def _finish(self, started: StartedStep, progress: Any) -> None:
+        """Wait for a started step's results; log them and count them in the metrics."""
+        loss, logits = started.results()
+        epoch = started.step // self.steps_per_epoch
         if not math.isfinite(loss):
-            self.folder.log_step(self.step, epoch, loss, lr)
+            self.folder.log_step(started.step, epoch, loss, started.lr)
             raise TrainingDiverged(
-                f"the loss became {loss} at step {self.step} (epoch {epoch + 1}, "
-                f"learning rate {lr:.3g}); lower the learning rate or add clip_norm")
-        self.train_metrics.update(logits, batch.y)
-        self.loss_sum += loss * len(batch.y)
-        self.seen += len(batch.y)
-        self.folder.log_step(self.step, epoch, loss, lr)
+                f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
+                f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
+        self.train_metrics.update(logits, started.labels)
+        self.loss_sum += loss * len(started.labels)
+        self.seen += len(started.labels)
+        self.folder.log_step(started.step, epoch, loss, started.lr)
         self.step += 1
-        seconds = time.perf_counter() - started
+        # Steps overlap, so a step's time is the time since the last one finished.
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
         self.steps_timed += 1
         if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
             self.train_seconds += seconds
-            self.train_images += len(batch.y)
-        progress.advance(len(batch.y), seconds, epoch, self.loss_sum / self.seen,
+            self.train_images += len(started.labels)
+        progress.advance(len(started.labels), seconds, epoch, self.loss_sum / self.seen,
                          self.train_metrics)
 
     @property
@@ -195,6 +225,7 @@ class Loop:
         if (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
                 self.step == self.epochs * self.steps_per_epoch:
             self.checkpoint()
+        self.clock = time.perf_counter()  # evaluation is not training time
 
     def evaluate(self, split: str) -> dict[str, float]:
         limit = self.validation_steps if split == "validation" else None

@@ -1,0 +1,115 @@
+"""specforge's training loop without a framework: a trainer that records what the loop asks
+of it, to check that the next step starts before the last one's results are read, and never
+across an epoch's end, an evaluation or a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from specforge.backends import PendingStep, RunOptions, Trainer
+from specforge.compiler import compile_spec
+from specforge.data import build_pipeline
+from specforge.runfolder import RunFolder
+from specforge.runner import Interrupted, Loop
+from tests.conftest import SPECS
+
+
+class RecordingTrainer(Trainer):
+    """Counts started and finished steps; every other call notes how many are in flight."""
+
+    def __init__(self, classes: int, stop_when_starting: int | None = None) -> None:
+        self.classes = classes
+        self.stop_when_starting = stop_when_starting
+        self.loop: Loop | None = None
+        self.started = self.finished = 0
+        self.events: list[tuple[str, int]] = []
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        step = self.started
+        self.started += 1
+        self.events.append(("start", step))
+        if step == self.stop_when_starting and self.loop is not None:
+            self.loop.stop_requested = "SIGTERM"  # as the signal handler does
+
+        def results() -> tuple[float, np.ndarray]:
+            self.finished += 1
+            self.events.append(("finish", step))
+            return 1.0 / (step + 1), np.eye(self.classes)[y]
+        return results
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        return self.start_step(x, y, lr)()
+
+    def _in_flight(self, what: str) -> None:
+        self.events.append((what, self.started - self.finished))
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        self._in_flight("evaluate")
+        return 0.5, np.eye(self.classes)[y]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def export_weights(self) -> dict[str, np.ndarray]:
+        self._in_flight("export")
+        return {}
+
+    def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        self._in_flight("checkpoint")
+        self.events.append(("checkpoint_step", loop_state["step"]))
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def make_loop(tmp_path: Path, stop_when_starting: int | None = None
+              ) -> tuple[Loop, RecordingTrainer, RunFolder]:
+    program = compile_spec(SPECS / "digits.yaml", [
+        "training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=8"])
+    pipeline = build_pipeline(program, SPECS)
+    trainer = RecordingTrainer(program.loss.classes, stop_when_starting)
+    folder = RunFolder(tmp_path / "run", "checkpoint.bin")
+    folder.start(program, "recording", SPECS, pipeline.train.class_names)
+    options = RunOptions(run_dir=folder.path, spec_dir=SPECS, quiet=True)
+    loop = Loop(program, pipeline, trainer, folder, options)
+    trainer.loop = loop
+    return loop, trainer, folder
+
+
+def step_log(folder: RunFolder) -> list[int]:
+    folder.close()
+    lines = (folder.path / "steps.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def test_the_next_step_starts_before_the_last_ones_results_are_read(tmp_path: Path) -> None:
+    loop, trainer, folder = make_loop(tmp_path)
+    loop.run()
+    events = trainer.events
+    order = [e for e in events if e[0] in ("start", "finish")]
+    # within an epoch step s+1 starts before s is read; at its end the epoch's last step is
+    # read before anything else happens
+    assert order == [("start", 0), ("start", 1), ("finish", 0), ("start", 2), ("finish", 1),
+                     ("finish", 2), ("start", 3), ("start", 4), ("finish", 3), ("start", 5),
+                     ("finish", 4), ("finish", 5)]
+    waits = {what: n for what, n in events if what in ("evaluate", "checkpoint", "export")}
+    assert waits == {"evaluate": 0, "checkpoint": 0, "export": 0}  # no step in flight
+    assert step_log(folder) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("stop_when_starting", [1, 2])
+def test_a_stop_finishes_every_started_step_before_the_checkpoint(
+        tmp_path: Path, stop_when_starting: int) -> None:
+    loop, trainer, folder = make_loop(tmp_path, stop_when_starting)
+    with pytest.raises(Interrupted, match=f"after step {stop_when_starting + 1}"):
+        loop.run()
+    assert ("checkpoint", 0) in trainer.events
+    assert ("checkpoint_step", trainer.started) in trainer.events
+    assert trainer.started == trainer.finished == stop_when_starting + 1
+    assert step_log(folder) == list(range(trainer.started))
