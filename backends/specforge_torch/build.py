@@ -25,7 +25,8 @@ DISTRIBUTED = HERE / "distributed.py"
 
 def torch_helpers() -> str:
     return copied([(TRAINER, ["autocast_dtype", "compile_mode", "make_optimizer",
-                              "clip_gradients", "model_inputs", "loss_value", "forward_pass",
+                              "clip_gradients", "to_device", "model_inputs", "loss_value",
+                              "forward_pass",
                               "optimizer_step",
                               "shard_step"]),
                    (MODEL, ["to_torch_layout"]),

@@ -13,6 +13,7 @@ import torch
 
 from specforge.data.augment_torch import apply_augmentation
 from specforge.data.pipeline import Batch, DataPipeline
+from specforge_torch.trainer import to_device
 
 #: Training sets up to this size (uint8 bytes) are moved to a GPU by `data_on_device: auto`.
 AUTO_LIMIT_BYTES = 2 << 30
@@ -36,7 +37,7 @@ class DeviceBatches:
 
     def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
         indices, params = self.pipeline.batch_plan(step, part)
-        index = torch.from_numpy(indices).to(self.images.device)
+        index = to_device(indices, self.images.device)
         images = self.images.index_select(0, index).float()
         if params is not None:
             images = apply_augmentation(images, params, self.pipeline.data.augment)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specforge.backends import Trainer
+from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
@@ -56,17 +56,21 @@ def resolve_device(requested: str | None) -> torch.device:
 
 
 def make_optimizer(opt: OptimizerIR, params: Any) -> torch.optim.Optimizer:
+    """torch's optimizer for ``opt`` over ``params``: on a GPU its fused kernel (one launch
+    per step instead of one per update formula; RMSprop has none)."""
+    params = list(params)
+    fused = {"fused": True} if params and params[0].is_cuda else {}
     h = opt.hyper
     if opt.kind == "sgd":
         return torch.optim.SGD(params, lr=opt.learning_rate, momentum=h["momentum"],
-                               nesterov=h["nesterov"], weight_decay=opt.weight_decay)
+                               nesterov=h["nesterov"], weight_decay=opt.weight_decay, **fused)
     if opt.kind == "rmsprop":
         return torch.optim.RMSprop(params, lr=opt.learning_rate, alpha=h["rho"],
                                    eps=h["epsilon"], weight_decay=opt.weight_decay)
     betas = (h["beta1"], h["beta2"])
     cls = torch.optim.AdamW if opt.kind == "adamw" else torch.optim.Adam
     return cls(params, lr=opt.learning_rate, betas=betas, eps=h["epsilon"],
-               weight_decay=opt.weight_decay)
+               weight_decay=opt.weight_decay, **fused)
 
 
 def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
@@ -84,15 +88,41 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
         torch._foreach_mul_(grads, scale)
 
 
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``, copied without waiting for the device: to a GPU through
+    pinned memory (torch's cache of it), since a plain copy from numpy synchronises the
+    stream and so would stall a step started ahead."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """NHWC images (numpy or a tensor) and labels as the model takes them: NCHW, on
     ``device``, in ``memory_format``."""
-    images = x if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    return (images.contiguous(memory_format=memory_format),
-            torch.from_numpy(y).to(device, non_blocking=True))
+    images = to_device(x, device).permute(0, 3, 1, 2)
+    return images.contiguous(memory_format=memory_format), to_device(y, device)
+
+
+def fetch_later(loss: torch.Tensor, logits: torch.Tensor) -> PendingStep:
+    """Start copying a step's loss and logits to the host; what it returns waits for them.
+    On a GPU the copies queue behind the step (into pinned memory, before the next step can
+    overwrite the logits, as CUDA graphs do) and an event marks their end."""
+    if loss.device.type != "cuda":
+        result = (loss.item(), logits.cpu().numpy())
+        return lambda: result
+    host_loss = loss.to("cpu", non_blocking=True)
+    host_logits = logits.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def results() -> tuple[float, np.ndarray]:
+        copied.synchronize()
+        return host_loss.item(), host_logits.numpy()
+    return results
 
 
 def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -217,17 +247,22 @@ class TorchTrainer(Trainer):
         return forward_pass(self.forward, images, self.autocast)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`)."""
+        return self.start_step(x, y, lr)()
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`), and
+        the step ends here (its loss and logits are gathered from every process)."""
         self.model.train()
         if self.ranks is not None:
-            return shard_step(self.forward, self.optimizer, self.params, self.program.loss,
-                              self.program.optimizer, self.tensors, x, y, lr, self.ranks,
-                              self.torch_device, self.autocast)
+            result = shard_step(self.forward, self.optimizer, self.params, self.program.loss,
+                                self.program.optimizer, self.tensors, x, y, lr, self.ranks,
+                                self.torch_device, self.autocast)
+            return lambda: result
         images, labels = self.tensors(x, y)
         value, output = optimizer_step(self.forward, self.optimizer, self.params,
                                        self.program.loss, self.program.optimizer, images,
                                        labels, lr, self.autocast)
-        return value.item(), output.cpu().numpy()
+        return fetch_later(value, output)
 
     def agree_to_stop(self, wanted: bool) -> bool:
         return wanted if self.ranks is None else any_rank(wanted, self.torch_device)
