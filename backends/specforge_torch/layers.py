@@ -82,7 +82,7 @@ class FlattenHWC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.permute(0, 2, 3, 1)
-        return x.reshape(x.shape[0], -1)
+        return x.flatten(1)  # also for an empty shard of a batch (0 rows)
 
 
 class BatchNorm(nn.Module):
@@ -100,24 +100,30 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _data_parallel():
-            return self._over_all_processes(x)
+            return self._with_batch_statistics(x, across_processes=True)
+        if self.training and x.numel() == x.shape[1]:
+            # one value per channel (a last batch of one image): F.batch_norm refuses it;
+            # the IR's batch variance is 0 and its running update takes n / (n - 1) as 1
+            return self._with_batch_statistics(x, across_processes=False)
         return F.batch_norm(x, self.moving_mean, self.moving_var, self.gamma, self.beta,
                             self.training, self.momentum, self.epsilon)
 
-    def _over_all_processes(self, x: torch.Tensor) -> torch.Tensor:
-        """Training under DDP: the statistics of the whole batch, every process's shard
-        together (the IR's batch norm is over the batch), through differentiable
-        all-reduces, so that N processes compute what one computes on the whole batch."""
-        from torch.distributed.nn.functional import all_reduce
-
+    def _with_batch_statistics(self, x: torch.Tensor, across_processes: bool) -> torch.Tensor:
+        """Training, the formulas written out. ``across_processes`` (under DDP): the
+        statistics of the whole batch, every process's shard together (the IR's batch norm
+        is over the batch), through differentiable all-reduces, so that N processes compute
+        what one computes on the whole batch."""
+        total = torch.clone  # one process: its sums are the totals
+        if across_processes:
+            from torch.distributed.nn.functional import all_reduce as total
         axes = [0, 2, 3] if x.dim() == 4 else [0]
         shape = [1, -1] + [1] * (x.dim() - 2)
         mine = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
-        totals = all_reduce(torch.cat([x.sum(axes), mine]))  # the sums and the count
+        totals = total(torch.cat([x.sum(axes), mine]))  # the sums and the count
         count = totals[-1]
         mean = totals[:-1] / count
         centred = x - mean.reshape(shape)
-        var = all_reduce((centred * centred).sum(axes)) / count
+        var = total((centred * centred).sum(axes)) / count
         with torch.no_grad():
             unbiased = var * count / torch.clamp(count - 1, min=1)
             self.moving_mean.lerp_(mean, self.momentum)

@@ -186,8 +186,9 @@ def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.
     images, labels = to_tensors(x, mine)
     value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
                                    autocast, share=len(mine) * ranks.world / len(y))
-    return all_sum(value.item() * len(mine), device) / len(y), gather_rows(output, len(y),
-                                                                            ranks)
+    # an empty shard (a last batch smaller than the processes) has a NaN mean and no share
+    mine_sum = value.item() * len(mine) if len(mine) else 0.0
+    return all_sum(mine_sum, device) / len(y), gather_rows(output, len(y), ranks)
 
 
 class TorchTrainer(Trainer):

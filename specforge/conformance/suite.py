@@ -36,8 +36,9 @@ class Case:
         default_factory=lambda: {"type": "adam", "learning_rate": 0.01})
     metrics: list[Any] = field(default_factory=lambda: ["accuracy"])
     input: list[int] = field(default_factory=lambda: list(INPUT))
-    #: classes of the synthetic data (64 images of ``input``'s shape, batches of 8)
+    #: classes of the synthetic data (64 images of ``input``'s shape)
     classes: int = 4
+    batch_size: int = 8
     #: pixels (0..255) are multiplied by this
     pixel_scale: float = 1 / 255
     steps: int = 20
@@ -49,7 +50,8 @@ class Case:
                 "loss": self.loss, "optimizer": self.optimizer, "metrics": self.metrics,
                 "data": {"source": {"type": "synthetic", "samples": 64,
                                     "classes": self.classes},
-                         "normalize": {"scale": self.pixel_scale}, "batch_size": 8},
+                         "normalize": {"scale": self.pixel_scale},
+                         "batch_size": self.batch_size},
                 "training": {"epochs": 1}}
         return yaml.safe_dump(spec, sort_keys=False)
 
@@ -134,6 +136,10 @@ def _layer_cases() -> list[Case]:
                                                     "bias": False},
                                          {"type": "batch_norm"},
                                          {"type": "dense", "units": 4}]),
+        # batches of one image: one value per channel, a batch variance of 0
+        Case("batch-norm-on-features-one-image-batches",
+             [*HEAD[:1], {"type": "dense", "units": 16, "bias": False},
+              {"type": "batch_norm"}, {"type": "dense", "units": 4}], batch_size=1),
         Case("dropout", [_conv(6, 3, activation="relu"), {"type": "dropout", "rate": 0.3},
                          *HEAD]),
         Case("dropout-spatial", [_conv(6, 3, activation="relu"),
