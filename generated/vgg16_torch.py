@@ -792,9 +792,16 @@ def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.
     images, labels = to_tensors(x, mine)
     value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
                                    autocast, share=len(mine) * ranks.world / len(y))
-    # an empty shard (a last batch smaller than the processes) has a NaN mean and no share
-    mine_sum = value.item() * len(mine) if len(mine) else 0.0
-    return all_sum(mine_sum, device) / len(y), gather_rows(output, len(y), ranks)
+    return whole_batch(value, output, len(y), ranks, device)
+
+
+def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks,
+                device: torch.device) -> tuple[float, np.ndarray]:
+    """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
+    of it (``loss`` its mean, ``output`` its rows) and every other process's."""
+    # an empty shard (a last batch smaller than the processes) has a NaN mean and no weight
+    mine = loss.item() * len(output) if len(output) else 0.0
+    return all_sum(mine, device) / size, gather_rows(output, size, ranks)
 
 
 def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:

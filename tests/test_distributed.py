@@ -87,8 +87,12 @@ def test_two_processes_compute_what_one_computes(tmp_path: Path, model: str):
     assert w1.keys() == w2.keys()
     for name in w1:
         assert np.abs(w1[name] - w2[name]).max() <= tolerance[name], name
-    summary = json.loads((two / "summary.json").read_text())
-    assert summary["device"] == "cpu x 2 processes"
+    summary = {run: json.loads((run / "summary.json").read_text()) for run in (one, two)}
+    assert summary[two]["device"] == "cpu x 2 processes"
+    # each process evaluates its shard of every test batch: the whole set's numbers
+    tests = [summary[run]["test"] for run in (one, two)]
+    assert abs(tests[0]["loss"] - tests[1]["loss"]) <= tolerance["loss per step"]
+    assert abs(tests[0]["accuracy"] - tests[1]["accuracy"]) <= 1 / 359  # one test image
     assert results[1].stderr.count("test: ") == 1  # one process reports
 
 

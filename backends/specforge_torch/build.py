@@ -28,7 +28,7 @@ def torch_helpers() -> str:
                               "clip_gradients", "to_device", "model_inputs", "loss_value",
                               "forward_pass",
                               "optimizer_step",
-                              "shard_step"]),
+                              "shard_step", "whole_batch"]),
                    (MODEL, ["to_torch_layout"]),
                    (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
                                   "all_sum", "gather_rows"])])

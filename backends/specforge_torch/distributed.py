@@ -7,7 +7,8 @@ batch (:func:`specforge.data.pipeline.shard`), DDP averages the gradients, and t
 outputs of the whole batch are gathered back, so that the loop, its metrics and its logs are
 those of one process training on the whole batch. Each shard's loss is weighted by its share
 of the batch, so that uneven shards (a last, smaller batch) still give the whole batch's
-mean. Only rank 0 writes the run folder and shows progress.
+mean. Evaluation batches are sharded and gathered the same way. Only rank 0 writes the run
+folder and shows progress.
 """
 
 from __future__ import annotations

@@ -186,9 +186,16 @@ def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.
     images, labels = to_tensors(x, mine)
     value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
                                    autocast, share=len(mine) * ranks.world / len(y))
-    # an empty shard (a last batch smaller than the processes) has a NaN mean and no share
-    mine_sum = value.item() * len(mine) if len(mine) else 0.0
-    return all_sum(mine_sum, device) / len(y), gather_rows(output, len(y), ranks)
+    return whole_batch(value, output, len(y), ranks, device)
+
+
+def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks,
+                device: torch.device) -> tuple[float, np.ndarray]:
+    """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
+    of it (``loss`` its mean, ``output`` its rows) and every other process's."""
+    # an empty shard (a last batch smaller than the processes) has a NaN mean and no weight
+    mine = loss.item() * len(output) if len(output) else 0.0
+    return all_sum(mine, device) / size, gather_rows(output, size, ranks)
 
 
 class TorchTrainer(Trainer):
@@ -276,10 +283,16 @@ class TorchTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        images, labels = self.tensors(x, y)
+        """Under torchrun each process evaluates its shard of the batch."""
+        part = slice(None) if self.ranks is None else shard(len(y), self.ranks.rank,
+                                                           self.ranks.world)
+        images, labels = self.tensors(x[part], y[part])
         self.model.eval()
         output = self._output(images)
-        return loss_value(self.program.loss, output, labels).item(), output.cpu().numpy()
+        loss = loss_value(self.program.loss, output, labels)
+        if self.ranks is not None:
+            return whole_batch(loss, output, len(y), self.ranks, self.torch_device)
+        return loss.item(), output.cpu().numpy()
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
