@@ -298,6 +298,31 @@ def test_resume_and_run_dir_misuse_are_refused(tmp_path):
     assert list(empty.iterdir()) == []
 
 
+def test_a_checkpoint_keeps_the_resuming_devices_optimizer_kernels(tmp_path):
+    """A GPU writes fused optimizer groups; the CPU resumes them with its own kernels (and
+    the other way round), the optimizer's state unchanged."""
+    from specforge_torch.trainer import TorchTrainer
+
+    program = compile_spec(DIGITS)
+    writer = TorchTrainer(program, "cpu")
+    x = np.random.default_rng(0).random((8, 8, 8, 1), dtype=np.float32)
+    y = np.arange(8) % 10
+    writer.train_step(x, y, 1e-3)
+    for group in writer.optimizer.param_groups:
+        group.update(fused=True, foreach=False)  # as make_optimizer chooses on a GPU
+    writer.save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    reader = TorchTrainer(program, "cpu")
+    chosen = [(g["fused"], g["foreach"]) for g in reader.optimizer.param_groups]
+    reader.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert [(g["fused"], g["foreach"]) for g in reader.optimizer.param_groups] == chosen
+    assert chosen[0] != (True, False)
+    for p_w, p_r in zip(writer.params, reader.params, strict=True):
+        for slot in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(writer.optimizer.state[p_w][slot],
+                               reader.optimizer.state[p_r][slot])
+    reader.train_step(x, y, 1e-3)
+
+
 # --- 5. divergence -------------------------------------------------------------------------------
 
 def test_nan_loss_stops_with_the_step(tmp_path):

@@ -198,6 +198,15 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
     return all_sum(mine, device) / size, gather_rows(output, size, ranks)
 
 
+def kernels_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state with ``optimizer``'s kernel choice (fused, foreach) instead of
+    the writer's: a checkpoint written on a GPU resumes on the CPU and the other way round,
+    and torch places the step counts by that choice as it loads them."""
+    for group, mine in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        group.update({k: mine[k] for k in ("fused", "foreach") if k in mine})
+    return saved
+
+
 class TorchTrainer(Trainer):
     def __init__(self, program: Program, device: str | None = None,
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
@@ -335,7 +344,7 @@ class TorchTrainer(Trainer):
         except Exception as exc:
             raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(kernels_of(self.optimizer, state["optimizer"]))
         rng = state["torch_rng"].cpu()
         world = self.ranks.world if self.ranks else 1
         if (rng.dim() == 2) != (world > 1) or (world > 1 and len(rng) != world):
