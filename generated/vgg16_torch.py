@@ -712,16 +712,6 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
         torch._foreach_mul_(grads, scale)
 
 
-def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``, copied without waiting for the device: to a GPU through
-    pinned memory (torch's cache of it), since a plain copy from numpy synchronises the
-    stream and so would stall a step started ahead."""
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
 def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -802,6 +792,18 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
     # an empty shard (a last batch smaller than the processes) has a NaN mean and no weight
     mine = loss.item() * len(output) if len(output) else 0.0
     return all_sum(mine, device) / size, gather_rows(output, size, ranks)
+
+
+def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """``array`` (numpy, a tensor or a list) on ``device`` (as ``dtype`` if given), copied to a
+    GPU through pinned memory (torch's cache of it) without synchronising."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:

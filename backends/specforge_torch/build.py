@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import specforge.data
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
 from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
@@ -21,14 +22,16 @@ LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.
 
 
 DISTRIBUTED = HERE / "distributed.py"
+# by path: importing it would import torch
+TRANSFER = Path(specforge.data.__file__).parent / "transfer.py"
 
 
 def torch_helpers() -> str:
     return copied([(TRAINER, ["autocast_dtype", "compile_mode", "make_optimizer",
-                              "clip_gradients", "to_device", "model_inputs", "loss_value",
-                              "forward_pass",
+                              "clip_gradients", "model_inputs", "loss_value", "forward_pass",
                               "optimizer_step",
                               "shard_step", "whole_batch"]),
+                   (TRANSFER, ["to_device"]),
                    (MODEL, ["to_torch_layout"]),
                    (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
                                   "all_sum", "gather_rows"])])

@@ -13,7 +13,7 @@ import torch
 
 from specforge.data.augment_torch import apply_augmentation
 from specforge.data.pipeline import Batch, DataPipeline
-from specforge_torch.trainer import to_device
+from specforge.data.transfer import to_device
 
 #: Training sets up to this size (uint8 bytes) are moved to a GPU by `data_on_device: auto`.
 AUTO_LIMIT_BYTES = 2 << 30

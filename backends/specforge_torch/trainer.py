@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
+from specforge.data.transfer import to_device
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
 from specforge_torch.distributed import (
@@ -86,16 +87,6 @@ def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
                                                      for g in grads]))
         scale = clip_norm / torch.clamp(norm, min=clip_norm)
         torch._foreach_mul_(grads, scale)
-
-
-def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``, copied without waiting for the device: to a GPU through
-    pinned memory (torch's cache of it), since a plain copy from numpy synchronises the
-    stream and so would stall a step started ahead."""
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.device,

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from specforge.data.augment import AugmentParams, has_affine
+from specforge.data.transfer import to_device
 
 
 def _tensor(values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.as_tensor(values, device=device, dtype=dtype)
+    return to_device(values, device, dtype)
 
 
 def _fold(index: torch.Tensor, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
