@@ -207,7 +207,8 @@ class BatchNorm(nn.Module):
             from torch.distributed.nn.functional import all_reduce as total
         axes = [0, 2, 3] if x.dim() == 4 else [0]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        mine = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=x.dtype)
+        # filled on the device: torch.tensor(..., device=cuda) would synchronise the stream
+        mine = x.new_full((1,), x.numel() / x.shape[1])
         totals = total(torch.cat([x.sum(axes), mine]))  # the sums and the count
         count = totals[-1]
         mean = totals[:-1] / count
