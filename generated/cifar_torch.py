@@ -87,6 +87,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+PendingStep = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 

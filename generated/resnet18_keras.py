@@ -71,6 +71,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+PendingStep = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 
@@ -1028,10 +1029,19 @@ def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
                      ) -> tuple[float, np.ndarray]:
     """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
+    return start_keras_step(step, x, y, lr, t)()
+
+
+def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
+                     ) -> PendingStep:
+    """Start ``step`` on numpy data; what it returns waits for the loss (a float) and the
+    output (numpy). The frameworks dispatch asynchronously, and their results are new
+    arrays each step, so they can be read after the next step has started."""
     value, output = step(ops.convert_to_tensor(x), ops.convert_to_tensor(y),
                          ops.convert_to_tensor(np.float32(lr)),
                          ops.convert_to_tensor(np.float32(t)))
-    return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+    return lambda: (float(ops.convert_to_numpy(value)),
+                    np.asarray(ops.convert_to_numpy(output)))
 
 
 def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray

@@ -19,7 +19,8 @@ from specforge_keras.recipes import layer_recipe
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
 HELPERS = ["loss_value", "clip_gradients", "optimizer_update", "make_slots",
-           "apply_update", "make_train_step", "_jax_step", "keras_train_step", "keras_evaluate"]
+           "apply_update", "make_train_step", "_jax_step", "keras_train_step", "start_keras_step",
+           "keras_evaluate"]
 
 
 def model_lines(graph: Graph) -> list[str]:

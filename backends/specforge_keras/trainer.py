@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from specforge.backends import Trainer
+from specforge.backends import PendingStep, Trainer
 from specforge.errors import UsageError
 from specforge.ir.program import (
     PROBABILITY_EPSILON,
@@ -200,10 +200,19 @@ def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
                      ) -> tuple[float, np.ndarray]:
     """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
+    return start_keras_step(step, x, y, lr, t)()
+
+
+def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
+                     ) -> PendingStep:
+    """Start ``step`` on numpy data; what it returns waits for the loss (a float) and the
+    output (numpy). The frameworks dispatch asynchronously, and their results are new
+    arrays each step, so they can be read after the next step has started."""
     value, output = step(ops.convert_to_tensor(x), ops.convert_to_tensor(y),
                          ops.convert_to_tensor(np.float32(lr)),
                          ops.convert_to_tensor(np.float32(t)))
-    return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+    return lambda: (float(ops.convert_to_numpy(value)),
+                    np.asarray(ops.convert_to_numpy(output)))
 
 
 def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
@@ -267,12 +276,17 @@ class KerasTrainer(Trainer):
         self._train = make_train_step(self.model, program.loss, program.optimizer, self.slots)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        return self.start_step(x, y, lr)()
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
         self.step_count += 1
         if self.parallel is None:
-            return keras_train_step(self._train, x, y, lr, self.step_count)
+            return start_keras_step(self._train, x, y, lr, self.step_count)
         value, output = self._train(self._split(x), self._split(y), np.float32(lr),
                                     np.float32(self.step_count))
-        return float(np.asarray(value)), self._whole(output)
+        # read at once: gathering the output across processes is a collective
+        result = float(np.asarray(value)), self._whole(output)
+        return lambda: result
 
     def _whole(self, array: Any) -> np.ndarray:
         """A batch-sharded array as numpy, whichever processes hold its parts."""
