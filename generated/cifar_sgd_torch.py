@@ -524,25 +524,27 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
 
 def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
-               lr: float, ranks: Ranks, device: torch.device,
-               autocast: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+               lr: float, ranks: Ranks, autocast: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
     the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
-    logits, the same on every process."""
+    logits (still on the device), the same on every process."""
     mine = y[shard(len(y), ranks.rank, ranks.world)]
     images, labels = to_tensors(x, mine)
     value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
                                    autocast, share=len(mine) * ranks.world / len(y))
-    return whole_batch(value, output, len(y), ranks, device)
+    return whole_batch(value, output, len(y), ranks)
 
 
-def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks,
-                device: torch.device) -> tuple[float, np.ndarray]:
+def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
     of it (``loss`` its mean, ``output`` its rows) and every other process's."""
-    # an empty shard (a last batch smaller than the processes) has a NaN mean and no weight
-    mine = loss.item() * len(output) if len(output) else 0.0
-    return all_sum(mine, device) / size, gather_rows(output, size, ranks)
+    # summed in float64, as one process sums its batch's losses; an empty shard (a last
+    # batch smaller than the processes) has a NaN mean and no weight
+    mine = loss.detach().double() * len(output) if len(output) else \
+        loss.new_zeros((), dtype=torch.float64)
+    return all_sum(mine) / size, gather_rows(output, size, ranks)
 
 
 def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
@@ -608,21 +610,24 @@ class ShardedBatches:
         return Batch(self.source.train_batch(step, part).x, labels)
 
 
-def all_sum(value: float, device: torch.device) -> float:
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over the processes, as a new tensor (on a GPU the all-reduce is
+    queued on the device, not waited for)."""
+    total = value.clone()
     dist.all_reduce(total)
-    return float(total.item())
+    return total
 
 
-def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> np.ndarray:
-    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's."""
+def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
+    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's (on
+    the device, queued there)."""
     biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
     padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(ranks.world)]
     dist.all_gather(parts, padded)
     sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu().numpy()
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 def load_initial_weights(model: Model) -> None:
@@ -1236,11 +1241,12 @@ def main() -> None:
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
         model.train()
         if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
-            return shard_step(forward, optimizer, params, LOSS, OPTIMIZER, tensors, batch.x,
-                              batch.y, lr, ranks, device, AUTOCAST)
-        images, labels = tensors(batch.x, batch.y)
-        value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER, images,
-                                       labels, lr, AUTOCAST)
+            value, output = shard_step(forward, optimizer, params, LOSS, OPTIMIZER, tensors,
+                                       batch.x, batch.y, lr, ranks, AUTOCAST)
+        else:
+            images, labels = tensors(batch.x, batch.y)
+            value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER,
+                                           images, labels, lr, AUTOCAST)
         return value.item(), output.cpu().numpy()
 
     main = ranks is None or ranks.rank == 0

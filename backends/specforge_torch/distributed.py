@@ -18,7 +18,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,10 +67,12 @@ class ShardedBatches:
         return Batch(self.source.train_batch(step, part).x, labels)
 
 
-def all_sum(value: float, device: torch.device) -> float:
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over the processes, as a new tensor (on a GPU the all-reduce is
+    queued on the device, not waited for)."""
+    total = value.clone()
     dist.all_reduce(total)
-    return float(total.item())
+    return total
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -82,15 +83,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> np.ndarray:
-    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's."""
+def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
+    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's (on
+    the device, queued there)."""
     biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
     padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(ranks.world)]
     dist.all_gather(parts, padded)
     sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).cpu().numpy()
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 def gather_states(state: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:

@@ -168,25 +168,27 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
 
 def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
-               lr: float, ranks: Ranks, device: torch.device,
-               autocast: torch.dtype | None = None) -> tuple[float, np.ndarray]:
+               lr: float, ranks: Ranks, autocast: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
     the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
-    logits, the same on every process."""
+    logits (still on the device), the same on every process."""
     mine = y[shard(len(y), ranks.rank, ranks.world)]
     images, labels = to_tensors(x, mine)
     value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
                                    autocast, share=len(mine) * ranks.world / len(y))
-    return whole_batch(value, output, len(y), ranks, device)
+    return whole_batch(value, output, len(y), ranks)
 
 
-def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks,
-                device: torch.device) -> tuple[float, np.ndarray]:
+def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
     of it (``loss`` its mean, ``output`` its rows) and every other process's."""
-    # an empty shard (a last batch smaller than the processes) has a NaN mean and no weight
-    mine = loss.item() * len(output) if len(output) else 0.0
-    return all_sum(mine, device) / size, gather_rows(output, size, ranks)
+    # summed in float64, as one process sums its batch's losses; an empty shard (a last
+    # batch smaller than the processes) has a NaN mean and no weight
+    mine = loss.detach().double() * len(output) if len(output) else \
+        loss.new_zeros((), dtype=torch.float64)
+    return all_sum(mine) / size, gather_rows(output, size, ranks)
 
 
 def kernels_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
@@ -258,18 +260,18 @@ class TorchTrainer(Trainer):
         return self.start_step(x, y, lr)()
 
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
-        """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`), and
-        the step ends here (its loss and logits are gathered from every process)."""
+        """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`); the
+        loss and logits are the whole batch's, gathered from every process."""
         self.model.train()
         if self.ranks is not None:
-            result = shard_step(self.forward, self.optimizer, self.params, self.program.loss,
-                                self.program.optimizer, self.tensors, x, y, lr, self.ranks,
-                                self.torch_device, self.autocast)
-            return lambda: result
-        images, labels = self.tensors(x, y)
-        value, output = optimizer_step(self.forward, self.optimizer, self.params,
-                                       self.program.loss, self.program.optimizer, images,
-                                       labels, lr, self.autocast)
+            value, output = shard_step(self.forward, self.optimizer, self.params,
+                                       self.program.loss, self.program.optimizer,
+                                       self.tensors, x, y, lr, self.ranks, self.autocast)
+        else:
+            images, labels = self.tensors(x, y)
+            value, output = optimizer_step(self.forward, self.optimizer, self.params,
+                                           self.program.loss, self.program.optimizer, images,
+                                           labels, lr, self.autocast)
         return fetch_later(value, output)
 
     def agree_to_stop(self, wanted: bool) -> bool:
@@ -291,7 +293,7 @@ class TorchTrainer(Trainer):
         output = self._output(images)
         loss = loss_value(self.program.loss, output, labels)
         if self.ranks is not None:
-            return whole_batch(loss, output, len(y), self.ranks, self.torch_device)
+            loss, output = whole_batch(loss, output, len(y), self.ranks)
         return loss.item(), output.cpu().numpy()
 
     @torch.no_grad()
