@@ -66,7 +66,8 @@ class Trainer(ABC):
 
     def agree_to_stop(self, wanted: bool) -> bool:
         """Whether the run stops after this step, given whether this process was asked to;
-        data-parallel processes must agree (by default: there is one process)."""
+        data-parallel processes must agree, and may answer with an earlier step's votes (by
+        default: there is one process)."""
         return wanted
 
     def close(self) -> None:  # noqa: B027 - an optional hook: most trainers hold nothing

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from specforge.data.pipeline import Batch, shard
+from specforge.data.transfer import to_host_later
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,15 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every process when it is True on any (a stop must be agreed on: a process
-    that stops alone leaves the others waiting in an all-reduce)."""
-    value = torch.tensor([int(flag)], device=device)
+def any_rank(flag: bool, device: torch.device) -> Callable[[], bool]:
+    """Start agreeing whether ``flag`` is True on any process; what it returns reads the
+    answer, the same on every process (a stop must be agreed on: a process that stops alone
+    leaves the others waiting in an all-reduce). On a GPU the all-reduce is queued and
+    reading it waits only for the work queued before it."""
+    value = torch.full((1,), int(flag), device=device)  # filled there: no host copy
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    answer = to_host_later(value)
+    return lambda: bool(answer()[0].item())
 
 
 def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:

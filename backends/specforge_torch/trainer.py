@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
-from specforge.data.transfer import to_device
+from specforge.data.transfer import to_device, to_host_later
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
 from specforge_torch.distributed import (
@@ -99,19 +99,12 @@ def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.devi
 
 
 def fetch_later(loss: torch.Tensor, logits: torch.Tensor) -> PendingStep:
-    """Start copying a step's loss and logits to the host; what it returns waits for them.
-    On a GPU the copies queue behind the step (into pinned memory, before the next step can
-    overwrite the logits, as CUDA graphs do) and an event marks their end."""
-    if loss.device.type != "cuda":
-        result = (loss.item(), logits.cpu().numpy())
-        return lambda: result
-    host_loss = loss.to("cpu", non_blocking=True)
-    host_logits = logits.to("cpu", non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    """Start copying a step's loss and logits to the host (see :func:`to_host_later`); what
+    it returns waits for them."""
+    copies = to_host_later(loss.detach(), logits.detach())
 
     def results() -> tuple[float, np.ndarray]:
-        copied.synchronize()
+        host_loss, host_logits = copies()
         return host_loss.item(), host_logits.numpy()
     return results
 
@@ -211,6 +204,8 @@ class TorchTrainer(Trainer):
         if self.ranks is not None:
             self.torch_device = join(self.ranks, self.torch_device)
             self.writes_run_folder = self.ranks.rank == 0
+        #: the processes' last vote on stopping, not read yet (see agree_to_stop)
+        self.vote: Callable[[], bool] | None = None
         self.device = str(self.torch_device)
         if self.torch_device.type == "cuda":
             self.device += f" ({torch.cuda.get_device_name(self.torch_device)})"
@@ -275,7 +270,12 @@ class TorchTrainer(Trainer):
         return fetch_later(value, output)
 
     def agree_to_stop(self, wanted: bool) -> bool:
-        return wanted if self.ranks is None else any_rank(wanted, self.torch_device)
+        """Under DDP the answer is the last step's vote, and this step's is sent off: reading
+        it at once would wait for the step queued before it. A stop comes a step later."""
+        if self.ranks is None:
+            return wanted
+        last, self.vote = self.vote, any_rank(wanted, self.torch_device)
+        return last is not None and last()
 
     def close(self) -> None:
         import torch.distributed as dist
