@@ -10,10 +10,10 @@ reference value (or of the first backend's, without the reference). Tolerances:
   result: a bias gradient that sums to 0.05 from terms of size 1 is only good to about
   1e-7 of the terms.
 - **after N steps**: training amplifies rounding differences by however chaotic the run is.
-  The run's own sensitivity is measured: the first backend trains again from its initial
-  weights moved by one float32 ulp (about 1e-7 relative), and the largest difference that
-  makes is the *chaos floor*. The tolerance is ``max(rtol * (scale + GROUP_SHARE * group
-  scale), chaos_factor * floor)``.
+  The run's own sensitivity is measured: each backend trains again with its initial
+  weights and every batch's pixels all moved by one float32 ulp (about 1e-7 relative), and
+  the largest difference that makes, over the backends, is the *chaos floor*. The tolerance
+  is ``max(rtol * (scale + GROUP_SHARE * group scale), chaos_factor * floor)``.
 """
 
 from __future__ import annotations
