@@ -8,7 +8,7 @@ import pytest
 from specforge.compiler import compile_spec
 from specforge.reference import reference_forward
 from specforge.weights import initial_weights
-from tests.conftest import SPECS
+from tests.conftest import EVERY_OP_LAYERS, SPECS
 
 torch = pytest.importorskip("torch")
 
@@ -18,18 +18,7 @@ CASES = {
     "resnet18_small": ("resnet18.yaml", ["model.input=[32, 32, 3]"]),
     "padding_and_pooling": ("digits.yaml", [
         "model.input=[9, 10, 2]", "data=null",
-        "model.layers=[{type: conv2d, filters: 4, kernel: [2, 3], strides: 2, padding: same,"
-        " padding_mode: reflect, activation: {fn: leaky_relu, negative_slope: 0.2}},"
-        " {type: conv2d, filters: 4, kernel: 3, dilation: 2, groups: 2, padding: 2,"
-        " padding_mode: replicate, activation: gelu},"
-        " {type: avg_pool2d, pool: 2, strides: 1, padding: same},"
-        " {type: depthwise_conv2d, kernel: 3, depth_multiplier: 2, padding: same,"
-        " activation: elu},"
-        " {type: max_pool2d, pool: 3, strides: 2, padding: same},"
-        " {type: pad2d, padding: {top: 1, bottom: 0, left: 0, right: 2}, mode: reflect},"
-        " {type: batch_norm, name: bn}, {type: activation, fn: hard_swish, name: hs},"
-        " {type: activation, fn: silu, name: branch, inputs: bn},"
-        " {type: concat, inputs: [hs, branch]}, {type: global_max_pool2d},"
+        "model.layers=" + EVERY_OP_LAYERS + " {type: global_max_pool2d},"
         " {type: dense, units: 10, activation: softmax}]"]),
 }
 

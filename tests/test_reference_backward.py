@@ -26,7 +26,7 @@ from specforge.reference.training import (
     optimizer_update,
 )
 from specforge.weights import initial_weights, parameter_table
-from tests.conftest import SPECS
+from tests.conftest import EVERY_OP_LAYERS, SPECS
 
 Array = np.ndarray
 
@@ -396,18 +396,7 @@ def test_composite_graph_through_the_probe() -> None:
     # Every op in one graph, through ReferenceProbe.gradients as the conformance suite uses
     # it (training mode, dropout masks).
     program = build(
-        "[{type: conv2d, filters: 4, kernel: [2, 3], strides: 2, padding: same,"
-        " padding_mode: reflect, activation: {fn: leaky_relu, negative_slope: 0.2}},"
-        " {type: conv2d, filters: 4, kernel: 3, dilation: 2, groups: 2, padding: 2,"
-        " padding_mode: replicate, activation: gelu},"
-        " {type: avg_pool2d, pool: 2, strides: 1, padding: same},"
-        " {type: depthwise_conv2d, kernel: 3, depth_multiplier: 2, padding: same,"
-        " activation: elu},"
-        " {type: max_pool2d, pool: 3, strides: 2, padding: same},"
-        " {type: pad2d, padding: {top: 1, bottom: 0, left: 0, right: 2}, mode: reflect},"
-        " {type: batch_norm, name: bn}, {type: activation, fn: hard_swish, name: hs},"
-        " {type: activation, fn: silu, name: branch, inputs: bn},"
-        " {type: concat, inputs: [hs, branch]}, {type: dropout, rate: 0.3, spatial: true},"
+        EVERY_OP_LAYERS + " {type: dropout, rate: 0.3, spatial: true},"
         " {type: global_max_pool2d}, {type: dense, units: 5, activation: softmax}]",
         (9, 10, 2))
     x, y = data(program)
