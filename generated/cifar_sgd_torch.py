@@ -547,6 +547,21 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
     return all_sum(mine) / size, gather_rows(output, size, ranks)
 
 
+def evaluation_step(model: Any, loss: LossIR, to_tensors: Any, x: Any, y: np.ndarray,
+                    ranks: Ranks | None, autocast: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's loss and logits in evaluation mode (``model`` already in it), without
+    gradients; under DDP (``ranks``) each process computes its shard of the batch and the
+    whole batch's are gathered."""
+    part = slice(None) if ranks is None else shard(len(y), ranks.rank, ranks.world)
+    images, labels = to_tensors(x[part], y[part])
+    with torch.no_grad():
+        output = forward_pass(model, images, autocast)
+        value = loss_value(loss, output, labels)
+        return (value, output) if ranks is None else whole_batch(value, output, len(y),
+                                                                 ranks)
+
+
 def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
               ) -> torch.Tensor:
     """``array`` (numpy, a tensor or a list) on ``device`` (as ``dtype`` if given), copied to a
@@ -624,10 +639,17 @@ def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
     biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
     padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
-    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(parts, padded)
+    parts = gather_same_shape(padded, ranks)
     sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def gather_same_shape(tensor: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (the same shape in all, e.g. an RNG state), in rank
+    order."""
+    parts = [torch.empty_like(tensor) for _ in range(ranks.world)]
+    dist.all_gather(parts, tensor)
+    return parts
 
 
 def load_initial_weights(model: Model) -> None:
@@ -860,21 +882,19 @@ class DataPipeline:
         self._order: tuple[int, np.ndarray] | None = None
 
     def pass_order(self, pass_index: int) -> np.ndarray:
-        """The order of the training set in pass ``pass_index``."""
-        return self._kept_order(pass_index).copy()  # the caller's own: the kept one stays
-
-    def _kept_order(self, pass_index: int) -> np.ndarray:
+        """The order of the training set in pass ``pass_index``; read-only, since every
+        step of the pass shares it."""
         if self._order is None or self._order[0] != pass_index:
             order = np.random.default_rng([self.seed, SHUFFLE, pass_index]).permutation(
                 len(self.train)) if self.data.shuffle else np.arange(len(self.train))
+            order.flags.writeable = False
             self._order = (pass_index, order)
         return self._order[1]
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Which training images step ``step`` takes (the whole batch)."""
         pass_index, b = divmod(step, self.batches_per_pass)
-        # a copy of the batch's part only (of a 50,000-image order: 10 us a step less)
-        return self._kept_order(pass_index)[b * self.batch_size:(b + 1) * self.batch_size].copy()
+        return self.pass_order(pass_index)[b * self.batch_size:(b + 1) * self.batch_size].copy()
 
     def batch_plan(self, step: int, part: slice = slice(None)
                    ) -> tuple[np.ndarray, AugmentParams | None]:
@@ -1232,11 +1252,9 @@ def main() -> None:
         return model_inputs(x, y, device, MEMORY_FORMAT)
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        model.eval()
-        with torch.no_grad():
-            images, labels = tensors(x, y)
-            output = forward_pass(forward, images, AUTOCAST)
-            return loss_value(LOSS, output, labels).item(), output.cpu().numpy()
+        model.eval()  # under torchrun: each process its shard, the whole batch's results
+        value, output = evaluation_step(forward, LOSS, tensors, x, y, ranks, AUTOCAST)
+        return value.item(), output.cpu().numpy()
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
         model.train()

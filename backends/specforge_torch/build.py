@@ -30,11 +30,11 @@ def torch_helpers() -> str:
     return copied([(TRAINER, ["autocast_dtype", "compile_mode", "make_optimizer",
                               "clip_gradients", "model_inputs", "loss_value", "forward_pass",
                               "optimizer_step",
-                              "shard_step", "whole_batch"]),
+                              "shard_step", "whole_batch", "evaluation_step"]),
                    (TRANSFER, ["to_device"]),
                    (MODEL, ["to_torch_layout"]),
                    (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
-                                  "all_sum", "gather_rows"])])
+                                  "all_sum", "gather_rows", "gather_same_shape"])])
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:

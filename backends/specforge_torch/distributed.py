@@ -94,14 +94,14 @@ def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
     biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
     padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[:len(rows)] = rows
-    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(parts, padded)
+    parts = gather_same_shape(padded, ranks)
     sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
-def gather_states(state: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:
-    """Every process's copy of a same-sized tensor (e.g. its RNG state), in rank order."""
-    parts = [torch.empty_like(state) for _ in range(ranks.world)]
-    dist.all_gather(parts, state)
+def gather_same_shape(tensor: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:
+    """Every process's ``tensor`` (the same shape in all, e.g. an RNG state), in rank
+    order."""
+    parts = [torch.empty_like(tensor) for _ in range(ranks.world)]
+    dist.all_gather(parts, tensor)
     return parts

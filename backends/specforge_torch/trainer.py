@@ -30,7 +30,7 @@ from specforge_torch.distributed import (
     all_sum,
     any_rank,
     gather_rows,
-    gather_states,
+    gather_same_shape,
     join,
     ranks_from_environment,
 )
@@ -184,6 +184,21 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
     return all_sum(mine) / size, gather_rows(output, size, ranks)
 
 
+def evaluation_step(model: Any, loss: LossIR, to_tensors: Any, x: Any, y: np.ndarray,
+                    ranks: Ranks | None, autocast: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's loss and logits in evaluation mode (``model`` already in it), without
+    gradients; under DDP (``ranks``) each process computes its shard of the batch and the
+    whole batch's are gathered."""
+    part = slice(None) if ranks is None else shard(len(y), ranks.rank, ranks.world)
+    images, labels = to_tensors(x[part], y[part])
+    with torch.no_grad():
+        output = forward_pass(model, images, autocast)
+        value = loss_value(loss, output, labels)
+        return (value, output) if ranks is None else whole_batch(value, output, len(y),
+                                                                 ranks)
+
+
 def kernels_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
     """A saved optimizer state with ``optimizer``'s kernel choice (fused, foreach) instead of
     the writer's: a checkpoint written on a GPU resumes on the CPU and the other way round,
@@ -283,17 +298,11 @@ class TorchTrainer(Trainer):
         if self.ranks is not None and dist.is_initialized():
             dist.destroy_process_group()
 
-    @torch.no_grad()
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Under torchrun each process evaluates its shard of the batch."""
-        part = slice(None) if self.ranks is None else shard(len(y), self.ranks.rank,
-                                                           self.ranks.world)
-        images, labels = self.tensors(x[part], y[part])
         self.model.eval()
-        output = self._output(images)
-        loss = loss_value(self.program.loss, output, labels)
-        if self.ranks is not None:
-            loss, output = whole_batch(loss, output, len(y), self.ranks)
+        loss, output = evaluation_step(self.forward, self.program.loss, self.tensors, x, y,
+                                       self.ranks, self.autocast)
         return loss.item(), output.cpu().numpy()
 
     @torch.no_grad()
@@ -314,7 +323,7 @@ class TorchTrainer(Trainer):
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
         rng = torch.get_rng_state()
         if self.ranks is not None:  # every process's dropout generator; rank 0 writes
-            rngs = gather_states(rng.to(self.torch_device), self.ranks)
+            rngs = gather_same_shape(rng.to(self.torch_device), self.ranks)
             if self.ranks.rank != 0:
                 return
             rng = torch.stack([r.cpu() for r in rngs])
