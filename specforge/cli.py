@@ -395,7 +395,7 @@ def _conform_suite(names: list[str], patterns: list[str], device: str | None,
                         log=lambda message: log.print(f"[dim]{message}[/]"))
     print_suite(results, console)
     log.print(f"wrote {write_suite(results, out)}")
-    return all(r.report is None or r.report.passed for r in results)
+    return all(r.passed for r in results)
 
 
 @app.command()

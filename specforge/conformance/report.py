@@ -49,10 +49,12 @@ def phase_table(report: Report, phase: str) -> Table | None:
 
 
 def _verdict(row: Row) -> str:
-    if row.passed:
-        return "[green]pass[/]"
-    off = row.off
-    return "[red]FAIL[/]" + (f" ({', '.join(off)} off)" if off else "")
+    return "[green]pass[/]" if row.passed else "[red]FAIL[/]" + _blame(row)
+
+
+def _blame(row: Row) -> str:
+    """Which backends a failed row is off on, as " (keras off)" (nothing when unknown)."""
+    return f" ({', '.join(row.off)} off)" if row.off else ""
 
 
 def print_report(report: Report, console: Console) -> None:
@@ -163,8 +165,7 @@ def print_suite(results: list[CaseResult], console: Console) -> None:
                   f"{sum(r.phase == p for r in report.rows)}" for p in PHASES]
         failed = report.failures()
         verdict = "[green]pass[/]" if not failed else "[red]FAIL[/] " + ", ".join(
-            f"{r.quantity}" + (f" ({', '.join(r.off)} off)" if r.off else "")
-            for r in failed[:3])
+            r.quantity + _blame(r) for r in failed[:3])
         table.add_row(result.case.name, ",".join(report.backends), *counts,
                       f"{worst_ratio(report):.2f}", verdict)
     console.print(table)
@@ -190,7 +191,7 @@ def write_suite(results: list[CaseResult], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "suite.json"
     write_atomically(path, json.dumps({
-        "passed": all(r.report is None or r.report.passed for r in results),
+        "passed": all(r.passed for r in results),
         "cases": [{"name": r.case.name, "excluded": r.excluded,
                    "report": None if r.report is None else report_json(r.report)}
                   for r in results]}, indent=1))

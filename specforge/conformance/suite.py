@@ -250,6 +250,11 @@ class CaseResult:
     #: None when too few backends were left to compare
     report: Report | None
 
+    @property
+    def passed(self) -> bool:
+        """Nothing compared failed (an excluded case passes)."""
+        return self.report is None or self.report.passed
+
 
 def run_suite(cases: Sequence[Case], backends: dict[str, Any], device: str | None = None,
               reference: bool = True, log: Callable[[str], None] = lambda m: None
