@@ -33,8 +33,9 @@ def torch_helpers() -> str:
                               "shard_step", "whole_batch", "evaluation_step"]),
                    (TRANSFER, ["to_device"]),
                    (MODEL, ["to_torch_layout"]),
-                   (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "ShardedBatches",
-                                  "all_sum", "gather_rows", "gather_same_shape"])])
+                   (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "leave",
+                                  "ShardedBatches", "all_sum", "gather_rows",
+                                  "gather_same_shape"])])
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:

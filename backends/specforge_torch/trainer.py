@@ -32,6 +32,7 @@ from specforge_torch.distributed import (
     gather_rows,
     gather_same_shape,
     join,
+    leave,
     ranks_from_environment,
 )
 from specforge_torch.model import SpecModule, create_model, export_weights
@@ -293,10 +294,8 @@ class TorchTrainer(Trainer):
         return last is not None and last()
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.ranks is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.ranks is not None:
+            leave()
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Under torchrun each process evaluates its shard of the batch."""
