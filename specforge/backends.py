@@ -47,6 +47,24 @@ class RunResult:
     main_process: bool = True
 
 
+#: The styles of `specforge build` (see docs/build.md): a script a person would write with
+#: the framework's own building blocks, or one that reproduces `specforge run` step for step.
+BUILD_STYLES = ("idiomatic", "exact")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond the abstract methods; the CLI asks, it never assumes."""
+
+    #: `specforge build --style` values it accepts; the first is the default.
+    build_styles: tuple[str, ...] = ("exact",)
+    #: How it trains data-parallel: "torchrun" (`--nproc-per-node`, one process per device),
+    #: "in-process" (`--data-parallel`, every device of one process), or None.
+    data_parallel: str | None = None
+    #: `--device` values it takes.
+    devices: tuple[str, ...] = ("cpu",)
+
+
 #: A started training step: calling it waits for the step's (loss, logits).
 PendingStep = Callable[[], "tuple[float, np.ndarray]"]
 
@@ -169,10 +187,15 @@ class Backend(ABC):
     #: Conformance cases this backend skips: case name pattern (glob) -> the reason, which
     #: the suite reports (see :mod:`specforge.conformance.suite`).
     conformance_excludes: ClassVar[Mapping[str, str]] = {}
+    #: What it can do (build styles, data-parallel launch, devices).
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @abstractmethod
-    def build(self, program: Program) -> str:
-        """The text of a standalone training script for ``program``."""
+    def build(self, program: Program, style: str | None = None,
+              distributed: bool = False) -> str:
+        """The text of a standalone training script for ``program`` in ``style`` (one of
+        ``capabilities.build_styles``; None: the first), with multi-process training code
+        only when ``distributed``."""
 
     @abstractmethod
     def create_trainer(self, program: Program, device: str | None = None,

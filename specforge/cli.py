@@ -146,12 +146,27 @@ def build(spec: SpecPath,
           backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
           output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
               "--output", "-o", help="Write the script here (default: stdout).")] = None,
+          style: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="idiomatic (default): the framework's own layers, optimizers and loop; "
+                   "exact: the same per-step losses as `specforge run`.",
+              show_default=False)] = None,
+          distributed: Annotated[bool, typer.Option(
+              help="Include multi-process (data-parallel) training code.")] = False,
           set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Emit a standalone training script for a backend."""
     from specforge.backends import load_backend
 
     program = _compile(spec, set_, max_params)
-    text = load_backend(backend).build(program)
+    impl = load_backend(backend)
+    styles = impl.capabilities.build_styles
+    if style is not None and style not in styles:
+        raise UsageError(f"--style {style!r}: the {backend} backend builds "
+                         f"{' or '.join(styles)}")
+    # Only what was asked for is passed: a backend written before styles builds as it did.
+    options: dict[str, Any] = {"style": style} if style is not None else {}
+    if distributed:
+        options["distributed"] = True
+    text = impl.build(program, **options)
     if output is None:
         sys.stdout.write(text)
         return

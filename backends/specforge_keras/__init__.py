@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specforge.backends import Backend
+from specforge.backends import BUILD_STYLES, Backend, Capabilities
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,12 +22,19 @@ if TYPE_CHECKING:
 class KerasBackend(Backend):
     name = "keras"
     description = "Keras 3 (TensorFlow, JAX or PyTorch); builds standalone Keras scripts"
+    capabilities = Capabilities(build_styles=BUILD_STYLES, data_parallel='in-process',
+                                devices=("cpu", "cuda"))
     checkpoint_name = "checkpoint.json"
 
-    def build(self, program: Program) -> str:
+    def build(self, program: Program, style: str | None = None,
+              distributed: bool = False) -> str:
+        if (style or "idiomatic") == "idiomatic":
+            from specforge_keras.idiomatic import render_idiomatic
+
+            return render_idiomatic(program, distributed)
         from specforge_keras.build import render_script
 
-        return render_script(program)
+        return render_script(program, distributed)
 
     def create_trainer(self, program: Program, device: str | None = None,
                        weights: Mapping[str, np.ndarray] | None = None,

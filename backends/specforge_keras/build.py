@@ -49,7 +49,7 @@ def model_lines(graph: Graph) -> list[str]:
     return lines
 
 
-def render_script(program: Program) -> str:
+def render_script(program: Program, distributed: bool = False) -> str:
     names = identifier_names(program.graph)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, tuple(p.shape), p.init)
               for n in program.graph for p in n.params]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from specforge.backends import Backend
+from specforge.backends import BUILD_STYLES, Backend, Capabilities
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,12 +23,19 @@ if TYPE_CHECKING:
 class TorchBackend(Backend):
     name = "torch"
     description = "PyTorch: trains on CPU or CUDA; builds standalone PyTorch scripts"
+    capabilities = Capabilities(build_styles=BUILD_STYLES, data_parallel='torchrun',
+                                devices=("cpu", "cuda"))
     checkpoint_name = "checkpoint.pt"
 
-    def build(self, program: Program) -> str:
+    def build(self, program: Program, style: str | None = None,
+              distributed: bool = False) -> str:
+        if (style or "idiomatic") == "idiomatic":
+            from specforge_torch.idiomatic import render_idiomatic
+
+            return render_idiomatic(program, distributed)
         from specforge_torch.build import render_script
 
-        return render_script(program)
+        return render_script(program, distributed)
 
     def create_trainer(self, program: Program, device: str | None = None,
                        weights: Mapping[str, np.ndarray] | None = None) -> Trainer:

@@ -69,7 +69,7 @@ def model_lines(graph: Graph) -> tuple[list[tuple[str, str, str]], list[str]]:
     return modules, forward
 
 
-def render_script(program: Program) -> str:
+def render_script(program: Program, distributed: bool = False) -> str:
     modules, forward = model_lines(program.graph)
     names = attribute_names(program.graph)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, n.op, tuple(p.shape), p.init)
