@@ -9,7 +9,7 @@ from specforge.data import augment
 from specforge.spec.data import Augment
 
 torch = pytest.importorskip("torch")
-augment_torch = pytest.importorskip("specforge.data.augment_torch")
+augment_torch = pytest.importorskip("specforge_torch.augment")
 
 
 @pytest.mark.parametrize("fill_mode", ["nearest", "constant", "reflect"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import specforge.data
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
 from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
@@ -22,8 +21,7 @@ LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.
 
 
 DISTRIBUTED = HERE / "distributed.py"
-# by path: importing it would import torch
-TRANSFER = Path(specforge.data.__file__).parent / "transfer.py"
+TRANSFER = HERE / "transfer.py"  # read by path, as the others: importing it imports torch
 
 
 def torch_helpers() -> str:

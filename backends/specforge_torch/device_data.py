@@ -1,7 +1,7 @@
 """Training batches assembled on the device (GPU), from the same plan as the numpy pipeline.
 
 The whole training set moves to the device once, as uint8; each step gathers its images
-there, augments them with :mod:`specforge.data.augment_torch` using the parameters the
+there, augments them with :mod:`specforge_torch.augment` using the parameters the
 numpy pipeline draws, and normalises them. Same indices, same parameters, same formulas:
 the batches equal the numpy pipeline's within float tolerance (bit for bit on CPU).
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specforge.data.augment_torch import apply_augmentation
 from specforge.data.pipeline import Batch, DataPipeline
-from specforge.data.transfer import to_device
+from specforge_torch.augment import apply_augmentation
+from specforge_torch.transfer import to_device
 
 #: Training sets up to this size (uint8 bytes) are moved to a GPU by `data_on_device: auto`.
 AUTO_LIMIT_BYTES = 2 << 30

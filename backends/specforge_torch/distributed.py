@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from specforge.data.pipeline import Batch, shard
-from specforge.data.transfer import to_host_later
+from specforge_torch.transfer import to_host_later
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
-from specforge.data.transfer import to_device, to_host_later
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
 from specforge_torch.distributed import (
@@ -36,6 +35,7 @@ from specforge_torch.distributed import (
     ranks_from_environment,
 )
 from specforge_torch.model import SpecModule, create_model, export_weights
+from specforge_torch.transfer import to_device, to_host_later
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from specforge.data.augment import AugmentParams, has_affine
-from specforge.data.transfer import to_device
+from specforge_torch.transfer import to_device
 
 
 def _tensor(values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
