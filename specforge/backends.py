@@ -65,6 +65,18 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu",)
 
 
+#: The `specforge run` options of each way of training data-parallel.
+DATA_PARALLEL_OPTIONS = {"torchrun": "--nproc-per-node/--nnodes", "in-process": "--data-parallel"}
+
+
+def describe_data_parallel(how: str | None) -> str:
+    """How a backend trains data-parallel, in words for a user ("with --data-parallel")."""
+    if how is None:
+        return "does not train data-parallel"
+    option = DATA_PARALLEL_OPTIONS.get(how)
+    return f"trains data-parallel with {option}" if option else f"trains data-parallel ({how})"
+
+
 #: A started training step: calling it waits for the step's (loss, logits).
 PendingStep = Callable[[], "tuple[float, np.ndarray]"]
 
@@ -257,3 +269,26 @@ def load_backend(name: str) -> Backend:
         raise UsageError(f"backend '{name}' ({available[name].value}) does not provide a "
                          "specforge.backends.Backend")
     return backend
+
+
+def check_data_parallel(backend: Backend, how: str, option: str) -> None:
+    """Refuse ``option`` (a way ``how`` of training data-parallel) unless ``backend`` trains
+    that way; the message says what the backend supports instead."""
+    supported = backend.capabilities.data_parallel
+    if supported != how:
+        raise UsageError(f"{option}: the {backend.name} backend "
+                         f"{describe_data_parallel(supported)}")
+
+
+def check_device(backend: Backend, device: str | None, option: str = "--device") -> None:
+    """Refuse a device ``backend`` does not declare in ``capabilities.devices``; "auto" (the
+    backend's choice) always, and "kind:N" (one device of a declared kind) pass."""
+    if device is None or device == "auto":
+        return
+    devices = backend.capabilities.devices
+    kind, _, index = device.partition(":")
+    if device in devices or (kind in devices and index.isdigit()):
+        return
+    hint = valid_choices_hint(device, ["auto", *devices], "valid")
+    raise UsageError(f"{option} {device!r}: the {backend.name} backend does not train on "
+                     f"it; {hint}")

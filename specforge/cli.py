@@ -131,14 +131,24 @@ def data(spec: SpecPath, set_: SetOption = None,
 
 @app.command()
 def backends() -> None:
-    """List the installed backends."""
-    from specforge.backends import installed_backends
+    """List the installed backends and what each can do."""
+    from specforge.backends import describe_data_parallel, installed_backends, load_backend
 
     found = installed_backends()
     if not found:
         print("no backends installed")
     for name, ep in sorted(found.items()):
         print(f"{name}\t{ep.value}")
+        try:  # imports the backend's package only: frameworks load when a backend computes
+            impl = load_backend(name)
+        except UsageError as exc:
+            print(f"  error: {exc}")
+            continue
+        caps = impl.capabilities
+        if impl.description:
+            print(f"  {impl.description}")
+        print(f"  build styles: {', '.join(caps.build_styles)}; devices: auto, "
+              f"{', '.join(caps.devices)}; {describe_data_parallel(caps.data_parallel)}")
 
 
 @app.command()
@@ -180,7 +190,8 @@ def run(spec: SpecPath,
         run_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
             help="Run folder (default: runs/<spec file name>).")] = None,
         device: Annotated[Optional[str], typer.Option(  # noqa: UP045
-            help="auto, cpu or cuda (default: the spec's training.device).")] = None,
+            help="auto, or one of the backend's devices (`specforge backends`), e.g. cpu or "
+                 "cuda (default: the spec's training.device).")] = None,
         resume: Annotated[Optional[Path], typer.Option(  # noqa: UP045
             help="Continue the run in this folder from its last checkpoint.",
             show_default=False)] = None,
@@ -188,34 +199,39 @@ def run(spec: SpecPath,
         json_log: Annotated[bool, typer.Option(
             "--json", help="Print one JSON line per epoch (and the test result).")] = False,
         nproc_per_node: Annotated[Optional[int], typer.Option(  # noqa: UP045
-            min=1, help="Data-parallel processes on this machine (torch: launched through "
-                        "torchrun, with DDP).", show_default=False)] = None,
+            min=1, help="Data-parallel processes on this machine, launched through torchrun "
+                        "(backends that train data-parallel that way, e.g. torch).",
+            show_default=False)] = None,
         nnodes: Annotated[int, typer.Option(min=1, help="Machines (with torchrun).")] = 1,
         node_rank: Annotated[int, typer.Option(min=0, help="This machine's rank.")] = 0,
         rdzv_endpoint: Annotated[Optional[str], typer.Option(  # noqa: UP045
             help="HOST:PORT where the machines meet (several machines).",
             show_default=False)] = None,
         data_parallel: Annotated[bool, typer.Option(
-            help="keras: train over every device Keras sees, with its distribution API "
-                 "(KERAS_BACKEND=jax).")] = False,
+            help="Train over every device of this one process (backends that train "
+                 "data-parallel that way, e.g. keras: its distribution API, "
+                 "KERAS_BACKEND=jax).")] = False,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
-    from specforge.backends import RunOptions, load_backend
+    from specforge.backends import RunOptions, check_data_parallel, check_device, load_backend
     from specforge.runner import Interrupted
 
     program = _compile(spec, set_, max_params)
     impl = load_backend(backend)
+    if device is not None:
+        check_device(impl, device)
+    else:
+        check_device(impl, program.spec.training.device, "training.device")
     if nproc_per_node is not None or nnodes > 1:
-        raise typer.Exit(_launch(backend, nproc_per_node or 1, nnodes, node_rank,
-                                 rdzv_endpoint))
+        check_data_parallel(impl, "torchrun", "--nproc-per-node/--nnodes")
+        raise typer.Exit(_launch(nproc_per_node or 1, nnodes, node_rank, rdzv_endpoint))
     if resume is not None and run_dir is not None and resume != run_dir:
         raise UsageError("--resume names the run folder; leave out --run-dir")
     folder = resume or run_dir or Path("runs") / spec.stem
     if resume is not None:
         _check_same_spec(program, folder)
-    if data_parallel and backend != "keras":
-        raise UsageError(f"--data-parallel is Keras's; the {backend} backend trains "
-                         "data-parallel with --nproc-per-node")
+    if data_parallel:
+        check_data_parallel(impl, "in-process", "--data-parallel")
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
                          quiet=quiet, log_json=json_log, resume=resume is not None,
                          data_parallel=data_parallel)
@@ -233,14 +249,11 @@ def run(spec: SpecPath,
 LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint")
 
 
-def _launch(backend: str, nproc: int, nnodes: int, node_rank: int,
-            endpoint: str | None) -> int:
-    """Run this same command once per process through torchrun; its exit code."""
+def _launch(nproc: int, nnodes: int, node_rank: int, endpoint: str | None) -> int:
+    """Run this same command once per process through torchrun; its exit code. The caller
+    checked that the backend trains data-parallel that way."""
     import subprocess
 
-    if backend != "torch":
-        raise UsageError(f"--nproc-per-node/--nnodes launch torch's DDP; the {backend} "
-                         "backend does not train data-parallel yet")
     if nnodes > 1 and endpoint is None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every "
                          "machine)")
@@ -328,7 +341,8 @@ def conform(spec: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
             backends: Annotated[str, typer.Option(
                 help="Comma-separated backends; the first is the baseline.")] = "torch,keras",
             device: Annotated[Optional[str], typer.Option(  # noqa: UP045
-                help="cpu or cuda (default: each backend's own choice).")] = None,
+                help="auto, or a device every compared backend has (`specforge backends`), "
+                     "e.g. cpu or cuda (default: each backend's own choice).")] = None,
             out: Annotated[Optional[Path], typer.Option(  # noqa: UP045
                 help="Report folder (default: conformance/<spec file name>, or "
                      "conformance/suite).")] = None,
@@ -356,6 +370,11 @@ def conform(spec: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
     if len(names) == 1 and not reference:
         raise UsageError("one backend without --reference compares nothing: add a backend "
                          "or leave out --no-reference")
+    if device is not None:
+        from specforge.backends import check_device, load_backend
+
+        for name in names:
+            check_device(load_backend(name), device)
     # a pipe gets the whole table rather than rich's 80 columns
     console = Console(width=None if sys.stdout.isatty() else 150)
     log = Console(stderr=True)

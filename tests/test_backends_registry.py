@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 FAKE_MODULE = textwrap.dedent('''\
     """A third-party backend that knows nothing of specforge's internals."""
-    from specforge.backends import Backend
+    from specforge.backends import Backend, Capabilities
 
     class FakeBackend(Backend):
         name = "fake"
@@ -35,6 +35,11 @@ FAKE_MODULE = textwrap.dedent('''\
 
         def import_weights(self, model, program, weights):
             model.update(weights)
+
+    class FakeLauncher(FakeBackend):
+        """Trains one process per device under torchrun, on CPUs only."""
+        name = "fakedp"
+        capabilities = Capabilities(data_parallel="torchrun", devices=("cpu",))
     ''')
 
 
@@ -48,6 +53,7 @@ def fake_backend_path(tmp_path: Path) -> Path:
                                    "Version: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[specforge.backends]\nfake = fake_sf_backend:FakeBackend\n"
+        "fakedp = fake_sf_backend:FakeLauncher\n"
         "broken = fake_sf_backend:DoesNotExist\n")
     return tmp_path
 
@@ -63,6 +69,54 @@ def test_a_third_party_backend_is_found_and_builds(fake_backend_path, tmp_path):
     assert text.startswith("# cifar10-seed: 14 nodes\n")
     assert "conv2d_1 = conv2d(input)" in text
     assert not list(out.parent.glob(".*.tmp"))  # written atomically, nothing left over
+
+
+def test_backends_lists_each_backends_capabilities(fake_backend_path):
+    listed = run_cli("backends", env={"PYTHONPATH": str(fake_backend_path)})
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    fake = lines.index("fake\tfake_sf_backend:FakeBackend")
+    assert lines[fake + 1:fake + 3] == [
+        "  lists the IR ops",
+        "  build styles: exact; devices: auto, cpu; does not train data-parallel"]
+    fakedp = lines.index("fakedp\tfake_sf_backend:FakeLauncher")
+    assert lines[fakedp + 2] == ("  build styles: exact; devices: auto, cpu; trains "
+                                 "data-parallel with --nproc-per-node/--nnodes")
+    broken = lines.index("broken\tfake_sf_backend:DoesNotExist")
+    assert lines[broken + 1].startswith("  error: backend 'broken' is installed but failed")
+
+
+def test_data_parallel_options_follow_the_capabilities_not_the_name(fake_backend_path):
+    env = {"PYTHONPATH": str(fake_backend_path)}
+    none = run_cli("run", "specs/digits.yaml", "-b", "fake", "--nproc-per-node", "2", env=env)
+    assert none.returncode == 2
+    assert "--nproc-per-node/--nnodes: the fake backend does not train data-parallel" \
+        in none.stderr
+    in_process = run_cli("run", "specs/digits.yaml", "-b", "fakedp", "--data-parallel",
+                         env=env)
+    assert in_process.returncode == 2
+    assert "the fakedp backend trains data-parallel with --nproc-per-node/--nnodes" \
+        in in_process.stderr
+    # a third-party torchrun backend gets past the capability check, to the launcher's own
+    launched = run_cli("run", "specs/digits.yaml", "-b", "fakedp", "--nnodes", "2", env=env)
+    assert launched.returncode == 2
+    assert "--nnodes > 1 needs --rdzv-endpoint" in launched.stderr
+
+
+def test_devices_follow_the_capabilities(fake_backend_path):
+    env = {"PYTHONPATH": str(fake_backend_path)}
+    cuda = run_cli("run", "specs/digits.yaml", "-b", "fakedp", "--device", "cuda", env=env)
+    assert cuda.returncode == 2
+    assert "--device 'cuda': the fakedp backend does not train on it; valid: auto, cpu" \
+        in cuda.stderr
+    spec = run_cli("run", "specs/digits.yaml", "-b", "fakedp", "--set",
+                   "training.device=cuda", env=env)
+    assert spec.returncode == 2
+    assert "training.device 'cuda': the fakedp backend" in spec.stderr
+    for device in ("cpu", "auto"):  # accepted: the fake backend then fails to train
+        result = run_cli("run", "specs/digits.yaml", "-b", "fakedp", "--device", device,
+                         "--run-dir", str(fake_backend_path / "run"), env=env)
+        assert "this backend only builds" in result.stderr, result.stderr[-2000:]
 
 
 def test_unknown_backend_suggests_the_installed_ones(fake_backend_path):

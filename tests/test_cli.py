@@ -179,7 +179,7 @@ _PROBE = textwrap.dedent("""\
 @pytest.mark.parametrize("args", [["validate", "specs/cifar.yaml"],
                                   ["summary", "specs/resnet18.yaml"],
                                   ["ir", "specs/vgg16.yaml"], ["schema"],
-                                  ["resolve", "specs/cifar.yaml"]])
+                                  ["resolve", "specs/cifar.yaml"], ["backends"]])
 def test_light_commands_import_no_framework(args):
     import subprocess
     import sys
@@ -187,3 +187,32 @@ def test_light_commands_import_no_framework(args):
     result = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True,
                             text=True, cwd=ROOT)
     assert "ATTEMPTS [] CODE 0" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-b", "keras", "--nproc-per-node", "2"],
+     "--nproc-per-node/--nnodes: the keras backend trains data-parallel with --data-parallel"),
+    (["-b", "keras", "--nnodes", "2"], "the keras backend trains data-parallel with "
+                                       "--data-parallel"),
+    (["-b", "torch", "--data-parallel"],
+     "--data-parallel: the torch backend trains data-parallel with --nproc-per-node/--nnodes"),
+    (["-b", "torch", "--device", "xla"],
+     "--device 'xla': the torch backend does not train on it; valid: auto, cpu, cuda"),
+    (["-b", "keras", "--device", "cudaa"], "did you mean 'cuda'?"),
+])
+def test_run_options_are_checked_against_the_backends_capabilities(args, message):
+    """Refused before any framework is imported, with what the backend supports instead."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _PROBE, "run", "specs/digits.yaml", *args],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert "ATTEMPTS [] CODE 2" in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_conform_checks_the_device_of_every_backend():
+    result = run_cli("conform", "specs/digits.yaml", "--backends", "torch", "--device", "xla")
+    assert result.returncode == 2
+    assert "--device 'xla': the torch backend does not train on it" in result.stderr

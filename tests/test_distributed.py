@@ -151,7 +151,7 @@ def test_launch_options_are_checked():
     keras, nodes = run_all(
         specforge("run", DIGITS, "-b", "keras", "--nproc-per-node", "2"),
         specforge("run", DIGITS, "-b", "torch", "--nnodes", "2"))
-    refused(keras, "does not train data-parallel yet")
+    refused(keras, "the keras backend trains data-parallel with --data-parallel")
     refused(nodes, "--rdzv-endpoint")
 
 
