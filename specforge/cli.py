@@ -180,7 +180,9 @@ def build(spec: SpecPath,
     if output is None:
         sys.stdout.write(text)
         return
-    _write_atomically(output, text)
+    from specforge.atomic import write_atomically
+
+    write_atomically(output, text)
     print(f"wrote {output}", file=sys.stderr)
 
 
@@ -441,13 +443,6 @@ def docs(check: Annotated[bool, typer.Option(help="Fail if docs/ is stale.")] = 
     stale = write_reference(out, check=check)
     if check and stale:
         raise UsageError(f"{', '.join(map(str, stale))} out of date: run `specforge docs`")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def main() -> None:

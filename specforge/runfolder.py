@@ -16,20 +16,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from specforge import __version__
+from specforge.atomic import write_atomically
 
 if TYPE_CHECKING:
     from specforge.backends import RunOptions
     from specforge.ir.program import Program
-
-
-def write_atomically(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file and a rename: never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 class RunFolder:

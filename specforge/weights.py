@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specforge.atomic import atomic_path
 from specforge.ir.graph import Graph, Param
 
 Weights = dict[str, np.ndarray]
@@ -70,10 +71,9 @@ def check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray]) -> None:
     """Write weights atomically to an .npz file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # a file object: given a name without .npz, np.savez would write to another name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{k: np.asarray(v) for k, v in weights.items()})
-    tmp.replace(path)
 
 
 def load_weights(path: str | Path) -> Weights:

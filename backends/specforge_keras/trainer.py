@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from specforge.atomic import atomic_path, write_atomically
 from specforge.backends import PendingStep, Trainer
 from specforge.errors import UsageError
 from specforge.ir.program import (
@@ -334,19 +335,20 @@ class KerasTrainer(Trainer):
         tag = f"{self.step_count:09d}"
         weights = path.with_name(f"checkpoint-{tag}.weights.h5")
         state = path.with_name(f"checkpoint-{tag}.state.npz")
-        self.model.save_weights(weights)
+        with atomic_path(weights) as tmp:  # named *.weights.h5, as save_weights insists
+            self.model.save_weights(tmp)
         arrays = {f"slot_{i}_{k}": ops.convert_to_numpy(s) for i, group in
                   enumerate(self.slots) for k, s in enumerate(group)}
         # The weights file leaves out the dropout layers' random state: keep every
         # non-trainable variable here, so that a resumed run draws the same masks.
         arrays.update({f"state_{i}": ops.convert_to_numpy(v)
                        for i, v in enumerate(self.model.non_trainable_variables)})
-        np.savez(state, step_count=np.int64(self.step_count), **arrays)
+        with atomic_path(state) as tmp, open(tmp, "wb") as f:
+            np.savez(f, step_count=np.int64(self.step_count), **arrays)
         pointer = {"weights": weights.name, "state": state.name, "loop": loop_state}
         old = json.loads(path.read_text()) if path.exists() else None
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(pointer))
-        os.replace(tmp, path)  # the checkpoint is whatever the pointer names: atomic
+        # the checkpoint is whatever the pointer names: replacing it is the atomic step
+        write_atomically(path, json.dumps(pointer))
         if old:
             for name in (old["weights"], old["state"]):
                 if name not in (weights.name, state.name):

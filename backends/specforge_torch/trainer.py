@@ -10,7 +10,6 @@ clipping specforge defines).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specforge.atomic import atomic_path
 from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
 from specforge.errors import UsageError
@@ -330,12 +330,8 @@ class TorchTrainer(Trainer):
                  "torch_rng": rng, "loop": json.dumps(loop_state)}
         if torch.cuda.is_available() and self.ranks is None:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         try:

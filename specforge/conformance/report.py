@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from specforge.atomic import write_atomically
 from specforge.conformance.check import PHASES, Report, Row
 from specforge.conformance.suite import CaseResult
-from specforge.runfolder import write_atomically
 
 
 def _number(value: float | None) -> str:

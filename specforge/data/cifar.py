@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from specforge.atomic import atomic_path
 from specforge.data.sources import DataError, Dataset, SourceData
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -137,22 +138,20 @@ def md5sum(path: Path) -> str:
 def download(target: Path, url: str = URL, md5: str = MD5, timeout: float = 30) -> None:
     """Download to a temporary file, check the checksum, then move into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, \
-                open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        partial.unlink(missing_ok=True)
-        raise DataError(f"cannot download CIFAR-10 from {url} ({exc}). " + OFFLINE_HINT.format(
-            archive=ARCHIVE, folder=FOLDER, cache=target.parent)) from None
-    actual = md5sum(partial)
-    if actual != md5:
-        partial.unlink(missing_ok=True)
-        raise DataError(f"downloaded CIFAR-10 has MD5 {actual}, expected {md5}: the download "
-                        "is corrupt or was tampered with; nothing was kept")
-    partial.replace(target)
+    with atomic_path(target) as partial:  # kept only when whole and checked
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, \
+                    open(partial, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise DataError(f"cannot download CIFAR-10 from {url} ({exc}). "
+                            + OFFLINE_HINT.format(archive=ARCHIVE, folder=FOLDER,
+                                                  cache=target.parent)) from None
+        actual = md5sum(partial)
+        if actual != md5:
+            raise DataError(f"downloaded CIFAR-10 has MD5 {actual}, expected {md5}: the "
+                            "download is corrupt or was tampered with; nothing was kept")
 
 
 def load_cifar10(source: Any, spec_dir: Path) -> SourceData:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specforge.atomic import atomic_path
 from specforge.data.folders import _pil
 from specforge.data.pipeline import DataPipeline
 
@@ -30,6 +31,5 @@ def write_grid(pipeline: DataPipeline, path: Path, step: int = 0, scale: int = 4
     image = image_module.fromarray(grid[..., 0] if c == 1 else grid)
     image = image.resize((image.width * scale, image.height * scale),
                          image_module.Resampling.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
