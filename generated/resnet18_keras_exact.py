@@ -122,17 +122,6 @@ class Conv2D(keras.layers.Conv2D):
         return super().compute_output_shape(grown)
 
 
-class Pad2D(keras.layers.Layer):
-    """Explicit padding as a layer (IR `pad2d`)."""
-
-    def __init__(self, pads, mode, **kwargs):
-        super().__init__(**kwargs)
-        self.pads, self.mode = tuple(pads), mode
-
-    def call(self, x):
-        return pad_nhwc(x, self.pads, self.mode)
-
-
 class MaxPool2D(keras.layers.Layer):
     """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
 
@@ -143,22 +132,6 @@ class MaxPool2D(keras.layers.Layer):
     def call(self, x):
         x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
         return ops.max_pool(x, self.pool, self.strides, padding="valid")
-
-
-class AvgPool2D(keras.layers.Layer):
-    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
-
-    def __init__(self, pool, strides, pads, **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-
-    def call(self, x):
-        mean = ops.average_pool(pad_nhwc(x, self.pads), self.pool, self.strides, "valid")
-        if not any(self.pads):
-            return mean
-        ones = ops.ones((1, x.shape[1], x.shape[2], 1), dtype=x.dtype)
-        share = ops.average_pool(pad_nhwc(ones, self.pads), self.pool, self.strides, "valid")
-        return mean / share  # mean over the window / fraction of it that is real
 
 
 class BatchNorm(keras.layers.Layer):
@@ -1124,14 +1097,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-def shard(size: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(size, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
