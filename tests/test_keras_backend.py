@@ -255,10 +255,10 @@ def test_build_works_without_keras(tmp_path):
     main = _NO_KERAS + "sys.argv = ['specforge'] + sys.argv[1:]\n" \
         "from specforge.cli import main\nmain()\n"
     result = run_all([sys.executable, "-c", main, "build", DIGITS, "-b", "keras",
-                      "-o", str(out)])[0]
+                      "--style", "exact", "-o", str(out)])[0]
     assert result.returncode == 0, result.stderr[-2000:]
     # the same text as a build in a process that has keras
-    assert out.read_text() == KerasBackend().build(compile_spec(DIGITS))
+    assert out.read_text() == KerasBackend().build(compile_spec(DIGITS), "exact")
 
 
 # --- 5. resume -----------------------------------------------------------------------------------
