@@ -36,7 +36,7 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHARED: list[tuple[ModuleType, list[str]]] = [
     (weights, ["_fans", "draw"]),
     (sources, ["Dataset", "SourceData"]),
-    (pipeline, ["split_indices", "shard", "Batch", "DataPipeline", "assemble_pipeline"]),
+    (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]),
     (augment, ["AugmentParams", "is_identity", "has_affine", "draw_params",
                "source_coordinates", "_fold", "sample_bilinear", "shift_with_zeros",
                "apply_augmentation"]),
@@ -63,19 +63,53 @@ CONSTANTS: dict[str, list[tuple[ModuleType, list[str]]]] = {
 
 
 def copied(parts: list[tuple[ModuleType | Path, list[str]]]) -> str:
-    """The source text of the named top-level functions and classes, as in their files."""
+    """The source text of the named top-level functions, classes and assignments, as in
+    their files."""
     blocks = []
     for module, names in parts:
         path = Path(module.__file__) if isinstance(module, ModuleType) else module
         text = path.read_text(encoding="utf-8")
-        definitions = {n.name: n for n in ast.parse(text).body
-                       if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        definitions = _top_level(ast.parse(text))
         lines = text.splitlines()
         for name in names:
             node = definitions[name]
-            first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
             blocks.append("\n".join(lines[first - 1:node.end_lineno]))
     return "\n\n\n".join(blocks)
+
+
+def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
+    """A module's top-level functions, classes and single-name assignments, by name."""
+    found: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            found[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if len(targets) == 1 and isinstance(targets[0], ast.Name):
+                found[targets[0].id] = node
+    return found
+
+
+def top_level_names(module: ModuleType | Path) -> list[str]:
+    path = Path(module.__file__) if isinstance(module, ModuleType) else module
+    return list(_top_level(ast.parse(path.read_text(encoding="utf-8"))))
+
+
+def used(module: ModuleType | Path, roots: list[str]) -> list[str]:
+    """``roots`` and the module's top-level definitions they use, directly or through one
+    another, in the module's order: what to copy so that ``roots`` work."""
+    path = Path(module.__file__) if isinstance(module, ModuleType) else module
+    definitions = _top_level(ast.parse(path.read_text(encoding="utf-8")))
+    wanted, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        todo += [n.id for n in ast.walk(definitions[name])
+                 if isinstance(n, ast.Name) and n.id in definitions and n.id != name]
+    return [name for name in definitions if name in wanted]
 
 
 def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:

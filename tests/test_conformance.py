@@ -252,7 +252,8 @@ SHORT = ["model.layers.5.rate=0", "training.epochs=1", "training.steps_per_epoch
 
 def test_built_scripts_of_both_backends_agree_with_each_other_and_with_run(tmp_path: Path):
     scripts = {b: tmp_path / f"train_{b}.py" for b in BACKENDS}  # not torch.py
-    for result in run_all(*(specforge("build", DIGITS, "-b", b, "-o", str(path), *sets(*SHORT))
+    for result in run_all(*(specforge("build", DIGITS, "-b", b, "--style", "exact",
+                                      "-o", str(path), *sets(*SHORT))
                             for b, path in scripts.items())):
         ok(result)
     results = run_all(

@@ -98,7 +98,8 @@ def test_two_processes_compute_what_one_computes(tmp_path: Path, model: str):
 
 def test_the_built_script_runs_under_torchrun(tmp_path: Path):
     script = tmp_path / "train_digits.py"
-    ok(run_all(specforge("build", DIGITS, "-b", "torch", "-o", str(script),
+    ok(run_all(specforge("build", DIGITS, "-b", "torch", "--style", "exact", "--distributed",
+                         "-o", str(script),
                          *sets(NO_DROPOUT, *SMALL)))[0])
     run_dir = tmp_path / "run"
     built, ran = run_all(

@@ -50,8 +50,8 @@ needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow is not installed")
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
 
 DIGITS = str(SPECS / "digits.yaml")
-REGENERATE = ("for s in specs/*.yaml; do specforge build $s -b keras "
-              "-o generated/$(basename $s .yaml)_keras.py; done")
+REGENERATE = ("for s in specs/*.yaml; do specforge build $s -b keras --style exact "
+              "-o generated/$(basename $s .yaml)_keras_exact.py; done")
 
 
 def checkpoint_files(run_dir: Path) -> tuple[set[str], set[str]]:
@@ -151,7 +151,8 @@ HEAVY = [
 def test_built_script_gives_the_runs_losses(tmp_path, overrides):
     env = {**ENV, "KERAS_BACKEND": "tensorflow"}
     script = tmp_path / "S.py"
-    ok(run_all(specforge("build", DIGITS, "-b", "keras", "-o", str(script), *sets(*overrides)),
+    ok(run_all(specforge("build", DIGITS, "-b", "keras", "--style", "exact", "-o", str(script),
+                         *sets(*overrides)),
                env=env)[0])
     run_dir = tmp_path / "run"
     run, built = run_all(
@@ -193,7 +194,8 @@ _BUILD_ALL = _NO_KERAS + textwrap.dedent("""\
     out = sys.argv[1]
     for spec in sys.argv[2:]:
         stem = spec.rsplit('/', 1)[-1][:-len('.yaml')]
-        app(['build', spec, '-b', 'keras', '-o', f'{out}/{stem}_keras.py'],
+        app(['build', spec, '-b', 'keras', '--style', 'exact',
+             '-o', f'{out}/{stem}_keras_exact.py'],
             standalone_mode=False)
     assert not any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules)
     """)
@@ -215,11 +217,12 @@ def fresh_builds(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("stem", SPEC_STEMS)
 def test_generated_scripts_are_up_to_date(fresh_builds, stem):
-    committed = (ROOT / "generated" / f"{stem}_keras.py").read_text(encoding="utf-8")
+    committed = (ROOT / "generated" / f"{stem}_keras_exact.py").read_text(encoding="utf-8")
     for seed, folder in fresh_builds.items():
-        built = (folder / f"{stem}_keras.py").read_text(encoding="utf-8")
+        built = (folder / f"{stem}_keras_exact.py").read_text(encoding="utf-8")
         assert built == committed, (
-            f"generated/{stem}_keras.py differs from a fresh build (PYTHONHASHSEED={seed}); "
+            f"generated/{stem}_keras_exact.py differs from a fresh build "
+            f"(PYTHONHASHSEED={seed}); "
             f"regenerate with: {REGENERATE}")
 
 
@@ -229,7 +232,7 @@ def test_built_scripts_do_not_import_specforge(fresh_builds):
     texts = {p: p.read_text(encoding="utf-8") for folder in fresh_builds.values()
              for p in folder.glob("*.py")}
     texts.update({p: p.read_text(encoding="utf-8")
-                  for p in (ROOT / "generated").glob("*_keras.py")})
+                  for p in (ROOT / "generated").glob("*_keras_exact.py")})
     assert len(texts) == 3 * len(SPEC_STEMS)
     for path, text in texts.items():
         imports = re.findall(r"^\s*(?:import|from)\s+specforge\b.*$", text, re.MULTILINE)
@@ -252,10 +255,10 @@ def test_build_works_without_keras(tmp_path):
     main = _NO_KERAS + "sys.argv = ['specforge'] + sys.argv[1:]\n" \
         "from specforge.cli import main\nmain()\n"
     result = run_all([sys.executable, "-c", main, "build", DIGITS, "-b", "keras",
-                      "-o", str(out)])[0]
+                      "--style", "exact", "-o", str(out)])[0]
     assert result.returncode == 0, result.stderr[-2000:]
     # the same text as a build in a process that has keras
-    assert out.read_text() == KerasBackend().build(compile_spec(DIGITS))
+    assert out.read_text() == KerasBackend().build(compile_spec(DIGITS), "exact")
 
 
 # --- 5. resume -----------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ from tests.processes import (  # noqa: E402
 
 DIGITS = str(SPECS / "digits.yaml")
 SYNTHETIC = "data.source={type: synthetic, samples: 256}"
-REGENERATE = ("for s in specs/*.yaml; do specforge build $s -b torch "
-              "-o generated/$(basename $s .yaml)_torch.py; done")
+REGENERATE = ("for s in specs/*.yaml; do specforge build $s -b torch --style exact "
+              "-o generated/$(basename $s .yaml)_torch_exact.py; done")
 
 
 # --- 1. a full run of the digits spec ------------------------------------------------------------
@@ -135,7 +135,8 @@ HEAVY = [
                          ids=["defaults", "sgd-cosine-augment-dropout"])
 def test_built_script_gives_the_runs_losses(tmp_path, overrides, epochs):
     script = tmp_path / "S.py"
-    ok(cli("build", DIGITS, "-b", "torch", "-o", str(script), *sets(*overrides)))
+    ok(cli("build", DIGITS, "-b", "torch", "--style", "exact", "-o", str(script),
+           *sets(*overrides)))
     run_dir = tmp_path / "run"
     run, built = run_all(
         specforge("run", DIGITS, "--backend", "torch", "--run-dir", str(run_dir), "--quiet",
@@ -167,7 +168,8 @@ _BUILD_ALL = textwrap.dedent("""\
     out = sys.argv[1]
     for spec in sys.argv[2:]:
         stem = spec.rsplit('/', 1)[-1][:-len('.yaml')]
-        app(['build', spec, '-b', 'torch', '-o', f'{out}/{stem}_torch.py'],
+        app(['build', spec, '-b', 'torch', '--style', 'exact',
+             '-o', f'{out}/{stem}_torch_exact.py'],
             standalone_mode=False)
     """)
 
@@ -186,16 +188,17 @@ def fresh_builds(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("stem", SPEC_STEMS)
 def test_generated_scripts_are_up_to_date(fresh_builds, stem):
-    committed = (ROOT / "generated" / f"{stem}_torch.py").read_text(encoding="utf-8")
+    committed = (ROOT / "generated" / f"{stem}_torch_exact.py").read_text(encoding="utf-8")
     for seed, folder in fresh_builds.items():
-        built = (folder / f"{stem}_torch.py").read_text(encoding="utf-8")
+        built = (folder / f"{stem}_torch_exact.py").read_text(encoding="utf-8")
         assert built == committed, (
-            f"generated/{stem}_torch.py differs from a fresh build (PYTHONHASHSEED={seed}); "
+            f"generated/{stem}_torch_exact.py differs from a fresh build (PYTHONHASHSEED={seed}); "
             f"regenerate with: {REGENERATE}")
 
 
 def test_built_scripts_do_not_import_specforge(fresh_builds):
-    texts = {p: p.read_text(encoding="utf-8") for p in (ROOT / "generated").glob("*_torch.py")}
+    texts = {p: p.read_text(encoding="utf-8")
+             for p in (ROOT / "generated").glob("*_torch_exact.py")}
     texts.update({p: p.read_text(encoding="utf-8") for folder in fresh_builds.values()
                   for p in folder.glob("*.py")})
     assert len(texts) == 3 * len(SPEC_STEMS)
@@ -222,9 +225,9 @@ _NO_TORCH = textwrap.dedent("""\
 def test_build_works_without_torch(tmp_path):
     out = tmp_path / "digits_torch.py"
     result = run_all([sys.executable, "-c", _NO_TORCH, "build", DIGITS, "-b", "torch",
-                      "-o", str(out)])[0]
+                      "--style", "exact", "-o", str(out)])[0]
     assert result.returncode == 0, result.stderr[-2000:]
-    assert out.read_text() == (ROOT / "generated" / "digits_torch.py").read_text()
+    assert out.read_text() == (ROOT / "generated" / "digits_torch_exact.py").read_text()
 
 
 # --- 4. resume -----------------------------------------------------------------------------------

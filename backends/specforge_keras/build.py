@@ -13,7 +13,7 @@ from pathlib import Path
 from specforge.ir import program as program_module
 from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import Program
-from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
+from specforge.scriptgen import IDENTIFIER, assignment, copied, render, top_level_names, used
 from specforge_keras.recipes import layer_recipe
 
 HERE = Path(__file__).parent
@@ -49,6 +49,13 @@ def model_lines(graph: Graph) -> list[str]:
     return lines
 
 
+def layer_names(graph: Graph) -> list[str]:
+    """What the script copies from layers.py: the classes of the graph's layers defined
+    there, and what they use."""
+    classes = {layer_recipe(n)[0] for n in graph if n.op != "input"}
+    return used(LAYERS, sorted(classes & set(top_level_names(LAYERS))))
+
+
 def render_script(program: Program, distributed: bool = False) -> str:
     names = identifier_names(program.graph)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, tuple(p.shape), p.init)
@@ -57,5 +64,5 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   framework="Keras 3", requirement="keras (with TensorFlow or PyTorch)",
                   model_lines=model_lines(program.graph),
                   params=assignment("PARAMETERS", params),
-                  layers=module_body(LAYERS, "def pad_nhwc"),
+                  layers=copied([(LAYERS, layer_names(program.graph))]),
                   helpers=copied([(program_module, ["optimizer_slots"]), (TRAINER, HELPERS)]))

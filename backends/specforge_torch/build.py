@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import ModuleType
 
+from specforge.data import pipeline
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
-from specforge.scriptgen import IDENTIFIER, assignment, copied, module_body, render
+from specforge.scriptgen import IDENTIFIER, assignment, copied, render, top_level_names, used
 from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
 from specforge_torch.recipes import module_recipe
 
@@ -24,16 +26,27 @@ DISTRIBUTED = HERE / "distributed.py"
 TRANSFER = HERE / "transfer.py"  # read by path, as the others: importing it imports torch
 
 
-def torch_helpers() -> str:
-    return copied([(TRAINER, ["autocast_dtype", "compile_mode", "make_optimizer",
-                              "clip_gradients", "model_inputs", "loss_value", "forward_pass",
-                              "optimizer_step",
-                              "shard_step", "whole_batch", "evaluation_step"]),
-                   (TRANSFER, ["to_device"]),
-                   (MODEL, ["to_torch_layout"]),
-                   (DISTRIBUTED, ["Ranks", "ranks_from_environment", "join", "leave",
-                                  "ShardedBatches", "all_sum", "gather_rows",
-                                  "gather_same_shape"])])
+def torch_helpers(distributed: bool) -> str:
+    """The train and evaluation steps (TorchTrainer's :class:`Steps`) and what they use;
+    with ``distributed``, DDP's too (:class:`ShardedSteps`, torchrun's process group)."""
+    steps = ["Steps"] + (["ShardedSteps"] if distributed else [])
+    parts: list[tuple[ModuleType | Path, list[str]]] = [
+        (TRAINER, used(TRAINER, steps)), (TRANSFER, ["to_device"]), (MODEL, ["to_torch_layout"])]
+    if distributed:
+        parts.append((pipeline, ["shard"]))
+        parts.append((DISTRIBUTED, used(DISTRIBUTED, [
+            "ranks_from_environment", "join", "leave", "ShardedBatches", "all_sum",
+            "gather_rows"])))
+    return copied(parts)
+
+
+def layer_names(graph: Graph) -> list[str]:
+    """What the script copies from layers.py: the classes of the graph's modules defined
+    there, and what they use."""
+    defined = set(top_level_names(LAYERS))
+    shapes = {n.name: n.shape for n in graph}
+    classes = {module_recipe(n, shapes[n.inputs[0]])[0] for n in graph if n.op != "input"}
+    return used(LAYERS, sorted(classes & defined))
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:
@@ -55,10 +68,15 @@ def model_lines(graph: Graph) -> tuple[list[tuple[str, str, str]], list[str]]:
         attribute = names[node.name]
         assert IDENTIFIER.match(attribute)  # names are validated; this guards the template
         call = module_call(node, shapes[node.inputs[0]])
-        if len(call) + len(attribute) + 16 > 100:  # wrap the arguments, one a line
+        if len(call) + len(attribute) + 16 > 100:  # wrap the arguments, packed in lines
             head, _, args = call.partition("(")
             parts = [a.strip() for a in re.split(r",\s(?![^()]*\))", args[:-1])]
-            call = head + "(\n" + "".join(f"            {a},\n" for a in parts) + "        )"
+            lines = [""]
+            for part in parts:
+                if lines[-1] and len(lines[-1]) + len(part) + 14 > 100:
+                    lines.append("")
+                lines[-1] += f"{' ' if lines[-1] else ''}{part},"
+            call = head + "(\n" + "".join(f"            {line}\n" for line in lines) + "        )"
         modules.append((attribute, call, f"{node.name!r}: output {tuple(node.shape)}"))
         args = ", ".join(variables[i] for i in node.inputs)
         forward.append(f"{attribute} = self.{attribute}({args})")
@@ -72,8 +90,10 @@ def render_script(program: Program, distributed: bool = False) -> str:
     names = attribute_names(program.graph)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, n.op, tuple(p.shape), p.init)
               for n in program.graph for p in n.params]
-    return render(program, "torch", HERE / "templates", "train.py.j2",
+    torch_names = {k: v for k, v in TORCH_PARAM_NAMES.items() if k in {p[2] for p in params}}
+    return render(program, "torch", HERE / "templates", "train.py.j2", distributed=distributed,
                   framework="PyTorch", requirement="torch", modules=modules, forward=forward,
                   params=assignment("PARAMETERS", params),
-                  torch_names=assignment("TORCH_NAMES", TORCH_PARAM_NAMES),
-                  layers=module_body(LAYERS, "_PAD_MODES"), helpers=torch_helpers())
+                  torch_names=assignment("TORCH_NAMES", torch_names),
+                  layers=copied([(LAYERS, layer_names(program.graph))]),
+                  helpers=torch_helpers(distributed))

@@ -50,7 +50,8 @@ class TorchProbe(Probe):
                  weights: Mapping[str, np.ndarray] | None = None) -> None:
         self.notes = full_precision()
         self.trainer = TorchTrainer(program, device, weights)
-        self.trainer.autocast, self.trainer.forward = None, self.trainer.model
+        steps = self.trainer.steps  # full precision, no torch.compile
+        steps.autocast, steps.forward = None, steps.model
         self.device = self.trainer.device
         model = self.trainer.model
         self.dropouts: dict[str, MaskedDropout] = {}

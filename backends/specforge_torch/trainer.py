@@ -160,20 +160,6 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
     return value.detach(), output.detach()
 
 
-def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-               loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
-               lr: float, ranks: Ranks, autocast: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
-    the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
-    logits (still on the device), the same on every process."""
-    mine = y[shard(len(y), ranks.rank, ranks.world)]
-    images, labels = to_tensors(x, mine)
-    value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
-                                   autocast, share=len(mine) * ranks.world / len(y))
-    return whole_batch(value, output, len(y), ranks)
-
-
 def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
@@ -185,19 +171,85 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
     return all_sum(mine) / size, gather_rows(output, size, ranks)
 
 
-def evaluation_step(model: Any, loss: LossIR, to_tensors: Any, x: Any, y: np.ndarray,
-                    ranks: Ranks | None, autocast: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's loss and logits in evaluation mode (``model`` already in it), without
-    gradients; under DDP (``ranks``) each process computes its shard of the batch and the
-    whole batch's are gathered."""
-    part = slice(None) if ranks is None else shard(len(y), ranks.rank, ranks.world)
-    images, labels = to_tensors(x[part], y[part])
-    with torch.no_grad():
-        output = forward_pass(model, images, autocast)
-        value = loss_value(loss, output, labels)
-        return (value, output) if ranks is None else whole_batch(value, output, len(y),
-                                                                 ranks)
+class Steps:
+    """The training and evaluation steps of a model in one process, set up as `training:`
+    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
+    TorchTrainer and the built script both use it. Losses and logits stay on the device."""
+
+    rank = 0  # which process: seeds dropout's generator
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
+                 loss: LossIR, opt: OptimizerIR, training: Any) -> None:
+        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.memory_format = torch.channels_last if training.channels_last else \
+            torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        # Dropout draws from torch's generator: seed it once the model exists (each process
+        # differently: their shards must not share masks).
+        torch.manual_seed(seed + self.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(opt, self.params)
+        self.autocast = autocast_dtype(training.precision)
+        mode = compile_mode(training.compile)
+        wrapped = self.wrap(self.model)
+        self.forward = torch.compile(wrapped, mode=mode) if mode else wrapped
+
+    def wrap(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`model_inputs` on this device, in this memory format."""
+        return model_inputs(x, y, self.torch_device, self.memory_format)
+
+    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step at learning rate ``lr``: the batch's loss and logits."""
+        self.model.train()
+        images, labels = self.tensors(x, y)
+        return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
+                              images, labels, lr, self.autocast)
+
+    def evaluate(self, x: Any, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's loss and logits in evaluation mode, without gradients."""
+        self.model.eval()
+        images, labels = self.tensors(x, y)
+        with torch.no_grad():
+            output = forward_pass(self.forward, images, self.autocast)
+            return loss_value(self.loss, output, labels), output
+
+
+class ShardedSteps(Steps):
+    """The steps of one of torchrun's processes, the model wrapped in DDP: each process
+    computes its shard of every batch, and the loss and logits are the whole batch's, the
+    same in every process."""
+
+    def __init__(self, ranks: Ranks, *args: Any) -> None:
+        self.ranks, self.rank = ranks, ranks.rank
+        super().__init__(*args)
+
+    def wrap(self, model: torch.nn.Module) -> Any:
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.torch_device.type == "cuda"
+        return DistributedDataParallel(model, device_ids=[self.torch_device] if cuda else None)
+
+    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: this process's shard of the batch (see :class:`ShardedBatches`), ``y``: the
+        whole batch's labels. Each shard's loss weighs its share of the batch (DDP averages
+        the processes' gradients)."""
+        self.model.train()
+        mine = y[shard(len(y), self.ranks.rank, self.ranks.world)]
+        images, labels = self.tensors(x, mine)
+        value, output = optimizer_step(self.forward, self.optimizer, self.params, self.loss,
+                                       self.opt, images, labels, lr, self.autocast,
+                                       share=len(mine) * self.ranks.world / len(y))
+        return whole_batch(value, output, len(y), self.ranks)
+
+    def evaluate(self, x: Any, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each process evaluates its shard of the whole batch ``x``, ``y``."""
+        part = shard(len(y), self.ranks.rank, self.ranks.world)
+        value, output = super().evaluate(x[part], y[part])
+        return whole_batch(value, output, len(y), self.ranks)
 
 
 def kernels_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
@@ -227,27 +279,12 @@ class TorchTrainer(Trainer):
             self.device += f" ({torch.cuda.get_device_name(self.torch_device)})"
         if self.ranks is not None:
             self.device += f" x {self.ranks.world} processes"
-        self.model: SpecModule = create_model(program.graph, program.seed, weights).to(
-            self.torch_device)
-        # Dropout draws from torch's generator: seed it once the model exists (each process
-        # differently: their shards must not share masks).
-        torch.manual_seed(program.seed + (self.ranks.rank if self.ranks else 0))
-        self.memory_format = torch.channels_last if training.channels_last else \
-            torch.contiguous_format
-        if training.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(program.optimizer, self.params)
-        self.autocast = autocast_dtype(training.precision)
-        trained: Any = self.model
-        if self.ranks is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(
-                self.model, device_ids=[self.torch_device] if self.torch_device.type ==
-                "cuda" else None)
-        mode = compile_mode(training.compile)
-        self.forward = torch.compile(trained, mode=mode) if mode else trained
+        model = create_model(program.graph, program.seed, weights)
+        setup = (model, self.torch_device, program.seed, program.loss, program.optimizer,
+                 training)
+        self.steps = Steps(*setup) if self.ranks is None else ShardedSteps(self.ranks, *setup)
+        self.model: SpecModule = model
+        self.params, self.optimizer = self.steps.params, self.steps.optimizer
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device
@@ -261,11 +298,10 @@ class TorchTrainer(Trainer):
 
     def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`model_inputs` on this trainer's device, in its memory format."""
-        return model_inputs(x, y, self.torch_device, self.memory_format)
+        return self.steps.tensors(x, y)
 
     def _output(self, images: torch.Tensor) -> torch.Tensor:
-        return forward_pass(self.forward, images, self.autocast)
+        return forward_pass(self.steps.forward, images, self.steps.autocast)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         return self.start_step(x, y, lr)()
@@ -273,17 +309,7 @@ class TorchTrainer(Trainer):
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
         """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`); the
         loss and logits are the whole batch's, gathered from every process."""
-        self.model.train()
-        if self.ranks is not None:
-            value, output = shard_step(self.forward, self.optimizer, self.params,
-                                       self.program.loss, self.program.optimizer,
-                                       self.tensors, x, y, lr, self.ranks, self.autocast)
-        else:
-            images, labels = self.tensors(x, y)
-            value, output = optimizer_step(self.forward, self.optimizer, self.params,
-                                           self.program.loss, self.program.optimizer, images,
-                                           labels, lr, self.autocast)
-        return fetch_later(value, output)
+        return fetch_later(*self.steps.train(x, y, lr))
 
     def agree_to_stop(self, wanted: bool) -> bool:
         """Under DDP the answer is the last step's vote, and this step's is sent off: reading
@@ -299,9 +325,7 @@ class TorchTrainer(Trainer):
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Under torchrun each process evaluates its shard of the batch."""
-        self.model.eval()
-        loss, output = evaluation_step(self.forward, self.program.loss, self.tensors, x, y,
-                                       self.ranks, self.autocast)
+        loss, output = self.steps.evaluate(x, y)
         return loss.item(), output.cpu().numpy()
 
     @torch.no_grad()

@@ -130,17 +130,6 @@ class Conv2D(keras.layers.Conv2D):
         return super().compute_output_shape(grown)
 
 
-class Pad2D(keras.layers.Layer):
-    """Explicit padding as a layer (IR `pad2d`)."""
-
-    def __init__(self, pads, mode, **kwargs):
-        super().__init__(**kwargs)
-        self.pads, self.mode = tuple(pads), mode
-
-    def call(self, x):
-        return pad_nhwc(x, self.pads, self.mode)
-
-
 class MaxPool2D(keras.layers.Layer):
     """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
 
@@ -151,64 +140,6 @@ class MaxPool2D(keras.layers.Layer):
     def call(self, x):
         x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
         return ops.max_pool(x, self.pool, self.strides, padding="valid")
-
-
-class AvgPool2D(keras.layers.Layer):
-    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
-
-    def __init__(self, pool, strides, pads, **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-
-    def call(self, x):
-        mean = ops.average_pool(pad_nhwc(x, self.pads), self.pool, self.strides, "valid")
-        if not any(self.pads):
-            return mean
-        ones = ops.ones((1, x.shape[1], x.shape[2], 1), dtype=x.dtype)
-        share = ops.average_pool(pad_nhwc(ones, self.pads), self.pool, self.strides, "valid")
-        return mean / share  # mean over the window / fraction of it that is real
-
-
-class BatchNorm(keras.layers.Layer):
-    """running = decay * running + (1 - decay) * batch statistic, with the unbiased batch
-    variance for the running variance (IR `batch_norm`). Keras's own BatchNormalization
-    uses the biased one and a momentum of the opposite meaning."""
-
-    def __init__(self, decay, epsilon, scale, center, **kwargs):
-        super().__init__(**kwargs)
-        self.decay, self.epsilon, self.scale, self.center = decay, epsilon, scale, center
-
-    def build(self, input_shape):
-        c = input_shape[-1]
-        self.gamma = self.add_weight(shape=(c,), initializer="ones", name="gamma") \
-            if self.scale else None
-        self.beta = self.add_weight(shape=(c,), initializer="zeros", name="beta") \
-            if self.center else None
-        self.moving_mean = self.add_weight(shape=(c,), initializer="zeros",
-                                           name="moving_mean", trainable=False)
-        self.moving_var = self.add_weight(shape=(c,), initializer="ones", name="moving_var",
-                                          trainable=False)
-
-    def call(self, x, training=False):
-        axes = list(range(len(x.shape) - 1))
-        if training:
-            mean = ops.mean(x, axis=axes)
-            var = ops.mean(ops.square(x - mean), axis=axes)
-            n = 1
-            for a in axes:
-                n = n * ops.shape(x)[a]
-            n = ops.cast(n, x.dtype)
-            unbiased = var * n / ops.maximum(n - 1, 1)
-            self.moving_mean.assign(self.decay * self.moving_mean + (1 - self.decay) * mean)
-            self.moving_var.assign(self.decay * self.moving_var + (1 - self.decay) * unbiased)
-        else:
-            mean, var = self.moving_mean, self.moving_var
-        y = (x - mean) * ops.rsqrt(var + self.epsilon)
-        if self.gamma is not None:
-            y = y * self.gamma
-        if self.beta is not None:
-            y = y + self.beta
-        return y
 
 
 class Activation(keras.layers.Layer):
@@ -240,17 +171,6 @@ _ELEMENTWISE = {
     "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
     "softplus": "softplus", "softsign": "softsign",
 }
-
-
-class GlobalPool(keras.layers.Layer):
-    """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
-
-    def __init__(self, kind, **kwargs):
-        super().__init__(**kwargs)
-        self.kind = kind
-
-    def call(self, x):
-        return ops.mean(x, axis=(1, 2)) if self.kind == "avg" else ops.max(x, axis=(1, 2))
 
 
 # --- 3. The model ---------------------------------------------------------------------------
@@ -739,14 +659,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-def shard(size: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(size, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,6 @@ does not need specforge. With the spec's seed it computes the same per-step loss
     python THIS_SCRIPT.py [--epochs N] [--steps-per-epoch N] [--data-dir DIR]
                           [--log-steps FILE.jsonl] [--save FILE] [--device cpu|cuda]
 
-Under torchrun (`torchrun --nproc-per-node N THIS_SCRIPT.py`) it trains data-parallel with
-DistributedDataParallel: each process takes its shard of every batch, and the losses equal
-one process's on the whole batch.
 The sections below: 1 settings, 2 layers, 3 the model, 4 initial weights, 5 data,
 6 loss, optimizer and metrics, 7 training.
 """
@@ -24,9 +21,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -151,25 +145,6 @@ class MaxPool2d(nn.Module):
         return F.max_pool2d(x, self.pool, self.strides)
 
 
-class AvgPool2d(nn.Module):
-    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
-
-    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[int, int, int, int]) -> None:
-        super().__init__()
-        self.pool, self.strides, self.pads = pool, strides, pads
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not any(self.pads):
-            return F.avg_pool2d(x, self.pool, self.strides)
-        summed = F.avg_pool2d(pad_nchw(x, self.pads), self.pool, self.strides,
-                              divisor_override=1)
-        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        counts = F.avg_pool2d(pad_nchw(ones, self.pads), self.pool, self.strides,
-                              divisor_override=1)
-        return summed / counts
-
-
 class FlattenHWC(nn.Module):
     """Flatten in (height, width, channel) order, the IR's order (IR `flatten`)."""
 
@@ -177,63 +152,6 @@ class FlattenHWC(nn.Module):
         if x.dim() == 4:
             x = x.permute(0, 2, 3, 1)
         return x.flatten(1)  # also for an empty shard of a batch (0 rows)
-
-
-class BatchNorm(nn.Module):
-    """running = decay * running + (1 - decay) * batch statistic; unbiased running variance
-    (IR `batch_norm`). torch's momentum is the weight of the new value: 1 - decay."""
-
-    def __init__(self, channels: int, decay: float, epsilon: float, scale: bool,
-                 center: bool) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(channels)) if scale else None
-        self.beta = nn.Parameter(torch.zeros(channels)) if center else None
-        self.register_buffer("moving_mean", torch.zeros(channels))
-        self.register_buffer("moving_var", torch.ones(channels))
-        self.momentum, self.epsilon = 1.0 - decay, epsilon
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and _data_parallel():
-            return self._with_batch_statistics(x, across_processes=True)
-        if self.training and x.numel() == x.shape[1]:
-            # one value per channel (a last batch of one image): F.batch_norm refuses it;
-            # the IR's batch variance is 0 and its running update takes n / (n - 1) as 1
-            return self._with_batch_statistics(x, across_processes=False)
-        return F.batch_norm(x, self.moving_mean, self.moving_var, self.gamma, self.beta,
-                            self.training, self.momentum, self.epsilon)
-
-    def _with_batch_statistics(self, x: torch.Tensor, across_processes: bool) -> torch.Tensor:
-        """Training, the formulas written out. ``across_processes`` (under DDP): the
-        statistics of the whole batch, every process's shard together (the IR's batch norm
-        is over the batch), through differentiable all-reduces, so that N processes compute
-        what one computes on the whole batch."""
-        total = torch.clone  # one process: its sums are the totals
-        if across_processes:
-            from torch.distributed.nn.functional import all_reduce as total
-        axes = [0, 2, 3] if x.dim() == 4 else [0]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        # filled on the device: torch.tensor(..., device=cuda) would synchronise the stream
-        mine = x.new_full((1,), x.numel() / x.shape[1])
-        totals = total(torch.cat([x.sum(axes), mine]))  # the sums and the count
-        count = totals[-1]
-        mean = totals[:-1] / count
-        centred = x - mean.reshape(shape)
-        var = total((centred * centred).sum(axes)) / count
-        with torch.no_grad():
-            unbiased = var * count / torch.clamp(count - 1, min=1)
-            self.moving_mean.lerp_(mean, self.momentum)
-            self.moving_var.lerp_(unbiased, self.momentum)
-        y = centred * torch.rsqrt(var + self.epsilon).reshape(shape)
-        if self.gamma is not None:
-            y = y * self.gamma.reshape(shape)
-        return y + self.beta.reshape(shape) if self.beta is not None else y
-
-
-def _data_parallel() -> bool:
-    """Whether this process is one of several training together (torchrun and DDP)."""
-    distributed = torch.distributed
-    return distributed.is_available() and distributed.is_initialized() and \
-        distributed.get_world_size() > 1
 
 
 class Activation(nn.Module):
@@ -269,45 +187,6 @@ _ELEMENTWISE = {
 }
 
 
-class Add(nn.Module):
-    """Element-wise sum (IR `add`)."""
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        out = xs[0]
-        for x in xs[1:]:
-            out = out + x
-        return out
-
-
-class Concat(nn.Module):
-    """Concatenation along channels (IR `concat`)."""
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs, dim=1)
-
-
-class GlobalPool(nn.Module):
-    """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3)) if self.kind == "avg" else x.amax(dim=(2, 3))
-
-
-class Pad2d(nn.Module):
-    """Explicit padding as a layer (IR `pad2d`)."""
-
-    def __init__(self, pads: tuple[int, int, int, int], mode: str) -> None:
-        super().__init__()
-        self.pads, self.mode = pads, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_nchw(x, self.pads, self.mode)
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 class Model(nn.Module):
     """Input (N, C, H, W) float32; output the logits."""
@@ -316,29 +195,15 @@ class Model(nn.Module):
         super().__init__()
         # 'conv2d_1': output (8, 8, 16)
         self.conv2d_1 = Conv2d(
-            1,
-            16,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=True,
+            1, 16, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=True,
         )
         # 'conv2d_1.relu': output (8, 8, 16)
         self.conv2d_1_relu = Activation('relu')
         # 'conv2d_2': output (8, 8, 32)
         self.conv2d_2 = Conv2d(
-            16,
-            32,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=True,
+            16, 32, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=True,
         )
         # 'conv2d_2.relu': output (8, 8, 32)
         self.conv2d_2_relu = Activation('relu')
@@ -381,14 +246,7 @@ PARAMETERS = [
     ('dense_2.kernel', 'dense_2', 'kernel', 'dense', (64, 10), 'glorot_uniform'),
     ('dense_2.bias', 'dense_2', 'bias', 'dense', (10,), 'zeros'),
 ]
-TORCH_NAMES = {
-    'kernel': 'weight',
-    'bias': 'bias',
-    'gamma': 'gamma',
-    'beta': 'beta',
-    'moving_mean': 'moving_mean',
-    'moving_var': 'moving_var',
-}
+TORCH_NAMES = {'kernel': 'weight', 'bias': 'bias'}
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -493,44 +351,51 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
     return value.detach(), output.detach()
 
 
-def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-               loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
-               lr: float, ranks: Ranks, autocast: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
-    the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
-    logits (still on the device), the same on every process."""
-    mine = y[shard(len(y), ranks.rank, ranks.world)]
-    images, labels = to_tensors(x, mine)
-    value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
-                                   autocast, share=len(mine) * ranks.world / len(y))
-    return whole_batch(value, output, len(y), ranks)
+class Steps:
+    """The training and evaluation steps of a model in one process, set up as `training:`
+    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
+    TorchTrainer and the built script both use it. Losses and logits stay on the device."""
 
+    rank = 0  # which process: seeds dropout's generator
 
-def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks
+    def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
+                 loss: LossIR, opt: OptimizerIR, training: Any) -> None:
+        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.memory_format = torch.channels_last if training.channels_last else \
+            torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        # Dropout draws from torch's generator: seed it once the model exists (each process
+        # differently: their shards must not share masks).
+        torch.manual_seed(seed + self.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(opt, self.params)
+        self.autocast = autocast_dtype(training.precision)
+        mode = compile_mode(training.compile)
+        wrapped = self.wrap(self.model)
+        self.forward = torch.compile(wrapped, mode=mode) if mode else wrapped
+
+    def wrap(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
-    of it (``loss`` its mean, ``output`` its rows) and every other process's."""
-    # summed in float64, as one process sums its batch's losses; an empty shard (a last
-    # batch smaller than the processes) has a NaN mean and no weight
-    mine = loss.detach().double() * len(output) if len(output) else \
-        loss.new_zeros((), dtype=torch.float64)
-    return all_sum(mine) / size, gather_rows(output, size, ranks)
+        """:func:`model_inputs` on this device, in this memory format."""
+        return model_inputs(x, y, self.torch_device, self.memory_format)
 
+    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step at learning rate ``lr``: the batch's loss and logits."""
+        self.model.train()
+        images, labels = self.tensors(x, y)
+        return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
+                              images, labels, lr, self.autocast)
 
-def evaluation_step(model: Any, loss: LossIR, to_tensors: Any, x: Any, y: np.ndarray,
-                    ranks: Ranks | None, autocast: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's loss and logits in evaluation mode (``model`` already in it), without
-    gradients; under DDP (``ranks``) each process computes its shard of the batch and the
-    whole batch's are gathered."""
-    part = slice(None) if ranks is None else shard(len(y), ranks.rank, ranks.world)
-    images, labels = to_tensors(x[part], y[part])
-    with torch.no_grad():
-        output = forward_pass(model, images, autocast)
-        value = loss_value(loss, output, labels)
-        return (value, output) if ranks is None else whole_batch(value, output, len(y),
-                                                                 ranks)
+    def evaluate(self, x: Any, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's loss and logits in evaluation mode, without gradients."""
+        self.model.eval()
+        images, labels = self.tensors(x, y)
+        with torch.no_grad():
+            output = forward_pass(self.forward, images, self.autocast)
+            return loss_value(self.loss, output, labels), output
 
 
 def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
@@ -551,85 +416,6 @@ def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "dense" and param == "kernel":
         return value.T
     return value
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def ranks_from_environment() -> Ranks | None:
-    """This process's place among torchrun's processes, or None outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def join(ranks: Ranks, device: torch.device) -> torch.device:
-    """Join the process group (nccl on CUDA, gloo on the CPU); this process's device."""
-    if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=ranks.rank, world_size=ranks.world)
-    # A kernel with one input channel has a size-1 dimension whose stride differs between
-    # the parameter and its gradient: the same layout, and a warning DDP need not print.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket")
-    return device
-
-
-def leave() -> None:
-    """Leave the process group once every process has come this far: one that tears down
-    while another still works sometimes aborts ("terminate called without an active
-    exception": 4 of 60 two-process runs on the CPU without the barrier, 0 of 48 with)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class ShardedBatches:
-    """The batch source of one process: ``x`` is this process's shard of the step's batch,
-    ``y`` the labels of the whole batch (the trainer picks its own and gathers the others'
-    outputs, so the loop counts metrics over the whole batch)."""
-
-    def __init__(self, source: Any, pipeline: Any, ranks: Ranks) -> None:
-        self.source, self.pipeline, self.ranks = source, pipeline, ranks
-
-    def train_batch(self, step: int) -> Batch:
-        labels = self.pipeline.train.labels[self.pipeline.batch_indices(step)]
-        part = shard(len(labels), self.ranks.rank, self.ranks.world)
-        return Batch(self.source.train_batch(step, part).x, labels)
-
-
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum of ``value`` over the processes, as a new tensor (on a GPU the all-reduce is
-    queued on the device, not waited for)."""
-    total = value.clone()
-    dist.all_reduce(total)
-    return total
-
-
-def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
-    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's (on
-    the device, queued there)."""
-    biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
-    padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    padded[:len(rows)] = rows
-    parts = gather_same_shape(padded, ranks)
-    sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-
-def gather_same_shape(tensor: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:
-    """Every process's ``tensor`` (the same shape in all, e.g. an RNG state), in rank
-    order."""
-    parts = [torch.empty_like(tensor) for _ in range(ranks.world)]
-    dist.all_gather(parts, tensor)
-    return parts
 
 
 def load_initial_weights(model: Model) -> None:
@@ -721,14 +507,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-def shard(size: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(size, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
@@ -1097,58 +875,28 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
                           or "no test set"))
 
 
-# training.channels_last and training.precision, as `specforge run` applies them
-MEMORY_FORMAT = torch.channels_last if TRAINING.channels_last else torch.contiguous_format
-AUTOCAST = autocast_dtype(TRAINING.precision)
-
-
 def main() -> None:
     parser = arguments()
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ranks = ranks_from_environment()  # under torchrun: this process's place
-    if ranks is not None:
-        device = join(ranks, device)
     pipeline = load_data(args.data_dir)
     model = Model()
     load_initial_weights(model)
-    model.to(device, memory_format=MEMORY_FORMAT)
-    # dropout's random stream, seeded once the model exists (each process its own)
-    torch.manual_seed(SEED + (ranks.rank if ranks else 0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(OPTIMIZER, params)
-    trained = model if ranks is None else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-    mode = compile_mode(TRAINING.compile)
-    forward = torch.compile(trained, mode=mode) if mode else trained
-
-    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return model_inputs(x, y, device, MEMORY_FORMAT)
-
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        model.eval()  # under torchrun: each process its shard, the whole batch's results
-        value, output = evaluation_step(forward, LOSS, tensors, x, y, ranks, AUTOCAST)
-        return value.item(), output.cpu().numpy()
+    # the model on the device, the optimizer, training.precision, .channels_last, .compile
+    steps = Steps(model, device, SEED, LOSS, OPTIMIZER, TRAINING)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        model.train()
-        if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
-            value, output = shard_step(forward, optimizer, params, LOSS, OPTIMIZER, tensors,
-                                       batch.x, batch.y, lr, ranks, AUTOCAST)
-        else:
-            images, labels = tensors(batch.x, batch.y)
-            value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER,
-                                           images, labels, lr, AUTOCAST)
+        value, output = steps.train(batch.x, batch.y, lr)
         return value.item(), output.cpu().numpy()
 
-    main = ranks is None or ranks.rank == 0
-    run(args, pipeline, train_step, evaluate_batch,
-        None if ranks is None else ShardedBatches(pipeline, pipeline, ranks), main)
-    if args.save and main:
+    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        value, output = steps.evaluate(x, y)
+        return value.item(), output.cpu().numpy()
+
+    run(args, pipeline, train_step, evaluate_batch)
+    if args.save:
         torch.save(model.state_dict(), args.save)
-    if ranks is not None:
-        leave()
 
 
 def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,

@@ -10,9 +10,6 @@ does not need specforge. With the spec's seed it computes the same per-step loss
     python THIS_SCRIPT.py [--epochs N] [--steps-per-epoch N] [--data-dir DIR]
                           [--log-steps FILE.jsonl] [--save FILE] [--device cpu|cuda]
 
-Under torchrun (`torchrun --nproc-per-node N THIS_SCRIPT.py`) it trains data-parallel with
-DistributedDataParallel: each process takes its shard of every batch, and the losses equal
-one process's on the whole batch.
 The sections below: 1 settings, 2 layers, 3 the model, 4 initial weights, 5 data,
 6 loss, optimizer and metrics, 7 training.
 """
@@ -23,9 +20,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -139,34 +133,6 @@ class MaxPool2d(nn.Module):
         return F.max_pool2d(x, self.pool, self.strides)
 
 
-class AvgPool2d(nn.Module):
-    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
-
-    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[int, int, int, int]) -> None:
-        super().__init__()
-        self.pool, self.strides, self.pads = pool, strides, pads
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not any(self.pads):
-            return F.avg_pool2d(x, self.pool, self.strides)
-        summed = F.avg_pool2d(pad_nchw(x, self.pads), self.pool, self.strides,
-                              divisor_override=1)
-        ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        counts = F.avg_pool2d(pad_nchw(ones, self.pads), self.pool, self.strides,
-                              divisor_override=1)
-        return summed / counts
-
-
-class FlattenHWC(nn.Module):
-    """Flatten in (height, width, channel) order, the IR's order (IR `flatten`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.permute(0, 2, 3, 1)
-        return x.flatten(1)  # also for an empty shard of a batch (0 rows)
-
-
 class BatchNorm(nn.Module):
     """running = decay * running + (1 - decay) * batch statistic; unbiased running variance
     (IR `batch_norm`). torch's momentum is the weight of the new value: 1 - decay."""
@@ -267,13 +233,6 @@ class Add(nn.Module):
         return out
 
 
-class Concat(nn.Module):
-    """Concatenation along channels (IR `concat`)."""
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs, dim=1)
-
-
 class GlobalPool(nn.Module):
     """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
 
@@ -285,17 +244,6 @@ class GlobalPool(nn.Module):
         return x.mean(dim=(2, 3)) if self.kind == "avg" else x.amax(dim=(2, 3))
 
 
-class Pad2d(nn.Module):
-    """Explicit padding as a layer (IR `pad2d`)."""
-
-    def __init__(self, pads: tuple[int, int, int, int], mode: str) -> None:
-        super().__init__()
-        self.pads, self.mode = pads, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_nchw(x, self.pads, self.mode)
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 class Model(nn.Module):
     """Input (N, C, H, W) float32; output the logits."""
@@ -304,15 +252,8 @@ class Model(nn.Module):
         super().__init__()
         # 'conv1': output (112, 112, 64)
         self.conv1 = Conv2d(
-            3,
-            64,
-            kernel=(7, 7),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(3, 3, 3, 3),
-            pad_mode='zeros',
-            bias=False,
+            3, 64, kernel=(7, 7), strides=(2, 2), dilation=(1, 1), groups=1, pads=(3, 3, 3, 3),
+            pad_mode='zeros', bias=False,
         )
         # 'bn1': output (112, 112, 64)
         self.bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -322,15 +263,8 @@ class Model(nn.Module):
         self.maxpool = MaxPool2d(pool=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))
         # 'layer1.0.conv1': output (56, 56, 64)
         self.layer1_0_conv1 = Conv2d(
-            64,
-            64,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer1.0.bn1': output (56, 56, 64)
         self.layer1_0_bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -338,15 +272,8 @@ class Model(nn.Module):
         self.layer1_0_relu1 = Activation('relu')
         # 'layer1.0.conv2': output (56, 56, 64)
         self.layer1_0_conv2 = Conv2d(
-            64,
-            64,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer1.0.bn2': output (56, 56, 64)
         self.layer1_0_bn2 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -356,15 +283,8 @@ class Model(nn.Module):
         self.layer1_0_relu2 = Activation('relu')
         # 'layer1.1.conv1': output (56, 56, 64)
         self.layer1_1_conv1 = Conv2d(
-            64,
-            64,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer1.1.bn1': output (56, 56, 64)
         self.layer1_1_bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -372,15 +292,8 @@ class Model(nn.Module):
         self.layer1_1_relu1 = Activation('relu')
         # 'layer1.1.conv2': output (56, 56, 64)
         self.layer1_1_conv2 = Conv2d(
-            64,
-            64,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer1.1.bn2': output (56, 56, 64)
         self.layer1_1_bn2 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -390,15 +303,8 @@ class Model(nn.Module):
         self.layer1_1_relu2 = Activation('relu')
         # 'layer2_0.conv1': output (28, 28, 128)
         self.layer2_0_conv1 = Conv2d(
-            64,
-            128,
-            kernel=(3, 3),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            64, 128, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer2_0.bn1': output (28, 28, 128)
         self.layer2_0_bn1 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -406,37 +312,19 @@ class Model(nn.Module):
         self.layer2_0_relu1 = Activation('relu')
         # 'layer2_0.conv2': output (28, 28, 128)
         self.layer2_0_conv2 = Conv2d(
-            128,
-            128,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer2_0.bn2': output (28, 28, 128)
         self.layer2_0_bn2 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer2_0.downsample': output (28, 28, 128)
         self.layer2_0_downsample = Conv2d(
-            64,
-            128,
-            kernel=(1, 1),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(0, 0, 0, 0),
-            pad_mode='zeros',
-            bias=False,
+            64, 128, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
+            pad_mode='zeros', bias=False,
         )
         # 'layer2_0.downsample_bn': output (28, 28, 128)
         self.layer2_0_downsample_bn = BatchNorm(
-            128,
-            decay=0.9,
-            epsilon=1e-05,
-            scale=True,
-            center=True,
+            128, decay=0.9, epsilon=1e-05, scale=True, center=True,
         )
         # 'layer2_0.add': output (28, 28, 128)
         self.layer2_0_add = Add()
@@ -444,15 +332,8 @@ class Model(nn.Module):
         self.layer2_0_relu2 = Activation('relu')
         # 'layer2_1.conv1': output (28, 28, 128)
         self.layer2_1_conv1 = Conv2d(
-            128,
-            128,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer2_1.bn1': output (28, 28, 128)
         self.layer2_1_bn1 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -460,15 +341,8 @@ class Model(nn.Module):
         self.layer2_1_relu1 = Activation('relu')
         # 'layer2_1.conv2': output (28, 28, 128)
         self.layer2_1_conv2 = Conv2d(
-            128,
-            128,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer2_1.bn2': output (28, 28, 128)
         self.layer2_1_bn2 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -478,15 +352,8 @@ class Model(nn.Module):
         self.layer2_1_relu2 = Activation('relu')
         # 'layer3_0.conv1': output (14, 14, 256)
         self.layer3_0_conv1 = Conv2d(
-            128,
-            256,
-            kernel=(3, 3),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            128, 256, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer3_0.bn1': output (14, 14, 256)
         self.layer3_0_bn1 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -494,37 +361,19 @@ class Model(nn.Module):
         self.layer3_0_relu1 = Activation('relu')
         # 'layer3_0.conv2': output (14, 14, 256)
         self.layer3_0_conv2 = Conv2d(
-            256,
-            256,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer3_0.bn2': output (14, 14, 256)
         self.layer3_0_bn2 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer3_0.downsample': output (14, 14, 256)
         self.layer3_0_downsample = Conv2d(
-            128,
-            256,
-            kernel=(1, 1),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(0, 0, 0, 0),
-            pad_mode='zeros',
-            bias=False,
+            128, 256, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
+            pad_mode='zeros', bias=False,
         )
         # 'layer3_0.downsample_bn': output (14, 14, 256)
         self.layer3_0_downsample_bn = BatchNorm(
-            256,
-            decay=0.9,
-            epsilon=1e-05,
-            scale=True,
-            center=True,
+            256, decay=0.9, epsilon=1e-05, scale=True, center=True,
         )
         # 'layer3_0.add': output (14, 14, 256)
         self.layer3_0_add = Add()
@@ -532,15 +381,8 @@ class Model(nn.Module):
         self.layer3_0_relu2 = Activation('relu')
         # 'layer3_1.conv1': output (14, 14, 256)
         self.layer3_1_conv1 = Conv2d(
-            256,
-            256,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer3_1.bn1': output (14, 14, 256)
         self.layer3_1_bn1 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -548,15 +390,8 @@ class Model(nn.Module):
         self.layer3_1_relu1 = Activation('relu')
         # 'layer3_1.conv2': output (14, 14, 256)
         self.layer3_1_conv2 = Conv2d(
-            256,
-            256,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer3_1.bn2': output (14, 14, 256)
         self.layer3_1_bn2 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -566,15 +401,8 @@ class Model(nn.Module):
         self.layer3_1_relu2 = Activation('relu')
         # 'layer4_0.conv1': output (7, 7, 512)
         self.layer4_0_conv1 = Conv2d(
-            256,
-            512,
-            kernel=(3, 3),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            256, 512, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer4_0.bn1': output (7, 7, 512)
         self.layer4_0_bn1 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -582,37 +410,19 @@ class Model(nn.Module):
         self.layer4_0_relu1 = Activation('relu')
         # 'layer4_0.conv2': output (7, 7, 512)
         self.layer4_0_conv2 = Conv2d(
-            512,
-            512,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer4_0.bn2': output (7, 7, 512)
         self.layer4_0_bn2 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer4_0.downsample': output (7, 7, 512)
         self.layer4_0_downsample = Conv2d(
-            256,
-            512,
-            kernel=(1, 1),
-            strides=(2, 2),
-            dilation=(1, 1),
-            groups=1,
-            pads=(0, 0, 0, 0),
-            pad_mode='zeros',
-            bias=False,
+            256, 512, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
+            pad_mode='zeros', bias=False,
         )
         # 'layer4_0.downsample_bn': output (7, 7, 512)
         self.layer4_0_downsample_bn = BatchNorm(
-            512,
-            decay=0.9,
-            epsilon=1e-05,
-            scale=True,
-            center=True,
+            512, decay=0.9, epsilon=1e-05, scale=True, center=True,
         )
         # 'layer4_0.add': output (7, 7, 512)
         self.layer4_0_add = Add()
@@ -620,15 +430,8 @@ class Model(nn.Module):
         self.layer4_0_relu2 = Activation('relu')
         # 'layer4_1.conv1': output (7, 7, 512)
         self.layer4_1_conv1 = Conv2d(
-            512,
-            512,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer4_1.bn1': output (7, 7, 512)
         self.layer4_1_bn1 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -636,15 +439,8 @@ class Model(nn.Module):
         self.layer4_1_relu1 = Activation('relu')
         # 'layer4_1.conv2': output (7, 7, 512)
         self.layer4_1_conv2 = Conv2d(
-            512,
-            512,
-            kernel=(3, 3),
-            strides=(1, 1),
-            dilation=(1, 1),
-            groups=1,
-            pads=(1, 1, 1, 1),
-            pad_mode='zeros',
-            bias=False,
+            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
+            pad_mode='zeros', bias=False,
         )
         # 'layer4_1.bn2': output (7, 7, 512)
         self.layer4_1_bn2 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
@@ -1164,44 +960,51 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
     return value.detach(), output.detach()
 
 
-def shard_step(model: Any, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-               loss: LossIR, opt: OptimizerIR, to_tensors: Any, x: Any, y: np.ndarray,
-               lr: float, ranks: Ranks, autocast: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One data-parallel step (``model`` wrapped in DDP): ``x`` is this process's shard of
-    the batch, ``y`` the whole batch's labels; returns the whole batch's mean loss and
-    logits (still on the device), the same on every process."""
-    mine = y[shard(len(y), ranks.rank, ranks.world)]
-    images, labels = to_tensors(x, mine)
-    value, output = optimizer_step(model, optimizer, params, loss, opt, images, labels, lr,
-                                   autocast, share=len(mine) * ranks.world / len(y))
-    return whole_batch(value, output, len(y), ranks)
+class Steps:
+    """The training and evaluation steps of a model in one process, set up as `training:`
+    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
+    TorchTrainer and the built script both use it. Losses and logits stay on the device."""
 
+    rank = 0  # which process: seeds dropout's generator
 
-def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Ranks
+    def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
+                 loss: LossIR, opt: OptimizerIR, training: Any) -> None:
+        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.memory_format = torch.channels_last if training.channels_last else \
+            torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        # Dropout draws from torch's generator: seed it once the model exists (each process
+        # differently: their shards must not share masks).
+        torch.manual_seed(seed + self.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(opt, self.params)
+        self.autocast = autocast_dtype(training.precision)
+        mode = compile_mode(training.compile)
+        wrapped = self.wrap(self.model)
+        self.forward = torch.compile(wrapped, mode=mode) if mode else wrapped
+
+    def wrap(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def tensors(self, x: np.ndarray | torch.Tensor, y: np.ndarray
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean loss and the outputs of a whole batch of ``size``, from this process's shard
-    of it (``loss`` its mean, ``output`` its rows) and every other process's."""
-    # summed in float64, as one process sums its batch's losses; an empty shard (a last
-    # batch smaller than the processes) has a NaN mean and no weight
-    mine = loss.detach().double() * len(output) if len(output) else \
-        loss.new_zeros((), dtype=torch.float64)
-    return all_sum(mine) / size, gather_rows(output, size, ranks)
+        """:func:`model_inputs` on this device, in this memory format."""
+        return model_inputs(x, y, self.torch_device, self.memory_format)
 
+    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step at learning rate ``lr``: the batch's loss and logits."""
+        self.model.train()
+        images, labels = self.tensors(x, y)
+        return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
+                              images, labels, lr, self.autocast)
 
-def evaluation_step(model: Any, loss: LossIR, to_tensors: Any, x: Any, y: np.ndarray,
-                    ranks: Ranks | None, autocast: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's loss and logits in evaluation mode (``model`` already in it), without
-    gradients; under DDP (``ranks``) each process computes its shard of the batch and the
-    whole batch's are gathered."""
-    part = slice(None) if ranks is None else shard(len(y), ranks.rank, ranks.world)
-    images, labels = to_tensors(x[part], y[part])
-    with torch.no_grad():
-        output = forward_pass(model, images, autocast)
-        value = loss_value(loss, output, labels)
-        return (value, output) if ranks is None else whole_batch(value, output, len(y),
-                                                                 ranks)
+    def evaluate(self, x: Any, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's loss and logits in evaluation mode, without gradients."""
+        self.model.eval()
+        images, labels = self.tensors(x, y)
+        with torch.no_grad():
+            output = forward_pass(self.forward, images, self.autocast)
+            return loss_value(self.loss, output, labels), output
 
 
 def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
@@ -1222,85 +1025,6 @@ def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
     if op == "dense" and param == "kernel":
         return value.T
     return value
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def ranks_from_environment() -> Ranks | None:
-    """This process's place among torchrun's processes, or None outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def join(ranks: Ranks, device: torch.device) -> torch.device:
-    """Join the process group (nccl on CUDA, gloo on the CPU); this process's device."""
-    if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=ranks.rank, world_size=ranks.world)
-    # A kernel with one input channel has a size-1 dimension whose stride differs between
-    # the parameter and its gradient: the same layout, and a warning DDP need not print.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket")
-    return device
-
-
-def leave() -> None:
-    """Leave the process group once every process has come this far: one that tears down
-    while another still works sometimes aborts ("terminate called without an active
-    exception": 4 of 60 two-process runs on the CPU without the barrier, 0 of 48 with)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class ShardedBatches:
-    """The batch source of one process: ``x`` is this process's shard of the step's batch,
-    ``y`` the labels of the whole batch (the trainer picks its own and gathers the others'
-    outputs, so the loop counts metrics over the whole batch)."""
-
-    def __init__(self, source: Any, pipeline: Any, ranks: Ranks) -> None:
-        self.source, self.pipeline, self.ranks = source, pipeline, ranks
-
-    def train_batch(self, step: int) -> Batch:
-        labels = self.pipeline.train.labels[self.pipeline.batch_indices(step)]
-        part = shard(len(labels), self.ranks.rank, self.ranks.world)
-        return Batch(self.source.train_batch(step, part).x, labels)
-
-
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum of ``value`` over the processes, as a new tensor (on a GPU the all-reduce is
-    queued on the device, not waited for)."""
-    total = value.clone()
-    dist.all_reduce(total)
-    return total
-
-
-def gather_rows(rows: torch.Tensor, total: int, ranks: Ranks) -> torch.Tensor:
-    """Every process's ``rows`` (its shard's outputs), in rank order: the whole batch's (on
-    the device, queued there)."""
-    biggest = shard(total, 0, ranks.world).stop  # rank 0's shard is never smaller
-    padded = torch.zeros((biggest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    padded[:len(rows)] = rows
-    parts = gather_same_shape(padded, ranks)
-    sizes = [len(range(total)[shard(total, r, ranks.world)]) for r in range(ranks.world)]
-    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
-
-
-def gather_same_shape(tensor: torch.Tensor, ranks: Ranks) -> list[torch.Tensor]:
-    """Every process's ``tensor`` (the same shape in all, e.g. an RNG state), in rank
-    order."""
-    parts = [torch.empty_like(tensor) for _ in range(ranks.world)]
-    dist.all_gather(parts, tensor)
-    return parts
 
 
 def load_initial_weights(model: Model) -> None:
@@ -1383,14 +1107,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-def shard(size: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(size, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
@@ -1758,58 +1474,28 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
                           or "no test set"))
 
 
-# training.channels_last and training.precision, as `specforge run` applies them
-MEMORY_FORMAT = torch.channels_last if TRAINING.channels_last else torch.contiguous_format
-AUTOCAST = autocast_dtype(TRAINING.precision)
-
-
 def main() -> None:
     parser = arguments()
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ranks = ranks_from_environment()  # under torchrun: this process's place
-    if ranks is not None:
-        device = join(ranks, device)
     pipeline = load_data(args.data_dir)
     model = Model()
     load_initial_weights(model)
-    model.to(device, memory_format=MEMORY_FORMAT)
-    # dropout's random stream, seeded once the model exists (each process its own)
-    torch.manual_seed(SEED + (ranks.rank if ranks else 0))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(OPTIMIZER, params)
-    trained = model if ranks is None else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-    mode = compile_mode(TRAINING.compile)
-    forward = torch.compile(trained, mode=mode) if mode else trained
-
-    def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return model_inputs(x, y, device, MEMORY_FORMAT)
-
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        model.eval()  # under torchrun: each process its shard, the whole batch's results
-        value, output = evaluation_step(forward, LOSS, tensors, x, y, ranks, AUTOCAST)
-        return value.item(), output.cpu().numpy()
+    # the model on the device, the optimizer, training.precision, .channels_last, .compile
+    steps = Steps(model, device, SEED, LOSS, OPTIMIZER, TRAINING)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        model.train()
-        if ranks is not None:  # batch.x: this process's shard; batch.y: the whole batch's
-            value, output = shard_step(forward, optimizer, params, LOSS, OPTIMIZER, tensors,
-                                       batch.x, batch.y, lr, ranks, AUTOCAST)
-        else:
-            images, labels = tensors(batch.x, batch.y)
-            value, output = optimizer_step(forward, optimizer, params, LOSS, OPTIMIZER,
-                                           images, labels, lr, AUTOCAST)
+        value, output = steps.train(batch.x, batch.y, lr)
         return value.item(), output.cpu().numpy()
 
-    main = ranks is None or ranks.rank == 0
-    run(args, pipeline, train_step, evaluate_batch,
-        None if ranks is None else ShardedBatches(pipeline, pipeline, ranks), main)
-    if args.save and main:
+    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        value, output = steps.evaluate(x, y)
+        return value.item(), output.cpu().numpy()
+
+    run(args, pipeline, train_step, evaluate_batch)
+    if args.save:
         torch.save(model.state_dict(), args.save)
-    if ranks is not None:
-        leave()
 
 
 def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,

@@ -32,32 +32,26 @@ from keras import ops
 
 # --- 1. Settings, from the spec -----------------------------------------------------------
 # Every value is explicit: specforge's defaults have been filled in.
-SPEC_NAME = 'resnet18'
+SPEC_NAME = 'vgg16'
 SEED = 0
 INPUT_SHAPE = (224, 224, 3)  # height, width, channels
 DATA = None
 LOSS = SimpleNamespace(kind='cross_entropy', from_logits=True, label_smoothing=0.0, classes=1000)
 OPTIMIZER = SimpleNamespace(
     kind='sgd',
-    learning_rate=0.1,
+    learning_rate=0.01,
     hyper={'momentum': 0.9, 'nesterov': False},
-    weight_decay=0.0001,
+    weight_decay=0.0005,
     clip_norm=None,
     clip_value=None,
-    schedule=SimpleNamespace(
-        kind='step',
-        unit='epoch',
-        warmup=0,
-        warmup_start_factor=0.0,
-        params={'step_size': 30, 'gamma': 0.1},
-    ),
+    schedule=None,
 )
 METRICS = [
     SimpleNamespace(kind='accuracy', label='accuracy', average=None, k=None),
     SimpleNamespace(kind='top_k_accuracy', label='top_5_accuracy', average=None, k=5),
 ]
 TRAINING = SimpleNamespace(
-    epochs=90,
+    epochs=74,
     steps_per_epoch=None,
     validation_steps=None,
     device='auto',
@@ -122,17 +116,6 @@ class Conv2D(keras.layers.Conv2D):
         return super().compute_output_shape(grown)
 
 
-class Pad2D(keras.layers.Layer):
-    """Explicit padding as a layer (IR `pad2d`)."""
-
-    def __init__(self, pads, mode, **kwargs):
-        super().__init__(**kwargs)
-        self.pads, self.mode = tuple(pads), mode
-
-    def call(self, x):
-        return pad_nhwc(x, self.pads, self.mode)
-
-
 class MaxPool2D(keras.layers.Layer):
     """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
 
@@ -143,64 +126,6 @@ class MaxPool2D(keras.layers.Layer):
     def call(self, x):
         x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
         return ops.max_pool(x, self.pool, self.strides, padding="valid")
-
-
-class AvgPool2D(keras.layers.Layer):
-    """Average pooling that leaves padded cells out of the divisor (IR `avg_pool2d`)."""
-
-    def __init__(self, pool, strides, pads, **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-
-    def call(self, x):
-        mean = ops.average_pool(pad_nhwc(x, self.pads), self.pool, self.strides, "valid")
-        if not any(self.pads):
-            return mean
-        ones = ops.ones((1, x.shape[1], x.shape[2], 1), dtype=x.dtype)
-        share = ops.average_pool(pad_nhwc(ones, self.pads), self.pool, self.strides, "valid")
-        return mean / share  # mean over the window / fraction of it that is real
-
-
-class BatchNorm(keras.layers.Layer):
-    """running = decay * running + (1 - decay) * batch statistic, with the unbiased batch
-    variance for the running variance (IR `batch_norm`). Keras's own BatchNormalization
-    uses the biased one and a momentum of the opposite meaning."""
-
-    def __init__(self, decay, epsilon, scale, center, **kwargs):
-        super().__init__(**kwargs)
-        self.decay, self.epsilon, self.scale, self.center = decay, epsilon, scale, center
-
-    def build(self, input_shape):
-        c = input_shape[-1]
-        self.gamma = self.add_weight(shape=(c,), initializer="ones", name="gamma") \
-            if self.scale else None
-        self.beta = self.add_weight(shape=(c,), initializer="zeros", name="beta") \
-            if self.center else None
-        self.moving_mean = self.add_weight(shape=(c,), initializer="zeros",
-                                           name="moving_mean", trainable=False)
-        self.moving_var = self.add_weight(shape=(c,), initializer="ones", name="moving_var",
-                                          trainable=False)
-
-    def call(self, x, training=False):
-        axes = list(range(len(x.shape) - 1))
-        if training:
-            mean = ops.mean(x, axis=axes)
-            var = ops.mean(ops.square(x - mean), axis=axes)
-            n = 1
-            for a in axes:
-                n = n * ops.shape(x)[a]
-            n = ops.cast(n, x.dtype)
-            unbiased = var * n / ops.maximum(n - 1, 1)
-            self.moving_mean.assign(self.decay * self.moving_mean + (1 - self.decay) * mean)
-            self.moving_var.assign(self.decay * self.moving_var + (1 - self.decay) * unbiased)
-        else:
-            mean, var = self.moving_mean, self.moving_var
-        y = (x - mean) * ops.rsqrt(var + self.epsilon)
-        if self.gamma is not None:
-            y = y * self.gamma
-        if self.beta is not None:
-            y = y + self.beta
-        return y
 
 
 class Activation(keras.layers.Layer):
@@ -234,41 +159,26 @@ _ELEMENTWISE = {
 }
 
 
-class GlobalPool(keras.layers.Layer):
-    """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
-
-    def __init__(self, kind, **kwargs):
-        super().__init__(**kwargs)
-        self.kind = kind
-
-    def call(self, x):
-        return ops.mean(x, axis=(1, 2)) if self.kind == "avg" else ops.max(x, axis=(1, 2))
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 def build_model() -> keras.Model:
     """Input (N, H, W, C) float32; output the logits."""
     inputs = keras.Input(shape=(224, 224, 3), name='input')
-    # 'conv1': output (112, 112, 64)
-    conv1 = Conv2D(
+    # 'stage1.conv.0': output (224, 224, 64)
+    stage1_conv_0 = Conv2D(
         filters=64,
-        kernel=(7, 7),
-        strides=(2, 2),
+        kernel=(3, 3),
+        strides=(1, 1),
         dilation=(1, 1),
         groups=1,
-        pads=(3, 3, 3, 3),
+        pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='conv1',
+        bias=True,
+        name='stage1_conv_0',
     )(inputs)
-    # 'bn1': output (112, 112, 64)
-    bn1 = BatchNorm(decay=0.9, epsilon=1e-05, scale=True, center=True, name='bn1')(conv1)
-    # 'relu': output (112, 112, 64)
-    relu = Activation('relu', name='relu')(bn1)
-    # 'maxpool': output (56, 56, 64)
-    maxpool = MaxPool2D(pool=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), name='maxpool')(relu)
-    # 'layer1.0.conv1': output (56, 56, 64)
-    layer1_0_conv1 = Conv2D(
+    # 'stage1.conv.0.relu': output (224, 224, 64)
+    stage1_conv_0_relu = Activation('relu', name='stage1_conv_0_relu')(stage1_conv_0)
+    # 'stage1.conv.1': output (224, 224, 64)
+    stage1_conv_1 = Conv2D(
         filters=64,
         kernel=(3, 3),
         strides=(1, 1),
@@ -276,157 +186,20 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer1_0_conv1',
-    )(maxpool)
-    # 'layer1.0.bn1': output (56, 56, 64)
-    layer1_0_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer1_0_bn1',
-    )(layer1_0_conv1)
-    # 'layer1.0.relu1': output (56, 56, 64)
-    layer1_0_relu1 = Activation('relu', name='layer1_0_relu1')(layer1_0_bn1)
-    # 'layer1.0.conv2': output (56, 56, 64)
-    layer1_0_conv2 = Conv2D(
-        filters=64,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer1_0_conv2',
-    )(layer1_0_relu1)
-    # 'layer1.0.bn2': output (56, 56, 64)
-    layer1_0_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer1_0_bn2',
-    )(layer1_0_conv2)
-    # 'layer1.0.add': output (56, 56, 64)
-    layer1_0_add = keras.layers.Add(name='layer1_0_add')([layer1_0_bn2, maxpool])
-    # 'layer1.0.relu2': output (56, 56, 64)
-    layer1_0_relu2 = Activation('relu', name='layer1_0_relu2')(layer1_0_add)
-    # 'layer1.1.conv1': output (56, 56, 64)
-    layer1_1_conv1 = Conv2D(
-        filters=64,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer1_1_conv1',
-    )(layer1_0_relu2)
-    # 'layer1.1.bn1': output (56, 56, 64)
-    layer1_1_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer1_1_bn1',
-    )(layer1_1_conv1)
-    # 'layer1.1.relu1': output (56, 56, 64)
-    layer1_1_relu1 = Activation('relu', name='layer1_1_relu1')(layer1_1_bn1)
-    # 'layer1.1.conv2': output (56, 56, 64)
-    layer1_1_conv2 = Conv2D(
-        filters=64,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer1_1_conv2',
-    )(layer1_1_relu1)
-    # 'layer1.1.bn2': output (56, 56, 64)
-    layer1_1_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer1_1_bn2',
-    )(layer1_1_conv2)
-    # 'layer1.1.add': output (56, 56, 64)
-    layer1_1_add = keras.layers.Add(name='layer1_1_add')([layer1_1_bn2, layer1_0_relu2])
-    # 'layer1.1.relu2': output (56, 56, 64)
-    layer1_1_relu2 = Activation('relu', name='layer1_1_relu2')(layer1_1_add)
-    # 'layer2_0.conv1': output (28, 28, 128)
-    layer2_0_conv1 = Conv2D(
-        filters=128,
-        kernel=(3, 3),
+        bias=True,
+        name='stage1_conv_1',
+    )(stage1_conv_0_relu)
+    # 'stage1.conv.1.relu': output (224, 224, 64)
+    stage1_conv_1_relu = Activation('relu', name='stage1_conv_1_relu')(stage1_conv_1)
+    # 'stage1.pool': output (112, 112, 64)
+    stage1_pool = MaxPool2D(
+        pool=(2, 2),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer2_0_conv1',
-    )(layer1_1_relu2)
-    # 'layer2_0.bn1': output (28, 28, 128)
-    layer2_0_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer2_0_bn1',
-    )(layer2_0_conv1)
-    # 'layer2_0.relu1': output (28, 28, 128)
-    layer2_0_relu1 = Activation('relu', name='layer2_0_relu1')(layer2_0_bn1)
-    # 'layer2_0.conv2': output (28, 28, 128)
-    layer2_0_conv2 = Conv2D(
-        filters=128,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer2_0_conv2',
-    )(layer2_0_relu1)
-    # 'layer2_0.bn2': output (28, 28, 128)
-    layer2_0_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer2_0_bn2',
-    )(layer2_0_conv2)
-    # 'layer2_0.downsample': output (28, 28, 128)
-    layer2_0_downsample = Conv2D(
-        filters=128,
-        kernel=(1, 1),
-        strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
         pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
-        name='layer2_0_downsample',
-    )(layer1_1_relu2)
-    # 'layer2_0.downsample_bn': output (28, 28, 128)
-    layer2_0_downsample_bn = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer2_0_downsample_bn',
-    )(layer2_0_downsample)
-    # 'layer2_0.add': output (28, 28, 128)
-    layer2_0_add = keras.layers.Add(name='layer2_0_add')([layer2_0_bn2, layer2_0_downsample_bn])
-    # 'layer2_0.relu2': output (28, 28, 128)
-    layer2_0_relu2 = Activation('relu', name='layer2_0_relu2')(layer2_0_add)
-    # 'layer2_1.conv1': output (28, 28, 128)
-    layer2_1_conv1 = Conv2D(
+        name='stage1_pool',
+    )(stage1_conv_1_relu)
+    # 'stage2.conv.0': output (112, 112, 128)
+    stage2_conv_0 = Conv2D(
         filters=128,
         kernel=(3, 3),
         strides=(1, 1),
@@ -434,21 +207,13 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer2_1_conv1',
-    )(layer2_0_relu2)
-    # 'layer2_1.bn1': output (28, 28, 128)
-    layer2_1_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer2_1_bn1',
-    )(layer2_1_conv1)
-    # 'layer2_1.relu1': output (28, 28, 128)
-    layer2_1_relu1 = Activation('relu', name='layer2_1_relu1')(layer2_1_bn1)
-    # 'layer2_1.conv2': output (28, 28, 128)
-    layer2_1_conv2 = Conv2D(
+        bias=True,
+        name='stage2_conv_0',
+    )(stage1_pool)
+    # 'stage2.conv.0.relu': output (112, 112, 128)
+    stage2_conv_0_relu = Activation('relu', name='stage2_conv_0_relu')(stage2_conv_0)
+    # 'stage2.conv.1': output (112, 112, 128)
+    stage2_conv_1 = Conv2D(
         filters=128,
         kernel=(3, 3),
         strides=(1, 1),
@@ -456,89 +221,20 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer2_1_conv2',
-    )(layer2_1_relu1)
-    # 'layer2_1.bn2': output (28, 28, 128)
-    layer2_1_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer2_1_bn2',
-    )(layer2_1_conv2)
-    # 'layer2_1.add': output (28, 28, 128)
-    layer2_1_add = keras.layers.Add(name='layer2_1_add')([layer2_1_bn2, layer2_0_relu2])
-    # 'layer2_1.relu2': output (28, 28, 128)
-    layer2_1_relu2 = Activation('relu', name='layer2_1_relu2')(layer2_1_add)
-    # 'layer3_0.conv1': output (14, 14, 256)
-    layer3_0_conv1 = Conv2D(
-        filters=256,
-        kernel=(3, 3),
+        bias=True,
+        name='stage2_conv_1',
+    )(stage2_conv_0_relu)
+    # 'stage2.conv.1.relu': output (112, 112, 128)
+    stage2_conv_1_relu = Activation('relu', name='stage2_conv_1_relu')(stage2_conv_1)
+    # 'stage2.pool': output (56, 56, 128)
+    stage2_pool = MaxPool2D(
+        pool=(2, 2),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer3_0_conv1',
-    )(layer2_1_relu2)
-    # 'layer3_0.bn1': output (14, 14, 256)
-    layer3_0_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer3_0_bn1',
-    )(layer3_0_conv1)
-    # 'layer3_0.relu1': output (14, 14, 256)
-    layer3_0_relu1 = Activation('relu', name='layer3_0_relu1')(layer3_0_bn1)
-    # 'layer3_0.conv2': output (14, 14, 256)
-    layer3_0_conv2 = Conv2D(
-        filters=256,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer3_0_conv2',
-    )(layer3_0_relu1)
-    # 'layer3_0.bn2': output (14, 14, 256)
-    layer3_0_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer3_0_bn2',
-    )(layer3_0_conv2)
-    # 'layer3_0.downsample': output (14, 14, 256)
-    layer3_0_downsample = Conv2D(
-        filters=256,
-        kernel=(1, 1),
-        strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
         pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
-        name='layer3_0_downsample',
-    )(layer2_1_relu2)
-    # 'layer3_0.downsample_bn': output (14, 14, 256)
-    layer3_0_downsample_bn = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer3_0_downsample_bn',
-    )(layer3_0_downsample)
-    # 'layer3_0.add': output (14, 14, 256)
-    layer3_0_add = keras.layers.Add(name='layer3_0_add')([layer3_0_bn2, layer3_0_downsample_bn])
-    # 'layer3_0.relu2': output (14, 14, 256)
-    layer3_0_relu2 = Activation('relu', name='layer3_0_relu2')(layer3_0_add)
-    # 'layer3_1.conv1': output (14, 14, 256)
-    layer3_1_conv1 = Conv2D(
+        name='stage2_pool',
+    )(stage2_conv_1_relu)
+    # 'stage3.conv.0': output (56, 56, 256)
+    stage3_conv_0 = Conv2D(
         filters=256,
         kernel=(3, 3),
         strides=(1, 1),
@@ -546,21 +242,13 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer3_1_conv1',
-    )(layer3_0_relu2)
-    # 'layer3_1.bn1': output (14, 14, 256)
-    layer3_1_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer3_1_bn1',
-    )(layer3_1_conv1)
-    # 'layer3_1.relu1': output (14, 14, 256)
-    layer3_1_relu1 = Activation('relu', name='layer3_1_relu1')(layer3_1_bn1)
-    # 'layer3_1.conv2': output (14, 14, 256)
-    layer3_1_conv2 = Conv2D(
+        bias=True,
+        name='stage3_conv_0',
+    )(stage2_pool)
+    # 'stage3.conv.0.relu': output (56, 56, 256)
+    stage3_conv_0_relu = Activation('relu', name='stage3_conv_0_relu')(stage3_conv_0)
+    # 'stage3.conv.1': output (56, 56, 256)
+    stage3_conv_1 = Conv2D(
         filters=256,
         kernel=(3, 3),
         strides=(1, 1),
@@ -568,89 +256,34 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer3_1_conv2',
-    )(layer3_1_relu1)
-    # 'layer3_1.bn2': output (14, 14, 256)
-    layer3_1_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer3_1_bn2',
-    )(layer3_1_conv2)
-    # 'layer3_1.add': output (14, 14, 256)
-    layer3_1_add = keras.layers.Add(name='layer3_1_add')([layer3_1_bn2, layer3_0_relu2])
-    # 'layer3_1.relu2': output (14, 14, 256)
-    layer3_1_relu2 = Activation('relu', name='layer3_1_relu2')(layer3_1_add)
-    # 'layer4_0.conv1': output (7, 7, 512)
-    layer4_0_conv1 = Conv2D(
-        filters=512,
-        kernel=(3, 3),
-        strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(1, 1, 1, 1),
-        pad_mode='zeros',
-        bias=False,
-        name='layer4_0_conv1',
-    )(layer3_1_relu2)
-    # 'layer4_0.bn1': output (7, 7, 512)
-    layer4_0_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer4_0_bn1',
-    )(layer4_0_conv1)
-    # 'layer4_0.relu1': output (7, 7, 512)
-    layer4_0_relu1 = Activation('relu', name='layer4_0_relu1')(layer4_0_bn1)
-    # 'layer4_0.conv2': output (7, 7, 512)
-    layer4_0_conv2 = Conv2D(
-        filters=512,
+        bias=True,
+        name='stage3_conv_1',
+    )(stage3_conv_0_relu)
+    # 'stage3.conv.1.relu': output (56, 56, 256)
+    stage3_conv_1_relu = Activation('relu', name='stage3_conv_1_relu')(stage3_conv_1)
+    # 'stage3.conv.2': output (56, 56, 256)
+    stage3_conv_2 = Conv2D(
+        filters=256,
         kernel=(3, 3),
         strides=(1, 1),
         dilation=(1, 1),
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer4_0_conv2',
-    )(layer4_0_relu1)
-    # 'layer4_0.bn2': output (7, 7, 512)
-    layer4_0_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer4_0_bn2',
-    )(layer4_0_conv2)
-    # 'layer4_0.downsample': output (7, 7, 512)
-    layer4_0_downsample = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+        bias=True,
+        name='stage3_conv_2',
+    )(stage3_conv_1_relu)
+    # 'stage3.conv.2.relu': output (56, 56, 256)
+    stage3_conv_2_relu = Activation('relu', name='stage3_conv_2_relu')(stage3_conv_2)
+    # 'stage3.pool': output (28, 28, 256)
+    stage3_pool = MaxPool2D(
+        pool=(2, 2),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
         pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
-        name='layer4_0_downsample',
-    )(layer3_1_relu2)
-    # 'layer4_0.downsample_bn': output (7, 7, 512)
-    layer4_0_downsample_bn = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer4_0_downsample_bn',
-    )(layer4_0_downsample)
-    # 'layer4_0.add': output (7, 7, 512)
-    layer4_0_add = keras.layers.Add(name='layer4_0_add')([layer4_0_bn2, layer4_0_downsample_bn])
-    # 'layer4_0.relu2': output (7, 7, 512)
-    layer4_0_relu2 = Activation('relu', name='layer4_0_relu2')(layer4_0_add)
-    # 'layer4_1.conv1': output (7, 7, 512)
-    layer4_1_conv1 = Conv2D(
+        name='stage3_pool',
+    )(stage3_conv_2_relu)
+    # 'stage4.conv.0': output (28, 28, 512)
+    stage4_conv_0 = Conv2D(
         filters=512,
         kernel=(3, 3),
         strides=(1, 1),
@@ -658,21 +291,13 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer4_1_conv1',
-    )(layer4_0_relu2)
-    # 'layer4_1.bn1': output (7, 7, 512)
-    layer4_1_bn1 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer4_1_bn1',
-    )(layer4_1_conv1)
-    # 'layer4_1.relu1': output (7, 7, 512)
-    layer4_1_relu1 = Activation('relu', name='layer4_1_relu1')(layer4_1_bn1)
-    # 'layer4_1.conv2': output (7, 7, 512)
-    layer4_1_conv2 = Conv2D(
+        bias=True,
+        name='stage4_conv_0',
+    )(stage3_pool)
+    # 'stage4.conv.0.relu': output (28, 28, 512)
+    stage4_conv_0_relu = Activation('relu', name='stage4_conv_0_relu')(stage4_conv_0)
+    # 'stage4.conv.1': output (28, 28, 512)
+    stage4_conv_1 = Conv2D(
         filters=512,
         kernel=(3, 3),
         strides=(1, 1),
@@ -680,169 +305,135 @@ def build_model() -> keras.Model:
         groups=1,
         pads=(1, 1, 1, 1),
         pad_mode='zeros',
-        bias=False,
-        name='layer4_1_conv2',
-    )(layer4_1_relu1)
-    # 'layer4_1.bn2': output (7, 7, 512)
-    layer4_1_bn2 = BatchNorm(
-        decay=0.9,
-        epsilon=1e-05,
-        scale=True,
-        center=True,
-        name='layer4_1_bn2',
-    )(layer4_1_conv2)
-    # 'layer4_1.add': output (7, 7, 512)
-    layer4_1_add = keras.layers.Add(name='layer4_1_add')([layer4_1_bn2, layer4_0_relu2])
-    # 'layer4_1.relu2': output (7, 7, 512)
-    layer4_1_relu2 = Activation('relu', name='layer4_1_relu2')(layer4_1_add)
-    # 'avgpool': output (512,)
-    avgpool = GlobalPool('avg', name='avgpool')(layer4_1_relu2)
-    # 'fc': output (1000,)
-    fc = keras.layers.Dense(1000, use_bias=True, name='fc')(avgpool)
-    return keras.Model(inputs, fc)
+        bias=True,
+        name='stage4_conv_1',
+    )(stage4_conv_0_relu)
+    # 'stage4.conv.1.relu': output (28, 28, 512)
+    stage4_conv_1_relu = Activation('relu', name='stage4_conv_1_relu')(stage4_conv_1)
+    # 'stage4.conv.2': output (28, 28, 512)
+    stage4_conv_2 = Conv2D(
+        filters=512,
+        kernel=(3, 3),
+        strides=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        pads=(1, 1, 1, 1),
+        pad_mode='zeros',
+        bias=True,
+        name='stage4_conv_2',
+    )(stage4_conv_1_relu)
+    # 'stage4.conv.2.relu': output (28, 28, 512)
+    stage4_conv_2_relu = Activation('relu', name='stage4_conv_2_relu')(stage4_conv_2)
+    # 'stage4.pool': output (14, 14, 512)
+    stage4_pool = MaxPool2D(
+        pool=(2, 2),
+        strides=(2, 2),
+        pads=(0, 0, 0, 0),
+        name='stage4_pool',
+    )(stage4_conv_2_relu)
+    # 'stage5.conv.0': output (14, 14, 512)
+    stage5_conv_0 = Conv2D(
+        filters=512,
+        kernel=(3, 3),
+        strides=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        pads=(1, 1, 1, 1),
+        pad_mode='zeros',
+        bias=True,
+        name='stage5_conv_0',
+    )(stage4_pool)
+    # 'stage5.conv.0.relu': output (14, 14, 512)
+    stage5_conv_0_relu = Activation('relu', name='stage5_conv_0_relu')(stage5_conv_0)
+    # 'stage5.conv.1': output (14, 14, 512)
+    stage5_conv_1 = Conv2D(
+        filters=512,
+        kernel=(3, 3),
+        strides=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        pads=(1, 1, 1, 1),
+        pad_mode='zeros',
+        bias=True,
+        name='stage5_conv_1',
+    )(stage5_conv_0_relu)
+    # 'stage5.conv.1.relu': output (14, 14, 512)
+    stage5_conv_1_relu = Activation('relu', name='stage5_conv_1_relu')(stage5_conv_1)
+    # 'stage5.conv.2': output (14, 14, 512)
+    stage5_conv_2 = Conv2D(
+        filters=512,
+        kernel=(3, 3),
+        strides=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        pads=(1, 1, 1, 1),
+        pad_mode='zeros',
+        bias=True,
+        name='stage5_conv_2',
+    )(stage5_conv_1_relu)
+    # 'stage5.conv.2.relu': output (14, 14, 512)
+    stage5_conv_2_relu = Activation('relu', name='stage5_conv_2_relu')(stage5_conv_2)
+    # 'stage5.pool': output (7, 7, 512)
+    stage5_pool = MaxPool2D(
+        pool=(2, 2),
+        strides=(2, 2),
+        pads=(0, 0, 0, 0),
+        name='stage5_pool',
+    )(stage5_conv_2_relu)
+    # 'flatten_1': output (25088,)
+    flatten_1 = keras.layers.Flatten(name='flatten_1')(stage5_pool)
+    # 'fc1': output (4096,)
+    fc1 = keras.layers.Dense(4096, use_bias=True, name='fc1')(flatten_1)
+    # 'fc1.relu': output (4096,)
+    fc1_relu = Activation('relu', name='fc1_relu')(fc1)
+    # 'dropout_1': output (4096,)
+    dropout_1 = keras.layers.Dropout(0.5, name='dropout_1')(fc1_relu)
+    # 'fc2': output (4096,)
+    fc2 = keras.layers.Dense(4096, use_bias=True, name='fc2')(dropout_1)
+    # 'fc2.relu': output (4096,)
+    fc2_relu = Activation('relu', name='fc2_relu')(fc2)
+    # 'dropout_2': output (4096,)
+    dropout_2 = keras.layers.Dropout(0.5, name='dropout_2')(fc2_relu)
+    # 'predictions': output (1000,)
+    predictions = keras.layers.Dense(1000, use_bias=True, name='predictions')(dropout_2)
+    return keras.Model(inputs, predictions)
 
 
 # --- 4. Initial weights: drawn in numpy from the seed, the same in every backend -----------
 # (neutral name, layer, parameter, shape, initializer)
 PARAMETERS = [
-    ('conv1.kernel', 'conv1', 'kernel', (7, 7, 3, 64), 'glorot_uniform'),
-    ('bn1.gamma', 'bn1', 'gamma', (64,), 'ones'),
-    ('bn1.beta', 'bn1', 'beta', (64,), 'zeros'),
-    ('bn1.moving_mean', 'bn1', 'moving_mean', (64,), 'zeros'),
-    ('bn1.moving_var', 'bn1', 'moving_var', (64,), 'ones'),
-    ('layer1.0.conv1.kernel', 'layer1_0_conv1', 'kernel', (3, 3, 64, 64), 'glorot_uniform'),
-    ('layer1.0.bn1.gamma', 'layer1_0_bn1', 'gamma', (64,), 'ones'),
-    ('layer1.0.bn1.beta', 'layer1_0_bn1', 'beta', (64,), 'zeros'),
-    ('layer1.0.bn1.moving_mean', 'layer1_0_bn1', 'moving_mean', (64,), 'zeros'),
-    ('layer1.0.bn1.moving_var', 'layer1_0_bn1', 'moving_var', (64,), 'ones'),
-    ('layer1.0.conv2.kernel', 'layer1_0_conv2', 'kernel', (3, 3, 64, 64), 'glorot_uniform'),
-    ('layer1.0.bn2.gamma', 'layer1_0_bn2', 'gamma', (64,), 'ones'),
-    ('layer1.0.bn2.beta', 'layer1_0_bn2', 'beta', (64,), 'zeros'),
-    ('layer1.0.bn2.moving_mean', 'layer1_0_bn2', 'moving_mean', (64,), 'zeros'),
-    ('layer1.0.bn2.moving_var', 'layer1_0_bn2', 'moving_var', (64,), 'ones'),
-    ('layer1.1.conv1.kernel', 'layer1_1_conv1', 'kernel', (3, 3, 64, 64), 'glorot_uniform'),
-    ('layer1.1.bn1.gamma', 'layer1_1_bn1', 'gamma', (64,), 'ones'),
-    ('layer1.1.bn1.beta', 'layer1_1_bn1', 'beta', (64,), 'zeros'),
-    ('layer1.1.bn1.moving_mean', 'layer1_1_bn1', 'moving_mean', (64,), 'zeros'),
-    ('layer1.1.bn1.moving_var', 'layer1_1_bn1', 'moving_var', (64,), 'ones'),
-    ('layer1.1.conv2.kernel', 'layer1_1_conv2', 'kernel', (3, 3, 64, 64), 'glorot_uniform'),
-    ('layer1.1.bn2.gamma', 'layer1_1_bn2', 'gamma', (64,), 'ones'),
-    ('layer1.1.bn2.beta', 'layer1_1_bn2', 'beta', (64,), 'zeros'),
-    ('layer1.1.bn2.moving_mean', 'layer1_1_bn2', 'moving_mean', (64,), 'zeros'),
-    ('layer1.1.bn2.moving_var', 'layer1_1_bn2', 'moving_var', (64,), 'ones'),
-    ('layer2_0.conv1.kernel', 'layer2_0_conv1', 'kernel', (3, 3, 64, 128), 'glorot_uniform'),
-    ('layer2_0.bn1.gamma', 'layer2_0_bn1', 'gamma', (128,), 'ones'),
-    ('layer2_0.bn1.beta', 'layer2_0_bn1', 'beta', (128,), 'zeros'),
-    ('layer2_0.bn1.moving_mean', 'layer2_0_bn1', 'moving_mean', (128,), 'zeros'),
-    ('layer2_0.bn1.moving_var', 'layer2_0_bn1', 'moving_var', (128,), 'ones'),
-    ('layer2_0.conv2.kernel', 'layer2_0_conv2', 'kernel', (3, 3, 128, 128), 'glorot_uniform'),
-    ('layer2_0.bn2.gamma', 'layer2_0_bn2', 'gamma', (128,), 'ones'),
-    ('layer2_0.bn2.beta', 'layer2_0_bn2', 'beta', (128,), 'zeros'),
-    ('layer2_0.bn2.moving_mean', 'layer2_0_bn2', 'moving_mean', (128,), 'zeros'),
-    ('layer2_0.bn2.moving_var', 'layer2_0_bn2', 'moving_var', (128,), 'ones'),
-    (
-        'layer2_0.downsample.kernel',
-        'layer2_0_downsample',
-        'kernel',
-        (1, 1, 64, 128),
-        'glorot_uniform',
-    ),
-    ('layer2_0.downsample_bn.gamma', 'layer2_0_downsample_bn', 'gamma', (128,), 'ones'),
-    ('layer2_0.downsample_bn.beta', 'layer2_0_downsample_bn', 'beta', (128,), 'zeros'),
-    (
-        'layer2_0.downsample_bn.moving_mean',
-        'layer2_0_downsample_bn',
-        'moving_mean',
-        (128,),
-        'zeros',
-    ),
-    ('layer2_0.downsample_bn.moving_var', 'layer2_0_downsample_bn', 'moving_var', (128,), 'ones'),
-    ('layer2_1.conv1.kernel', 'layer2_1_conv1', 'kernel', (3, 3, 128, 128), 'glorot_uniform'),
-    ('layer2_1.bn1.gamma', 'layer2_1_bn1', 'gamma', (128,), 'ones'),
-    ('layer2_1.bn1.beta', 'layer2_1_bn1', 'beta', (128,), 'zeros'),
-    ('layer2_1.bn1.moving_mean', 'layer2_1_bn1', 'moving_mean', (128,), 'zeros'),
-    ('layer2_1.bn1.moving_var', 'layer2_1_bn1', 'moving_var', (128,), 'ones'),
-    ('layer2_1.conv2.kernel', 'layer2_1_conv2', 'kernel', (3, 3, 128, 128), 'glorot_uniform'),
-    ('layer2_1.bn2.gamma', 'layer2_1_bn2', 'gamma', (128,), 'ones'),
-    ('layer2_1.bn2.beta', 'layer2_1_bn2', 'beta', (128,), 'zeros'),
-    ('layer2_1.bn2.moving_mean', 'layer2_1_bn2', 'moving_mean', (128,), 'zeros'),
-    ('layer2_1.bn2.moving_var', 'layer2_1_bn2', 'moving_var', (128,), 'ones'),
-    ('layer3_0.conv1.kernel', 'layer3_0_conv1', 'kernel', (3, 3, 128, 256), 'glorot_uniform'),
-    ('layer3_0.bn1.gamma', 'layer3_0_bn1', 'gamma', (256,), 'ones'),
-    ('layer3_0.bn1.beta', 'layer3_0_bn1', 'beta', (256,), 'zeros'),
-    ('layer3_0.bn1.moving_mean', 'layer3_0_bn1', 'moving_mean', (256,), 'zeros'),
-    ('layer3_0.bn1.moving_var', 'layer3_0_bn1', 'moving_var', (256,), 'ones'),
-    ('layer3_0.conv2.kernel', 'layer3_0_conv2', 'kernel', (3, 3, 256, 256), 'glorot_uniform'),
-    ('layer3_0.bn2.gamma', 'layer3_0_bn2', 'gamma', (256,), 'ones'),
-    ('layer3_0.bn2.beta', 'layer3_0_bn2', 'beta', (256,), 'zeros'),
-    ('layer3_0.bn2.moving_mean', 'layer3_0_bn2', 'moving_mean', (256,), 'zeros'),
-    ('layer3_0.bn2.moving_var', 'layer3_0_bn2', 'moving_var', (256,), 'ones'),
-    (
-        'layer3_0.downsample.kernel',
-        'layer3_0_downsample',
-        'kernel',
-        (1, 1, 128, 256),
-        'glorot_uniform',
-    ),
-    ('layer3_0.downsample_bn.gamma', 'layer3_0_downsample_bn', 'gamma', (256,), 'ones'),
-    ('layer3_0.downsample_bn.beta', 'layer3_0_downsample_bn', 'beta', (256,), 'zeros'),
-    (
-        'layer3_0.downsample_bn.moving_mean',
-        'layer3_0_downsample_bn',
-        'moving_mean',
-        (256,),
-        'zeros',
-    ),
-    ('layer3_0.downsample_bn.moving_var', 'layer3_0_downsample_bn', 'moving_var', (256,), 'ones'),
-    ('layer3_1.conv1.kernel', 'layer3_1_conv1', 'kernel', (3, 3, 256, 256), 'glorot_uniform'),
-    ('layer3_1.bn1.gamma', 'layer3_1_bn1', 'gamma', (256,), 'ones'),
-    ('layer3_1.bn1.beta', 'layer3_1_bn1', 'beta', (256,), 'zeros'),
-    ('layer3_1.bn1.moving_mean', 'layer3_1_bn1', 'moving_mean', (256,), 'zeros'),
-    ('layer3_1.bn1.moving_var', 'layer3_1_bn1', 'moving_var', (256,), 'ones'),
-    ('layer3_1.conv2.kernel', 'layer3_1_conv2', 'kernel', (3, 3, 256, 256), 'glorot_uniform'),
-    ('layer3_1.bn2.gamma', 'layer3_1_bn2', 'gamma', (256,), 'ones'),
-    ('layer3_1.bn2.beta', 'layer3_1_bn2', 'beta', (256,), 'zeros'),
-    ('layer3_1.bn2.moving_mean', 'layer3_1_bn2', 'moving_mean', (256,), 'zeros'),
-    ('layer3_1.bn2.moving_var', 'layer3_1_bn2', 'moving_var', (256,), 'ones'),
-    ('layer4_0.conv1.kernel', 'layer4_0_conv1', 'kernel', (3, 3, 256, 512), 'glorot_uniform'),
-    ('layer4_0.bn1.gamma', 'layer4_0_bn1', 'gamma', (512,), 'ones'),
-    ('layer4_0.bn1.beta', 'layer4_0_bn1', 'beta', (512,), 'zeros'),
-    ('layer4_0.bn1.moving_mean', 'layer4_0_bn1', 'moving_mean', (512,), 'zeros'),
-    ('layer4_0.bn1.moving_var', 'layer4_0_bn1', 'moving_var', (512,), 'ones'),
-    ('layer4_0.conv2.kernel', 'layer4_0_conv2', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
-    ('layer4_0.bn2.gamma', 'layer4_0_bn2', 'gamma', (512,), 'ones'),
-    ('layer4_0.bn2.beta', 'layer4_0_bn2', 'beta', (512,), 'zeros'),
-    ('layer4_0.bn2.moving_mean', 'layer4_0_bn2', 'moving_mean', (512,), 'zeros'),
-    ('layer4_0.bn2.moving_var', 'layer4_0_bn2', 'moving_var', (512,), 'ones'),
-    (
-        'layer4_0.downsample.kernel',
-        'layer4_0_downsample',
-        'kernel',
-        (1, 1, 256, 512),
-        'glorot_uniform',
-    ),
-    ('layer4_0.downsample_bn.gamma', 'layer4_0_downsample_bn', 'gamma', (512,), 'ones'),
-    ('layer4_0.downsample_bn.beta', 'layer4_0_downsample_bn', 'beta', (512,), 'zeros'),
-    (
-        'layer4_0.downsample_bn.moving_mean',
-        'layer4_0_downsample_bn',
-        'moving_mean',
-        (512,),
-        'zeros',
-    ),
-    ('layer4_0.downsample_bn.moving_var', 'layer4_0_downsample_bn', 'moving_var', (512,), 'ones'),
-    ('layer4_1.conv1.kernel', 'layer4_1_conv1', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
-    ('layer4_1.bn1.gamma', 'layer4_1_bn1', 'gamma', (512,), 'ones'),
-    ('layer4_1.bn1.beta', 'layer4_1_bn1', 'beta', (512,), 'zeros'),
-    ('layer4_1.bn1.moving_mean', 'layer4_1_bn1', 'moving_mean', (512,), 'zeros'),
-    ('layer4_1.bn1.moving_var', 'layer4_1_bn1', 'moving_var', (512,), 'ones'),
-    ('layer4_1.conv2.kernel', 'layer4_1_conv2', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
-    ('layer4_1.bn2.gamma', 'layer4_1_bn2', 'gamma', (512,), 'ones'),
-    ('layer4_1.bn2.beta', 'layer4_1_bn2', 'beta', (512,), 'zeros'),
-    ('layer4_1.bn2.moving_mean', 'layer4_1_bn2', 'moving_mean', (512,), 'zeros'),
-    ('layer4_1.bn2.moving_var', 'layer4_1_bn2', 'moving_var', (512,), 'ones'),
-    ('fc.kernel', 'fc', 'kernel', (512, 1000), 'glorot_uniform'),
-    ('fc.bias', 'fc', 'bias', (1000,), 'zeros'),
+    ('stage1.conv.0.kernel', 'stage1_conv_0', 'kernel', (3, 3, 3, 64), 'glorot_uniform'),
+    ('stage1.conv.0.bias', 'stage1_conv_0', 'bias', (64,), 'zeros'),
+    ('stage1.conv.1.kernel', 'stage1_conv_1', 'kernel', (3, 3, 64, 64), 'glorot_uniform'),
+    ('stage1.conv.1.bias', 'stage1_conv_1', 'bias', (64,), 'zeros'),
+    ('stage2.conv.0.kernel', 'stage2_conv_0', 'kernel', (3, 3, 64, 128), 'glorot_uniform'),
+    ('stage2.conv.0.bias', 'stage2_conv_0', 'bias', (128,), 'zeros'),
+    ('stage2.conv.1.kernel', 'stage2_conv_1', 'kernel', (3, 3, 128, 128), 'glorot_uniform'),
+    ('stage2.conv.1.bias', 'stage2_conv_1', 'bias', (128,), 'zeros'),
+    ('stage3.conv.0.kernel', 'stage3_conv_0', 'kernel', (3, 3, 128, 256), 'glorot_uniform'),
+    ('stage3.conv.0.bias', 'stage3_conv_0', 'bias', (256,), 'zeros'),
+    ('stage3.conv.1.kernel', 'stage3_conv_1', 'kernel', (3, 3, 256, 256), 'glorot_uniform'),
+    ('stage3.conv.1.bias', 'stage3_conv_1', 'bias', (256,), 'zeros'),
+    ('stage3.conv.2.kernel', 'stage3_conv_2', 'kernel', (3, 3, 256, 256), 'glorot_uniform'),
+    ('stage3.conv.2.bias', 'stage3_conv_2', 'bias', (256,), 'zeros'),
+    ('stage4.conv.0.kernel', 'stage4_conv_0', 'kernel', (3, 3, 256, 512), 'glorot_uniform'),
+    ('stage4.conv.0.bias', 'stage4_conv_0', 'bias', (512,), 'zeros'),
+    ('stage4.conv.1.kernel', 'stage4_conv_1', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
+    ('stage4.conv.1.bias', 'stage4_conv_1', 'bias', (512,), 'zeros'),
+    ('stage4.conv.2.kernel', 'stage4_conv_2', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
+    ('stage4.conv.2.bias', 'stage4_conv_2', 'bias', (512,), 'zeros'),
+    ('stage5.conv.0.kernel', 'stage5_conv_0', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
+    ('stage5.conv.0.bias', 'stage5_conv_0', 'bias', (512,), 'zeros'),
+    ('stage5.conv.1.kernel', 'stage5_conv_1', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
+    ('stage5.conv.1.bias', 'stage5_conv_1', 'bias', (512,), 'zeros'),
+    ('stage5.conv.2.kernel', 'stage5_conv_2', 'kernel', (3, 3, 512, 512), 'glorot_uniform'),
+    ('stage5.conv.2.bias', 'stage5_conv_2', 'bias', (512,), 'zeros'),
+    ('fc1.kernel', 'fc1', 'kernel', (25088, 4096), 'glorot_uniform'),
+    ('fc1.bias', 'fc1', 'bias', (4096,), 'zeros'),
+    ('fc2.kernel', 'fc2', 'kernel', (4096, 4096), 'glorot_uniform'),
+    ('fc2.bias', 'fc2', 'bias', (4096,), 'zeros'),
+    ('predictions.kernel', 'predictions', 'kernel', (4096, 1000), 'glorot_uniform'),
+    ('predictions.bias', 'predictions', 'bias', (1000,), 'zeros'),
 ]
 
 
@@ -1124,14 +715,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-def shard(size: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s part of a batch of ``size`` split among ``world`` processes:
-    contiguous, in order, sizes differing by at most one."""
-    base, extra = divmod(size, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
