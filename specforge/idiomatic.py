@@ -61,17 +61,23 @@ def data_code(program: Program, layout: str = "numpy") -> str:
     lines = [*read, f"x = {_float32(norm)}", *_split_lines(program, has_test)]
     entry = pair.format(images="x", labels="y")
     comprehension = f"{{name: {entry} for name, (x, y) in parts.items()}}"
-    if len(comprehension) <= 89:
+    if entry == "(x, y)":
+        lines.append("return parts")
+    elif len(comprehension) <= 89:
         lines.append(f"return {comprehension}")
     else:
         lines += ["return {", f"    name: {entry}", "    for name, (x, y) in parts.items()", "}"]
-    doc = '    """Each split: normalised float32 images and integer labels."""'
     helper = ""
     if data.source.type == "cifar10":
         helper = "\n\n\n".join([
             'class DataError(Exception):\n    """Bad or missing data."""',
             constants(CONSTANTS["cifar10"]),
             copied([(sources, ["Dataset", "SourceData"]), *LOADERS["cifar10"]])])
+    return _function(head, lines, helper)
+
+
+def _function(head: str, lines: list[str], helper: str) -> str:
+    doc = '    """Each split: normalised float32 images and integer labels."""'
     body = "\n".join([head, doc] + ["\n".join(f"    {part}" for part in line.split("\n"))
                                      for line in lines])
     return f"{helper}\n\n\n{body}" if helper else body
@@ -119,9 +125,10 @@ def _source_lines(program: Program) -> tuple[list[str], str | bool]:
     if source.type == "image_folder":
         folders = [("train", source.train)] + ([("test", source.test)] if source.test else [])
         mode = "L" if channels == 1 else "RGB"
+        pairs = ", ".join(f"({literal(split)}, data_dir / {literal(folder)})"
+                          for split, folder in folders)
         return ["read = {}  # PNG/JPEG images, one subfolder per class (sorted names)",
-                f"for split, folder in {literal(tuple(folders))}:",
-                "    root = data_dir / folder",
+                f"for split, root in ({pairs}{',' if len(folders) == 1 else ''}):",
                 '    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in '
                 '{".png", ".jpg", ".jpeg"})',
                 f'    images = [Image.open(p).convert("{mode}").resize(({width}, {height}), '
@@ -266,6 +273,12 @@ def with_imports(body: str) -> str:
     for section, statement, pattern in IMPORTS:
         if re.search(pattern, code):
             sections[section].append(statement)
+    for section in sections:  # one `from M import a, b` per module
+        froms: dict[str, list[str]] = {}
+        for line in [line for line in section if line.startswith("from ")]:
+            froms.setdefault(line.split()[1], []).extend(line.split(" import ")[1].split(", "))
+            section.remove(line)
+        section += [f"from {m} import {', '.join(sorted(names))}" for m, names in froms.items()]
     ordered = ["\n".join(sorted(s, key=lambda line: (line.startswith("from"),
                                                      line.split()[1].lower())))
                for s in sections if s]
