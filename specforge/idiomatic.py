@@ -16,6 +16,7 @@ Every value from a spec reaches a script as a ``repr`` literal or a validated id
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import jinja2
 
 from specforge import __version__
 from specforge.data import sources
+from specforge.ir.graph import Graph
 from specforge.ir.program import OptimizerIR, Program
 from specforge.scriptgen import CONSTANTS, LOADERS, constants, copied
 
@@ -223,9 +225,36 @@ def split_presence(program: Program) -> dict[str, str | bool]:
     return {"validation": bool(data.split.validation), "test": test}
 
 
+def is_chain(graph: Graph) -> bool:
+    """Whether every node takes the one before it, and nothing else does (a Sequential)."""
+    nodes = list(graph)
+    return all(n.inputs == (prev.name,) for prev, n in itertools.pairwise(nodes)) and \
+        graph.output == nodes[-1].name
+
+
+class Code(str):
+    """Code, written into a call as it is (not as a string literal)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def call(cls: str, *args: Any, **kwargs: Any) -> str:
+    """``cls(args, key=value)`` with every value a :func:`literal`."""
+    parts = [literal(a) for a in args] + [f"{k}={literal(v)}" for k, v in kwargs.items()]
+    return f"{cls}({', '.join(parts)})"
+
+
+def pair(value: Any) -> Any:
+    """A (height, width) pair, as one number where both are the same."""
+    return value[0] if value[0] == value[1] else tuple(value)
+
+
 def literal(value: Any) -> str:
     """``repr(value)`` with strings in double quotes, as ruff formats them (safe for any
     string: the result is a valid literal of the same value)."""
+    if isinstance(value, Code):
+        return str(value)
     if isinstance(value, str):
         text = repr(value)
         # repr quotes with ' unless the string holds one; ruff's style is " where that

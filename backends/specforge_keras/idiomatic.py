@@ -17,14 +17,18 @@ from typing import Any
 from specforge.data.augment import is_identity
 from specforge.errors import UsageError
 from specforge.idiomatic import (
+    Code,
+    call,
     common_context,
     data_code,
     environment,
+    is_chain,
     literal,
+    pair,
     split_presence,
     with_imports,
 )
-from specforge.ir.graph import Graph, Node, identifier_names
+from specforge.ir.graph import Node, identifier_names
 from specforge.ir.ops import same_pads
 from specforge.ir.program import Program
 from specforge.scriptgen import copied, used
@@ -37,13 +41,8 @@ NAMED = {"relu", "relu6", "selu", "gelu", "silu", "sigmoid", "hard_sigmoid", "ta
 STRING = {"hard_swish": "hard_swish", "linear": "linear", **{n: n for n in NAMED}}
 
 
-def _call(cls: str, *args: Any, **kwargs: Any) -> str:
-    parts = [literal(a) for a in args] + [f"{k}={literal(v)}" for k, v in kwargs.items()]
-    return f"{cls}({', '.join(parts)})"
 
 
-def _pair(value: Any) -> Any:
-    return value[0] if value[0] == value[1] else tuple(value)
 
 
 def _padding(node: Node, in_shape: tuple[int, ...], kernel: Any, strides: Any,
@@ -62,12 +61,12 @@ def activation_arg(node: Node | None) -> str | None:
     if node is None or node.op != "activation":
         return None
     fn, a = node.attrs["fn"], node.attrs
-    if fn == "elu" and a.get("alpha") == 1.0 or fn in STRING:
+    if (fn == "elu" and a.get("alpha") == 1.0) or fn in STRING:
         return STRING.get(fn, fn)
     return None
 
 
-def layer_call(node: Node, in_shape: tuple[int, ...], name: str,
+def layercall(node: Node, in_shape: tuple[int, ...], name: str,
                activation: str | None) -> tuple[list[str], str]:
     """(layers before it, the node's layer) as constructor expressions."""
     a, op = node.attrs, node.op
@@ -79,33 +78,33 @@ def layer_call(node: Node, in_shape: tuple[int, ...], name: str,
         if padding is None or (padding == "same" and a["pad_mode"] != "zeros"):
             before, padding = [_pad_layer(a["pads"], a["pad_mode"], name)], "valid"
         options: dict[str, Any] = {}
-        if _pair(a["strides"]) != 1:
-            options["strides"] = _pair(a["strides"])
+        if pair(a["strides"]) != 1:
+            options["strides"] = pair(a["strides"])
         if padding == "same":
             options["padding"] = "same"
-        if _pair(a["dilation"]) != 1:
-            options["dilation_rate"] = _pair(a["dilation"])
+        if pair(a["dilation"]) != 1:
+            options["dilation_rate"] = pair(a["dilation"])
         if a["groups"] != 1:
             options["groups"] = a["groups"]
         if not a["bias"]:
             options["use_bias"] = False
-        return before, _call("layers.Conv2D", a["filters"], _pair(a["kernel"]), **options,
+        return before, call("layers.Conv2D", a["filters"], pair(a["kernel"]), **options,
                              **named)
     if op == "dense":
-        return [], _call("layers.Dense", a["units"], **({} if a["bias"] else
+        return [], call("layers.Dense", a["units"], **({} if a["bias"] else
                                                        {"use_bias": False}), **named)
     if op in ("max_pool2d", "avg_pool2d"):
         padding = _padding(node, in_shape, a["pool"], a["strides"])
         if padding is None:  # pads Keras's words cannot say: specforge's own pooling layer
             cls = "MaxPool2D" if op == "max_pool2d" else "AvgPool2D"
-            return [], _call(cls, tuple(a["pool"]), tuple(a["strides"]), tuple(a["pads"]),
+            return [], call(cls, tuple(a["pool"]), tuple(a["strides"]), tuple(a["pads"]),
                              name=name)
         cls = "layers.MaxPooling2D" if op == "max_pool2d" else "layers.AveragePooling2D"
-        options = {} if tuple(a["strides"]) == tuple(a["pool"]) else {"strides": _pair(
+        options = {} if tuple(a["strides"]) == tuple(a["pool"]) else {"strides": pair(
             a["strides"])}
         if padding == "same":
             options["padding"] = "same"
-        return [], _call(cls, _pair(a["pool"]), **options, name=name)
+        return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
         return [], _pad_layer(a["pads"], a["mode"], name, suffix="")
     if op in ("global_avg_pool2d", "global_max_pool2d"):
@@ -119,19 +118,19 @@ def layer_call(node: Node, in_shape: tuple[int, ...], name: str,
             options["center"] = False
         if not a["scale"]:
             options["scale"] = False
-        return [], _call("BatchNorm", **options, name=name)
+        return [], call("BatchNorm", **options, name=name)
     if op == "dropout":
         cls = "layers.SpatialDropout2D" if a["spatial"] else "layers.Dropout"
-        return [], _call(cls, a["rate"], name=name)
+        return [], call(cls, a["rate"], name=name)
     if op == "activation":
         fn = a["fn"]
         if fn == "leaky_relu":
-            return [], _call("layers.LeakyReLU", negative_slope=a["negative_slope"], name=name)
+            return [], call("layers.LeakyReLU", negative_slope=a["negative_slope"], name=name)
         if fn == "elu" and a["alpha"] != 1.0:
-            return [], _call("layers.ELU", alpha=a["alpha"], name=name)
+            return [], call("layers.ELU", alpha=a["alpha"], name=name)
         if fn == "gelu_tanh":
             return [], f"layers.Activation(gelu_tanh, name={literal(name)})"
-        return [], _call("layers.Activation", STRING.get(fn, fn), name=name)
+        return [], call("layers.Activation", STRING.get(fn, fn), name=name)
     if op == "add":
         return [], f"layers.Add(name={literal(name)})"
     if op == "concat":
@@ -144,7 +143,7 @@ def _pad_layer(pads: Any, mode: str, name: str, suffix: str = "_pad") -> str:
     if mode == "zeros":
         return f"layers.ZeroPadding2D((({top}, {bottom}), ({left}, {right})), " \
                f"name={literal(name + suffix)})"
-    return _call("Pad2D", tuple(pads), mode, name=name + suffix)
+    return call("Pad2D", tuple(pads), mode, name=name + suffix)
 
 
 def model_layers(program: Program) -> list[tuple[Node, list[str], str, str]]:
@@ -174,7 +173,7 @@ def model_layers(program: Program) -> list[tuple[Node, list[str], str, str]]:
         if node.name == graph.output and program.output_activation and \
                 node.op in ("conv2d", "dense"):
             activation = program.output_activation  # folded into the loss by the IR
-        before, call = layer_call(node, shapes[node.inputs[0]], names[node.name], activation)
+        before, call = layercall(node, shapes[node.inputs[0]], names[node.name], activation)
         last = after.name if activation and after and after.name in folded else node.name
         out.append((node, before, call, last))
     return out
@@ -188,7 +187,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     graph = program.graph
     layers_ = model_layers(program)
     calls = [c for _, before, call, _ in layers_ for c in [*before, call]]
-    chain = _is_chain(graph)
+    chain = is_chain(graph)
     output_layer = layers_[-1][0]
     extra_softmax = bool(program.output_activation) and output_layer.op not in ("conv2d",
                                                                                    "dense")
@@ -213,10 +212,6 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     return with_imports(template.render(**context))
 
 
-def _is_chain(graph: Graph) -> bool:
-    nodes = list(graph)
-    return all(n.inputs == (prev.name,) for prev, n in zip(nodes, nodes[1:], strict=False)) \
-        and graph.output == nodes[-1].name
 
 
 def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str, str]]
@@ -230,7 +225,7 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
             readers.setdefault(i, []).append(node.name)
     value = {program.graph.input.name: "x"}
     lines: list[str] = []
-    for k, (node, before, call, last) in enumerate(layers_):
+    for k, (node, before, layer_text, last) in enumerate(layers_):
         args = [value[i] for i in node.inputs]
         operand = f"[{', '.join(args)}]" if node.op in ("add", "concat") else args[0]
         following = layers_[k + 1][0].name if k + 1 < len(layers_) else None
@@ -239,19 +234,19 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
         for layer in before:
             lines += _assigned(target, layer, operand)
             operand = target
-        lines += _assigned(target, call, operand)
+        lines += _assigned(target, layer_text, operand)
         value[node.name] = value[last] = target
     return lines
 
 
-def _assigned(target: str, call: str, operand: str) -> list[str]:
-    """``target = call(operand)`` as ruff formats it at 100 columns (4 spaces in)."""
-    line = f"{target} = {call}({operand})"
+def _assigned(target: str, layer: str, operand: str) -> list[str]:
+    """``target = layer(operand)`` as ruff formats it at 100 columns (4 spaces in)."""
+    line = f"{target} = {layer}({operand})"
     if 4 + len(line) <= 100:
         return [line]
-    if 4 + len(f"{target} = {call}(") <= 100:
-        return [f"{target} = {call}(", f"    {operand}", ")"]
-    head, _, args = call.partition("(")
+    if 4 + len(f"{target} = {layer}(") <= 100:
+        return [f"{target} = {layer}(", f"    {operand}", ")"]
+    head, _, args = layer.partition("(")
     return [f"{target} = {head}(", f"    {args[:-1]}", f")({operand})"]
 
 
@@ -269,24 +264,21 @@ def augment_layers(aug: Any, shape: tuple[int, ...]) -> list[str]:
         fill["fill_value"] = aug.fill_value
     out = []
     if aug.rotation:  # Keras's factor is a fraction of a full turn
-        out.append(_call("layers.RandomRotation", _Raw(f"{aug.rotation!r} / 360"), **fill))
+        out.append(call("layers.RandomRotation", Code(f"{aug.rotation!r} / 360"), **fill))
     if aug.width_shift or aug.height_shift:
-        out.append(_call("layers.RandomTranslation", aug.height_shift, aug.width_shift, **fill))
+        out.append(call("layers.RandomTranslation", aug.height_shift, aug.width_shift, **fill))
     if aug.zoom:
-        out.append(_call("layers.RandomZoom", aug.zoom, aug.zoom, **fill))
+        out.append(call("layers.RandomZoom", aug.zoom, aug.zoom, **fill))
     flips = [d for d, on in (("horizontal", aug.horizontal_flip), ("vertical",
                                                                    aug.vertical_flip)) if on]
     if flips:
-        out.append(_call("layers.RandomFlip", "_and_".join(flips)))
+        out.append(call("layers.RandomFlip", "_and_".join(flips)))
     if aug.crop_padding:  # pad, then crop back at random (a centre crop in inference)
         out += [f"layers.ZeroPadding2D({aug.crop_padding})",
                 f"layers.RandomCrop({shape[0]}, {shape[1]})"]
     return out
 
 
-class _Raw(str):
-    def __repr__(self) -> str:
-        return str(self)
 
 
 def optimizer_class(program: Program) -> list[str]:
@@ -330,7 +322,7 @@ def optimizer_class(program: Program) -> list[str]:
             "self.epsilon))"]
 
 
-def _optimizer_call(program: Program) -> str:
+def _optimizercall(program: Program) -> str:
     opt, h = program.optimizer, program.optimizer.hyper
     clip: dict[str, Any] = {}
     if opt.clip_norm is not None and opt.clip_value is not None:
@@ -343,16 +335,16 @@ def _optimizer_call(program: Program) -> str:
     lr = opt.learning_rate
     if opt.kind == "sgd":
         cls = "SGD" if optimizer_class(program) else "keras.optimizers.SGD"
-        return _call(cls, learning_rate=lr, momentum=h["momentum"], nesterov=h["nesterov"],
+        return call(cls, learning_rate=lr, momentum=h["momentum"], nesterov=h["nesterov"],
                      **clip)
     if opt.kind == "rmsprop":
-        return _call("RMSprop", learning_rate=lr, rho=h["rho"], epsilon=h["epsilon"], **clip)
+        return call("RMSprop", learning_rate=lr, rho=h["rho"], epsilon=h["epsilon"], **clip)
     decay = {"weight_decay": opt.weight_decay} if opt.kind == "adamw" else {}
-    return _call("Adam", learning_rate=lr, beta_1=h["beta1"], beta_2=h["beta2"],
+    return call("Adam", learning_rate=lr, beta_1=h["beta1"], beta_2=h["beta2"],
                  epsilon=h["epsilon"], **decay, **clip)
 
 
-def _loss_call(program: Program) -> str:
+def _losscall(program: Program) -> str:
     loss, e = program.loss, program.loss.label_smoothing
     smooth = {"label_smoothing": e} if e else {}
     # a folded softmax/sigmoid is back on the model's last layer: Keras takes probabilities
@@ -360,10 +352,10 @@ def _loss_call(program: Program) -> str:
     if loss.kind == "cross_entropy":
         if not logits and not smooth:
             return '"categorical_crossentropy"'
-        return _call("keras.losses.CategoricalCrossentropy", **({"from_logits": True}
+        return call("keras.losses.CategoricalCrossentropy", **({"from_logits": True}
                                                                  if logits else {}), **smooth)
     if loss.kind == "binary_cross_entropy":
-        return _call("keras.losses.BinaryCrossentropy", **({"from_logits": True}
+        return call("keras.losses.BinaryCrossentropy", **({"from_logits": True}
                                                             if logits else {}), **smooth)
     return '"mean_squared_error"' if loss.kind == "mse" else '"mean_absolute_error"'
 
@@ -390,7 +382,7 @@ def compile_lines(program: Program) -> list[str]:
     """``model.compile(...)``, formatted as ruff formats it."""
     metrics = _metrics(program)
     listed = f"metrics=[{', '.join(metrics)}]"
-    parts = [f"optimizer={_optimizer_call(program)}", f"loss={_loss_call(program)}", listed]
+    parts = [f"optimizer={_optimizercall(program)}", f"loss={_losscall(program)}", listed]
     one = f"model.compile({', '.join(parts)})"
     if len(one) <= 96:
         return [one]

@@ -10,7 +10,6 @@ a comment; see docs/semantics.md. Building imports no torch.
 
 from __future__ import annotations
 
-import itertools
 import re
 import textwrap
 from collections.abc import Iterator
@@ -20,10 +19,14 @@ from typing import Any
 from specforge.data.augment import is_identity
 from specforge.errors import UsageError
 from specforge.idiomatic import (
+    Code,
+    call,
     common_context,
     data_code,
     environment,
+    is_chain,
     literal,
+    pair,
     split_presence,
     with_imports,
 )
@@ -44,13 +47,8 @@ ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "selu": "nn.SELU()",
                "linear": "nn.Identity()"}
 
 
-def _pair(value: tuple[int, int]) -> Any:
-    return value[0] if value[0] == value[1] else tuple(value)
 
 
-def _call(cls: str, *args: Any, **kwargs: Any) -> str:
-    parts = [literal(a) for a in args] + [f"{k}={literal(v)}" for k, v in kwargs.items()]
-    return f"{cls}({', '.join(parts)})"
 
 
 def _torch_pads(pads: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -67,28 +65,28 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         options: dict[str, Any] = {}
         before = []
         if any(pads) and symmetric:
-            options["padding"] = _pair((pads[0], pads[2]))
+            options["padding"] = pair((pads[0], pads[2]))
             if a["pad_mode"] != "zeros":
                 options["padding_mode"] = a["pad_mode"]
         elif any(pads):  # torch pads both sides alike; specforge's `same` puts the odd one after
-            before = [(_call(PAD_MODULES[a["pad_mode"]], _torch_pads(pads)),
+            before = [(call(PAD_MODULES[a["pad_mode"]], _torch_pads(pads)),
                        "uneven padding: the odd pixel after, as specforge's `same`")]
         for key, name, default in (("strides", "stride", 1), ("dilation", "dilation", 1)):
-            if _pair(a[key]) != default:
-                options[name] = _pair(a[key])
+            if pair(a[key]) != default:
+                options[name] = pair(a[key])
         if a["groups"] != 1:
             options["groups"] = a["groups"]
         if not a["bias"]:
             options["bias"] = False
-        return [*before, (_call("nn.Conv2d", in_shape[-1], a["filters"], _pair(a["kernel"]),
+        return [*before, (call("nn.Conv2d", in_shape[-1], a["filters"], pair(a["kernel"]),
                                 **options), "")]
     if op == "dense":
-        return [(_call("nn.Linear", in_shape[-1], a["units"],
+        return [(call("nn.Linear", in_shape[-1], a["units"],
                        **({} if a["bias"] else {"bias": False})), "")]
     if op in ("max_pool2d", "avg_pool2d"):
         return _pool(op, a["pool"], a["strides"], pads)
     if op == "pad2d":
-        return [(_call(PAD_MODULES[a["mode"]], _torch_pads(pads)), "")]
+        return [(call(PAD_MODULES[a["mode"]], _torch_pads(pads)), "")]
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         pool = "nn.AdaptiveAvgPool2d(1)" if op == "global_avg_pool2d" else "nn.AdaptiveMaxPool2d(1)"
         return [(pool, ""), ("nn.Flatten()", "")]
@@ -99,32 +97,32 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
     if op == "batch_norm":
         return [(_batch_norm(a, in_shape), "")]
     if op == "dropout":
-        return [(_call("nn.Dropout2d" if a["spatial"] else "nn.Dropout", a["rate"]), "")]
+        return [(call("nn.Dropout2d" if a["spatial"] else "nn.Dropout", a["rate"]), "")]
     if op == "activation":
         fn = a["fn"]
         if fn == "leaky_relu":
-            return [(_call("nn.LeakyReLU", a["negative_slope"]), "")]
+            return [(call("nn.LeakyReLU", a["negative_slope"]), "")]
         if fn == "elu":
-            return [(_call("nn.ELU", a["alpha"]), "")]
+            return [(call("nn.ELU", a["alpha"]), "")]
         return [(ACTIVATIONS[fn], "")]
     raise ValueError(f"no torch module for op {op!r}")
 
 
 def _pool(op: str, pool: tuple[int, int], strides: tuple[int, int],
           pads: tuple[int, int, int, int]) -> list[tuple[str, str]]:
-    stride = {} if tuple(strides) == tuple(pool) else {"stride": _pair(strides)}
+    stride = {} if tuple(strides) == tuple(pool) else {"stride": pair(strides)}
     top, bottom, left, right = pads
     fits = top == bottom and left == right and top <= pool[0] // 2 and left <= pool[1] // 2
     cls = "nn.MaxPool2d" if op == "max_pool2d" else "nn.AvgPool2d"
     if not any(pads):
-        return [(_call(cls, _pair(pool), **stride), "")]
+        return [(call(cls, pair(pool), **stride), "")]
     if fits:
         extra = {} if op == "max_pool2d" else {"count_include_pad": False}
-        return [(_call(cls, _pair(pool), **stride, padding=_pair((top, left)), **extra), "")]
+        return [(call(cls, pair(pool), **stride, padding=pair((top, left)), **extra), "")]
     if op == "max_pool2d":  # torch pads symmetrically, at most half the window
         return [(f"nn.ConstantPad2d({_torch_pads(pads)!r}, float('-inf'))",
-                 "padded cells never win"), (_call(cls, _pair(pool), **stride), "")]
-    return [(_call("AvgPool2d", tuple(pool), tuple(strides), tuple(pads)),
+                 "padded cells never win"), (call(cls, pair(pool), **stride), "")]
+    return [(call("AvgPool2d", tuple(pool), tuple(strides), tuple(pads)),
              "padded cells left out of the divisor")]
 
 
@@ -137,14 +135,9 @@ def _batch_norm(a: Any, in_shape: tuple[int, ...]) -> str:
     options: dict[str, Any] = {"eps": a["epsilon"], "momentum": round(1 - a["decay"], 12)}
     if not a["scale"]:
         options["affine"] = False
-    return _call(cls, in_shape[-1], **options)
+    return call(cls, in_shape[-1], **options)
 
 
-def is_chain(graph: Graph) -> bool:
-    """Whether every node takes the one before it, and nothing else does."""
-    nodes = list(graph)
-    return all(n.inputs == (prev.name,) for prev, n in itertools.pairwise(nodes)) and \
-        graph.output == nodes[-1].name
 
 
 def named_modules(graph: Graph) -> Iterator[tuple[Node, str, str, str]]:
@@ -247,7 +240,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),
         optimizer=wrapped("optimizer = ", _optimizer(program), 4),
-        loss_lines=_loss_lines(program), loss_call=_loss_call(program),
+        loss_lines=_loss_lines(program), loss_call=_losscall(program),
         metric_lines=_metric_lines(program), clip=program.optimizer,
         full_batch=spec.data is not None and spec.data.batch_size == "full",
         splits=split_presence(program))
@@ -273,26 +266,21 @@ def wrapped(head: str, call: str, indent: int) -> list[str]:
 
 def _optimizer(program: Program) -> str:
     opt, h = program.optimizer, program.optimizer.hyper
-    params = _Raw("model.parameters()")
+    params = Code("model.parameters()")
     if opt.kind == "sgd":
-        return _call("torch.optim.SGD", params, lr=opt.learning_rate, momentum=h["momentum"],
+        return call("torch.optim.SGD", params, lr=opt.learning_rate, momentum=h["momentum"],
                      nesterov=h["nesterov"], weight_decay=opt.weight_decay)
     if opt.kind == "rmsprop":  # alpha is the spec's rho; eps outside the square root
-        return _call("torch.optim.RMSprop", params, lr=opt.learning_rate, alpha=h["rho"],
+        return call("torch.optim.RMSprop", params, lr=opt.learning_rate, alpha=h["rho"],
                      eps=h["epsilon"], weight_decay=opt.weight_decay)
     cls = "torch.optim.AdamW" if opt.kind == "adamw" else "torch.optim.Adam"
-    return _call(cls, params, lr=opt.learning_rate, betas=(h["beta1"], h["beta2"]),
+    return call(cls, params, lr=opt.learning_rate, betas=(h["beta1"], h["beta2"]),
                  eps=h["epsilon"], weight_decay=opt.weight_decay)
 
 
-class _Raw(str):
-    """Code, written as it is (not as a string literal)."""
-
-    def __repr__(self) -> str:
-        return str(self)
 
 
-def _loss_call(program: Program) -> str:
+def _losscall(program: Program) -> str:
     """The loss of ``{output}`` and ``{labels}``: torch's function where one line says it."""
     loss = program.loss
     if loss.kind == "cross_entropy" and loss.from_logits:
@@ -335,7 +323,7 @@ def _metric_lines(program: Program) -> list[str]:
                   "precision, recall = hits / guessed.clamp(min=1), hits / actual.clamp(min=1)",
                   "f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)",
                   "present = actual > 0  # macro averages over the classes present"]
-    loss = _loss_call(program).format(output="output", labels="y")
+    loss = _losscall(program).format(output="output", labels="y")
     lines += ["return {", f'    "loss": {loss}.item(),']
     for m in program.metrics:
         if m.kind == "top_k_accuracy":
