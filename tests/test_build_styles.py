@@ -1,0 +1,278 @@
+"""`specforge build --style idiomatic` (the default): scripts a person would keep.
+
+What proves an idiomatic script right (the exact style has its own tests in the backend
+files): it is short and ruff-clean; its model, loaded with specforge's neutral weights,
+computes the float64 reference's output; one training step from those weights gives
+`specforge run`'s first-step weights; and it trains digits as well as `specforge run`
+(tests/test_torch_backend.py and tests/test_keras_backend.py, next to their digits runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from specforge.backends import load_backend
+from specforge.compiler import compile_spec, compile_text
+from specforge.conformance.compare import GROUP_SHARE, Tolerance, difference, magnitude
+from specforge.conformance.suite import CASES, Case
+from specforge.data.pipeline import build_pipeline
+from specforge.ir.program import Program, lr_at
+from specforge.reference.forward import reference_forward
+from specforge.weights import initial_weights, save_weights
+from tests.conftest import ROOT, SPECS
+
+STEMS = sorted(p.stem for p in SPECS.glob("*.yaml"))
+BACKENDS = ["torch", "keras"]
+#: The issue's size targets (lines), per spec and backend.
+SIZE_LIMITS = {("cifar", "torch"): 150, ("cifar", "keras"): 100, ("digits", "torch"): 150,
+               ("digits", "keras"): 100, ("resnet18", "torch"): 250,
+               ("resnet18", "keras"): 250}
+REGENERATE = ("for b in torch keras; do for s in specs/*.yaml; do specforge build $s -b $b "
+              "-o generated/$(basename $s .yaml)_$b.py; done; done")
+
+
+def built(program: Program, backend: str) -> str:
+    return load_backend(backend).build(program, style="idiomatic")
+
+
+# --- 1. generated/, size and style -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stem", STEMS)
+def test_generated_idiomatic_scripts_are_up_to_date(stem, backend):
+    committed = (ROOT / "generated" / f"{stem}_{backend}.py").read_text(encoding="utf-8")
+    fresh = built(compile_spec(SPECS / f"{stem}.yaml"), backend)
+    assert fresh == committed, f"generated/{stem}_{backend}.py is stale; run: {REGENERATE}"
+
+
+def test_the_cli_builds_idiomatic_by_default(tmp_path):
+    out = tmp_path / "digits.py"
+    result = subprocess.run([sys.executable, "-m", "specforge", "build", "specs/digits.yaml",
+                             "-b", "keras", "-o", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == (ROOT / "generated" / "digits_keras.py").read_text()
+
+
+@pytest.mark.parametrize(("stem", "backend"), sorted(SIZE_LIMITS))
+def test_idiomatic_scripts_meet_their_size_targets(stem, backend):
+    lines = (ROOT / "generated" / f"{stem}_{backend}.py").read_text().count("\n")
+    assert lines <= SIZE_LIMITS[stem, backend], (stem, backend, lines)
+
+
+def test_idiomatic_scripts_pass_ruff_check_and_format():
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    scripts = [str(p) for p in sorted((ROOT / "generated").glob("*.py"))
+               if not p.stem.endswith("_exact")]
+    assert len(scripts) == 2 * len(STEMS)
+    for command in (["check"], ["format", "--check"]):
+        result = subprocess.run([sys.executable, "-m", "ruff", *command, *scripts], cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stdout[-3000:], result.stderr[-2000:])
+
+
+def test_the_seed_keras_script_reads_like_the_seed_code():
+    text = (ROOT / "generated" / "cifar_keras.py").read_text()
+    # the seed document: model.add(Conv2D(32, (3, 3), activation='relu')) ... compile(...)
+    for line in ['model.add(layers.Conv2D(32, 3, activation="relu", name="conv2d_1"))',
+                 'model.add(layers.MaxPooling2D(2, name="max_pool2d_1"))',
+                 'model.add(layers.Flatten(name="flatten_1"))',
+                 'model.add(layers.Dense(10, activation="softmax", name="dense_2"))',
+                 'loss="categorical_crossentropy"', 'metrics=["accuracy"]',
+                 "model.fit(", "model.evaluate("]:
+        assert line in text, line
+    assert "layers.RandomRotation" in text and "layers.RandomFlip(\"horizontal\")" in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_idiomatic_scripts_carry_only_what_the_spec_uses(backend):
+    digits = (ROOT / "generated" / f"digits_{backend}.py").read_text()
+    cifar = (ROOT / "generated" / f"cifar_{backend}.py").read_text()
+    for absent in ("BatchNorm", "AvgPool", "Pad2D", "augment", "Random", "distributed",
+                   "DataLoader(" if backend == "keras" else "model.fit", "SGD", "RMSprop"):
+        assert absent not in digits, absent
+    assert ("augment(" in cifar) if backend == "torch" else ("RandomRotation" in cifar)
+    assert "Image.open" in cifar and "Image.open" not in digits
+
+
+# --- 2. same model: the neutral weights give the reference's output --------------------------
+
+def import_script(text: str, folder: Path, name: str) -> ModuleType:
+    path = folder / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"built_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only: nothing runs
+    return module
+
+
+def model_output(module: ModuleType, backend: str, weights: Path, x: np.ndarray) -> np.ndarray:
+    model = module.build_model()
+    module.load_weights(model, weights)
+    if backend == "torch":
+        import torch
+
+        model.eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    return np.asarray(model(x, training=False))
+
+
+def expected_output(program: Program, weights: dict[str, np.ndarray], x: np.ndarray,
+                    backend: str) -> np.ndarray:
+    out = reference_forward(program.graph, weights, x)[program.graph.output]
+    if backend == "keras" and program.output_activation == "softmax":  # on the model there
+        shifted = np.exp(out - out.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    if backend == "keras" and program.output_activation == "sigmoid":
+        return 1 / (1 + np.exp(-out))
+    return out
+
+
+def check_same_model(program: Program, backend: str, folder: Path) -> None:
+    module = import_script(built(program, backend), folder, f"{backend}_model")
+    weights = initial_weights(program.graph, program.seed)
+    path = folder / "weights.npz"
+    save_weights(path, weights)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (2, *program.graph.input.shape)).astype(np.float32)
+    actual = model_output(module, backend, path, x)
+    expected = expected_output(program, weights, x, backend)
+    diff = difference(actual, expected)
+    tolerance = Tolerance().forward_rtol * (1 + GROUP_SHARE) * diff.scale
+    assert diff.max_abs <= tolerance, (program.name, backend, diff)
+
+
+#: The big models at a smaller input, so that the float64 reference stays quick.
+SMALL_INPUTS = {"vgg16": "[32, 32, 3]", "resnet18": "[64, 64, 3]"}
+LAYER_CASES = [c for c in CASES if not c.name.startswith(("optimizer-", "metrics"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stem", STEMS)
+def test_every_spec_loads_the_neutral_weights_and_gives_the_reference_output(
+        stem, backend, tmp_path):
+    pytest.importorskip(backend)
+    sets = [f"model.input={SMALL_INPUTS[stem]}"] if stem in SMALL_INPUTS else []
+    check_same_model(compile_spec(SPECS / f"{stem}.yaml", sets), backend, tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.name for c in LAYER_CASES])
+def test_every_layer_case_gives_the_reference_output(case, backend, tmp_path):
+    pytest.importorskip(backend)
+    check_same_model(compile_text(case.spec_text(), f"<case {case.name}>"), backend, tmp_path)
+
+
+# --- 3. same update rule: one step from the same weights on the same batch -------------------
+
+class Stop(Exception):
+    """Ends the script's main() after its first step."""
+
+
+def _epoch_schedule(kind: str, **params: Any) -> Case:
+    schedule = {"type": kind, "warmup": 1, "warmup_start_factor": 0.25, **params}
+    return Case(f"schedule-{kind}-epoch-warmup", CASES[0].layers,
+                optimizer={"type": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                           "schedule": schedule})
+
+
+UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "batch-norm"))
+                and "one-image" not in c.name] + [
+    _epoch_schedule("cosine", t_max=3, min_lr=0.01), _epoch_schedule("step", step_size=2),
+    _epoch_schedule("multistep", milestones=[1, 2]), _epoch_schedule("exponential", gamma=0.5),
+    _epoch_schedule("constant")]
+
+
+def first_step_torch(module: ModuleType, batch: Any, monkeypatch: Any) -> dict[str, Any]:
+    import torch
+
+    original, captured = module.train_step, {}
+
+    def step(model: Any, optimizer: Any, x: Any, y: Any) -> Any:
+        original(model, optimizer, torch.from_numpy(batch.x).permute(0, 3, 1, 2),
+                 torch.from_numpy(batch.y))
+        captured["model"] = model
+        raise Stop
+
+    monkeypatch.setattr(module, "train_step", step)
+    with pytest.raises(Stop):
+        module.main()
+    return {k: v.numpy() for k, v in captured["model"].state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def first_step_keras(module: ModuleType, batch: Any, monkeypatch: Any) -> dict[str, Any]:
+    import keras
+
+    captured = {}
+
+    def fit(model: Any, x: Any, y: Any, *args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        targets = (batch.y[:, None].astype("float32") if y.shape[1] == 1 else
+                   keras.utils.to_categorical(batch.y, y.shape[1]))
+        for callback in callbacks:  # the learning-rate schedule
+            callback.set_model(model)
+            callback.on_train_batch_begin(0)
+        model.train_on_batch(batch.x, targets)
+        captured["model"] = model
+        raise Stop
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    with pytest.raises(Stop):
+        module.main()
+    return {str(i): np.asarray(w) for i, w in enumerate(captured["model"].get_weights())}
+
+
+def as_script_weights(module: ModuleType, backend: str, path: Path) -> dict[str, np.ndarray]:
+    """Neutral weights in the script's own terms: loaded into a fresh model of it."""
+    model = module.build_model()
+    module.load_weights(model, path)
+    if backend == "torch":
+        return {k: v.numpy() for k, v in model.state_dict().items()
+                if not k.endswith("num_batches_tracked")}
+    return {str(i): np.asarray(w) for i, w in enumerate(model.get_weights())}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=[c.name for c in UPDATE_CASES])
+def test_one_step_gives_specforge_runs_first_step_weights(case, backend, tmp_path,
+                                                         monkeypatch):
+    pytest.importorskip(backend)
+    program = compile_text(case.spec_text(), f"<case {case.name}>")
+    pipeline = build_pipeline(program)
+    batch = pipeline.train_batch(0)
+    weights = initial_weights(program.graph, program.seed)
+    start = tmp_path / "start.npz"
+    save_weights(start, weights)
+    # specforge run's first step: its trainer, this backend, the schedule's first rate
+    trainer = load_backend(backend).create_trainer(program, "cpu", weights)
+    trainer.train_step(batch.x, batch.y, lr_at(program.optimizer, 0,
+                                               pipeline.batches_per_pass))
+    after = tmp_path / "after.npz"
+    save_weights(after, trainer.export_weights())
+    trainer.close()
+
+    module = import_script(built(program, backend), tmp_path, f"{backend}_step")
+    monkeypatch.setattr(sys, "argv", ["script", "--weights", str(start), "--epochs", "1"])
+    stepped = (first_step_torch if backend == "torch" else first_step_keras)(
+        module, batch, monkeypatch)
+    expected = as_script_weights(module, backend, after)
+    initial = as_script_weights(module, backend, start)
+    assert stepped.keys() == expected.keys()
+    group = max(magnitude(v) for v in expected.values())
+    moved = 0
+    for name, value in expected.items():
+        diff = difference(stepped[name], value)
+        tolerance = Tolerance().steps_rtol * (diff.scale + GROUP_SHARE * group)
+        assert diff.max_abs <= tolerance, (case.name, backend, name, diff)
+        moved += not np.array_equal(value, initial[name])
+    assert moved, "the step changed nothing: the comparison would prove nothing"
