@@ -3,6 +3,7 @@
 update rule, Keras 3's own random streams. --weights W.npz: start from specforge's weights."""
 
 import argparse
+import itertools
 import math
 import re
 from pathlib import Path
@@ -14,8 +15,7 @@ from PIL import Image
 
 
 def build_model() -> keras.Model:
-    model = keras.Sequential()  # layers named as the spec's nodes
-    model.add(keras.Input(shape=(32, 32, 3)))
+    model = keras.Sequential([keras.Input(shape=(32, 32, 3))])  # layers: the spec's nodes
     model.add(layers.RandomRotation(15.0 / 360, fill_mode="nearest"))  # training only
     model.add(layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"))
     model.add(layers.RandomFlip("horizontal"))
@@ -43,14 +43,13 @@ def load_weights(model: keras.Model, path: Path) -> None:  # specforge's layouts
 
 class Adam(keras.optimizers.Adam):  # as the paper and torch: epsilon outside v_hat
     def update_step(self, gradient, variable, learning_rate):
-        m = self._momentums[self._get_variable_index(variable)]
-        v = self._velocities[self._get_variable_index(variable)]
+        i = self._get_variable_index(variable)
+        m, v = self._momentums[i], self._velocities[i]
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))
         self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))
-        t = ops.cast(self.iterations + 1, variable.dtype)
-        m_hat = m / -ops.expm1(t * math.log(self.beta_1))  # 1 - beta_1^t, exact
-        v_hat = v / -ops.expm1(t * math.log(self.beta_2))
-        self.assign_sub(variable, learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon))
+        t = ops.cast(self.iterations + 1, variable.dtype)  # 1 - beta^t, exactly:
+        c1, c2 = (-ops.expm1(t * math.log(b)) for b in (self.beta_1, self.beta_2))
+        self.assign_sub(variable, learning_rate * m / c1 / (ops.sqrt(v / c2) + self.epsilon))
 
 
 def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -68,7 +67,7 @@ def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     masks = {"train": place >= 0.2, "validation": place < 0.2}
     parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
     parts["test"] = (test[0] * 0.00392156862745098).astype(np.float32), test[1]
-    return parts
+    return {name: (x, keras.utils.to_categorical(y, 10)) for name, (x, y) in parts.items()}
 
 
 def main() -> None:
@@ -79,8 +78,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="save the trained weights (.weights.h5)")
     args = parser.parse_args()
     keras.utils.set_random_seed(42)
-    data = load_data(args.data_dir)
-    splits = {k: (x, keras.utils.to_categorical(y, 10)) for k, (x, y) in data.items()}
+    splits = load_data(args.data_dir)
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
@@ -89,9 +87,11 @@ def main() -> None:
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )
-    train, val = splits["train"], splits["validation"]
-    model.fit(*train, batch_size=32, epochs=args.epochs, steps_per_epoch=1000, validation_data=val)
-    model.evaluate(*splits["test"])
+    (x, y), val = splits["train"], splits["validation"]
+    passes = (np.random.permutation(len(y)) for _ in itertools.count())
+    batches = ((x[b], y[b]) for p in passes for b in np.array_split(p, range(32, len(y), 32)))
+    model.fit(batches, steps_per_epoch=1000, epochs=args.epochs, validation_data=val, verbose=2)
+    print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)
 

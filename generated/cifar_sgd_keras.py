@@ -3,6 +3,7 @@
 update rule, Keras 3's own random streams. --weights W.npz: start from specforge's weights."""
 
 import argparse
+import itertools
 import math
 import re
 from pathlib import Path
@@ -14,8 +15,7 @@ from PIL import Image
 
 
 def build_model() -> keras.Model:
-    model = keras.Sequential()  # layers named as the spec's nodes
-    model.add(keras.Input(shape=(32, 32, 3)))
+    model = keras.Sequential([keras.Input(shape=(32, 32, 3))])  # layers: the spec's nodes
     model.add(layers.RandomRotation(15.0 / 360, fill_mode="nearest"))  # training only
     model.add(layers.RandomTranslation(0.1, 0.1, fill_mode="nearest"))
     model.add(layers.RandomFlip("horizontal"))
@@ -76,7 +76,7 @@ def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     masks = {"train": place >= 0.2, "validation": place < 0.2}
     parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
     parts["test"] = (test[0] * 0.00392156862745098).astype(np.float32), test[1]
-    return parts
+    return {name: (x, keras.utils.to_categorical(y, 10)) for name, (x, y) in parts.items()}
 
 
 def learning_rate(step: int, steps_per_epoch: int) -> float:
@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="save the trained weights (.weights.h5)")
     args = parser.parse_args()
     keras.utils.set_random_seed(42)
-    data = load_data(args.data_dir)
-    splits = {k: (x, keras.utils.to_categorical(y, 10)) for k, (x, y) in data.items()}
+    splits = load_data(args.data_dir)
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
@@ -124,17 +123,19 @@ def main() -> None:
             keras.metrics.F1Score("micro", name="f1_micro"),
         ],
     )
+    (x, y), val = splits["train"], splits["validation"]
+    passes = (np.random.permutation(len(y)) for _ in itertools.count())
+    batches = ((x[b], y[b]) for p in passes for b in np.array_split(p, range(32, len(y), 32)))
     steps = 1000
-    train, val = splits["train"], splits["validation"]
     model.fit(
-        *train,
-        batch_size=32,
-        epochs=args.epochs,
+        batches,
         steps_per_epoch=1000,
+        epochs=args.epochs,
         validation_data=val,
         callbacks=[Schedule(steps)],
+        verbose=2,
     )
-    model.evaluate(*splits["test"])
+    print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)
 

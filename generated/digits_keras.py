@@ -14,8 +14,7 @@ from sklearn.datasets import load_digits
 
 
 def build_model() -> keras.Model:
-    model = keras.Sequential()  # layers named as the spec's nodes
-    model.add(keras.Input(shape=(8, 8, 1)))
+    model = keras.Sequential([keras.Input(shape=(8, 8, 1))])  # layers: the spec's nodes
     model.add(layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2d_1"))
     model.add(layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2d_2"))
     model.add(layers.MaxPooling2D(2, name="max_pool2d_1"))
@@ -38,14 +37,13 @@ def load_weights(model: keras.Model, path: Path) -> None:  # specforge's layouts
 
 class Adam(keras.optimizers.Adam):  # as the paper and torch: epsilon outside v_hat
     def update_step(self, gradient, variable, learning_rate):
-        m = self._momentums[self._get_variable_index(variable)]
-        v = self._velocities[self._get_variable_index(variable)]
+        i = self._get_variable_index(variable)
+        m, v = self._momentums[i], self._velocities[i]
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))
         self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))
-        t = ops.cast(self.iterations + 1, variable.dtype)
-        m_hat = m / -ops.expm1(t * math.log(self.beta_1))  # 1 - beta_1^t, exact
-        v_hat = v / -ops.expm1(t * math.log(self.beta_2))
-        self.assign_sub(variable, learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon))
+        t = ops.cast(self.iterations + 1, variable.dtype)  # 1 - beta^t, exactly:
+        c1, c2 = (-ops.expm1(t * math.log(b)) for b in (self.beta_1, self.beta_2))
+        self.assign_sub(variable, learning_rate * m / c1 / (ops.sqrt(v / c2) + self.epsilon))
 
 
 def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -63,7 +61,7 @@ def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         "test": place < 0.2,
     }
     parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
-    return parts
+    return {name: (x, keras.utils.to_categorical(y, 10)) for name, (x, y) in parts.items()}
 
 
 def main() -> None:
@@ -74,8 +72,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="save the trained weights (.weights.h5)")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    data = load_data(args.data_dir)
-    splits = {k: (x, keras.utils.to_categorical(y, 10)) for k, (x, y) in data.items()}
+    splits = load_data(args.data_dir)
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
@@ -84,9 +81,9 @@ def main() -> None:
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.F1Score("macro", name="f1_macro")],
     )
-    train, val = splits["train"], splits["validation"]
-    model.fit(*train, batch_size=32, epochs=args.epochs, validation_data=val)
-    model.evaluate(*splits["test"])
+    (x, y), val = splits["train"], splits["validation"]
+    model.fit(x, y, batch_size=32, epochs=args.epochs, validation_data=val, verbose=2)
+    print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)
 

@@ -182,8 +182,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="save the trained weights (.weights.h5)")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    data = load_data(args.data_dir)
-    splits = {k: (x, keras.utils.to_categorical(y, 1000)) for k, (x, y) in data.items()}
+    splits = load_data(args.data_dir)
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
@@ -192,11 +191,9 @@ def main() -> None:
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top_5_accuracy")],
     )
-    steps = math.ceil(len(splits["train"][1]) / len(splits["train"][1]))
-    train = splits["train"]
-    model.fit(
-        *train, batch_size=len(splits["train"][1]), epochs=args.epochs, callbacks=[Schedule(steps)]
-    )
+    x, y = splits["train"]
+    steps = math.ceil(len(y) / len(y))
+    model.fit(x, y, batch_size=len(y), epochs=args.epochs, callbacks=[Schedule(steps)], verbose=2)
     if args.save:
         model.save_weights(args.save)
 

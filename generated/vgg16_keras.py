@@ -12,8 +12,7 @@ from keras import layers
 
 
 def build_model() -> keras.Model:
-    model = keras.Sequential()  # layers named as the spec's nodes
-    model.add(keras.Input(shape=(224, 224, 3)))
+    model = keras.Sequential([keras.Input(shape=(224, 224, 3))])  # layers: the spec's nodes
     model.add(layers.Conv2D(64, 3, padding="same", activation="relu", name="stage1_conv_0"))
     model.add(layers.Conv2D(64, 3, padding="same", activation="relu", name="stage1_conv_1"))
     model.add(layers.MaxPooling2D(2, name="stage1_pool"))
@@ -71,8 +70,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="save the trained weights (.weights.h5)")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
-    data = load_data(args.data_dir)
-    splits = {k: (x, keras.utils.to_categorical(y, 1000)) for k, (x, y) in data.items()}
+    splits = load_data(args.data_dir)
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
@@ -81,8 +79,8 @@ def main() -> None:
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(5, name="top_5_accuracy")],
     )
-    train = splits["train"]
-    model.fit(*train, batch_size=len(splits["train"][1]), epochs=args.epochs)
+    x, y = splits["train"]
+    model.fit(x, y, batch_size=len(y), epochs=args.epochs, verbose=2)
     if args.save:
         model.save_weights(args.save)
 

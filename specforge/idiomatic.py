@@ -48,9 +48,9 @@ LAYOUTS = {
 }
 
 
-def data_code(program: Program, layout: str = "numpy") -> str:
+def data_code(program: Program, layout: str = "numpy", labels: str = "y") -> str:
     """``load_data(data_dir)`` for the spec's data: each split's normalised float32 images
-    and integer labels (in ``layout``), empty splits left out."""
+    and labels (integers, or the expression ``labels`` of ``y``) in ``layout``."""
     data = program.spec.data
     kind, pair = LAYOUTS[layout]
     head = f"def load_data(data_dir: Path) -> dict[str, tuple[{kind}, {kind}]]:"
@@ -61,7 +61,7 @@ def data_code(program: Program, layout: str = "numpy") -> str:
     read, has_test = _source_lines(program)
     norm = _normalised(data.normalize, "x")
     lines = [*read, f"x = {_float32(norm)}", *_split_lines(program, has_test)]
-    entry = pair.format(images="x", labels="y")
+    entry = pair.format(images="x", labels=labels)
     comprehension = f"{{name: {entry} for name, (x, y) in parts.items()}}"
     if entry == "(x, y)":
         lines.append("return parts")

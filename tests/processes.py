@@ -119,3 +119,38 @@ def check_evaluate_and_predict(run_dir: Path, images_dir: Path) -> None:
         assert line["class"] == str(int(np.argmax(probabilities)))
     correct = sum(line["class"] == str(digits.target[i]) for i, line in enumerate(lines))
     assert correct >= 4  # a ~98% model
+
+
+# Runs a script (argv[1]) in a process where specforge cannot be imported: a built script
+# must stand alone.
+_WITHOUT_SPECFORGE = """\
+import runpy, sys
+class NoSpecforge:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('specforge', 'specforge_torch', 'specforge_keras'):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoSpecforge())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def without_specforge(script: Path | str, *args: str) -> list[str]:
+    """The command that runs ``script`` with ``args`` where specforge cannot be imported."""
+    return [sys.executable, "-c", _WITHOUT_SPECFORGE, str(script), *args]
+
+
+def image_folders(root: Path, classes: int = 3, per_class: int = 8, size: int = 36) -> Path:
+    """train/ and test/ folders of random PNGs, one subfolder per class; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, count in (("train", per_class), ("test", 2)):
+        for c in range(classes):
+            folder = root / part / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

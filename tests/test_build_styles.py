@@ -193,7 +193,8 @@ UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "b
     _epoch_schedule("constant")]
 
 
-def first_step_torch(module: ModuleType, batch: Any, monkeypatch: Any) -> dict[str, Any]:
+def first_step_torch(module: ModuleType, batch: Any, monkeypatch: Any, program: Program
+                     ) -> dict[str, Any]:
     import torch
 
     original, captured = module.train_step, {}
@@ -211,14 +212,16 @@ def first_step_torch(module: ModuleType, batch: Any, monkeypatch: Any) -> dict[s
             if not k.endswith("num_batches_tracked")}
 
 
-def first_step_keras(module: ModuleType, batch: Any, monkeypatch: Any) -> dict[str, Any]:
+def first_step_keras(module: ModuleType, batch: Any, monkeypatch: Any, program: Program
+                     ) -> dict[str, Any]:
     import keras
 
     captured = {}
 
-    def fit(model: Any, x: Any, y: Any, *args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
-        targets = (batch.y[:, None].astype("float32") if y.shape[1] == 1 else
-                   keras.utils.to_categorical(batch.y, y.shape[1]))
+    def fit(model: Any, *args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        targets = (batch.y[:, None].astype("float32")
+                   if program.loss.kind == "binary_cross_entropy" else
+                   keras.utils.to_categorical(batch.y, program.loss.classes))
         for callback in callbacks:  # the learning-rate schedule
             callback.set_model(model)
             callback.on_train_batch_begin(0)
@@ -264,7 +267,7 @@ def test_one_step_gives_specforge_runs_first_step_weights(case, backend, tmp_pat
     module = import_script(built(program, backend), tmp_path, f"{backend}_step")
     monkeypatch.setattr(sys, "argv", ["script", "--weights", str(start), "--epochs", "1"])
     stepped = (first_step_torch if backend == "torch" else first_step_keras)(
-        module, batch, monkeypatch)
+        module, batch, monkeypatch, program)
     expected = as_script_weights(module, backend, after)
     initial = as_script_weights(module, backend, start)
     assert stepped.keys() == expected.keys()

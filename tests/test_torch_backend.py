@@ -33,6 +33,7 @@ from tests.processes import (  # noqa: E402
     PNG_SIGNATURE,
     check_evaluate_and_predict,
     cli,
+    image_folders,
     ok,
     read_jsonl,
     refused,
@@ -40,6 +41,7 @@ from tests.processes import (  # noqa: E402
     sets,
     specforge,
     stop_after_steps,
+    without_specforge,
 )
 
 DIGITS = str(SPECS / "digits.yaml")
@@ -607,3 +609,31 @@ def test_compile_modes_reach_torch_compile(monkeypatch, setting, mode):
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
     TorchTrainer(compile_spec(DIGITS, [f"training.compile={setting}"]), "cpu")
     assert modes == ([mode] if mode else [])
+
+
+# --- idiomatic style: standalone, and trains digits as `specforge run` does ----------------------
+
+def test_idiomatic_digits_script_alone_reaches_the_runs_accuracy(digits_run):
+    run_dir, _ = digits_run
+    # the script as committed, in a process where specforge cannot be imported
+    script = ROOT / "generated" / "digits_torch.py"
+    result = ok(run_all(without_specforge(script, "--data-dir", str(SPECS)), timeout=600)[0])
+    text = result.stdout.splitlines()[-1]  # "test: loss 0.07  accuracy 0.98  ..."
+    accuracy = float(re.search(r"accuracy ([0-9.]+)", text).group(1))
+    run = json.loads((run_dir / "summary.json").read_text())["test"]["accuracy"]
+    assert abs(accuracy - run) <= 0.02, (accuracy, run)
+    assert accuracy >= 0.95, accuracy
+
+
+def test_both_styles_run_alone_on_image_folders(tmp_path):
+    # the seed spec (image folders, augmentation, steps_per_epoch) shortened, both styles
+    folders = image_folders(tmp_path)
+    short = sets("training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=4")
+    scripts = {style: tmp_path / f"cifar_{style}.py" for style in ("idiomatic", "exact")}
+    ok(run_all(*(specforge("build", "specs/cifar.yaml", "-b", "torch", "--style", style,
+                           "-o", str(path), *short) for style, path in scripts.items()))[0])
+    results = run_all(*(without_specforge(path, "--data-dir", str(folders))
+                        for path in scripts.values()), timeout=600)
+    for result in results:
+        ok(result)
+        assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]

@@ -192,7 +192,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     extra_softmax = bool(program.output_activation) and output_layer.op not in ("conv2d",
                                                                                    "dense")
     context = common_context(program)
-    context["load_data"] = data_code(program, "numpy")
+    context["load_data"] = data_code(program, "numpy", label_code(program))
     spec = program.spec
     augment = spec.data.augment if spec.data and not is_identity(spec.data.augment) else None
     context.update(
@@ -311,14 +311,13 @@ def optimizer_class(program: Program) -> list[str]:
     return ["class Adam(keras.optimizers.Adam):  # as the paper and torch: epsilon outside v_hat",
             "    def update_step(self, gradient, variable, learning_rate):",
             *(f"        {d}" for d in decay),
-            "        m = self._momentums[self._get_variable_index(variable)]",
-            "        v = self._velocities[self._get_variable_index(variable)]",
+            "        i = self._get_variable_index(variable)",
+            "        m, v = self._momentums[i], self._velocities[i]",
             "        self.assign_add(m, (gradient - m) * (1 - self.beta_1))",
             "        self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))",
-            "        t = ops.cast(self.iterations + 1, variable.dtype)",
-            "        m_hat = m / -ops.expm1(t * math.log(self.beta_1))  # 1 - beta_1^t, exact",
-            "        v_hat = v / -ops.expm1(t * math.log(self.beta_2))",
-            "        self.assign_sub(variable, learning_rate * m_hat / (ops.sqrt(v_hat) + "
+            "        t = ops.cast(self.iterations + 1, variable.dtype)  # 1 - beta^t, exactly:",
+            "        c1, c2 = (-ops.expm1(t * math.log(b)) for b in (self.beta_1, self.beta_2))",
+            "        self.assign_sub(variable, learning_rate * m / c1 / (ops.sqrt(v / c2) + "
             "self.epsilon))"]
 
 
@@ -407,25 +406,31 @@ def metric_classes(program: Program) -> list[str]:
 
 
 def fit_lines(program: Program) -> list[str]:
-    """``model.fit(...)`` with the spec's batch size, steps, validation and schedule."""
+    """``model.fit(...)`` with the spec's batch size, steps, validation and schedule. With
+    `steps_per_epoch`, batches come from a generator that reshuffles pass after pass (Keras
+    stops arrays that run out before steps_per_epoch * epochs)."""
     settings = program.spec.training
     data = program.spec.data
-    batch = "len(splits[\"train\"][1])" if data is None or data.batch_size == "full" else \
-        str(data.batch_size)
-    parts = ["*train", f"batch_size={batch}", "epochs=args.epochs"]
-    lines = []
-    if settings.steps_per_epoch:
-        parts.append(f"steps_per_epoch={settings.steps_per_epoch}")
+    batch = "len(y)" if data is None or data.batch_size == "full" else str(data.batch_size)
     validation = split_presence(program)["validation"]
+    lines = ["(x, y), val = splits[\"train\"], splits[\"validation\"]" if validation else
+             "x, y = splits[\"train\"]"]
+    if settings.steps_per_epoch:
+        lines += ["passes = (np.random.permutation(len(y)) for _ in itertools.count())",
+                  f"batches = ((x[b], y[b]) for p in passes for b in np.array_split(p, "
+                  f"range({batch}, len(y), {batch})))"]
+        parts = ["batches", f"steps_per_epoch={settings.steps_per_epoch}"]
+    else:
+        parts = ["x", "y", f"batch_size={batch}"]
+    parts.append("epochs=args.epochs")
     if validation:
         parts.append("validation_data=val")
     if program.optimizer.schedule is not None:
         steps = str(settings.steps_per_epoch) if settings.steps_per_epoch else \
-            f"math.ceil(len(splits[\"train\"][1]) / {batch})"
+            f"math.ceil(len(y) / {batch})"
         lines.append(f"steps = {steps}")
         parts.append("callbacks=[Schedule(steps)]")
-    lines.append("train, val = splits[\"train\"], splits[\"validation\"]" if validation else
-                 "train = splits[\"train\"]")
+    parts.append("verbose=2")  # a line an epoch
     one = f"model.fit({', '.join(parts)})"
     if len(one) <= 96:
         return [*lines, one]
