@@ -279,3 +279,12 @@ def test_one_step_gives_specforge_runs_first_step_weights(case, backend, tmp_pat
         assert diff.max_abs <= tolerance, (case.name, backend, name, diff)
         moved += not np.array_equal(value, initial[name])
     assert moved, "the step changed nothing: the comparison would prove nothing"
+
+
+def test_the_readme_shows_the_generated_seed_model():
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "def build_model" in shown
+    assert shown in (ROOT / "generated" / "cifar_keras.py").read_text()
+    lines = (ROOT / "generated" / "cifar_keras.py").read_text().count("\n")
+    assert f"`generated/cifar_keras.py`, {lines} lines in all" in readme
