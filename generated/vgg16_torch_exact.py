@@ -877,20 +877,32 @@ def top_k_accuracy(counts: MetricAccumulator, metric: MetricIR) -> float:
 METRIC_VALUES = {"accuracy": accuracy, "top_k_accuracy": top_k_accuracy}
 
 
+class Tally:
+    """The loss (the mean over images, batches weighted by their size) and the metrics of
+    an epoch's training steps or of an evaluation, batch by batch."""
+
+    def __init__(self, metrics: Any, classes: int) -> None:
+        self.metrics = MetricAccumulator(metrics, classes)
+        self.loss_sum, self.seen = 0.0, 0
+
+    def add(self, loss: float, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Count a batch: its mean loss, its logits and its labels."""
+        self.metrics.update(logits, labels)
+        self.loss_sum += loss * len(labels)
+        self.seen += len(labels)
+
+    def result(self) -> dict[str, float]:
+        return {"loss": self.loss_sum / max(self.seen, 1), **self.metrics.result()}
+
+
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
                    classes: int, limit: int | None = None) -> dict[str, float]:
     """Loss and metrics over a whole split (an empty dict when the split is empty).
     ``evaluate_batch(x, y)`` returns a batch's mean loss and its logits."""
-    accumulator = MetricAccumulator(metrics, classes)
-    loss_sum, seen = 0.0, 0
+    tally = Tally(metrics, classes)
     for batch in pipeline.eval_batches(split, limit):
-        loss, logits = evaluate_batch(batch.x, batch.y)
-        accumulator.update(logits, batch.y)
-        loss_sum += loss * len(batch.y)
-        seen += len(batch.y)
-    if not seen:
-        return {}
-    return {"loss": loss_sum / seen, **accumulator.result()}
+        tally.add(*evaluate_batch(batch.x, batch.y), batch.y)
+    return tally.result() if tally.seen else {}
 
 
 def load_data(data_dir: Path) -> DataPipeline:
@@ -957,8 +969,7 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
     ``train_step(batch, lr, step)`` returns the loss and the logits."""
     step = 0
     for epoch in range(epochs):
-        metrics = MetricAccumulator(METRICS, LOSS.classes)
-        loss_sum, seen = 0.0, 0
+        tally = Tally(METRICS, LOSS.classes)
         started, timed = time.perf_counter(), 0
         for _ in range(steps_per_epoch):
             batch = batches.train_batch(step)
@@ -966,20 +977,17 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
                 raise SystemExit(f"the loss became {loss} at step {step}")
-            metrics.update(logits, batch.y)
-            loss_sum += loss * len(batch.y)
-            seen += len(batch.y)
+            tally.add(loss, logits, batch.y)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
                                       "lr": lr}) + "\n")
             step += 1
             if step == 5:  # images/s leaves out the first steps (allocation, tuning)
-                started, timed = time.perf_counter(), seen
-        rate = (seen - timed) / (time.perf_counter() - started)
+                started, timed = time.perf_counter(), tally.seen
+        rate = (tally.seen - timed) / (time.perf_counter() - started)
         validation = evaluate_split(pipeline, "validation", evaluate_batch, METRICS,
                                     LOSS.classes, TRAINING.validation_steps)
-        shown = {"loss": loss_sum / seen, **metrics.result(),
-                 **{f"val_{k}": v for k, v in validation.items()}}
+        shown = {**tally.result(), **{f"val_{k}": v for k, v in validation.items()}}
         if main:
             print(f"epoch {epoch + 1}/{epochs}: "
                   + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())

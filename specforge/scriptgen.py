@@ -47,7 +47,7 @@ def shared(program: Program) -> str:
         *([(augment, ["AugmentParams", "draw_params", "apply_augmentation"])]
           if augmented else []),
         (program_module, ["lr_at"]), (metrics, ["MetricAccumulator"]),
-        (runner, ["evaluate_split"])]
+        (runner, ["Tally", "evaluate_split"])]
     return copied([(m, used(m, names, chosen)) for m, names in roots], chosen)
 
 
