@@ -4,8 +4,11 @@ A script does not import specforge. What must compute exactly as `specforge run`
 (initial weights, data split and order, augmentation, schedule, metrics, and each backend's
 layers and update rules) is copied into it from the very functions `specforge run` uses,
 read from their source files (so building imports no framework): one piece of code serves
-both. The spec's values reach a script only as ``repr`` literals, SimpleNamespace
-expressions of them, or validated names: no spec can inject code.
+both. Only what the spec uses is copied (:func:`used`): where the code differs by kind (loss,
+optimizer, schedule, metric, augmentation transform), it has one function per kind and a
+dispatch table, a dict literal from kind to function, of which a script keeps only the
+spec's entries (:func:`kinds`). The spec's values reach a script only as ``repr`` literals,
+SimpleNamespace expressions of them, or validated names: no spec can inject code.
 
 Each backend has a template that extends ``templates/script.py.j2`` (settings, data,
 training loop) with its imports, layers, model and train step.
