@@ -21,7 +21,7 @@ import json
 import math
 import time
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,7 +65,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
-PendingStep = Any
+PendingStep = AugmentParams = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 
@@ -452,28 +452,22 @@ def optimizer_slots(opt: OptimizerIR) -> tuple[str, ...]:
     return ("mean_square",) if opt.kind == "rmsprop" else ("m", "v")
 
 
+def cross_entropy(loss: LossIR, output: Any, labels: Any) -> Any:
+    e, classes = loss.label_smoothing, output.shape[-1]
+    target = ops.one_hot(labels, classes) * (1 - e) + e / classes
+    if loss.from_logits:
+        log_p = output - ops.logsumexp(output, axis=-1, keepdims=True)
+    else:
+        log_p = ops.log(ops.clip(output, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
+    return -ops.mean(ops.sum(target * log_p, axis=-1))
+
+
+LOSSES = {"cross_entropy": cross_entropy}
+
+
 def loss_value(loss: LossIR, output: Any, labels: Any) -> Any:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
-    e = loss.label_smoothing
-    if loss.kind == "cross_entropy":
-        classes = output.shape[-1]
-        target = ops.one_hot(labels, classes) * (1 - e) + e / classes
-        if loss.from_logits:
-            log_p = output - ops.logsumexp(output, axis=-1, keepdims=True)
-        else:
-            log_p = ops.log(ops.clip(output, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
-        return -ops.mean(ops.sum(target * log_p, axis=-1))
-    if loss.kind == "binary_cross_entropy":
-        target = ops.cast(labels, output.dtype) * (1 - e) + e / 2
-        z = output[:, 0]
-        if loss.from_logits:  # max(z, 0) - z t + log(1 + exp(-|z|)), the stable form
-            return ops.mean(ops.relu(z) - z * target + ops.log1p(ops.exp(-ops.abs(z))))
-        p = ops.clip(z, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-        return -ops.mean(target * ops.log(p) + (1 - target) * ops.log(1 - p))
-    target = ops.one_hot(labels, output.shape[-1])
-    if loss.kind == "mse":
-        return ops.mean(ops.square(output - target))
-    return ops.mean(ops.abs(output - target))
+    return LOSSES[loss.kind](loss, output, labels)
 
 
 def clip_gradients(grads: list[Any], clip_value: float | None,
@@ -489,38 +483,29 @@ def clip_gradients(grads: list[Any], clip_value: float | None,
     return grads
 
 
+def sgd_update(opt: OptimizerIR, p: Any, g: Any, s: list[Any], step: Any, lr: Any
+               ) -> tuple[Any, list[Any]]:
+    h = opt.hyper
+    if not h["momentum"]:
+        return p - lr * g, s
+    buf = h["momentum"] * s[0] + g
+    d = g + h["momentum"] * buf if h["nesterov"] else buf
+    return p - lr * d, [buf]
+
+
+UPDATES = {"sgd": sgd_update}
+
+
 def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
                      slots: list[list[Any]], step: Any, lr: Any
                      ) -> tuple[list[Any], list[list[Any]]]:
     """specforge's update rules (docs/semantics.md); ``step`` counts from 1."""
-    h, wd = opt.hyper, opt.weight_decay
+    update, wd = UPDATES[opt.kind], opt.weight_decay
     new_params, new_slots = [], []
     for p, g, s in zip(params, grads, slots, strict=True):
         if wd and opt.kind != "adamw":
             g = g + wd * p  # coupled L2
-        if opt.kind == "sgd":
-            if h["momentum"]:
-                buf = h["momentum"] * s[0] + g
-                d = g + h["momentum"] * buf if h["nesterov"] else buf
-                s = [buf]
-            else:
-                d = g
-            p = p - lr * d
-        elif opt.kind == "rmsprop":
-            v = h["rho"] * s[0] + (1 - h["rho"]) * ops.square(g)
-            p = p - lr * g / (ops.sqrt(v) + h["epsilon"])
-            s = [v]
-        else:
-            if opt.kind == "adamw" and wd:
-                p = p * (1 - lr * wd)  # decoupled decay, before the Adam step
-            m = h["beta1"] * s[0] + (1 - h["beta1"]) * g
-            v = h["beta2"] * s[1] + (1 - h["beta2"]) * ops.square(g)
-            # 1 - beta^t as -expm1(t log beta): in float32, 1 - 0.999^t loses 1e-5 of its
-            # value to cancellation, which the conformance suite sees after a few steps
-            m_hat = m / -ops.expm1(step * float(np.log(h["beta1"])))
-            v_hat = v / -ops.expm1(step * float(np.log(h["beta2"])))
-            p = p - lr * m_hat / (ops.sqrt(v_hat) + h["epsilon"])
-            s = [m, v]
+        p, s = update(opt, p, g, s, step, lr)
         new_params.append(p)
         new_slots.append(s)
     return new_params, new_slots
@@ -695,6 +680,14 @@ class SourceData:
     test: Dataset | None = None
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
 def split_indices(labels: np.ndarray, validation: float, test: float, stratify: bool,
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, validation, test) indices. Each part keeps the order of one seeded
@@ -715,14 +708,6 @@ def split_indices(labels: np.ndarray, validation: float, test: float, stratify: 
         joined = np.concatenate(part)
         out.append(joined[np.argsort(rank[joined], kind="stable")])
     return out[0], out[1], out[2]
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Normalised float32 images (B, H, W, C) and int64 labels (B,)."""
-
-    x: np.ndarray
-    y: np.ndarray
 
 
 class DataPipeline:
@@ -760,26 +745,19 @@ class DataPipeline:
     def batch_plan(self, step: int, part: slice = slice(None)
                    ) -> tuple[np.ndarray, AugmentParams | None]:
         """Which training images step ``step`` takes, and their augmentation parameters
-        (None without augmentation): what any implementation of the batch must use.
-        ``part``: only that part of the batch (a :func:`shard`)."""
-        indices = self.batch_indices(step)
-        aug = self.data.augment
-        if is_identity(aug):
-            return indices[part], None
-        pass_index, b = divmod(step, self.batches_per_pass)
-        rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
-        height, width = self.train.images.shape[1:3]
-        params = draw_params(aug, len(indices), height, width, rng)
-        return indices[part], params.take(part)
+        (None: this pipeline does not augment): what any implementation of the batch must
+        use. ``part``: only that part of the batch (a :func:`shard`)."""
+        return self.batch_indices(step)[part], None
 
     def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
         """The (augmented, normalised) training batch of global step ``step``, or ``part``
         of it."""
         indices, params = self.batch_plan(step, part)
-        images = np.asarray(self.train.images[indices], np.float32)
-        if params is not None:
-            images = apply_augmentation(images, params, self.data.augment)
+        images = self.augment(np.asarray(self.train.images[indices], np.float32), params)
         return Batch(self.normalize(images), self.train.labels[indices])
+
+    def augment(self, images: np.ndarray, params: AugmentParams | None) -> np.ndarray:
+        return images
 
     def train_batches(self, start: int, count: int) -> Iterator[Batch]:
         for step in range(start, start + count):
@@ -805,8 +783,10 @@ class DataPipeline:
         return ((images * self._scale - self._mean) / self._std).astype(np.float32)
 
 
-def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
-    """Split a loaded source (its own test set, if any, stays the test set)."""
+def assemble_pipeline(data: Any, source: Any, seed: int,
+                      cls: type[DataPipeline] = DataPipeline) -> DataPipeline:
+    """Split a loaded source (its own test set, if any, stays the test set) into a ``cls``
+    (see :func:`pipeline_class`)."""
     train_idx, val_idx, test_idx = split_indices(
         source.train.labels, data.split.validation, data.split.test or 0.0,
         data.split.stratify, seed)
@@ -816,126 +796,10 @@ def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
         source.train.subset(test_idx) if len(test_idx) else None)
     if len(train) == 0:
         raise DataError("no training data left after the split")
-    return DataPipeline(data, train, validation, test, seed)
+    return cls(data, train, validation, test, seed)
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    """Per-image parameters of one batch (arrays of length N)."""
-
-    angle: np.ndarray      # radians
-    shift_y: np.ndarray    # pixels
-    shift_x: np.ndarray
-    zoom_y: np.ndarray
-    zoom_x: np.ndarray
-    flip_h: np.ndarray     # bool
-    flip_v: np.ndarray
-    crop_y: np.ndarray     # int
-    crop_x: np.ndarray
-
-    def take(self, part: slice) -> AugmentParams:
-        """The parameters of the images in ``part`` of the batch."""
-        return AugmentParams(*(getattr(self, f.name)[part] for f in fields(self)))
-
-
-def is_identity(aug: Any) -> bool:
-    return not (aug.rotation or aug.width_shift or aug.height_shift or aug.zoom
-                or aug.horizontal_flip or aug.vertical_flip or aug.crop_padding)
-
-
-def has_affine(aug: Any) -> bool:
-    return bool(aug.rotation or aug.width_shift or aug.height_shift or aug.zoom)
-
-
-def draw_params(aug: Any, n: int, height: int, width: int,
-                rng: np.random.Generator) -> AugmentParams:
-    """Draw one batch's parameters; uniform ranges as in Keras's ImageDataGenerator."""
-    u = rng.uniform(-1.0, 1.0, (5, n))
-    coins = rng.random((2, n)) < 0.5
-    p = aug.crop_padding
-    crops = rng.integers(-p, p + 1, (2, n))
-    return AugmentParams(
-        angle=np.deg2rad(aug.rotation * u[0]),
-        shift_x=aug.width_shift * width * u[1],
-        shift_y=aug.height_shift * height * u[2],
-        zoom_x=1.0 + aug.zoom * u[3],
-        zoom_y=1.0 + aug.zoom * u[4],
-        flip_h=coins[0] & bool(aug.horizontal_flip),
-        flip_v=coins[1] & bool(aug.vertical_flip),
-        crop_y=crops[0], crop_x=crops[1],
-    )
-
-
-def source_coordinates(params: AugmentParams, height: int, width: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Where each output pixel samples the input: two (N, H, W) float64 arrays."""
-    cy, cx = (height - 1) / 2, (width - 1) / 2
-    i = np.arange(height, dtype=np.float64)[None, :, None]
-    j = np.arange(width, dtype=np.float64)[None, None, :]
-    col = (slice(None), None, None)
-    dy = i - cy - params.shift_y[col]
-    dx = j - cx - params.shift_x[col]
-    cos, sin = np.cos(params.angle)[col], np.sin(params.angle)[col]
-    sy = cy + (cos * dy + sin * dx) / params.zoom_y[col]
-    sx = cx + (-sin * dy + cos * dx) / params.zoom_x[col]
-    return sy, sx
-
-
-def _fold(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Map possibly-outside integer indices inside; returns (index, inside mask)."""
-    inside = (index >= 0) & (index < size)
-    if mode == "reflect":
-        period = index % (2 * size)
-        return np.where(period >= size, 2 * size - 1 - period, period), inside
-    return np.clip(index, 0, size - 1), inside
-
-
-def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: str,
-                    fill: float) -> np.ndarray:
-    """Bilinear sampling of (N, H, W, C) float32 images at (N, H, W) coordinates."""
-    n, height, width, _ = images.shape
-    y0, x0 = np.floor(sy), np.floor(sx)
-    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
-    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-    batch = np.arange(n)[:, None, None]
-    out = np.zeros(images.shape, np.float64)
-    for ddy, wgt_y in ((0, 1 - wy), (1, wy)):
-        yi, y_in = _fold(y0 + ddy, height, mode)
-        for ddx, wgt_x in ((0, 1 - wx), (1, wx)):
-            xi, x_in = _fold(x0 + ddx, width, mode)
-            value = images[batch, yi, xi]
-            if mode == "constant":
-                value = np.where((y_in & x_in)[..., None], value, fill)
-            out += wgt_y * wgt_x * value
-    return out.astype(np.float32)
-
-
-def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
-    """out[n, i, j] = images[n, i + dy[n], j + dx[n]], zero outside (crop after padding)."""
-    n, height, width, _ = images.shape
-    rows = np.arange(height)[None, :] + dy[:, None]
-    cols = np.arange(width)[None, :] + dx[:, None]
-    valid = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
-    batch = np.arange(n)[:, None, None]
-    out = images[batch, np.clip(rows, 0, height - 1)[:, :, None],
-                 np.clip(cols, 0, width - 1)[:, None, :]]
-    return np.where(valid[..., None], out, 0).astype(images.dtype)
-
-
-def apply_augmentation(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
-    """Augment a float32 (N, H, W, C) batch with ``params``."""
-    _, height, width, _ = images.shape
-    out = images
-    if has_affine(aug):
-        sy, sx = source_coordinates(params, height, width)
-        out = sample_bilinear(out, sy, sx, aug.fill_mode, aug.fill_value)
-    if aug.horizontal_flip:
-        out = np.where(params.flip_h[:, None, None, None], out[:, :, ::-1], out)
-    if aug.vertical_flip:
-        out = np.where(params.flip_v[:, None, None, None], out[:, ::-1], out)
-    if aug.crop_padding:
-        out = shift_with_zeros(out, params.crop_y, params.crop_x)
-    return np.ascontiguousarray(out, dtype=np.float32)
+SCHEDULES = {}
 
 
 def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
@@ -949,6 +813,10 @@ def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
     s = optimizer.schedule
     if s is None:
         return base
+    t = step // steps_per_epoch if s.unit == "epoch" else step
+    if t < s.warmup:
+        return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
+    return SCHEDULES[s.kind](base, t - s.warmup, s.params)
     t = step // steps_per_epoch if s.unit == "epoch" else step
     if t < s.warmup:
         return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
@@ -997,55 +865,46 @@ class MetricAccumulator:
         self.count += len(labels)
 
     def result(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        c = self.confusion.astype(np.float64)
-        tp = np.diag(c)
-        predicted, actual = c.sum(axis=0), c.sum(axis=1)
-        for m in self.metrics:
-            if m.kind == "accuracy":
-                out[m.label] = float(tp.sum() / max(c.sum(), 1))
-            elif m.kind == "top_k_accuracy":
-                out[m.label] = self.top_k_hits[m.k] / max(self.count, 1)
-            else:
-                out[m.label] = _averaged(m.kind, m.average or "macro", tp, predicted, actual)
-        return out
+        return {m.label: METRIC_VALUES[m.kind](self, m) for m in self.metrics}
 
 
-def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+def accuracy(counts: MetricAccumulator, metric: MetricIR) -> float:
+    return float(np.trace(counts.confusion) / max(counts.confusion.sum(), 1))
 
 
-def _averaged(kind: str, average: str, tp: np.ndarray, predicted: np.ndarray,
-              actual: np.ndarray) -> float:
-    """Precision, recall or F1; macro averages classes present in labels or predictions."""
-    if average == "micro":
-        tp, predicted, actual = tp.sum(keepdims=True), predicted.sum(keepdims=True), \
-            actual.sum(keepdims=True)
-    precision, recall = _ratio(tp, predicted), _ratio(tp, actual)
-    if kind == "precision":
-        values = precision
-    elif kind == "recall":
-        values = recall
-    else:
-        values = _ratio(2 * precision * recall, precision + recall)
-    present = (predicted + actual) > 0
-    return float(values[present].mean()) if present.any() else 0.0
+def top_k_accuracy(counts: MetricAccumulator, metric: MetricIR) -> float:
+    return counts.top_k_hits[metric.k] / max(counts.count, 1)
+
+
+METRIC_VALUES = {"accuracy": accuracy, "top_k_accuracy": top_k_accuracy}
+
+
+class Tally:
+    """The loss (the mean over images, batches weighted by their size) and the metrics of
+    an epoch's training steps or of an evaluation, batch by batch."""
+
+    def __init__(self, metrics: Any, classes: int) -> None:
+        self.metrics = MetricAccumulator(metrics, classes)
+        self.loss_sum, self.seen = 0.0, 0
+
+    def add(self, loss: float, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Count a batch: its mean loss, its logits and its labels."""
+        self.metrics.update(logits, labels)
+        self.loss_sum += loss * len(labels)
+        self.seen += len(labels)
+
+    def result(self) -> dict[str, float]:
+        return {"loss": self.loss_sum / max(self.seen, 1), **self.metrics.result()}
 
 
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
                    classes: int, limit: int | None = None) -> dict[str, float]:
     """Loss and metrics over a whole split (an empty dict when the split is empty).
     ``evaluate_batch(x, y)`` returns a batch's mean loss and its logits."""
-    accumulator = MetricAccumulator(metrics, classes)
-    loss_sum, seen = 0.0, 0
+    tally = Tally(metrics, classes)
     for batch in pipeline.eval_batches(split, limit):
-        loss, logits = evaluate_batch(batch.x, batch.y)
-        accumulator.update(logits, batch.y)
-        loss_sum += loss * len(batch.y)
-        seen += len(batch.y)
-    if not seen:
-        return {}
-    return {"loss": loss_sum / seen, **accumulator.result()}
+        tally.add(*evaluate_batch(batch.x, batch.y), batch.y)
+    return tally.result() if tally.seen else {}
 
 
 def load_data(data_dir: Path) -> DataPipeline:
@@ -1108,8 +967,7 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
     ``train_step(batch, lr, step)`` returns the loss and the logits."""
     step = 0
     for epoch in range(epochs):
-        metrics = MetricAccumulator(METRICS, LOSS.classes)
-        loss_sum, seen = 0.0, 0
+        tally = Tally(METRICS, LOSS.classes)
         started, timed = time.perf_counter(), 0
         for _ in range(steps_per_epoch):
             batch = batches.train_batch(step)
@@ -1117,20 +975,17 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
                 raise SystemExit(f"the loss became {loss} at step {step}")
-            metrics.update(logits, batch.y)
-            loss_sum += loss * len(batch.y)
-            seen += len(batch.y)
+            tally.add(loss, logits, batch.y)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
                                       "lr": lr}) + "\n")
             step += 1
             if step == 5:  # images/s leaves out the first steps (allocation, tuning)
-                started, timed = time.perf_counter(), seen
-        rate = (seen - timed) / (time.perf_counter() - started)
+                started, timed = time.perf_counter(), tally.seen
+        rate = (tally.seen - timed) / (time.perf_counter() - started)
         validation = evaluate_split(pipeline, "validation", evaluate_batch, METRICS,
                                     LOSS.classes, TRAINING.validation_steps)
-        shown = {"loss": loss_sum / seen, **metrics.result(),
-                 **{f"val_{k}": v for k, v in validation.items()}}
+        shown = {**tally.result(), **{f"val_{k}": v for k, v in validation.items()}}
         if main:
             print(f"epoch {epoch + 1}/{epochs}: "
                   + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())

@@ -89,6 +89,24 @@ def _stop_on_signals(loop: Loop) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+class Tally:
+    """The loss (the mean over images, batches weighted by their size) and the metrics of
+    an epoch's training steps or of an evaluation, batch by batch."""
+
+    def __init__(self, metrics: Any, classes: int) -> None:
+        self.metrics = MetricAccumulator(metrics, classes)
+        self.loss_sum, self.seen = 0.0, 0
+
+    def add(self, loss: float, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Count a batch: its mean loss, its logits and its labels."""
+        self.metrics.update(logits, labels)
+        self.loss_sum += loss * len(labels)
+        self.seen += len(labels)
+
+    def result(self) -> dict[str, float]:
+        return {"loss": self.loss_sum / max(self.seen, 1), **self.metrics.result()}
+
+
 @dataclass(frozen=True)
 class StartedStep:
     """A training step the trainer has started, with what the loop logs once it ends."""
@@ -111,10 +129,8 @@ class Loop:
         self.epochs = training.epochs
         self.steps_per_epoch = pipeline.steps_per_epoch(training.steps_per_epoch)
         self.validation_steps = training.validation_steps
-        self.train_metrics = MetricAccumulator(program.metrics, program.loss.classes)
+        self.tally = Tally(program.metrics, program.loss.classes)  # this epoch's
         self.step = 0           # global optimizer steps done
-        self.loss_sum = 0.0     # this epoch, weighted by batch size
-        self.seen = 0
         self.history: list[dict[str, Any]] = []
         self.stop_requested: str | None = None
         #: Time in training steps (batch, forward, backward, update), for images/s.
@@ -125,17 +141,19 @@ class Loop:
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "loss_sum": self.loss_sum, "seen": self.seen,
-                "confusion": self.train_metrics.confusion.tolist(),
-                "top_k_hits": {str(k): v for k, v in self.train_metrics.top_k_hits.items()},
-                "count": self.train_metrics.count, "history": self.history}
+        metrics = self.tally.metrics
+        return {"step": self.step, "loss_sum": self.tally.loss_sum, "seen": self.tally.seen,
+                "confusion": metrics.confusion.tolist(),
+                "top_k_hits": {str(k): v for k, v in metrics.top_k_hits.items()},
+                "count": metrics.count, "history": self.history}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.step, self.loss_sum, self.seen = state["step"], state["loss_sum"], state["seen"]
-        self.train_metrics.confusion = np.asarray(state["confusion"], np.int64)
-        self.train_metrics.top_k_hits = {int(k): v for k, v in state["top_k_hits"].items()}
-        self.train_metrics.count = state["count"]
-        self.history = state["history"]
+        self.step, self.history = state["step"], state["history"]
+        self.tally.loss_sum, self.tally.seen = state["loss_sum"], state["seen"]
+        metrics = self.tally.metrics
+        metrics.confusion = np.asarray(state["confusion"], np.int64)
+        metrics.top_k_hits = {int(k): v for k, v in state["top_k_hits"].items()}
+        metrics.count = state["count"]
 
     def checkpoint(self) -> None:
         self.folder.flush()
@@ -191,9 +209,7 @@ class Loop:
             raise TrainingDiverged(
                 f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
                 f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
-        self.train_metrics.update(logits, started.labels)
-        self.loss_sum += loss * len(started.labels)
-        self.seen += len(started.labels)
+        self.tally.add(loss, logits, started.labels)
         self.folder.log_step(started.step, epoch, loss, started.lr)
         self.step += 1
         # Steps overlap, so a step's time is the time since the last one finished.
@@ -203,8 +219,8 @@ class Loop:
         if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
             self.train_seconds += seconds
             self.train_images += len(started.labels)
-        progress.advance(len(started.labels), seconds, epoch, self.loss_sum / self.seen,
-                         self.train_metrics)
+        progress.advance(len(started.labels), seconds, epoch,
+                         self.tally.loss_sum / self.tally.seen, self.tally.metrics)
 
     @property
     def epoch(self) -> int:
@@ -213,13 +229,11 @@ class Loop:
 
     def _end_epoch(self, progress: Any) -> None:
         record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
-                                  "loss": self.loss_sum / max(self.seen, 1),
-                                  **self.train_metrics.result()}
+                                  **self.tally.result()}
         validation = self.evaluate("validation")
         record.update({f"val_{k}": v for k, v in validation.items()})
         self.history.append(record)
-        self.loss_sum, self.seen = 0.0, 0
-        self.train_metrics.reset()
+        self.tally = Tally(self.program.metrics, self.program.loss.classes)
         self.folder.log_epoch(record, self.history, self.options)
         progress.epoch_done(record)
         if (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
@@ -237,16 +251,10 @@ def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
                    classes: int, limit: int | None = None) -> dict[str, float]:
     """Loss and metrics over a whole split (an empty dict when the split is empty).
     ``evaluate_batch(x, y)`` returns a batch's mean loss and its logits."""
-    accumulator = MetricAccumulator(metrics, classes)
-    loss_sum, seen = 0.0, 0
+    tally = Tally(metrics, classes)
     for batch in pipeline.eval_batches(split, limit):
-        loss, logits = evaluate_batch(batch.x, batch.y)
-        accumulator.update(logits, batch.y)
-        loss_sum += loss * len(batch.y)
-        seen += len(batch.y)
-    if not seen:
-        return {}
-    return {"loss": loss_sum / seen, **accumulator.result()}
+        tally.add(*evaluate_batch(batch.x, batch.y), batch.y)
+    return tally.result() if tally.seen else {}
 
 
 def evaluate_run(backend: Backend, program: Program, run_dir: Path,

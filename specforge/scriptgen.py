@@ -4,8 +4,11 @@ A script does not import specforge. What must compute exactly as `specforge run`
 (initial weights, data split and order, augmentation, schedule, metrics, and each backend's
 layers and update rules) is copied into it from the very functions `specforge run` uses,
 read from their source files (so building imports no framework): one piece of code serves
-both. The spec's values reach a script only as ``repr`` literals, SimpleNamespace
-expressions of them, or validated names: no spec can inject code.
+both. Only what the spec uses is copied (:func:`used`): where the code differs by kind (loss,
+optimizer, schedule, metric, augmentation transform), it has one function per kind and a
+dispatch table, a dict literal from kind to function, of which a script keeps only the
+spec's entries (:func:`kinds`). The spec's values reach a script only as ``repr`` literals,
+SimpleNamespace expressions of them, or validated names: no spec can inject code.
 
 Each backend has a template that extends ``templates/script.py.j2`` (settings, data,
 training loop) with its imports, layers, model and train step.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,18 +35,34 @@ CORE_TEMPLATES = Path(__file__).parent / "templates"
 #: What a name must look like before it is written into a script as an identifier.
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# (module, names) copied into every script, in this order.
-SHARED: list[tuple[ModuleType, list[str]]] = [
-    (weights, ["_fans", "draw"]),
-    (sources, ["Dataset", "SourceData"]),
-    (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]),
-    (augment, ["AugmentParams", "is_identity", "has_affine", "draw_params",
-               "source_coordinates", "_fold", "sample_bilinear", "shift_with_zeros",
-               "apply_augmentation"]),
-    (program_module, ["lr_at"]),
-    (metrics, ["MetricAccumulator", "_ratio", "_averaged"]),
-    (runner, ["evaluate_split"]),
-]
+
+def shared(program: Program) -> str:
+    """What every script copies from specforge's core: the initial weights, the dataset,
+    split and batches (augmentation only when the spec augments), the schedule, the metrics
+    and the evaluation, each with what it uses, the dispatch tables cut to the spec's kinds."""
+    data = program.spec.data
+    augmented = data is not None and not augment.is_identity(data.augment)
+    chosen = kinds(program)
+    roots: list[tuple[ModuleType, list[str]]] = [
+        (weights, ["draw"]), (sources, ["Dataset", "SourceData"]),
+        (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]
+         + (["AugmentedPipeline"] if augmented else [])),
+        *([(augment, ["AugmentParams", "draw_params", "apply_augmentation"])]
+          if augmented else []),
+        (program_module, ["lr_at"]), (metrics, ["MetricAccumulator"]),
+        (runner, ["Tally", "evaluate_split"])]
+    return copied([(m, used(m, names, chosen)) for m, names in roots], chosen)
+
+
+def kinds(program: Program) -> dict[str, set[str]]:
+    """The entries of each dispatch table (a dict from kind to function) the program uses."""
+    opt, data = program.optimizer, program.spec.data
+    return {"LOSSES": {program.loss.kind}, "OPTIMIZERS": {opt.kind}, "UPDATES": {opt.kind},
+            "SCHEDULES": {opt.schedule.kind} if opt.schedule else set(),
+            "METRIC_VALUES": {m.kind for m in program.metrics},
+            "AUGMENTATIONS": augment.enabled(data.augment) if data else set()}
+
+
 # What each data source needs on top.
 LOADERS: dict[str, list[tuple[ModuleType, list[str]]]] = {
     "digits": [(sources, ["_load_digits"])],
@@ -62,9 +81,11 @@ CONSTANTS: dict[str, list[tuple[ModuleType, list[str]]]] = {
 }
 
 
-def copied(parts: list[tuple[ModuleType | Path, list[str]]]) -> str:
+def copied(parts: list[tuple[ModuleType | Path, list[str]]],
+           kinds: Mapping[str, Collection[str]] | None = None) -> str:
     """The source text of the named top-level functions, classes and assignments, as in
-    their files."""
+    their files; a dispatch table named in ``kinds`` (a dict literal keyed by kind) keeps
+    only the entries of those kinds."""
     blocks = []
     for module, names in parts:
         path = Path(module.__file__) if isinstance(module, ModuleType) else module
@@ -73,9 +94,35 @@ def copied(parts: list[tuple[ModuleType | Path, list[str]]]) -> str:
         lines = text.splitlines()
         for name in names:
             node = definitions[name]
+            if kinds is not None and name in kinds:
+                blocks.append(_table(text, node, kinds[name]))
+                continue
             first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
             blocks.append("\n".join(lines[first - 1:node.end_lineno]))
     return "\n\n\n".join(blocks)
+
+
+def _entries(node: ast.stmt, kept: Collection[str] | None) -> list[tuple[ast.expr, ast.expr]]:
+    """A dispatch table's (key, value) nodes, only those whose key is in ``kept``."""
+    value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+    if not isinstance(value, ast.Dict):
+        raise TypeError("a dispatch table must be a dict literal")
+    return [(k, v) for k, v in zip(value.keys, value.values, strict=True)
+            if kept is None or (isinstance(k, ast.Constant) and k.value in kept)]
+
+
+def _table(text: str, node: ast.stmt, kept: Collection[str]) -> str:
+    """A dispatch table's assignment with only the entries of the ``kept`` kinds."""
+    head = ast.get_source_segment(text, node.target if isinstance(node, ast.AnnAssign)
+                                  else node.targets[0])  # type: ignore[attr-defined]
+    if isinstance(node, ast.AnnAssign):
+        head += ": " + ast.get_source_segment(text, node.annotation)
+    items = [f"{ast.get_source_segment(text, k)}: {ast.get_source_segment(text, v)}"
+             for k, v in _entries(node, kept)]
+    flat = f"{head} = {{{', '.join(items)}}}"
+    if len(flat) <= 100 or not items:
+        return flat
+    return f"{head} = {{\n" + "".join(f"    {item},\n" for item in items) + "}"
 
 
 def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
@@ -96,9 +143,11 @@ def top_level_names(module: ModuleType | Path) -> list[str]:
     return list(_top_level(ast.parse(path.read_text(encoding="utf-8"))))
 
 
-def used(module: ModuleType | Path, roots: list[str]) -> list[str]:
+def used(module: ModuleType | Path, roots: list[str],
+         kinds: Mapping[str, Collection[str]] | None = None) -> list[str]:
     """``roots`` and the module's top-level definitions they use, directly or through one
-    another, in the module's order: what to copy so that ``roots`` work."""
+    another, in the module's order: what to copy so that ``roots`` work. Of a dispatch
+    table named in ``kinds``, only the entries of those kinds count."""
     path = Path(module.__file__) if isinstance(module, ModuleType) else module
     definitions = _top_level(ast.parse(path.read_text(encoding="utf-8")))
     wanted, todo = set(), list(roots)
@@ -107,9 +156,23 @@ def used(module: ModuleType | Path, roots: list[str]) -> list[str]:
         if name in wanted:
             continue
         wanted.add(name)
-        todo += [n.id for n in ast.walk(definitions[name])
-                 if isinstance(n, ast.Name) and n.id in definitions and n.id != name]
+        node = definitions[name]
+        within: list[ast.AST] = [node]
+        if kinds is not None and name in kinds:
+            within = [part for entry in _entries(node, kinds[name]) for part in entry]
+        todo += [n for part in within for n in _names(part)
+                 if n in definitions and n != name]
     return [name for name in definitions if name in wanted]
+
+
+def _names(node: ast.AST) -> list[str]:
+    """The names ``node`` uses, leaving out annotations (which a script never evaluates)."""
+    if isinstance(node, ast.Name):
+        return [node.id]
+    skipped = ("annotation", "returns")
+    return [n for field, value in ast.iter_fields(node) if field not in skipped
+            for child in (value if isinstance(value, list) else [value])
+            if isinstance(child, ast.AST) for n in _names(child)]
 
 
 def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:
@@ -187,10 +250,12 @@ def render(program: Program, backend: str, template_folder: Path, template: str,
                              autoescape=False)
     env.filters["py"] = repr
     spec = program.spec
+    data = spec.data
     source_kind = spec.data.source.type if spec.data else None
     body = env.get_template(template).render(
         version=__version__, backend=backend, program=program, spec=spec,
-        source_kind=source_kind, shared=copied(SHARED),
+        source_kind=source_kind, shared=shared(program),
+        augmented=data is not None and not augment.is_identity(data.augment),
         loaders=copied(LOADERS.get(source_kind, [])),
         loader_constants=constants(CONSTANTS.get(source_kind, [])),
         data=assignment("DATA", spec.data), loss=assignment("LOSS", program.loss),

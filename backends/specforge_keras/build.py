@@ -13,14 +13,21 @@ from pathlib import Path
 from specforge.ir import program as program_module
 from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import Program
-from specforge.scriptgen import IDENTIFIER, assignment, copied, render, top_level_names, used
+from specforge.scriptgen import (
+    IDENTIFIER,
+    assignment,
+    copied,
+    kinds,
+    render,
+    top_level_names,
+    used,
+)
 from specforge_keras.recipes import layer_recipe
 
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
-HELPERS = ["loss_value", "clip_gradients", "optimizer_update", "make_slots",
-           "apply_update", "make_train_step", "_jax_step", "keras_train_step", "start_keras_step",
-           "keras_evaluate"]
+#: What the script's main() calls; the script copies these and what they use.
+HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate"]
 
 
 def model_lines(graph: Graph) -> list[str]:
@@ -58,6 +65,7 @@ def layer_names(graph: Graph) -> list[str]:
 
 def render_script(program: Program, distributed: bool = False) -> str:
     names = identifier_names(program.graph)
+    chosen = kinds(program)
     params = [(f"{n.name}.{p.name}", names[n.name], p.name, tuple(p.shape), p.init)
               for n in program.graph for p in n.params]
     return render(program, "keras", HERE / "templates", "train.py.j2",
@@ -65,4 +73,5 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   model_lines=model_lines(program.graph),
                   params=assignment("PARAMETERS", params),
                   layers=copied([(LAYERS, layer_names(program.graph))]),
-                  helpers=copied([(program_module, ["optimizer_slots"]), (TRAINER, HELPERS)]))
+                  helpers=copied([(program_module, ["optimizer_slots"]),
+                                  (TRAINER, used(TRAINER, HELPERS, chosen))], chosen))

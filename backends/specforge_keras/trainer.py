@@ -33,28 +33,42 @@ from specforge.ir.program import (
 from specforge_keras.model import create_model, export_weights
 
 
+def cross_entropy(loss: LossIR, output: Any, labels: Any) -> Any:
+    e, classes = loss.label_smoothing, output.shape[-1]
+    target = ops.one_hot(labels, classes) * (1 - e) + e / classes
+    if loss.from_logits:
+        log_p = output - ops.logsumexp(output, axis=-1, keepdims=True)
+    else:
+        log_p = ops.log(ops.clip(output, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
+    return -ops.mean(ops.sum(target * log_p, axis=-1))
+
+
+def binary_cross_entropy(loss: LossIR, output: Any, labels: Any) -> Any:
+    e = loss.label_smoothing
+    target = ops.cast(labels, output.dtype) * (1 - e) + e / 2
+    z = output[:, 0]
+    if loss.from_logits:  # max(z, 0) - z t + log(1 + exp(-|z|)), the stable form
+        return ops.mean(ops.relu(z) - z * target + ops.log1p(ops.exp(-ops.abs(z))))
+    p = ops.clip(z, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+    return -ops.mean(target * ops.log(p) + (1 - target) * ops.log(1 - p))
+
+
+def mse(loss: LossIR, output: Any, labels: Any) -> Any:
+    return ops.mean(ops.square(output - ops.one_hot(labels, output.shape[-1])))
+
+
+def mae(loss: LossIR, output: Any, labels: Any) -> Any:
+    return ops.mean(ops.abs(output - ops.one_hot(labels, output.shape[-1])))
+
+
+#: The batch-mean loss per kind (a built script keeps only its spec's).
+LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+          "mse": mse, "mae": mae}
+
+
 def loss_value(loss: LossIR, output: Any, labels: Any) -> Any:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
-    e = loss.label_smoothing
-    if loss.kind == "cross_entropy":
-        classes = output.shape[-1]
-        target = ops.one_hot(labels, classes) * (1 - e) + e / classes
-        if loss.from_logits:
-            log_p = output - ops.logsumexp(output, axis=-1, keepdims=True)
-        else:
-            log_p = ops.log(ops.clip(output, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
-        return -ops.mean(ops.sum(target * log_p, axis=-1))
-    if loss.kind == "binary_cross_entropy":
-        target = ops.cast(labels, output.dtype) * (1 - e) + e / 2
-        z = output[:, 0]
-        if loss.from_logits:  # max(z, 0) - z t + log(1 + exp(-|z|)), the stable form
-            return ops.mean(ops.relu(z) - z * target + ops.log1p(ops.exp(-ops.abs(z))))
-        p = ops.clip(z, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-        return -ops.mean(target * ops.log(p) + (1 - target) * ops.log(1 - p))
-    target = ops.one_hot(labels, output.shape[-1])
-    if loss.kind == "mse":
-        return ops.mean(ops.square(output - target))
-    return ops.mean(ops.abs(output - target))
+    return LOSSES[loss.kind](loss, output, labels)
 
 
 def clip_gradients(grads: list[Any], clip_value: float | None,
@@ -70,38 +84,52 @@ def clip_gradients(grads: list[Any], clip_value: float | None,
     return grads
 
 
+def sgd_update(opt: OptimizerIR, p: Any, g: Any, s: list[Any], step: Any, lr: Any
+               ) -> tuple[Any, list[Any]]:
+    h = opt.hyper
+    if not h["momentum"]:
+        return p - lr * g, s
+    buf = h["momentum"] * s[0] + g
+    d = g + h["momentum"] * buf if h["nesterov"] else buf
+    return p - lr * d, [buf]
+
+
+def rmsprop_update(opt: OptimizerIR, p: Any, g: Any, s: list[Any], step: Any, lr: Any
+                   ) -> tuple[Any, list[Any]]:
+    h = opt.hyper
+    v = h["rho"] * s[0] + (1 - h["rho"]) * ops.square(g)
+    return p - lr * g / (ops.sqrt(v) + h["epsilon"]), [v]
+
+
+def adam_update(opt: OptimizerIR, p: Any, g: Any, s: list[Any], step: Any, lr: Any
+                ) -> tuple[Any, list[Any]]:
+    h, wd = opt.hyper, opt.weight_decay
+    if opt.kind == "adamw" and wd:
+        p = p * (1 - lr * wd)  # decoupled decay, before the Adam step
+    m = h["beta1"] * s[0] + (1 - h["beta1"]) * g
+    v = h["beta2"] * s[1] + (1 - h["beta2"]) * ops.square(g)
+    # 1 - beta^t as -expm1(t log beta): in float32, 1 - 0.999^t loses 1e-5 of its
+    # value to cancellation, which the conformance suite sees after a few steps
+    m_hat = m / -ops.expm1(step * float(np.log(h["beta1"])))
+    v_hat = v / -ops.expm1(step * float(np.log(h["beta2"])))
+    return p - lr * m_hat / (ops.sqrt(v_hat) + h["epsilon"]), [m, v]
+
+
+#: One parameter's update per optimizer kind (a built script keeps only its spec's).
+UPDATES = {"sgd": sgd_update, "rmsprop": rmsprop_update, "adam": adam_update,
+           "adamw": adam_update}
+
+
 def optimizer_update(opt: OptimizerIR, params: list[Any], grads: list[Any],
                      slots: list[list[Any]], step: Any, lr: Any
                      ) -> tuple[list[Any], list[list[Any]]]:
     """specforge's update rules (docs/semantics.md); ``step`` counts from 1."""
-    h, wd = opt.hyper, opt.weight_decay
+    update, wd = UPDATES[opt.kind], opt.weight_decay
     new_params, new_slots = [], []
     for p, g, s in zip(params, grads, slots, strict=True):
         if wd and opt.kind != "adamw":
             g = g + wd * p  # coupled L2
-        if opt.kind == "sgd":
-            if h["momentum"]:
-                buf = h["momentum"] * s[0] + g
-                d = g + h["momentum"] * buf if h["nesterov"] else buf
-                s = [buf]
-            else:
-                d = g
-            p = p - lr * d
-        elif opt.kind == "rmsprop":
-            v = h["rho"] * s[0] + (1 - h["rho"]) * ops.square(g)
-            p = p - lr * g / (ops.sqrt(v) + h["epsilon"])
-            s = [v]
-        else:
-            if opt.kind == "adamw" and wd:
-                p = p * (1 - lr * wd)  # decoupled decay, before the Adam step
-            m = h["beta1"] * s[0] + (1 - h["beta1"]) * g
-            v = h["beta2"] * s[1] + (1 - h["beta2"]) * ops.square(g)
-            # 1 - beta^t as -expm1(t log beta): in float32, 1 - 0.999^t loses 1e-5 of its
-            # value to cancellation, which the conformance suite sees after a few steps
-            m_hat = m / -ops.expm1(step * float(np.log(h["beta1"])))
-            v_hat = v / -ops.expm1(step * float(np.log(h["beta2"])))
-            p = p - lr * m_hat / (ops.sqrt(v_hat) + h["epsilon"])
-            s = [m, v]
+        p, s = update(opt, p, g, s, step, lr)
         new_params.append(p)
         new_slots.append(s)
     return new_params, new_slots

@@ -14,7 +14,15 @@ from types import ModuleType
 from specforge.data import pipeline
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
-from specforge.scriptgen import IDENTIFIER, assignment, copied, render, top_level_names, used
+from specforge.scriptgen import (
+    IDENTIFIER,
+    assignment,
+    copied,
+    kinds,
+    render,
+    top_level_names,
+    used,
+)
 from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
 from specforge_torch.recipes import module_recipe
 
@@ -26,18 +34,21 @@ DISTRIBUTED = HERE / "distributed.py"
 TRANSFER = HERE / "transfer.py"  # read by path, as the others: importing it imports torch
 
 
-def torch_helpers(distributed: bool) -> str:
-    """The train and evaluation steps (TorchTrainer's :class:`Steps`) and what they use;
-    with ``distributed``, DDP's too (:class:`ShardedSteps`, torchrun's process group)."""
+def torch_helpers(program: Program, distributed: bool) -> str:
+    """The train and evaluation steps (TorchTrainer's :class:`Steps`) and what they use
+    (the program's kinds of loss and optimizer only); with ``distributed``, DDP's too
+    (:class:`ShardedSteps`, torchrun's process group)."""
+    chosen = kinds(program)
     steps = ["Steps"] + (["ShardedSteps"] if distributed else [])
     parts: list[tuple[ModuleType | Path, list[str]]] = [
-        (TRAINER, used(TRAINER, steps)), (TRANSFER, ["to_device"]), (MODEL, ["to_torch_layout"])]
+        (TRAINER, used(TRAINER, steps, chosen)), (TRANSFER, ["to_device"]),
+        (MODEL, ["to_torch_layout"])]
     if distributed:
         parts.append((pipeline, ["shard"]))
         parts.append((DISTRIBUTED, used(DISTRIBUTED, [
             "ranks_from_environment", "join", "leave", "ShardedBatches", "all_sum",
             "gather_rows"])))
-    return copied(parts)
+    return copied(parts, chosen)
 
 
 def layer_names(graph: Graph) -> list[str]:
@@ -96,4 +107,4 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   params=assignment("PARAMETERS", params),
                   torch_names=assignment("TORCH_NAMES", torch_names),
                   layers=copied([(LAYERS, layer_names(program.graph))]),
-                  helpers=torch_helpers(distributed))
+                  helpers=torch_helpers(program, distributed))

@@ -57,22 +57,38 @@ def resolve_device(requested: str | None) -> torch.device:
     return torch.device(requested)
 
 
-def make_optimizer(opt: OptimizerIR, params: Any) -> torch.optim.Optimizer:
-    """torch's optimizer for ``opt`` over ``params``: on a GPU its fused kernel (one launch
-    per step instead of one per update formula; RMSprop has none)."""
-    params = list(params)
-    fused = {"fused": True} if params and params[0].is_cuda else {}
+def _fused(params: list[torch.Tensor]) -> dict[str, bool]:
+    """On a GPU, torch's fused kernel (one launch per step instead of one per formula)."""
+    return {"fused": True} if params and params[0].is_cuda else {}
+
+
+def sgd(opt: OptimizerIR, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     h = opt.hyper
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.learning_rate, momentum=h["momentum"],
-                               nesterov=h["nesterov"], weight_decay=opt.weight_decay, **fused)
-    if opt.kind == "rmsprop":
-        return torch.optim.RMSprop(params, lr=opt.learning_rate, alpha=h["rho"],
-                                   eps=h["epsilon"], weight_decay=opt.weight_decay)
-    betas = (h["beta1"], h["beta2"])
+    return torch.optim.SGD(params, lr=opt.learning_rate, momentum=h["momentum"],
+                           nesterov=h["nesterov"], weight_decay=opt.weight_decay,
+                           **_fused(params))
+
+
+def rmsprop(opt: OptimizerIR, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    h = opt.hyper  # RMSprop has no fused kernel
+    return torch.optim.RMSprop(params, lr=opt.learning_rate, alpha=h["rho"], eps=h["epsilon"],
+                               weight_decay=opt.weight_decay)
+
+
+def adam(opt: OptimizerIR, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    h = opt.hyper
     cls = torch.optim.AdamW if opt.kind == "adamw" else torch.optim.Adam
-    return cls(params, lr=opt.learning_rate, betas=betas, eps=h["epsilon"],
-               weight_decay=opt.weight_decay, **fused)
+    return cls(params, lr=opt.learning_rate, betas=(h["beta1"], h["beta2"]), eps=h["epsilon"],
+               weight_decay=opt.weight_decay, **_fused(params))
+
+
+#: torch's optimizer per kind (a built script keeps only its spec's).
+OPTIMIZERS = {"sgd": sgd, "rmsprop": rmsprop, "adam": adam, "adamw": adam}
+
+
+def make_optimizer(opt: OptimizerIR, params: Any) -> torch.optim.Optimizer:
+    """torch's optimizer for ``opt`` over ``params``."""
+    return OPTIMIZERS[opt.kind](opt, list(params))
 
 
 def clip_gradients(params: list[torch.Tensor], clip_value: float | None,
@@ -110,26 +126,41 @@ def fetch_later(loss: torch.Tensor, logits: torch.Tensor) -> PendingStep:
     return results
 
 
+def cross_entropy(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    e = loss.label_smoothing
+    if loss.from_logits:
+        return F.cross_entropy(output, labels, label_smoothing=e)
+    target = F.one_hot(labels, output.shape[1]).to(output.dtype) * (1 - e) + e / output.shape[1]
+    p = output.clamp(PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+    return -(target * torch.log(p)).sum(dim=1).mean()
+
+
+def binary_cross_entropy(loss: LossIR, output: torch.Tensor, labels: torch.Tensor
+                         ) -> torch.Tensor:
+    e = loss.label_smoothing
+    target = labels.to(output.dtype) * (1 - e) + e / 2
+    if loss.from_logits:
+        return F.binary_cross_entropy_with_logits(output[:, 0], target)
+    p = output[:, 0].clamp(PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
+    return -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+
+
+def mse(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(output, F.one_hot(labels, output.shape[1]).to(output.dtype))
+
+
+def mae(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(output, F.one_hot(labels, output.shape[1]).to(output.dtype))
+
+
+#: The batch-mean loss per kind (a built script keeps only its spec's).
+LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+          "mse": mse, "mae": mae}
+
+
 def loss_value(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The batch-mean loss of ``output`` (logits, or probabilities when not from_logits)."""
-    e = loss.label_smoothing
-    if loss.kind == "cross_entropy":
-        if loss.from_logits:
-            return F.cross_entropy(output, labels, label_smoothing=e)
-        target = F.one_hot(labels, output.shape[1]).to(output.dtype) * (1 - e) + \
-            e / output.shape[1]
-        p = output.clamp(PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-        return -(target * torch.log(p)).sum(dim=1).mean()
-    if loss.kind == "binary_cross_entropy":
-        target = labels.to(output.dtype) * (1 - e) + e / 2
-        if loss.from_logits:
-            return F.binary_cross_entropy_with_logits(output[:, 0], target)
-        p = output[:, 0].clamp(PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON)
-        return -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
-    target = F.one_hot(labels, output.shape[1]).to(output.dtype)
-    if loss.kind == "mse":
-        return F.mse_loss(output, target)
-    return F.l1_loss(output, target)
+    return LOSSES[loss.kind](loss, output, labels)
 
 
 def forward_pass(model: Any, images: torch.Tensor, autocast: torch.dtype | None

@@ -128,17 +128,41 @@ def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.n
     return np.where(valid[..., None], out, 0).astype(images.dtype)
 
 
+def affine(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+    """Rotation, shifts and zoom, sampled bilinearly; ``fill_mode`` outside the image."""
+    _, height, width, _ = images.shape
+    sy, sx = source_coordinates(params, height, width)
+    return sample_bilinear(images, sy, sx, aug.fill_mode, aug.fill_value)
+
+
+def flip_horizontally(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+    return np.where(params.flip_h[:, None, None, None], images[:, :, ::-1], images)
+
+
+def flip_vertically(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+    return np.where(params.flip_v[:, None, None, None], images[:, ::-1], images)
+
+
+def crop(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
+    return shift_with_zeros(images, params.crop_y, params.crop_x)
+
+
+#: The transforms, in the order they apply (a built script keeps only its spec's).
+AUGMENTATIONS = {"affine": affine, "horizontal_flip": flip_horizontally,
+                 "vertical_flip": flip_vertically, "crop": crop}
+
+
+def enabled(aug: Any) -> set[str]:
+    """The names of the transforms ``aug`` switches on."""
+    on = {"affine": has_affine(aug), "horizontal_flip": aug.horizontal_flip,
+          "vertical_flip": aug.vertical_flip, "crop": aug.crop_padding}
+    return {name for name, value in on.items() if value}
+
+
 def apply_augmentation(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
     """Augment a float32 (N, H, W, C) batch with ``params``."""
-    _, height, width, _ = images.shape
-    out = images
-    if has_affine(aug):
-        sy, sx = source_coordinates(params, height, width)
-        out = sample_bilinear(out, sy, sx, aug.fill_mode, aug.fill_value)
-    if aug.horizontal_flip:
-        out = np.where(params.flip_h[:, None, None, None], out[:, :, ::-1], out)
-    if aug.vertical_flip:
-        out = np.where(params.flip_v[:, None, None, None], out[:, ::-1], out)
-    if aug.crop_padding:
-        out = shift_with_zeros(out, params.crop_y, params.crop_x)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    on = enabled(aug)
+    for name, transform in AUGMENTATIONS.items():
+        if name in on:
+            images = transform(images, params, aug)
+    return np.ascontiguousarray(images, dtype=np.float32)

@@ -112,26 +112,19 @@ class DataPipeline:
     def batch_plan(self, step: int, part: slice = slice(None)
                    ) -> tuple[np.ndarray, AugmentParams | None]:
         """Which training images step ``step`` takes, and their augmentation parameters
-        (None without augmentation): what any implementation of the batch must use.
-        ``part``: only that part of the batch (a :func:`shard`)."""
-        indices = self.batch_indices(step)
-        aug = self.data.augment
-        if is_identity(aug):
-            return indices[part], None
-        pass_index, b = divmod(step, self.batches_per_pass)
-        rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
-        height, width = self.train.images.shape[1:3]
-        params = draw_params(aug, len(indices), height, width, rng)
-        return indices[part], params.take(part)
+        (None: this pipeline does not augment): what any implementation of the batch must
+        use. ``part``: only that part of the batch (a :func:`shard`)."""
+        return self.batch_indices(step)[part], None
 
     def train_batch(self, step: int, part: slice = slice(None)) -> Batch:
         """The (augmented, normalised) training batch of global step ``step``, or ``part``
         of it."""
         indices, params = self.batch_plan(step, part)
-        images = np.asarray(self.train.images[indices], np.float32)
-        if params is not None:
-            images = apply_augmentation(images, params, self.data.augment)
+        images = self.augment(np.asarray(self.train.images[indices], np.float32), params)
         return Batch(self.normalize(images), self.train.labels[indices])
+
+    def augment(self, images: np.ndarray, params: AugmentParams | None) -> np.ndarray:
+        return images
 
     def train_batches(self, start: int, count: int) -> Iterator[Batch]:
         for step in range(start, start + count):
@@ -157,6 +150,27 @@ class DataPipeline:
         return ((images * self._scale - self._mean) / self._std).astype(np.float32)
 
 
+class AugmentedPipeline(DataPipeline):
+    """A pipeline whose training batches are augmented (`data.augment` is not the identity)."""
+
+    def batch_plan(self, step: int, part: slice = slice(None)
+                   ) -> tuple[np.ndarray, AugmentParams | None]:
+        indices = self.batch_indices(step)
+        pass_index, b = divmod(step, self.batches_per_pass)
+        rng = np.random.default_rng([self.seed, AUGMENT, pass_index, b])
+        height, width = self.train.images.shape[1:3]
+        params = draw_params(self.data.augment, len(indices), height, width, rng)
+        return indices[part], params.take(part)
+
+    def augment(self, images: np.ndarray, params: AugmentParams | None) -> np.ndarray:
+        return apply_augmentation(images, params, self.data.augment)
+
+
+def pipeline_class(data: Any) -> type[DataPipeline]:
+    """The pipeline class of a `data:` section: with augmentation or without."""
+    return DataPipeline if is_identity(data.augment) else AugmentedPipeline
+
+
 def build_pipeline(program: Any, spec_dir: Path | str = ".") -> DataPipeline:
     """Load the program's data source, split it and check it against the model."""
     data = program.spec.data
@@ -171,11 +185,13 @@ def build_pipeline(program: Any, spec_dir: Path | str = ".") -> DataPipeline:
             raise DataError(f"{source.train.origin} has its own test set: remove "
                             "data.split.test")
         _check_against_model(source.test, input_shape, program.loss.classes)
-    return assemble_pipeline(data, source, program.seed)
+    return assemble_pipeline(data, source, program.seed, pipeline_class(data))
 
 
-def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
-    """Split a loaded source (its own test set, if any, stays the test set)."""
+def assemble_pipeline(data: Any, source: Any, seed: int,
+                      cls: type[DataPipeline] = DataPipeline) -> DataPipeline:
+    """Split a loaded source (its own test set, if any, stays the test set) into a ``cls``
+    (see :func:`pipeline_class`)."""
     train_idx, val_idx, test_idx = split_indices(
         source.train.labels, data.split.validation, data.split.test or 0.0,
         data.split.stratify, seed)
@@ -185,7 +201,7 @@ def assemble_pipeline(data: Any, source: Any, seed: int) -> DataPipeline:
         source.train.subset(test_idx) if len(test_idx) else None)
     if len(train) == 0:
         raise DataError("no training data left after the split")
-    return DataPipeline(data, train, validation, test, seed)
+    return cls(data, train, validation, test, seed)
 
 
 def _check_against_model(dataset: Dataset, input_shape: tuple[int, ...], classes: int) -> None:

@@ -198,6 +198,32 @@ def _lower_schedule(s: Any) -> ScheduleIR:
     return ScheduleIR(s.type, s.unit, s.warmup, s.warmup_start_factor, freeze(params))
 
 
+def step_decay(base: float, t: int, p: Any) -> float:
+    return base * p["gamma"] ** (t // p["step_size"])
+
+
+def multistep(base: float, t: int, p: Any) -> float:
+    return base * p["gamma"] ** sum(1 for m in p["milestones"] if m <= t)
+
+
+def exponential(base: float, t: int, p: Any) -> float:
+    return base * p["gamma"] ** t
+
+
+def cosine(base: float, t: int, p: Any) -> float:
+    progress = min(t, p["t_max"]) / p["t_max"]
+    return p["min_lr"] + (base - p["min_lr"]) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def constant(base: float, t: int, p: Any) -> float:
+    return base
+
+
+#: The rate at time t after warmup, per schedule kind (a built script keeps only its spec's).
+SCHEDULES = {"step": step_decay, "multistep": multistep, "exponential": exponential,
+             "cosine": cosine, "constant": constant}
+
+
 def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based). Every backend calls this.
 
@@ -209,6 +235,10 @@ def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
     s = optimizer.schedule
     if s is None:
         return base
+    t = step // steps_per_epoch if s.unit == "epoch" else step
+    if t < s.warmup:
+        return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
+    return SCHEDULES[s.kind](base, t - s.warmup, s.params)
     t = step // steps_per_epoch if s.unit == "epoch" else step
     if t < s.warmup:
         return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
