@@ -227,7 +227,7 @@ def _wrapped(open_: str, items: list[tuple[str, Any]], close: str, indent: int, 
 
 
 #: Modules the copied code may use, imported by the script only when it does.
-OPTIONAL_IMPORTS = ["codecs", "hashlib", "io", "os", "pickle", "tarfile", "urllib.error",
+OPTIONAL_IMPORTS = ["codecs", "gc", "hashlib", "io", "os", "pickle", "tarfile", "urllib.error",
                     "urllib.request", "warnings", "zlib"]
 
 

@@ -9,6 +9,7 @@ clipping specforge defines).
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -282,6 +283,15 @@ class ShardedSteps(Steps):
         value, output = super().evaluate(x[part], y[part])
         return whole_batch(value, output, len(y), self.ranks)
 
+    def leave(self) -> None:
+        """Drop DDP, then leave the process group with the others (:func:`leave`). A DDP
+        left for the interpreter's exit keeps the group alive past its destruction, and its
+        threads then die with the process ("terminate called without an active exception",
+        2 of 8 two-process runs of the built script)."""
+        self.forward = self.model
+        gc.collect()
+        leave()
+
 
 def kernels_of(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
     """A saved optimizer state with ``optimizer``'s kernel choice (fused, foreach) instead of
@@ -351,8 +361,8 @@ class TorchTrainer(Trainer):
         return last is not None and last()
 
     def close(self) -> None:
-        if self.ranks is not None:
-            leave()
+        if isinstance(self.steps, ShardedSteps):
+            self.steps.leave()
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Under torchrun each process evaluates its shard of the batch."""
