@@ -7,6 +7,7 @@ from what the code generates.
 
 from __future__ import annotations
 
+import inspect
 import json
 import types
 import typing
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from specforge.ir import randomness
 from specforge.ir.ops import ACTIVATION_FORMULAS, OPS
 from specforge.spec import data as D
 from specforge.spec import layers as L
@@ -107,6 +109,11 @@ def spec_reference() -> str:
     return "\n".join(parts)
 
 
+def dropout_generator_section() -> str:
+    """The dropout masks' generator, from specforge/ir/randomness.py's docstring."""
+    return f"### The dropout generator\n\n{inspect.cleandoc(randomness.__doc__ or '')}\n"
+
+
 def ops_reference() -> str:
     parts = ["# IR ops", "",
              "Generated from `specforge/ir/ops.py` by `specforge docs`; do not edit by hand.",
@@ -115,6 +122,8 @@ def ops_reference() -> str:
     for name, definition in OPS.items():
         body = "\n".join(line.strip() for line in definition.doc.splitlines())
         parts.append(f"## `{name}`\n\n{body}\n")
+        if name == "dropout":
+            parts.append(dropout_generator_section())
     parts.append("## Activation formulas\n\n| fn | formula |\n|---|---|")
     parts.extend(f"| `{fn}` | {formula} |" for fn, formula in ACTIVATION_FORMULAS.items())
     return "\n".join(parts) + "\n"

@@ -242,7 +242,8 @@ def batch_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
 def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Training only: zero each element with probability ``rate`` and scale the others by
     1 / (1 - rate). ``spatial``: one draw per (sample, channel) on images. Identity in
-    evaluation. Masks come from specforge's generator in conformance runs."""
+    evaluation. Masks come from specforge's generator in conformance runs: the counter-based
+    generator of ``specforge/ir/randomness.py``, defined just below."""
     if attrs["spatial"]:
         _image("spatial dropout", shapes[0])
     return OpResult(shapes[0], (), _numel(shapes[0]))
