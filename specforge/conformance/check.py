@@ -35,8 +35,8 @@ from specforge.metrics import MetricAccumulator
 from specforge.weights import initial_weights
 
 REFERENCE = "reference"
-#: the purpose of the chaos floor's random stream (the data pipeline's are 1 to 3, dropout
-#: masks' 4)
+#: the purpose of the chaos floor's random stream (the data pipeline's are 1 to 3; 4 was
+#: dropout masks', which now come from specforge.ir.randomness)
 PERTURB = 5
 PHASES = ("forward", "gradients", "after N steps")
 Quantities = dict[str, np.ndarray]
