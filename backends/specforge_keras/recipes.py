@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
+import numpy as np
+
+from specforge.conformance.masks import DROPOUT
 from specforge.ir.graph import Node
 
 
-def layer_recipe(node: Node) -> tuple[str, list[Any], dict[str, Any]]:
+def dropout_seed(seed: int, node: str) -> int:
+    """The seed of dropout node ``node``'s own Keras SeedGenerator: drawn from specforge's
+    stream ``[seed, DROPOUT, crc32(node)]``, so that its masks depend on neither global
+    random state (`keras.utils.set_random_seed`, which a library must not call) nor the
+    order in which the layers were made."""
+    rng = np.random.default_rng([seed, DROPOUT, zlib.crc32(node.encode())])
+    return int(rng.integers(1, 2**31))
+
+
+def layer_recipe(node: Node, seed: int) -> tuple[str, list[Any], dict[str, Any]]:
     """How to make a node's layer: (class, positional args, keyword args). Both the model
-    builder here and the script builder use this, so the two cannot drift apart."""
+    builder here and the script builder use this, so the two cannot drift apart. ``seed``:
+    the spec's (dropout layers get their own seeds from it)."""
     a, op = node.attrs, node.op
     if op == "conv2d":
         keys = ("filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode", "bias")
@@ -29,7 +43,7 @@ def layer_recipe(node: Node) -> tuple[str, list[Any], dict[str, Any]]:
         return "BatchNorm", [], {k: a[k] for k in ("decay", "epsilon", "scale", "center")}
     if op == "dropout":
         cls = "keras.layers.SpatialDropout2D" if a["spatial"] else "keras.layers.Dropout"
-        return cls, [a["rate"]], {}
+        return cls, [a["rate"]], {"seed": dropout_seed(seed, node.name)}
     if op == "activation":
         return "Activation", [a["fn"]], {k: v for k, v in a.items() if k != "fn"}
     if op == "add":
