@@ -2,10 +2,12 @@
 
 The mask of dropout node ``node`` at training step ``step`` comes from
 ``default_rng([seed, DROPOUT, step, crc32(node)])`` (the data pipeline's streams use the
-purposes 1 to 3). A mask is laid out like the node's output in the IR, (N, H, W, C) or
-(N, features), so a mask after a flatten is in (height, width, channel) order on every
-backend: the torch backend flattens in that order too. Spatial dropout draws one value per
-(sample, channel): shape (N, 1, 1, C). Kept units are scaled by 1 / (1 - rate).
+purposes 1 to 3; outside conformance runs, the Keras backend seeds each dropout layer's own
+generator from ``[seed, DROPOUT, crc32(node)]``). A mask is laid out like the node's output
+in the IR, (N, H, W, C) or (N, features), so a mask after a flatten is in (height, width,
+channel) order on every backend: the torch backend flattens in that order too. Spatial
+dropout draws one value per (sample, channel): shape (N, 1, 1, C). Kept units are scaled by
+1 / (1 - rate).
 """
 
 from __future__ import annotations
