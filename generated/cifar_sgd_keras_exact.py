@@ -1056,7 +1056,7 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
 def main() -> None:
     args = arguments().parse_args()
     pipeline = load_data(args.data_dir)
-    keras.utils.set_random_seed(SEED)  # dropout's seed generators, made with the layers
+    keras.utils.set_random_seed(SEED)  # for the program; dropout layers have their own seeds
     model = build_model()
     load_initial_weights(model)
     slots = make_slots(OPTIMIZER, list(model.trainable_variables))

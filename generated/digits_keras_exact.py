@@ -223,7 +223,7 @@ def build_model() -> keras.Model:
     # 'dense_1.relu': output (64,)
     dense_1_relu = Activation('relu', name='dense_1_relu')(dense_1)
     # 'dropout_1': output (64,)
-    dropout_1 = keras.layers.Dropout(0.2, name='dropout_1')(dense_1_relu)
+    dropout_1 = keras.layers.Dropout(0.2, seed=211327281, name='dropout_1')(dense_1_relu)
     # 'dense_2': output (10,)
     dense_2 = keras.layers.Dense(10, use_bias=True, name='dense_2')(dropout_1)
     return keras.Model(inputs, dense_2)
@@ -782,7 +782,7 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
 def main() -> None:
     args = arguments().parse_args()
     pipeline = load_data(args.data_dir)
-    keras.utils.set_random_seed(SEED)  # dropout's seed generators, made with the layers
+    keras.utils.set_random_seed(SEED)  # for the program; dropout layers have their own seeds
     model = build_model()
     load_initial_weights(model)
     slots = make_slots(OPTIMIZER, list(model.trainable_variables))

@@ -387,13 +387,13 @@ def build_model() -> keras.Model:
     # 'fc1.relu': output (4096,)
     fc1_relu = Activation('relu', name='fc1_relu')(fc1)
     # 'dropout_1': output (4096,)
-    dropout_1 = keras.layers.Dropout(0.5, name='dropout_1')(fc1_relu)
+    dropout_1 = keras.layers.Dropout(0.5, seed=211327281, name='dropout_1')(fc1_relu)
     # 'fc2': output (4096,)
     fc2 = keras.layers.Dense(4096, use_bias=True, name='fc2')(dropout_1)
     # 'fc2.relu': output (4096,)
     fc2_relu = Activation('relu', name='fc2_relu')(fc2)
     # 'dropout_2': output (4096,)
-    dropout_2 = keras.layers.Dropout(0.5, name='dropout_2')(fc2_relu)
+    dropout_2 = keras.layers.Dropout(0.5, seed=1868839263, name='dropout_2')(fc2_relu)
     # 'predictions': output (1000,)
     predictions = keras.layers.Dense(1000, use_bias=True, name='predictions')(dropout_2)
     return keras.Model(inputs, predictions)
@@ -944,7 +944,7 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
 def main() -> None:
     args = arguments().parse_args()
     pipeline = load_data(args.data_dir)
-    keras.utils.set_random_seed(SEED)  # dropout's seed generators, made with the layers
+    keras.utils.set_random_seed(SEED)  # for the program; dropout layers have their own seeds
     model = build_model()
     load_initial_weights(model)
     slots = make_slots(OPTIMIZER, list(model.trainable_variables))

@@ -30,7 +30,7 @@ LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.
 HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate"]
 
 
-def model_lines(graph: Graph) -> list[str]:
+def model_lines(graph: Graph, seed: int) -> list[str]:
     """The body of the script's ``build_model()``: one layer call per node."""
     names = identifier_names(graph)
     lines = [f"inputs = keras.Input(shape={tuple(graph.input.shape)!r}, name='input')"]
@@ -40,7 +40,7 @@ def model_lines(graph: Graph) -> list[str]:
             continue
         name = names[node.name]
         assert IDENTIFIER.match(name)  # names are validated; this guards the template
-        cls, args, kwargs = layer_recipe(node)
+        cls, args, kwargs = layer_recipe(node, seed)
         arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         arguments.append(f"name={name!r}")
         inputs = [variables[i] for i in node.inputs]
@@ -59,7 +59,7 @@ def model_lines(graph: Graph) -> list[str]:
 def layer_names(graph: Graph) -> list[str]:
     """What the script copies from layers.py: the classes of the graph's layers defined
     there, and what they use."""
-    classes = {layer_recipe(n)[0] for n in graph if n.op != "input"}
+    classes = {layer_recipe(n, 0)[0] for n in graph if n.op != "input"}
     return used(LAYERS, sorted(classes & set(top_level_names(LAYERS))))
 
 
@@ -70,7 +70,7 @@ def render_script(program: Program, distributed: bool = False) -> str:
               for n in program.graph for p in n.params]
     return render(program, "keras", HERE / "templates", "train.py.j2",
                   framework="Keras 3", requirement="keras (with TensorFlow or PyTorch)",
-                  model_lines=model_lines(program.graph),
+                  model_lines=model_lines(program.graph, program.seed),
                   params=assignment("PARAMETERS", params),
                   layers=copied([(LAYERS, layer_names(program.graph))]),
                   helpers=copied([(program_module, ["optimizer_slots"]),

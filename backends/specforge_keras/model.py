@@ -6,7 +6,9 @@ kernels): weights cross without transposes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import keras
@@ -18,18 +20,20 @@ from specforge_keras import layers as L
 from specforge_keras.recipes import layer_recipe
 
 
-def layer_for(node: Node, name: str) -> keras.layers.Layer:
-    cls, args, kwargs = layer_recipe(node)
+def layer_for(node: Node, name: str, seed: int) -> keras.layers.Layer:
+    cls, args, kwargs = layer_recipe(node, seed)
     factory = getattr(keras.layers, cls.rpartition(".")[2]) if cls.startswith("keras.") \
         else getattr(L, cls)
     return factory(*args, **kwargs, name=name)
 
 
-def build_model(graph: Graph, replacements: Mapping[str, Callable[[Node, str], Any]] | None
-                = None) -> keras.Model:
+def build_model(graph: Graph, seed: int,
+                replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
+                ) -> keras.Model:
     """A functional keras.Model of the graph (input NHWC float32, output the logits).
-    ``replacements`` maps an op to a factory ``(node, name) -> layer`` used instead of the
-    op's usual layer (the conformance probe's dropout)."""
+    ``seed``: the spec's (dropout layers get their own from it). ``replacements`` maps an
+    op to a factory ``(node, name) -> layer`` used instead of the op's usual layer (the
+    conformance probe's dropout)."""
     names = identifier_names(graph)
     replacements = replacements or {}
     inputs = keras.Input(shape=graph.input.shape, name=names[graph.input.name])
@@ -38,9 +42,10 @@ def build_model(graph: Graph, replacements: Mapping[str, Callable[[Node, str], A
         if node.op == "input":
             continue
         args = [values[i] for i in node.inputs]
-        make = replacements.get(node.op, layer_for)
-        values[node.name] = make(node, names[node.name])(
-            args if node.op in ("add", "concat") else args[0])
+        make = replacements.get(node.op)
+        layer = make(node, names[node.name]) if make else \
+            layer_for(node, names[node.name], seed)
+        values[node.name] = layer(args if node.op in ("add", "concat") else args[0])
     return keras.Model(inputs, values[graph.output], name="specforge_model")
 
 
@@ -66,11 +71,25 @@ def export_weights(model: keras.Model, graph: Graph) -> dict[str, np.ndarray]:
         variable_of(model, names, n, p.name))) for n in graph for p in n.params}
 
 
+@contextmanager
+def python_random_kept() -> Iterator[None]:
+    """Give Python's `random` back as it was: Keras draws a default seed from it for each
+    layer made without one (the initializers of Dense, say), though specforge's initial
+    weights replace what they draw."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None,
                  replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
                  ) -> keras.Model:
-    keras.utils.set_random_seed(seed)  # dropout's seed generators, created with the layers
-    model = build_model(graph, replacements)
+    """The model with ``weights`` (default: specforge's initial weights for ``seed``). No
+    global random state is read or changed: dropout layers have seeds of their own."""
+    with python_random_kept():
+        model = build_model(graph, seed, replacements)
     import_weights(model, graph, weights if weights is not None else
                    initial_weights(graph, seed))
     return model

@@ -93,6 +93,11 @@ def export_weights(module: SpecModule) -> dict[str, np.ndarray]:
 
 def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | None = None
                  ) -> SpecModule:
-    module = SpecModule(graph)
+    """The module with ``weights`` (default: specforge's initial weights for ``seed``).
+    torch's layers initialise themselves from torch's global generator as they are made;
+    specforge's weights replace what they draw, so the caller's generator is given back as
+    it was (the modules are made on the CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        module = SpecModule(graph)
     import_weights(module, weights if weights is not None else initial_weights(graph, seed))
     return module

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -323,9 +324,36 @@ class TorchTrainer(Trainer):
         model = create_model(program.graph, program.seed, weights)
         setup = (model, self.torch_device, program.seed, program.loss, program.optimizer,
                  training)
-        self.steps = Steps(*setup) if self.ranks is None else ShardedSteps(self.ranks, *setup)
+        #: this trainer's state of torch's global generators (see own_random)
+        self.rng: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        with self.own_random():  # Steps seeds the generators for dropout
+            self.steps = Steps(*setup) if self.ranks is None else \
+                ShardedSteps(self.ranks, *setup)
         self.model: SpecModule = model
         self.params, self.optimizer = self.steps.params, self.steps.optimizer
+
+    @contextmanager
+    def own_random(self) -> Iterator[None]:
+        """torch's global generators (the CPU's and every GPU's) hold this trainer's state
+        while the trainer works in this block, and the caller's again after it.
+
+        nn.Dropout draws from the global generator and takes no generator of its own, and
+        :class:`Steps` seeds that generator (a built script, a program, may). A library
+        must leave its caller's generators alone, so the trainer swaps its own state in
+        and out: where dropout draws (a training step), and where it is seeded, saved or
+        restored. A later change replaces torch's dropout by specforge's own masks, which
+        will make this unnecessary."""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            if self.rng is not None:
+                torch.set_rng_state(self.rng[0])
+                for device, state in zip(devices, self.rng[1], strict=True):
+                    torch.cuda.set_rng_state(state, device)
+            try:
+                yield
+            finally:
+                self.rng = (torch.get_rng_state(),
+                            [torch.cuda.get_rng_state(device) for device in devices])
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device
@@ -350,7 +378,8 @@ class TorchTrainer(Trainer):
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
         """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`); the
         loss and logits are the whole batch's, gathered from every process."""
-        return fetch_later(*self.steps.train(x, y, lr))
+        with self.own_random():  # dropout draws
+            return fetch_later(*self.steps.train(x, y, lr))
 
     def agree_to_stop(self, wanted: bool) -> bool:
         """Under DDP the answer is the last step's vote, and this step's is sent off: reading
@@ -385,6 +414,10 @@ class TorchTrainer(Trainer):
         return export_weights(self.model)
 
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        with self.own_random():  # the trainer's generators are saved
+            self._save_checkpoint(path, loop_state)
+
+    def _save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
         rng = torch.get_rng_state()
         if self.ranks is not None:  # every process's dropout generator; rank 0 writes
             rngs = gather_same_shape(rng.to(self.torch_device), self.ranks)
@@ -399,6 +432,10 @@ class TorchTrainer(Trainer):
             torch.save(state, tmp)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        with self.own_random():  # the trainer's generators are restored
+            return self._load_checkpoint(path)
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location=self.torch_device, weights_only=True)
         except FileNotFoundError:
