@@ -43,8 +43,7 @@ def load_weights(model: keras.Model, path: Path) -> None:  # specforge's layouts
 
 class Adam(keras.optimizers.Adam):  # as the paper and torch: epsilon outside v_hat
     def update_step(self, gradient, variable, learning_rate):
-        i = self._get_variable_index(variable)
-        m, v = self._momentums[i], self._velocities[i]
+        m, v = (s[self._get_variable_index(variable)] for s in (self._momentums, self._velocities))
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))
         self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))
         t = ops.cast(self.iterations + 1, variable.dtype)  # 1 - beta^t, exactly:
@@ -63,9 +62,10 @@ def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         read[split] = images, np.unique(names, return_inverse=True)[1]
     (x, y), test = read["train"], read["test"]
     x = (x * 0.00392156862745098).astype(np.float32)
-    place = np.random.default_rng(42).permutation(len(y)) / len(y)
-    masks = {"train": place >= 0.2, "validation": place < 0.2}
-    parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
+    perm = np.random.default_rng([42, 1]).permutation(len(y))  # specforge's split
+    cuts = np.cumsum([round(len(y) * 0.0), round(len(y) * 0.2)])  # test, then validation
+    index = dict(zip(("test", "validation", "train"), np.split(perm, cuts), strict=True))
+    parts = {n: (x[i], y[i]) for n, i in index.items()}
     parts["test"] = (test[0] * 0.00392156862745098).astype(np.float32), test[1]
     return {name: (x, keras.utils.to_categorical(y, 10)) for name, (x, y) in parts.items()}
 

@@ -67,9 +67,10 @@ def load_data(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         read[split] = images, np.unique(names, return_inverse=True)[1]
     (x, y), test = read["train"], read["test"]
     x = (x * 0.00392156862745098).astype(np.float32)
-    place = np.random.default_rng(42).permutation(len(y)) / len(y)
-    masks = {"train": place >= 0.2, "validation": place < 0.2}
-    parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
+    perm = np.random.default_rng([42, 1]).permutation(len(y))  # specforge's split
+    cuts = np.cumsum([round(len(y) * 0.0), round(len(y) * 0.2)])  # test, then validation
+    index = dict(zip(("test", "validation", "train"), np.split(perm, cuts), strict=True))
+    parts = {n: (x[i], y[i]) for n, i in index.items()}
     parts["test"] = (test[0] * 0.00392156862745098).astype(np.float32), test[1]
     return {
         name: (torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y))

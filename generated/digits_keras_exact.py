@@ -83,6 +83,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Tensor = Any
 PendingStep = AugmentParams = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
@@ -97,6 +98,130 @@ class UsageError(Exception):
 
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
+MASK32 = 0xFFFFFFFF
+
+
+MUL1 = 0x7FEB352D
+
+
+MUL2 = 0x846CA68B
+
+
+SEED_LIMIT = 2**64
+
+
+def mix32(x: int) -> int:
+    """lowbias32 of one 32-bit word, on Python ints (exact, for keys and known values)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * MUL2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def node_key(seed: int, step: int, node_name: str) -> int:
+    """The key (a 32-bit word) of dropout node ``node_name`` at training step ``step``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
+    node_id = zlib.crc32(node_name.encode("utf-8"))
+    return mix32(mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ (step & MASK32)) ^ node_id)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+_UNIFORM_BITS = 24
+
+
+def as_int32(word: int) -> int:
+    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32)."""
+    word &= _MASK32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+_MUL1 = as_int32(0x7FEB352D)
+
+
+_MUL2 = as_int32(0x846CA68B)
+
+
+_GOLDEN = as_int32(0x9E3779B9)
+
+
+def keep_threshold(rate: float) -> int:
+    """ceil(rate * 2^24), exactly (``specforge.ir.randomness.keep_threshold``): scaling a
+    float by a power of two is exact, and plain float arithmetic stays traceable."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    return math.ceil(rate * 2.0**_UNIFORM_BITS)
+
+
+def _int32(value: int) -> Tensor:
+    # explicit int32 constants: no backend may promote a large Python int to int64
+    return ops.convert_to_tensor(value, dtype="int32")
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int32 words: arithmetic shift, then clear the copied signs."""
+    return ops.bitwise_and(ops.right_shift(x, _int32(k)), _int32((1 << (32 - k)) - 1))
+
+
+def mix32_tensor(x: Tensor) -> Tensor:
+    """lowbias32 element-wise on int32 words."""
+    x = ops.bitwise_xor(x, _shr(x, 16))
+    x = ops.multiply(x, _int32(_MUL1))
+    x = ops.bitwise_xor(x, _shr(x, 15))
+    x = ops.multiply(x, _int32(_MUL2))
+    return ops.bitwise_xor(x, _shr(x, 16))
+
+
+def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
+    if spatial:
+        if len(shape) != 4:
+            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
+        return (shape[0], 1, 1, shape[3])
+    return tuple(shape)
+
+
+def _first_counter(first_sample: int | Tensor, per_sample: int) -> Tensor:
+    if isinstance(first_sample, int):
+        return _int32(as_int32(first_sample * per_sample))
+    # wraps like uint32
+    return ops.multiply(ops.cast(first_sample, "int32"), _int32(as_int32(per_sample)))
+
+
+def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
+              spatial: bool = False) -> Tensor:
+    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape; ``shape`` is the
+    node output's shape (NHWC or (N, F)), batch first."""
+    shape = _mask_shape(shape, spatial)
+    per_sample = math.prod(shape[1:])  # the batch, shape[0], may be a tensor (traced graphs)
+    counters = ops.add(ops.arange(shape[0] * per_sample, dtype="int32"),
+                       _first_counter(first_sample, per_sample))
+    mixed = ops.add(mix32_tensor(ops.bitwise_xor(counters, ops.cast(key, "int32"))),
+                    _int32(_GOLDEN))
+    return ops.reshape(_shr(mix32_tensor(mixed), 32 - _UNIFORM_BITS), shape)
+
+
+def dropout_mask(shape: Sequence[int], rate: float, key: Tensor,
+                 first_sample: int | Tensor = 0, spatial: bool = False,
+                 dtype: str = "float32") -> Tensor:
+    """The dropout mask (0 or 1 / (1 - rate)) of a node output of shape ``shape``: (N, H, W,
+    C) or (N, F), N being the samples computed here; (N, 1, 1, C) when ``spatial``.
+
+    ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
+    ``first_sample``: the global index of the first of the N samples (a data-parallel
+    shard's offset), a Python int or an integer scalar tensor.
+    """
+    keep = ops.greater_equal(uniform24(shape, key, first_sample, spatial),
+                             _int32(keep_threshold(rate)))
+    return ops.where(keep, ops.convert_to_tensor(1 / (1 - rate), dtype=dtype),
+                     ops.convert_to_tensor(0, dtype=dtype))
+
+
 def pad_nhwc(x, pads, mode="zeros", value=0.0):
     """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
     replicate (repeat the edge; built from slices, since TensorFlow has no `edge` pad)."""
@@ -144,6 +269,29 @@ class MaxPool2D(keras.layers.Layer):
     def call(self, x):
         x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
         return ops.max_pool(x, self.pool, self.strides, padding="valid")
+
+
+class Dropout(keras.layers.Layer):
+    """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
+    dropout generator"): element i of the whole batch is kept by its own bits under this
+    node's key at this step, computed on the device inside the compiled step, the same in
+    every backend. :meth:`set_key` before each training step; the identity in evaluation."""
+
+    def __init__(self, rate, spatial, node, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.spatial, self.node = rate, spatial, node
+        # a variable, so that a new key is new data for the compiled step, not a new graph
+        self.key = self.add_weight(shape=(), initializer="zeros", dtype="int32",
+                                   trainable=False, name="key")
+
+    def set_key(self, seed, step):
+        self.key.assign(as_int32(node_key(seed, step, self.node)))
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0:
+            return x
+        shape = (ops.shape(x)[0], *x.shape[1:])  # the batch may be unknown when traced
+        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
 
 
 class Activation(keras.layers.Layer):
@@ -223,7 +371,7 @@ def build_model() -> keras.Model:
     # 'dense_1.relu': output (64,)
     dense_1_relu = Activation('relu', name='dense_1_relu')(dense_1)
     # 'dropout_1': output (64,)
-    dropout_1 = keras.layers.Dropout(0.2, seed=211327281, name='dropout_1')(dense_1_relu)
+    dropout_1 = Dropout(0.2, False, 'dropout_1', name='dropout_1')(dense_1_relu)
     # 'dense_2': output (10,)
     dense_2 = keras.layers.Dense(10, use_bias=True, name='dense_2')(dropout_1)
     return keras.Model(inputs, dense_2)
@@ -410,6 +558,11 @@ def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
                 s.assign(new)
         return value, output
     return jax_step
+
+
+def dropout_layers(model: Any) -> list[Any]:
+    """specforge's dropout layers of ``model`` (:class:`specforge_keras.layers.Dropout`)."""
+    return [layer for layer in model._flatten_layers() if hasattr(layer, "set_key")]
 
 
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
@@ -782,13 +935,16 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
 def main() -> None:
     args = arguments().parse_args()
     pipeline = load_data(args.data_dir)
-    keras.utils.set_random_seed(SEED)  # for the program; dropout layers have their own seeds
+    keras.utils.set_random_seed(SEED)  # for the program: specforge's dropout draws none
     model = build_model()
     load_initial_weights(model)
     slots = make_slots(OPTIMIZER, list(model.trainable_variables))
     step_function = make_train_step(model, LOSS, OPTIMIZER, slots)
+    dropouts = dropout_layers(model)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
+        for dropout in dropouts:  # specforge's masks: this step's keys
+            dropout.set_key(SEED, step)
         return keras_train_step(step_function, batch.x, batch.y, lr, step + 1)
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

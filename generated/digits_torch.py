@@ -58,16 +58,13 @@ def load_data(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     x, y = load_digits(return_X_y=True)  # 8x8 pixels 0..16
     x = x.reshape(-1, 8, 8, 1)
     x = (x * 0.0625).astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(y))
-    place = np.empty(len(y))  # a random place in its class, in [0, 1)
-    for group in (order[y[order] == c] for c in np.unique(y)):
-        place[group] = np.arange(len(group)) / len(group)
-    masks = {
-        "train": place >= 0.3,
-        "validation": (place >= 0.2) & (place < 0.3),
-        "test": place < 0.2,
-    }
-    parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}
+    perm = np.random.default_rng([0, 1]).permutation(len(y))  # specforge's split
+    index = {"test": [], "validation": [], "train": []}
+    for g in (perm[y[perm] == c] for c in np.unique(y)):  # class by class
+        cuts = np.cumsum([round(len(g) * 0.2), round(len(g) * 0.1)])  # test, then validation
+        for part, i in zip(index.values(), np.split(g, cuts), strict=True):
+            part.append(i)
+    parts = {n: (x[np.hstack(i)], y[np.hstack(i)]) for n, i in index.items()}
     return {
         name: (torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y))
         for name, (x, y) in parts.items()

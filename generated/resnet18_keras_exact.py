@@ -71,6 +71,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Tensor = Any
 PendingStep = AugmentParams = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
@@ -984,6 +985,11 @@ def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
     return jax_step
 
 
+def dropout_layers(model: Any) -> list[Any]:
+    """specforge's dropout layers of ``model`` (:class:`specforge_keras.layers.Dropout`)."""
+    return [layer for layer in model._flatten_layers() if hasattr(layer, "set_key")]
+
+
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
                      ) -> tuple[float, np.ndarray]:
     """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
@@ -1330,13 +1336,16 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
 def main() -> None:
     args = arguments().parse_args()
     pipeline = load_data(args.data_dir)
-    keras.utils.set_random_seed(SEED)  # for the program; dropout layers have their own seeds
+    keras.utils.set_random_seed(SEED)  # for the program: specforge's dropout draws none
     model = build_model()
     load_initial_weights(model)
     slots = make_slots(OPTIMIZER, list(model.trainable_variables))
     step_function = make_train_step(model, LOSS, OPTIMIZER, slots)
+    dropouts = dropout_layers(model)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
+        for dropout in dropouts:  # specforge's masks: this step's keys
+            dropout.set_key(SEED, step)
         return keras_train_step(step_function, batch.x, batch.y, lr, step + 1)
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

@@ -73,6 +73,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Tensor = Any
 PendingStep = AugmentParams = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
@@ -962,17 +963,15 @@ class Steps:
     asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
     TorchTrainer and the built script both use it. Losses and logits stay on the device."""
 
-    rank = 0  # which process: seeds dropout's generator
-
     def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
                  loss: LossIR, opt: OptimizerIR, training: Any) -> None:
-        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.torch_device, self.loss, self.opt, self.seed = device, loss, opt, seed
         self.memory_format = torch.channels_last if training.channels_last else \
             torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
-        # Dropout draws from torch's generator: seed it once the model exists (each process
-        # differently: their shards must not share masks).
-        torch.manual_seed(seed + self.rank)
+        # specforge's dropout draws no random numbers of torch's: it hashes (seed, step, node,
+        # element), so nothing here seeds or reads torch's generators
+        self.dropouts = [m for m in self.model.modules() if hasattr(m, "set_key")]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(opt, self.params)
         self.autocast = autocast_dtype(training.precision)
@@ -988,8 +987,15 @@ class Steps:
         """:func:`model_inputs` on this device, in this memory format."""
         return model_inputs(x, y, self.torch_device, self.memory_format)
 
-    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step at learning rate ``lr``: the batch's loss and logits."""
+    def set_keys(self, step: int, first_sample: int = 0) -> None:
+        """Dropout's keys for training step ``step``."""
+        for dropout in self.dropouts:
+            dropout.set_key(self.seed, step, first_sample)
+
+    def train(self, x: Any, y: np.ndarray, lr: float, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step ``step`` at learning rate ``lr``: the batch's loss and logits."""
+        self.set_keys(step)
         self.model.train()
         images, labels = self.tensors(x, y)
         return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
@@ -1361,7 +1367,7 @@ def main() -> None:
     steps = Steps(model, device, SEED, LOSS, OPTIMIZER, TRAINING)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        value, output = steps.train(batch.x, batch.y, lr)
+        value, output = steps.train(batch.x, batch.y, lr, step)
         return value.item(), output.cpu().numpy()
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

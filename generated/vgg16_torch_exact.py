@@ -67,6 +67,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Tensor = Any
 PendingStep = AugmentParams = Any
 PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
@@ -81,6 +82,127 @@ class UsageError(Exception):
 
 
 # --- 2. Layers whose meaning torch's own layers do not have (tensors are NCHW) ------------
+MASK32 = 0xFFFFFFFF
+
+
+MUL1 = 0x7FEB352D
+
+
+MUL2 = 0x846CA68B
+
+
+SEED_LIMIT = 2**64
+
+
+def mix32(x: int) -> int:
+    """lowbias32 of one 32-bit word, on Python ints (exact, for keys and known values)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * MUL2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def node_key(seed: int, step: int, node_name: str) -> int:
+    """The key (a 32-bit word) of dropout node ``node_name`` at training step ``step``."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    seed_lo, seed_hi = seed & MASK32, (seed >> 32) & MASK32
+    node_id = zlib.crc32(node_name.encode("utf-8"))
+    return mix32(mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ (step & MASK32)) ^ node_id)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+_UNIFORM_BITS = 24
+
+
+def as_int32(word: int) -> int:
+    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32)."""
+    word &= _MASK32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+_MUL1 = as_int32(0x7FEB352D)
+
+
+_MUL2 = as_int32(0x846CA68B)
+
+
+_GOLDEN = as_int32(0x9E3779B9)
+
+
+def keep_threshold(rate: float) -> int:
+    """ceil(rate * 2^24), exactly (``specforge.ir.randomness.keep_threshold``): scaling a
+    float by a power of two is exact, and plain float arithmetic stays traceable."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    return math.ceil(rate * 2.0**_UNIFORM_BITS)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int32 words: arithmetic shift, then clear the copied signs."""
+    return (x >> k) & ((1 << (32 - k)) - 1)
+
+
+def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 element-wise on int32 words."""
+    x = x ^ _shr(x, 16)
+    x = x * _MUL1
+    x = x ^ _shr(x, 15)
+    x = x * _MUL2
+    return x ^ _shr(x, 16)
+
+
+def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
+    if spatial:
+        if len(shape) != 4:
+            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
+        return (shape[0], 1, 1, shape[3])
+    return tuple(shape)
+
+
+def _first_counter(first_sample: int | torch.Tensor, per_sample: int
+                   ) -> int | torch.Tensor:
+    if isinstance(first_sample, torch.Tensor):
+        return first_sample.to(torch.int32) * as_int32(per_sample)  # wraps like uint32
+    return as_int32(first_sample * per_sample)
+
+
+def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch.Tensor = 0,
+              spatial: bool = False, device: torch.device | str | None = None
+              ) -> torch.Tensor:
+    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's IR (channels-last)
+    shape; ``shape`` is the node output's IR shape, batch first."""
+    shape = _mask_shape(shape, spatial)
+    counters = torch.arange(math.prod(shape), dtype=torch.int32,
+                            device=key.device if device is None else device)
+    counters = counters + _first_counter(first_sample, math.prod(shape[1:]))
+    bits = mix32_tensor(mix32_tensor(counters ^ key.to(torch.int32)) + _GOLDEN)
+    return _shr(bits, 32 - _UNIFORM_BITS).reshape(shape)
+
+
+def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
+                 first_sample: int | torch.Tensor = 0, spatial: bool = False,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dropout mask (0 or 1 / (1 - rate)) of a node output whose IR shape is ``shape``:
+    (N, H, W, C) or (N, F), N being the samples computed here.
+
+    ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
+    ``first_sample``: the global index of the first of the N samples (a data-parallel
+    shard's offset). Images come back in torch's layout, (N, C, H, W), or (N, C, 1, 1) when
+    ``spatial``; the draws are counted in the IR's (N, H, W, C) order and permuted. The
+    result is on ``device`` (by default the key's), in ``dtype``.
+    """
+    r = uniform24(shape, key, first_sample, spatial, device)
+    mask = (r >= keep_threshold(rate)).to(dtype) * (1 / (1 - rate))
+    return mask.permute(0, 3, 1, 2) if mask.dim() == 4 else mask
+
+
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
@@ -134,6 +256,34 @@ class FlattenHWC(nn.Module):
         if x.dim() == 4:
             x = x.permute(0, 2, 3, 1)
         return x.flatten(1)  # also for an empty shard of a batch (0 rows)
+
+
+class Dropout(nn.Module):
+    """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
+    dropout generator"): element i of the whole batch is kept by its own bits under this
+    node's key at this step, computed on the device, the same in every backend and process.
+    :meth:`set_key` before each training step; the identity in evaluation."""
+
+    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str) -> None:
+        super().__init__()
+        self.rate, self.spatial, self.shape, self.node = rate, spatial, tuple(shape), node
+        # not weights: left out of state_dict, and set anew every step
+        self.register_buffer("key", torch.zeros((), dtype=torch.int32), persistent=False)
+        self.register_buffer("first_sample", torch.zeros((), dtype=torch.int32),
+                             persistent=False)
+
+    def set_key(self, seed: int, step: int, first_sample: int = 0) -> None:
+        """This step's key; ``first_sample``: the global index of this process's first
+        sample (its shard's offset), so that N processes draw what one process draws."""
+        self.key.fill_(as_int32(node_key(seed, step, self.node)))  # fill_: no synchronising
+        self.first_sample.fill_(first_sample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        mask = dropout_mask((x.shape[0], *self.shape), self.rate, self.key, self.first_sample,
+                            self.spatial, dtype=x.dtype)
+        return x * mask
 
 
 class Activation(nn.Module):
@@ -283,13 +433,13 @@ class Model(nn.Module):
         # 'fc1.relu': output (4096,)
         self.fc1_relu = Activation('relu')
         # 'dropout_1': output (4096,)
-        self.dropout_1 = nn.Dropout(0.5)
+        self.dropout_1 = Dropout(0.5, False, (4096,), 'dropout_1')
         # 'fc2': output (4096,)
         self.fc2 = nn.Linear(4096, 4096, bias=True)
         # 'fc2.relu': output (4096,)
         self.fc2_relu = Activation('relu')
         # 'dropout_2': output (4096,)
-        self.dropout_2 = nn.Dropout(0.5)
+        self.dropout_2 = Dropout(0.5, False, (4096,), 'dropout_2')
         # 'predictions': output (1000,)
         self.predictions = nn.Linear(4096, 1000, bias=True)
 
@@ -556,17 +706,15 @@ class Steps:
     asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
     TorchTrainer and the built script both use it. Losses and logits stay on the device."""
 
-    rank = 0  # which process: seeds dropout's generator
-
     def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
                  loss: LossIR, opt: OptimizerIR, training: Any) -> None:
-        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.torch_device, self.loss, self.opt, self.seed = device, loss, opt, seed
         self.memory_format = torch.channels_last if training.channels_last else \
             torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
-        # Dropout draws from torch's generator: seed it once the model exists (each process
-        # differently: their shards must not share masks).
-        torch.manual_seed(seed + self.rank)
+        # specforge's dropout draws no random numbers of torch's: it hashes (seed, step, node,
+        # element), so nothing here seeds or reads torch's generators
+        self.dropouts = [m for m in self.model.modules() if hasattr(m, "set_key")]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(opt, self.params)
         self.autocast = autocast_dtype(training.precision)
@@ -582,8 +730,15 @@ class Steps:
         """:func:`model_inputs` on this device, in this memory format."""
         return model_inputs(x, y, self.torch_device, self.memory_format)
 
-    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step at learning rate ``lr``: the batch's loss and logits."""
+    def set_keys(self, step: int, first_sample: int = 0) -> None:
+        """Dropout's keys for training step ``step``."""
+        for dropout in self.dropouts:
+            dropout.set_key(self.seed, step, first_sample)
+
+    def train(self, x: Any, y: np.ndarray, lr: float, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step ``step`` at learning rate ``lr``: the batch's loss and logits."""
+        self.set_keys(step)
         self.model.train()
         images, labels = self.tensors(x, y)
         return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
@@ -951,7 +1106,7 @@ def main() -> None:
     steps = Steps(model, device, SEED, LOSS, OPTIMIZER, TRAINING)
 
     def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        value, output = steps.train(batch.x, batch.y, lr)
+        value, output = steps.train(batch.x, batch.y, lr, step)
         return value.item(), output.cpu().numpy()
 
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:

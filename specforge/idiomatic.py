@@ -6,11 +6,11 @@ spec's model and update rule (its weights load specforge's neutral ``.npz`` and 
 what `specforge run` computes, within the conformance tolerance), but its randomness is the
 framework's own: initial weights, shuffling, augmentation and dropout.
 
-What is shared lives here, framework-free: the settings block, the data loading, split and
-normalisation (numpy; the split is a seeded random hold-out, stratified when the spec says
-so, not specforge's own stream), and the learning-rate schedule as a plain function of the
-step (the formulas of :func:`specforge.ir.program.lr_at`, written out for the spec's
-schedule only).
+What is shared lives here, framework-free: the settings, the data loading, split and
+normalisation (numpy; the split holds out the very images specforge's does, so that both
+are tested on one test set), and the learning-rate schedule as a plain function of the step
+(the formulas of :func:`specforge.ir.program.lr_at`, written out for the spec's schedule
+only).
 Every value from a spec reaches a script as a ``repr`` literal or a validated identifier.
 """
 
@@ -149,30 +149,30 @@ def _source_lines(program: Program) -> tuple[list[str], str | bool]:
 
 
 def _split_lines(program: Program, has_test: str | bool) -> list[str]:
-    """A random hold-out of the spec's fractions (of each class with ``stratify``), drawn
-    with numpy from the seed."""
+    """specforge's split (:func:`specforge.data.pipeline.split_indices`): the same images in
+    each part, from its seeded permutation; test, then validation, then train, of each class
+    with ``stratify`` (the order within a part is specforge's business, not the script's)."""
     split, seed = program.spec.data.split, program.seed  # type: ignore[union-attr]
     test = 0.0 if has_test == "always" else (split.test or 0.0)
-    held = round(test + split.validation, 12)
-    masks = {"train": f"place >= {held!r}" if held else None,
-             "validation": (f"(place >= {test!r}) & (place < {held!r})" if test else
-                            f"place < {held!r}") if split.validation else None,
-             "test": f"place < {test!r}" if test else None}
-    if not held:
+    if not test and not split.validation:
         lines = ["parts = {\"train\": (x, y)}"]
     else:
+        sizes = f"[round(len(g) * {test!r}), round(len(g) * {split.validation!r})]"
+        lines = [f"perm = np.random.default_rng([{seed!r}, 1]).permutation(len(y))  "
+                 "# specforge's split"]
         if split.stratify:
-            lines = [f"order = np.random.default_rng({seed!r}).permutation(len(y))",
-                     "place = np.empty(len(y))  # a random place in its class, in [0, 1)",
-                     "for group in (order[y[order] == c] for c in np.unique(y)):",
-                     "    place[group] = np.arange(len(group)) / len(group)"]
+            lines += ["index = {\"test\": [], \"validation\": [], \"train\": []}",
+                      "for g in (perm[y[perm] == c] for c in np.unique(y)):  # class by class",
+                      f"    cuts = np.cumsum({sizes})  # test, then validation",
+                      "    for part, i in zip(index.values(), np.split(g, cuts), strict=True):",
+                      "        part.append(i)",
+                      "parts = {n: (x[np.hstack(i)], y[np.hstack(i)]) for n, i in index.items()}"]
         else:
-            lines = [f"place = np.random.default_rng({seed!r}).permutation(len(y)) / len(y)"]
-        entries = ", ".join(f'"{name}": {mask}' for name, mask in masks.items() if mask)
-        lines += [f"masks = {{{entries}}}" if len(entries) < 80 else
-                  "masks = {\n" + "".join(f'    "{name}": {mask},\n' for name, mask in
-                                          masks.items() if mask) + "}",
-                  "parts = {name: (x[mask], y[mask]) for name, mask in masks.items()}"]
+            lines += [f"cuts = np.cumsum({sizes.replace('len(g)', 'len(y)')})  "
+                      "# test, then validation",
+                      "index = dict(zip((\"test\", \"validation\", \"train\"), "
+                      "np.split(perm, cuts), strict=True))",
+                      "parts = {n: (x[i], y[i]) for n, i in index.items()}"]
     test_norm = _float32(_normalised(program.spec.data.normalize,  # type: ignore[union-attr]
                                      "test[0]"))
     if has_test == "maybe":  # an .npz file may hold a test set of its own

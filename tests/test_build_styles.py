@@ -288,3 +288,21 @@ def test_the_readme_shows_the_generated_seed_model():
     assert shown in (ROOT / "generated" / "cifar_keras.py").read_text()
     lines = (ROOT / "generated" / "cifar_keras.py").read_text().count("\n")
     assert f"`generated/cifar_keras.py`, {lines} lines in all" in readme
+
+
+@pytest.mark.parametrize(("overrides", "stratify"), [([], True), (["data.split.stratify=false",
+                                                                  "data.split.validation=0.3"],
+                                                                 False)])
+def test_idiomatic_scripts_hold_out_specforges_images(overrides, stratify, tmp_path):
+    from specforge.data.pipeline import split_indices
+
+    program = compile_spec(SPECS / "digits.yaml", overrides)
+    module = import_script(built(program, "torch"), tmp_path, "split")
+    parts = module.load_data(tmp_path)
+    x, y = __import__("sklearn.datasets").datasets.load_digits(return_X_y=True)
+    split = program.spec.data.split
+    indices = split_indices(y, split.validation, split.test, stratify, program.seed)
+    for name, index in zip(("train", "validation", "test"), indices, strict=True):
+        images = parts[name][0].permute(0, 2, 3, 1).reshape(len(index), -1).numpy()
+        expected = (x[index] * program.spec.data.normalize.scale).astype(np.float32)
+        assert sorted(map(bytes, images)) == sorted(map(bytes, expected)), name

@@ -551,3 +551,26 @@ def test_both_styles_run_alone_on_image_folders(tmp_path):
     for result in results:
         ok(result)
         assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]
+
+
+# --- dropout: specforge's masks in both backends -------------------------------------------------
+
+@needs_torch
+def test_torch_and_keras_runs_of_digits_drop_the_same_units(tmp_path):
+    """specs/digits.yaml as written (dropout 0.2): every one of 50 steps' losses agrees
+    between the backends within the conformance tolerance (with each framework's own dropout
+    they differed from the first step, by 1.3e-3 to 4.2e-2)."""
+    runs = {b: tmp_path / b for b in ("torch", "keras")}
+    ok_all = run_all(*(specforge("run", DIGITS, "-b", b, "--run-dir", str(folder), "--quiet",
+                                 *sets("training.epochs=2")) for b, folder in runs.items()),
+                     timeout=600)
+    for result in ok_all:
+        ok(result)
+    losses = {b: np.array([s["loss"] for s in read_jsonl(folder / "steps.jsonl")][:50])
+              for b, folder in runs.items()}
+    assert len(losses["torch"]) == len(losses["keras"]) == 50
+    from specforge.conformance.compare import Tolerance
+
+    tolerance = Tolerance().steps_rtol * np.abs(losses["torch"]).max()
+    gap = np.abs(losses["torch"] - losses["keras"]).max()
+    assert gap <= tolerance, (gap, tolerance)

@@ -380,3 +380,44 @@ def test_steps_are_independent(key_fn: Callable[[int, int, str], int], independe
     scores = [worst(R.uniform24(shape, key_fn(42, step, NODE)),
                     R.uniform24(shape, key_fn(42, step + 1, NODE))) for step in (0, 1, 2)]
     assert (max(scores) < 1) == independent
+
+
+# --- the backends' dropout layers draw the reference's masks ---------------------------------
+
+DROPOUT_SPECS = {"features": "[{type: flatten}, {type: dense, units: 6},"
+                             " {type: dropout, rate: 0.3}, {type: dense, units: 2}]",
+                 "spatial": "[{type: conv2d, filters: 4, kernel: 3},"
+                            " {type: dropout, rate: 0.5, spatial: true}, {type: flatten},"
+                            " {type: dense, units: 2}]",
+                 "images": "[{type: conv2d, filters: 4, kernel: 3}, {type: dropout, rate: 0.25},"
+                           " {type: flatten}, {type: dense, units: 2}]"}
+
+
+def _dropout_program(layers: str) -> Any:
+    from specforge.compiler import compile_text
+
+    return compile_text(f"name: d\nseed: 7\nmodel: {{input: [5, 6, 3], layers: {layers}}}\n"
+                        "loss: {type: cross_entropy}\noptimizer: {type: sgd}\n", "<dropout>")
+
+
+@pytest.mark.parametrize("kind", sorted(DROPOUT_SPECS))
+def test_the_torch_trainers_dropout_draws_the_reference_masks(kind):
+    torch = pytest.importorskip("torch")
+    from specforge_torch.layers import Dropout
+    from specforge_torch.model import create_model
+
+    from specforge.conformance.masks import dropout_masks
+
+    program = _dropout_program(DROPOUT_SPECS[kind])
+    node = next(n for n in program.graph if n.op == "dropout")
+    layer = next(m for m in create_model(program.graph, program.seed).modules()
+                 if isinstance(m, Dropout))
+    for step, first in ((0, 0), (3, 0), (5, 4)):
+        layer.set_key(program.seed, step, first)
+        shape = (3, *node.shape)
+        ones = torch.ones((3, node.shape[2], *node.shape[:2]) if len(node.shape) == 3 else shape)
+        mask = layer.train()(ones).numpy()
+        if mask.ndim == 4:
+            mask = mask.transpose(0, 2, 3, 1)
+        expected = dropout_masks(program.graph, program.seed, step, first + 3)[node.name][first:]
+        np.testing.assert_array_equal(mask, np.broadcast_to(expected, mask.shape))

@@ -9,8 +9,10 @@ losses equal `specforge run --backend keras`'s. Building imports no keras.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 from specforge.ir import program as program_module
+from specforge.ir import randomness as ir_randomness
 from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import Program
 from specforge.scriptgen import (
@@ -27,10 +29,12 @@ from specforge_keras.recipes import layer_recipe
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
 #: What the script's main() calls; the script copies these and what they use.
-HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate"]
+HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate",
+           "dropout_layers"]
+RANDOMNESS = HERE / "randomness.py"
 
 
-def model_lines(graph: Graph, seed: int) -> list[str]:
+def model_lines(graph: Graph) -> list[str]:
     """The body of the script's ``build_model()``: one layer call per node."""
     names = identifier_names(graph)
     lines = [f"inputs = keras.Input(shape={tuple(graph.input.shape)!r}, name='input')"]
@@ -40,7 +44,7 @@ def model_lines(graph: Graph, seed: int) -> list[str]:
             continue
         name = names[node.name]
         assert IDENTIFIER.match(name)  # names are validated; this guards the template
-        cls, args, kwargs = layer_recipe(node, seed)
+        cls, args, kwargs = layer_recipe(node)
         arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         arguments.append(f"name={name!r}")
         inputs = [variables[i] for i in node.inputs]
@@ -59,8 +63,18 @@ def model_lines(graph: Graph, seed: int) -> list[str]:
 def layer_names(graph: Graph) -> list[str]:
     """What the script copies from layers.py: the classes of the graph's layers defined
     there, and what they use."""
-    classes = {layer_recipe(n, 0)[0] for n in graph if n.op != "input"}
+    classes = {layer_recipe(n)[0] for n in graph if n.op != "input"}
     return used(LAYERS, sorted(classes & set(top_level_names(LAYERS))))
+
+
+def layer_parts(graph: Graph) -> list[tuple[ModuleType | Path, list[str]]]:
+    """The layers the script copies and, with dropout, specforge's generator: the node's
+    key (:mod:`specforge.ir.randomness`) and the masks in keras.ops (randomness.py)."""
+    names = layer_names(graph)
+    if "Dropout" not in names:
+        return [(LAYERS, names)]
+    return [(ir_randomness, used(ir_randomness, ["node_key"])),
+            (RANDOMNESS, used(RANDOMNESS, ["as_int32", "dropout_mask"])), (LAYERS, names)]
 
 
 def render_script(program: Program, distributed: bool = False) -> str:
@@ -70,8 +84,8 @@ def render_script(program: Program, distributed: bool = False) -> str:
               for n in program.graph for p in n.params]
     return render(program, "keras", HERE / "templates", "train.py.j2",
                   framework="Keras 3", requirement="keras (with TensorFlow or PyTorch)",
-                  model_lines=model_lines(program.graph, program.seed),
+                  model_lines=model_lines(program.graph),
                   params=assignment("PARAMETERS", params),
-                  layers=copied([(LAYERS, layer_names(program.graph))]),
+                  layers=copied(layer_parts(program.graph)),
                   helpers=copied([(program_module, ["optimizer_slots"]),
                                   (TRAINER, used(TRAINER, HELPERS, chosen))], chosen))

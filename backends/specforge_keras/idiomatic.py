@@ -311,8 +311,8 @@ def optimizer_class(program: Program) -> list[str]:
     return ["class Adam(keras.optimizers.Adam):  # as the paper and torch: epsilon outside v_hat",
             "    def update_step(self, gradient, variable, learning_rate):",
             *(f"        {d}" for d in decay),
-            "        i = self._get_variable_index(variable)",
-            "        m, v = self._momentums[i], self._velocities[i]",
+            "        m, v = (s[self._get_variable_index(variable)] for s in (self._momentums, "
+            "self._velocities))",
             "        self.assign_add(m, (gradient - m) * (1 - self.beta_1))",
             "        self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))",
             "        t = ops.cast(self.iterations + 1, variable.dtype)  # 1 - beta^t, exactly:",

@@ -10,6 +10,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from specforge.ir.randomness import node_key
+from specforge_keras.randomness import as_int32, dropout_mask
+
 
 def pad_nhwc(x, pads, mode="zeros", value=0.0):
     """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
@@ -127,6 +130,29 @@ class BatchNorm(keras.layers.Layer):
         if self.beta is not None:
             y = y + self.beta
         return y
+
+
+class Dropout(keras.layers.Layer):
+    """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
+    dropout generator"): element i of the whole batch is kept by its own bits under this
+    node's key at this step, computed on the device inside the compiled step, the same in
+    every backend. :meth:`set_key` before each training step; the identity in evaluation."""
+
+    def __init__(self, rate, spatial, node, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.spatial, self.node = rate, spatial, node
+        # a variable, so that a new key is new data for the compiled step, not a new graph
+        self.key = self.add_weight(shape=(), initializer="zeros", dtype="int32",
+                                   trainable=False, name="key")
+
+    def set_key(self, seed, step):
+        self.key.assign(as_int32(node_key(seed, step, self.node)))
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0:
+            return x
+        shape = (ops.shape(x)[0], *x.shape[1:])  # the batch may be unknown when traced
+        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
 
 
 class Activation(keras.layers.Layer):

@@ -21,7 +21,7 @@ from specforge_keras.recipes import layer_recipe
 
 
 def layer_for(node: Node, name: str, seed: int) -> keras.layers.Layer:
-    cls, args, kwargs = layer_recipe(node, seed)
+    cls, args, kwargs = layer_recipe(node)
     factory = getattr(keras.layers, cls.rpartition(".")[2]) if cls.startswith("keras.") \
         else getattr(L, cls)
     return factory(*args, **kwargs, name=name)
@@ -31,7 +31,7 @@ def build_model(graph: Graph, seed: int,
                 replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
                 ) -> keras.Model:
     """A functional keras.Model of the graph (input NHWC float32, output the logits).
-    ``seed``: the spec's (dropout layers get their own from it). ``replacements`` maps an
+    ``seed``: the spec's. ``replacements`` maps an
     op to a factory ``(node, name) -> layer`` used instead of the op's usual layer (the
     conformance probe's dropout)."""
     names = identifier_names(graph)
@@ -87,7 +87,7 @@ def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | No
                  replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
                  ) -> keras.Model:
     """The model with ``weights`` (default: specforge's initial weights for ``seed``). No
-    global random state is read or changed: dropout layers have seeds of their own."""
+    global random state is read or changed: specforge's dropout draws no random numbers."""
     with python_random_kept():
         model = build_model(graph, seed, replacements)
     import_weights(model, graph, weights if weights is not None else

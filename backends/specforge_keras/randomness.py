@@ -60,7 +60,7 @@ def _shr(x: Tensor, k: int) -> Tensor:
     return ops.bitwise_and(ops.right_shift(x, _int32(k)), _int32((1 << (32 - k)) - 1))
 
 
-def mix32(x: Tensor) -> Tensor:
+def mix32_tensor(x: Tensor) -> Tensor:
     """lowbias32 element-wise on int32 words."""
     x = ops.bitwise_xor(x, _shr(x, 16))
     x = ops.multiply(x, _int32(_MUL1))
@@ -89,10 +89,12 @@ def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
     """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape; ``shape`` is the
     node output's shape (NHWC or (N, F)), batch first."""
     shape = _mask_shape(shape, spatial)
-    counters = ops.add(ops.arange(math.prod(shape), dtype="int32"),
-                       _first_counter(first_sample, math.prod(shape[1:])))
-    mixed = ops.add(mix32(ops.bitwise_xor(counters, ops.cast(key, "int32"))), _int32(_GOLDEN))
-    return ops.reshape(_shr(mix32(mixed), 32 - _UNIFORM_BITS), shape)
+    per_sample = math.prod(shape[1:])  # the batch, shape[0], may be a tensor (traced graphs)
+    counters = ops.add(ops.arange(shape[0] * per_sample, dtype="int32"),
+                       _first_counter(first_sample, per_sample))
+    mixed = ops.add(mix32_tensor(ops.bitwise_xor(counters, ops.cast(key, "int32"))),
+                    _int32(_GOLDEN))
+    return ops.reshape(_shr(mix32_tensor(mixed), 32 - _UNIFORM_BITS), shape)
 
 
 def dropout_mask(shape: Sequence[int], rate: float, key: Tensor,

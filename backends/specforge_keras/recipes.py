@@ -5,21 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from specforge.ir.graph import Node
-from specforge.ir.randomness import node_key
 
 
-def dropout_seed(seed: int, node: str) -> int:
-    """The seed of dropout node ``node``'s own Keras SeedGenerator: from specforge's key of
-    the node (:func:`specforge.ir.randomness.node_key` at step 0), so that its masks depend
-    on neither global random state (`keras.utils.set_random_seed`, which a library must not
-    call) nor the order in which the layers were made."""
-    return node_key(seed, 0, node) % (2**31 - 1) + 1
-
-
-def layer_recipe(node: Node, seed: int) -> tuple[str, list[Any], dict[str, Any]]:
+def layer_recipe(node: Node) -> tuple[str, list[Any], dict[str, Any]]:
     """How to make a node's layer: (class, positional args, keyword args). Both the model
-    builder here and the script builder use this, so the two cannot drift apart. ``seed``:
-    the spec's (dropout layers get their own seeds from it)."""
+    builder here and the script builder use this, so the two cannot drift apart."""
     a, op = node.attrs, node.op
     if op == "conv2d":
         keys = ("filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode", "bias")
@@ -37,9 +27,8 @@ def layer_recipe(node: Node, seed: int) -> tuple[str, list[Any], dict[str, Any]]
         return "keras.layers.Flatten", [], {}
     if op == "batch_norm":
         return "BatchNorm", [], {k: a[k] for k in ("decay", "epsilon", "scale", "center")}
-    if op == "dropout":
-        cls = "keras.layers.SpatialDropout2D" if a["spatial"] else "keras.layers.Dropout"
-        return cls, [a["rate"]], {"seed": dropout_seed(seed, node.name)}
+    if op == "dropout":  # specforge's masks (layers.Dropout), the same in every backend
+        return "Dropout", [a["rate"], a["spatial"], node.name], {}
     if op == "activation":
         return "Activation", [a["fn"]], {k: v for k, v in a.items() if k != "fn"}
     if op == "add":

@@ -226,6 +226,11 @@ def _jax_step(model: Any, loss: LossIR, opt: OptimizerIR, slots: list[list[Any]]
     return jax_step
 
 
+def dropout_layers(model: Any) -> list[Any]:
+    """specforge's dropout layers of ``model`` (:class:`specforge_keras.layers.Dropout`)."""
+    return [layer for layer in model._flatten_layers() if hasattr(layer, "set_key")]
+
+
 def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
                      ) -> tuple[float, np.ndarray]:
     """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
@@ -303,11 +308,14 @@ class KerasTrainer(Trainer):
         self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
         self.step_count = 0
         self._train = make_train_step(self.model, program.loss, program.optimizer, self.slots)
+        self.dropouts = dropout_layers(self.model)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         return self.start_step(x, y, lr)()
 
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        for dropout in self.dropouts:  # this step's keys (steps count from 0 there)
+            dropout.set_key(self.program.seed, self.step_count)
         self.step_count += 1
         if self.parallel is None:
             return start_keras_step(self._train, x, y, lr, self.step_count)

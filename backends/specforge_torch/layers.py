@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specforge.ir.randomness import node_key
+from specforge_torch.randomness import as_int32, dropout_mask
+
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
@@ -140,6 +143,34 @@ def _data_parallel() -> bool:
     distributed = torch.distributed
     return distributed.is_available() and distributed.is_initialized() and \
         distributed.get_world_size() > 1
+
+
+class Dropout(nn.Module):
+    """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
+    dropout generator"): element i of the whole batch is kept by its own bits under this
+    node's key at this step, computed on the device, the same in every backend and process.
+    :meth:`set_key` before each training step; the identity in evaluation."""
+
+    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str) -> None:
+        super().__init__()
+        self.rate, self.spatial, self.shape, self.node = rate, spatial, tuple(shape), node
+        # not weights: left out of state_dict, and set anew every step
+        self.register_buffer("key", torch.zeros((), dtype=torch.int32), persistent=False)
+        self.register_buffer("first_sample", torch.zeros((), dtype=torch.int32),
+                             persistent=False)
+
+    def set_key(self, seed: int, step: int, first_sample: int = 0) -> None:
+        """This step's key; ``first_sample``: the global index of this process's first
+        sample (its shard's offset), so that N processes draw what one process draws."""
+        self.key.fill_(as_int32(node_key(seed, step, self.node)))  # fill_: no synchronising
+        self.first_sample.fill_(first_sample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        mask = dropout_mask((x.shape[0], *self.shape), self.rate, self.key, self.first_sample,
+                            self.spatial, dtype=x.dtype)
+        return x * mask
 
 
 class Activation(nn.Module):

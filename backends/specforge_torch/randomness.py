@@ -50,7 +50,7 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (32 - k)) - 1)
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 element-wise on int32 words."""
     x = x ^ _shr(x, 16)
     x = x * _MUL1
@@ -83,7 +83,7 @@ def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch
     counters = torch.arange(math.prod(shape), dtype=torch.int32,
                             device=key.device if device is None else device)
     counters = counters + _first_counter(first_sample, math.prod(shape[1:]))
-    bits = mix32(mix32(counters ^ key.to(torch.int32)) + _GOLDEN)
+    bits = mix32_tensor(mix32_tensor(counters ^ key.to(torch.int32)) + _GOLDEN)
     return _shr(bits, 32 - _UNIFORM_BITS).reshape(shape)
 
 

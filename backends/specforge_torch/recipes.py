@@ -31,7 +31,7 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         keys = ("decay", "epsilon", "scale", "center")
         return "BatchNorm", [in_shape[-1]], {k: a[k] for k in keys}
     if op == "dropout":
-        return ("nn.Dropout2d" if a["spatial"] else "nn.Dropout"), [a["rate"]], {}
+        return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
     if op == "activation":
         return "Activation", [a["fn"]], {k: v for k, v in a.items() if k != "fn"}
     if op in ("add", "concat"):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from specforge_torch.distributed import (
     all_sum,
     any_rank,
     gather_rows,
-    gather_same_shape,
     join,
     leave,
     ranks_from_environment,
@@ -209,17 +207,15 @@ class Steps:
     asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
     TorchTrainer and the built script both use it. Losses and logits stay on the device."""
 
-    rank = 0  # which process: seeds dropout's generator
-
     def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
                  loss: LossIR, opt: OptimizerIR, training: Any) -> None:
-        self.torch_device, self.loss, self.opt = device, loss, opt
+        self.torch_device, self.loss, self.opt, self.seed = device, loss, opt, seed
         self.memory_format = torch.channels_last if training.channels_last else \
             torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
-        # Dropout draws from torch's generator: seed it once the model exists (each process
-        # differently: their shards must not share masks).
-        torch.manual_seed(seed + self.rank)
+        # specforge's dropout draws no random numbers of torch's: it hashes (seed, step, node,
+        # element), so nothing here seeds or reads torch's generators
+        self.dropouts = [m for m in self.model.modules() if hasattr(m, "set_key")]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(opt, self.params)
         self.autocast = autocast_dtype(training.precision)
@@ -235,8 +231,15 @@ class Steps:
         """:func:`model_inputs` on this device, in this memory format."""
         return model_inputs(x, y, self.torch_device, self.memory_format)
 
-    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step at learning rate ``lr``: the batch's loss and logits."""
+    def set_keys(self, step: int, first_sample: int = 0) -> None:
+        """Dropout's keys for training step ``step``."""
+        for dropout in self.dropouts:
+            dropout.set_key(self.seed, step, first_sample)
+
+    def train(self, x: Any, y: np.ndarray, lr: float, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step ``step`` at learning rate ``lr``: the batch's loss and logits."""
+        self.set_keys(step)
         self.model.train()
         images, labels = self.tensors(x, y)
         return optimizer_step(self.forward, self.optimizer, self.params, self.loss, self.opt,
@@ -264,14 +267,21 @@ class ShardedSteps(Steps):
         from torch.nn.parallel import DistributedDataParallel
 
         cuda = self.torch_device.type == "cuda"
-        return DistributedDataParallel(model, device_ids=[self.torch_device] if cuda else None)
+        # No buffer broadcast: batch norm's statistics are the whole batch's in every process
+        # already, and dropout's buffers (its key, this process's first sample) are each
+        # process's own; DDP's broadcast from rank 0 would give every shard rank 0's masks.
+        return DistributedDataParallel(model, device_ids=[self.torch_device] if cuda else None,
+                                       broadcast_buffers=False)
 
-    def train(self, x: Any, y: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train(self, x: Any, y: np.ndarray, lr: float, step: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: this process's shard of the batch (see :class:`ShardedBatches`), ``y``: the
         whole batch's labels. Each shard's loss weighs its share of the batch (DDP averages
-        the processes' gradients)."""
+        the processes' gradients); dropout masks the shard's part of the batch's masks."""
+        part = shard(len(y), self.ranks.rank, self.ranks.world)
+        self.set_keys(step, part.start)
         self.model.train()
-        mine = y[shard(len(y), self.ranks.rank, self.ranks.world)]
+        mine = y[part]
         images, labels = self.tensors(x, mine)
         value, output = optimizer_step(self.forward, self.optimizer, self.params, self.loss,
                                        self.opt, images, labels, lr, self.autocast,
@@ -324,36 +334,11 @@ class TorchTrainer(Trainer):
         model = create_model(program.graph, program.seed, weights)
         setup = (model, self.torch_device, program.seed, program.loss, program.optimizer,
                  training)
-        #: this trainer's state of torch's global generators (see own_random)
-        self.rng: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        with self.own_random():  # Steps seeds the generators for dropout
-            self.steps = Steps(*setup) if self.ranks is None else \
-                ShardedSteps(self.ranks, *setup)
+        self.steps = Steps(*setup) if self.ranks is None else ShardedSteps(self.ranks, *setup)
         self.model: SpecModule = model
         self.params, self.optimizer = self.steps.params, self.steps.optimizer
-
-    @contextmanager
-    def own_random(self) -> Iterator[None]:
-        """torch's global generators (the CPU's and every GPU's) hold this trainer's state
-        while the trainer works in this block, and the caller's again after it.
-
-        nn.Dropout draws from the global generator and takes no generator of its own, and
-        :class:`Steps` seeds that generator (a built script, a program, may). A library
-        must leave its caller's generators alone, so the trainer swaps its own state in
-        and out: where dropout draws (a training step), and where it is seeded, saved or
-        restored. A later change replaces torch's dropout by specforge's own masks, which
-        will make this unnecessary."""
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            if self.rng is not None:
-                torch.set_rng_state(self.rng[0])
-                for device, state in zip(devices, self.rng[1], strict=True):
-                    torch.cuda.set_rng_state(state, device)
-            try:
-                yield
-            finally:
-                self.rng = (torch.get_rng_state(),
-                            [torch.cuda.get_rng_state(device) for device in devices])
+        #: training steps started: the next one's number (dropout's keys depend on it)
+        self.step_count = 0
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device
@@ -378,8 +363,8 @@ class TorchTrainer(Trainer):
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
         """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`); the
         loss and logits are the whole batch's, gathered from every process."""
-        with self.own_random():  # dropout draws
-            return fetch_later(*self.steps.train(x, y, lr))
+        step, self.step_count = self.step_count, self.step_count + 1
+        return fetch_later(*self.steps.train(x, y, lr, step))
 
     def agree_to_stop(self, wanted: bool) -> bool:
         """Under DDP the answer is the last step's vote, and this step's is sent off: reading
@@ -414,28 +399,15 @@ class TorchTrainer(Trainer):
         return export_weights(self.model)
 
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
-        with self.own_random():  # the trainer's generators are saved
-            self._save_checkpoint(path, loop_state)
-
-    def _save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
-        rng = torch.get_rng_state()
-        if self.ranks is not None:  # every process's dropout generator; rank 0 writes
-            rngs = gather_same_shape(rng.to(self.torch_device), self.ranks)
-            if self.ranks.rank != 0:
-                return
-            rng = torch.stack([r.cpu() for r in rngs])
+        if self.ranks is not None and self.ranks.rank != 0:
+            return  # every process holds the same state; rank 0 writes it
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "torch_rng": rng, "loop": json.dumps(loop_state)}
-        if torch.cuda.is_available() and self.ranks is None:
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+                 "steps": self.step_count, "processes": self.ranks.world if self.ranks else 1,
+                 "loop": json.dumps(loop_state)}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        with self.own_random():  # the trainer's generators are restored
-            return self._load_checkpoint(path)
-
-    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location=self.torch_device, weights_only=True)
         except FileNotFoundError:
@@ -444,14 +416,10 @@ class TorchTrainer(Trainer):
             raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(kernels_of(self.optimizer, state["optimizer"]))
-        rng = state["torch_rng"].cpu()
-        world = self.ranks.world if self.ranks else 1
-        if (rng.dim() == 2) != (world > 1) or (world > 1 and len(rng) != world):
-            saved = len(rng) if rng.dim() == 2 else 1
+        world, saved = self.ranks.world if self.ranks else 1, int(state.get("processes", 1))
+        if saved != world:  # the same reductions, so that a resumed run is the same bits
             raise UsageError(f"{path} was written by {saved} process(es); resume it with "
                              f"as many (--nproc-per-node), not {world}")
-        # a row of the stacked states points into their storage: give torch its own copy
-        torch.set_rng_state(rng[self.ranks.rank].clone() if self.ranks else rng)
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return json.loads(state["loop"])
+        loop = json.loads(state["loop"])
+        self.step_count = int(state.get("steps", loop.get("step", 0)))
+        return loop
