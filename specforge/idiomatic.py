@@ -25,7 +25,7 @@ import jinja2
 
 from specforge import __version__
 from specforge.data import sources
-from specforge.ir.graph import Graph
+from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import OptimizerIR, Program
 from specforge.scriptgen import CONSTANTS, LOADERS, constants, copied
 
@@ -225,6 +225,14 @@ def split_presence(program: Program) -> dict[str, str | bool]:
     return {"validation": bool(data.split.validation), "test": test}
 
 
+def renamed(graph: Graph) -> dict[str, str]:
+    """The nodes whose identifier is not their name with dots as underscores (a keyword or a
+    reserved name: `class` -> `class_`), for a script's ``load_weights``."""
+    return {n.name: ident for n, ident in zip(graph, identifier_names(graph).values(),
+                                              strict=True)
+            if ident != re.sub(r"\W", "_", n.name) and n.params}
+
+
 def is_chain(graph: Graph) -> bool:
     """Whether every node takes the one before it, and nothing else does (a Sequential)."""
     nodes = list(graph)
@@ -327,6 +335,7 @@ def common_context(program: Program) -> dict[str, Any]:
     for, in its layout: :func:`data_code`)."""
     data = program.spec.data
     return {"version": __version__, "program": program, "spec": program.spec,
+            "renamed": renamed(program.graph),
             **settings(program), "schedule": schedule_code(program.optimizer),
             "source_kind": data.source.type if data else None}
 

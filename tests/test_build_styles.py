@@ -306,3 +306,37 @@ def test_idiomatic_scripts_hold_out_specforges_images(overrides, stratify, tmp_p
         images = parts[name][0].permute(0, 2, 3, 1).reshape(len(index), -1).numpy()
         expected = (x[index] * program.spec.data.normalize.scale).astype(np.float32)
         assert sorted(map(bytes, images)) == sorted(map(bytes, expected)), name
+
+
+HOSTILE_NAMES = """\
+name: "100% %s {name}"
+seed: 3
+model:
+  input: [8, 8, 2]
+  layers:
+    - {type: conv2d, name: class, filters: 2, kernel: 3}
+    - {type: conv2d, name: self, filters: 2, kernel: 3, padding: same, inputs: class}
+    - {type: add, name: keras, inputs: [self, class]}
+    - {type: batch_norm, name: forward}
+    - {type: flatten, name: inputs}
+    - {type: dense, name: None, units: 3}
+loss: {type: cross_entropy}
+optimizer: {type: adam}
+data: {source: {type: synthetic, samples: 24, classes: 3}, batch_size: 8}
+training: {epochs: 1}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_name_a_spec_accepts_gives_a_working_script(backend, tmp_path):
+    """Layer names that are keywords, the script's own names or nn.Module's attributes."""
+    pytest.importorskip(backend)
+    program = compile_text(HOSTILE_NAMES, "<hostile names>")
+    check_same_model(program, backend, tmp_path)  # builds, imports, loads weights by name
+    for style in ("idiomatic", "exact"):
+        path = tmp_path / f"{style}.py"
+        path.write_text(load_backend(backend).build(program, style=style))
+        for args in (["--help"], ["--epochs", "1"]):
+            result = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, (style, args, result.stderr[-2000:])

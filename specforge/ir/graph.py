@@ -8,6 +8,7 @@ settled in a node's ``attrs``: a backend translates nodes, it never decides.
 
 from __future__ import annotations
 
+import keyword
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -117,13 +118,46 @@ class Graph:
         return sum(n.flops for n in self.nodes)
 
 
+#: Names a node's identifier never takes (it gets a trailing underscore): built scripts use
+#: identifiers as variables next to these module names, builtins and classes, and torch
+#: models hold their modules as attributes beside nn.Module's own (a node named `keras`,
+#: `self`, `inputs` or `forward` must not shadow or replace them).
+_RESERVED = """
+    F Image LambdaLR Model OrderedDict Path TensorDataset DataLoader argparse itertools keras
+    layers math nn np ops re torch x y inputs model self args main build_model load_weights
+    load_data train_step evaluate augment loss_fn learning_rate gelu_tanh
+    Activation Add AvgPool2D AvgPool2d BatchNorm Concat Conv2D Conv2d Dropout FlattenHWC
+    GlobalPool MaxPool2D MaxPool2d Pad2D Pad2d
+    print len range zip sum max min float int list dict tuple set sorted enumerate map round
+    open isinstance super getattr setattr hasattr any all abs iter next object str bool repr
+    type id vars
+    T_destination add_module apply bfloat16 buffers call_super_init children compile cpu cuda
+    double dump_patches eval extra_repr forward get_buffer get_extra_state get_parameter
+    get_submodule half ipu load_state_dict modules mtia named_buffers named_children
+    named_modules named_parameters parameters register_backward_hook register_buffer
+    register_forward_hook register_forward_pre_hook register_full_backward_hook
+    register_full_backward_pre_hook register_load_state_dict_post_hook
+    register_load_state_dict_pre_hook register_module register_parameter
+    register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_extra_state
+    set_submodule share_memory state_dict to to_empty train training xpu zero_grad names steps
+    """
+RESERVED_NAMES = frozenset(_RESERVED.split())
+
+
 def identifier_names(graph: Graph) -> dict[str, str]:
     """A valid, unique Python identifier for every node (`layer1.0.conv1` ->
-    `layer1_0_conv1`), for backends whose names cannot hold dots."""
+    `layer1_0_conv1`), for backends whose names cannot hold dots: never a keyword, nor one
+    of :data:`RESERVED_NAMES` (`class` -> `class_`), so that any name a spec accepts gives
+    working code."""
     names: dict[str, str] = {}
     taken: set[str] = set()
     for node in graph:
         base = re.sub(r"\W", "_", node.name)
+        if base[:1].isdigit():
+            base = f"_{base}"
+        if keyword.iskeyword(base) or keyword.issoftkeyword(base) or base in RESERVED_NAMES \
+                or base.startswith("__"):
+            base += "_"
         name, k = base, 1
         while name in taken:
             k += 1
