@@ -92,6 +92,13 @@ MUL2 = 0x846CA68B
 SEED_LIMIT = 2**64
 
 
+def as_int32(word: int) -> int:
+    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32): the
+    backends compute in int32 with two's-complement wrap-around."""
+    word &= MASK32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def mix32(x: int) -> int:
     """lowbias32 of one 32-bit word, on Python ints (exact, for keys and known values)."""
     x &= MASK32
@@ -112,16 +119,7 @@ def node_key(seed: int, step: int, node_name: str) -> int:
     return mix32(mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ (step & MASK32)) ^ node_id)
 
 
-_MASK32 = 0xFFFFFFFF
-
-
 _UNIFORM_BITS = 24
-
-
-def as_int32(word: int) -> int:
-    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32)."""
-    word &= _MASK32
-    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 _MUL1 = as_int32(0x7FEB352D)

@@ -175,15 +175,22 @@ def _names(node: ast.AST) -> list[str]:
             if isinstance(child, ast.AST) for n in _names(child)]
 
 
+def layer_parts(layers: Path, randomness: Path, names: list[str]
+                ) -> list[tuple[ModuleType | Path, list[str]]]:
+    """What a script copies for a backend's layers ``names`` (from its ``layers`` file): with
+    specforge's dropout, its generator too, the node's key (:mod:`specforge.ir.randomness`)
+    and the backend's masks on the device (its ``randomness`` file)."""
+    if "Dropout" not in names:
+        return [(layers, names)]
+    from specforge.ir import randomness as reference
+
+    return [(reference, used(reference, ["node_key", "as_int32"])),
+            (randomness, used(randomness, ["dropout_mask"])), (layers, names)]
+
+
 def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:
     return "\n".join(f"{name} = {getattr(module, name)!r}" for module, names in parts
                      for name in names)
-
-
-def module_body(path: Path, first_definition: str) -> str:
-    """A module's text from ``first_definition`` on (no docstring, no imports)."""
-    text = path.read_text(encoding="utf-8")
-    return text[text.index(first_definition):].rstrip()
 
 
 def namespace(value: Any, indent: int = 0, width: int = 100, used: int = 0) -> str:

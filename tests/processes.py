@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,3 +155,31 @@ def image_folders(root: Path, classes: int = 3, per_class: int = 8, size: int = 
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def idiomatic_digits_accuracy(backend: str, specs: Path) -> float:
+    """The test accuracy that generated/digits_BACKEND.py (as committed) reaches, run where
+    specforge cannot be imported. torch prints "test: loss 0.07  accuracy 0.98 ...", Keras
+    "test: {'accuracy': 0.97, ...}"."""
+    script = ROOT / "generated" / f"digits_{backend}.py"
+    result = ok(run_all(without_specforge(script, "--data-dir", str(specs)), timeout=600)[0])
+    found = re.search(r"accuracy'?:? ([0-9.]+)", result.stdout.splitlines()[-1])
+    assert found, result.stdout[-500:]
+    return float(found.group(1))
+
+
+def check_both_styles_alone_on_image_folders(backend: str, folder: Path) -> None:
+    """The seed spec (image folders, augmentation, steps_per_epoch), shortened, built in
+    both styles and run where specforge cannot be imported."""
+    folders = image_folders(folder)
+    short = sets("training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=4")
+    scripts = {style: folder / f"cifar_{style}.py" for style in ("idiomatic", "exact")}
+    for result in run_all(*(specforge("build", "specs/cifar.yaml", "-b", backend, "--style",
+                                      style, "-o", str(path), *short)
+                            for style, path in scripts.items())):
+        ok(result)
+    results = run_all(*(without_specforge(path, "--data-dir", str(folders))
+                        for path in scripts.values()), timeout=600)
+    for result in results:
+        ok(result)
+        assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]

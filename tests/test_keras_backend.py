@@ -34,9 +34,10 @@ from tests.processes import (  # noqa: E402
     ENV,
     KERAS_BACKEND,
     PNG_SIGNATURE,
+    check_both_styles_alone_on_image_folders,
     check_evaluate_and_predict,
     cli,
-    image_folders,
+    idiomatic_digits_accuracy,
     ok,
     read_jsonl,
     refused,
@@ -44,7 +45,6 @@ from tests.processes import (  # noqa: E402
     sets,
     specforge,
     stop_after_steps,
-    without_specforge,
 )
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
@@ -230,7 +230,6 @@ def test_generated_scripts_are_up_to_date(fresh_builds, stem):
 
 
 def test_built_scripts_do_not_import_specforge(fresh_builds):
-    import re
 
     texts = {p: p.read_text(encoding="utf-8") for folder in fresh_builds.values()
              for p in folder.glob("*.py")}
@@ -529,28 +528,14 @@ def test_a_checkpoint_that_is_not_hdf5_is_refused(digits_run, tmp_path):
 
 def test_idiomatic_digits_script_alone_reaches_the_runs_accuracy(digits_run):
     run_dir = digits_run
-    # the script as committed, in a process where specforge cannot be imported
-    script = ROOT / "generated" / "digits_keras.py"
-    result = ok(run_all(without_specforge(script, "--data-dir", str(SPECS)), timeout=600)[0])
-    text = result.stdout.splitlines()[-1]  # "test: {'accuracy': 0.97, ...}"
-    accuracy = float(re.search(r"'accuracy': ([0-9.]+)", text).group(1))
+    accuracy = idiomatic_digits_accuracy("keras", SPECS)
     run = json.loads((run_dir / "summary.json").read_text())["test"]["accuracy"]
     assert abs(accuracy - run) <= 0.02, (accuracy, run)
     assert accuracy >= 0.95, accuracy
 
 
 def test_both_styles_run_alone_on_image_folders(tmp_path):
-    # the seed spec (image folders, augmentation, steps_per_epoch) shortened, both styles
-    folders = image_folders(tmp_path)
-    short = sets("training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=4")
-    scripts = {style: tmp_path / f"cifar_{style}.py" for style in ("idiomatic", "exact")}
-    ok(run_all(*(specforge("build", "specs/cifar.yaml", "-b", "keras", "--style", style,
-                           "-o", str(path), *short) for style, path in scripts.items()))[0])
-    results = run_all(*(without_specforge(path, "--data-dir", str(folders))
-                        for path in scripts.values()), timeout=600)
-    for result in results:
-        ok(result)
-        assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]
+    check_both_styles_alone_on_image_folders("keras", tmp_path)
 
 
 # --- dropout: specforge's masks in both backends -------------------------------------------------

@@ -31,9 +31,10 @@ from specforge_torch.model import create_model, export_weights  # noqa: E402
 from tests.processes import (  # noqa: E402
     ENV,
     PNG_SIGNATURE,
+    check_both_styles_alone_on_image_folders,
     check_evaluate_and_predict,
     cli,
-    image_folders,
+    idiomatic_digits_accuracy,
     ok,
     read_jsonl,
     refused,
@@ -41,7 +42,6 @@ from tests.processes import (  # noqa: E402
     sets,
     specforge,
     stop_after_steps,
-    without_specforge,
 )
 
 DIGITS = str(SPECS / "digits.yaml")
@@ -616,25 +616,11 @@ def test_compile_modes_reach_torch_compile(monkeypatch, setting, mode):
 
 def test_idiomatic_digits_script_alone_reaches_the_runs_accuracy(digits_run):
     run_dir, _ = digits_run
-    # the script as committed, in a process where specforge cannot be imported
-    script = ROOT / "generated" / "digits_torch.py"
-    result = ok(run_all(without_specforge(script, "--data-dir", str(SPECS)), timeout=600)[0])
-    text = result.stdout.splitlines()[-1]  # "test: loss 0.07  accuracy 0.98  ..."
-    accuracy = float(re.search(r"accuracy ([0-9.]+)", text).group(1))
+    accuracy = idiomatic_digits_accuracy("torch", SPECS)
     run = json.loads((run_dir / "summary.json").read_text())["test"]["accuracy"]
     assert abs(accuracy - run) <= 0.02, (accuracy, run)
     assert accuracy >= 0.95, accuracy
 
 
 def test_both_styles_run_alone_on_image_folders(tmp_path):
-    # the seed spec (image folders, augmentation, steps_per_epoch) shortened, both styles
-    folders = image_folders(tmp_path)
-    short = sets("training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=4")
-    scripts = {style: tmp_path / f"cifar_{style}.py" for style in ("idiomatic", "exact")}
-    ok(run_all(*(specforge("build", "specs/cifar.yaml", "-b", "torch", "--style", style,
-                           "-o", str(path), *short) for style, path in scripts.items()))[0])
-    results = run_all(*(without_specforge(path, "--data-dir", str(folders))
-                        for path in scripts.values()), timeout=600)
-    for result in results:
-        ok(result)
-        assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]
+    check_both_styles_alone_on_image_folders("torch", tmp_path)

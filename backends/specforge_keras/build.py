@@ -9,10 +9,8 @@ losses equal `specforge run --backend keras`'s. Building imports no keras.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 from specforge.ir import program as program_module
-from specforge.ir import randomness as ir_randomness
 from specforge.ir.graph import Graph, identifier_names
 from specforge.ir.program import Program
 from specforge.scriptgen import (
@@ -20,6 +18,7 @@ from specforge.scriptgen import (
     assignment,
     copied,
     kinds,
+    layer_parts,
     render,
     top_level_names,
     used,
@@ -67,16 +66,6 @@ def layer_names(graph: Graph) -> list[str]:
     return used(LAYERS, sorted(classes & set(top_level_names(LAYERS))))
 
 
-def layer_parts(graph: Graph) -> list[tuple[ModuleType | Path, list[str]]]:
-    """The layers the script copies and, with dropout, specforge's generator: the node's
-    key (:mod:`specforge.ir.randomness`) and the masks in keras.ops (randomness.py)."""
-    names = layer_names(graph)
-    if "Dropout" not in names:
-        return [(LAYERS, names)]
-    return [(ir_randomness, used(ir_randomness, ["node_key"])),
-            (RANDOMNESS, used(RANDOMNESS, ["as_int32", "dropout_mask"])), (LAYERS, names)]
-
-
 def render_script(program: Program, distributed: bool = False) -> str:
     names = identifier_names(program.graph)
     chosen = kinds(program)
@@ -86,6 +75,6 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   framework="Keras 3", requirement="keras (with TensorFlow or PyTorch)",
                   model_lines=model_lines(program.graph),
                   params=assignment("PARAMETERS", params),
-                  layers=copied(layer_parts(program.graph)),
+                  layers=copied(layer_parts(LAYERS, RANDOMNESS, layer_names(program.graph))),
                   helpers=copied([(program_module, ["optimizer_slots"]),
                                   (TRAINER, used(TRAINER, HELPERS, chosen))], chosen))

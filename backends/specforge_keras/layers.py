@@ -10,8 +10,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from specforge.ir.randomness import node_key
-from specforge_keras.randomness import as_int32, dropout_mask
+from specforge.ir.randomness import as_int32, node_key
+from specforge_keras.randomness import dropout_mask
 
 
 def pad_nhwc(x, pads, mode="zeros", value=0.0):

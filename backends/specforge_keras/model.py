@@ -20,20 +20,19 @@ from specforge_keras import layers as L
 from specforge_keras.recipes import layer_recipe
 
 
-def layer_for(node: Node, name: str, seed: int) -> keras.layers.Layer:
+def layer_for(node: Node, name: str) -> keras.layers.Layer:
     cls, args, kwargs = layer_recipe(node)
     factory = getattr(keras.layers, cls.rpartition(".")[2]) if cls.startswith("keras.") \
         else getattr(L, cls)
     return factory(*args, **kwargs, name=name)
 
 
-def build_model(graph: Graph, seed: int,
+def build_model(graph: Graph,
                 replacements: Mapping[str, Callable[[Node, str], Any]] | None = None
                 ) -> keras.Model:
     """A functional keras.Model of the graph (input NHWC float32, output the logits).
-    ``seed``: the spec's. ``replacements`` maps an
-    op to a factory ``(node, name) -> layer`` used instead of the op's usual layer (the
-    conformance probe's dropout)."""
+    ``replacements`` maps an op to a factory ``(node, name) -> layer`` used instead of the
+    op's usual layer (the conformance probe's dropout)."""
     names = identifier_names(graph)
     replacements = replacements or {}
     inputs = keras.Input(shape=graph.input.shape, name=names[graph.input.name])
@@ -44,7 +43,7 @@ def build_model(graph: Graph, seed: int,
         args = [values[i] for i in node.inputs]
         make = replacements.get(node.op)
         layer = make(node, names[node.name]) if make else \
-            layer_for(node, names[node.name], seed)
+            layer_for(node, names[node.name])
         values[node.name] = layer(args if node.op in ("add", "concat") else args[0])
     return keras.Model(inputs, values[graph.output], name="specforge_model")
 
@@ -89,7 +88,7 @@ def create_model(graph: Graph, seed: int, weights: Mapping[str, np.ndarray] | No
     """The model with ``weights`` (default: specforge's initial weights for ``seed``). No
     global random state is read or changed: specforge's dropout draws no random numbers."""
     with python_random_kept():
-        model = build_model(graph, seed, replacements)
+        model = build_model(graph, replacements)
     import_weights(model, graph, weights if weights is not None else
                    initial_weights(graph, seed))
     return model

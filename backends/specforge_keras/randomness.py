@@ -2,7 +2,8 @@
 for bit (docs/ir-ops.md, "The dropout generator"), on the TensorFlow, JAX and PyTorch
 backends of Keras.
 
-This file imports only keras, so a built script can carry it verbatim. JAX has no int64 by
+Besides keras this file imports only ``as_int32`` from the reference (pure Python), so
+a built script can carry it verbatim. JAX has no int64 by
 default and torch no uint32 shifts, so the words are int32 with two's-complement
 wrap-around (the same bits), and a logical shift is an arithmetic one followed by a mask.
 Everything is traceable: the per-step key is a tensor argument (a new key is new data, not
@@ -19,17 +20,11 @@ from typing import Any
 
 from keras import ops
 
+from specforge.ir.randomness import as_int32
+
 Tensor = Any  # a backend tensor: tf.Tensor, jax.Array or torch.Tensor
 
-_MASK32 = 0xFFFFFFFF
 _UNIFORM_BITS = 24
-
-
-def as_int32(word: int) -> int:
-    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32)."""
-    word &= _MASK32
-    return word - (1 << 32) if word >= 1 << 31 else word
-
 
 # lowbias32's multipliers and the golden-ratio constant, as int32 values
 _MUL1 = as_int32(0x7FEB352D)

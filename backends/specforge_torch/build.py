@@ -12,7 +12,6 @@ from pathlib import Path
 from types import ModuleType
 
 from specforge.data import pipeline
-from specforge.ir import randomness as ir_randomness
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
 from specforge.scriptgen import (
@@ -20,6 +19,7 @@ from specforge.scriptgen import (
     assignment,
     copied,
     kinds,
+    layer_parts,
     render,
     top_level_names,
     used,
@@ -60,16 +60,6 @@ def layer_names(graph: Graph) -> list[str]:
     shapes = {n.name: n.shape for n in graph}
     classes = {module_recipe(n, shapes[n.inputs[0]])[0] for n in graph if n.op != "input"}
     return used(LAYERS, sorted(classes & defined))
-
-
-def layer_parts(graph: Graph) -> list[tuple[ModuleType | Path, list[str]]]:
-    """The layers the script copies and, with dropout, specforge's generator: the node's
-    key (:mod:`specforge.ir.randomness`) and the masks on the device (randomness.py)."""
-    names = layer_names(graph)
-    if "Dropout" not in names:
-        return [(LAYERS, names)]
-    return [(ir_randomness, used(ir_randomness, ["node_key"])),
-            (RANDOMNESS, used(RANDOMNESS, ["as_int32", "dropout_mask"])), (LAYERS, names)]
 
 
 def module_call(node: Node, in_shape: tuple[int, ...]) -> str:
@@ -118,5 +108,5 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   framework="PyTorch", requirement="torch", modules=modules, forward=forward,
                   params=assignment("PARAMETERS", params),
                   torch_names=assignment("TORCH_NAMES", torch_names),
-                  layers=copied(layer_parts(program.graph)),
+                  layers=copied(layer_parts(LAYERS, RANDOMNESS, layer_names(program.graph))),
                   helpers=torch_helpers(program, distributed))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge.ir.randomness import node_key
-from specforge_torch.randomness import as_int32, dropout_mask
+from specforge.ir.randomness import as_int32, node_key
+from specforge_torch.randomness import dropout_mask
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 

@@ -1,7 +1,8 @@
 """specforge's dropout masks in torch: the generator of ``specforge.ir.randomness``, bit for
 bit (docs/ir-ops.md, "The dropout generator").
 
-This file imports only torch, so a built script can carry it verbatim. torch has no shifts
+Besides torch this file imports only ``as_int32`` from the reference (pure Python), so a
+built script can carry it verbatim. torch has no shifts
 on uint32, so the words are int32 with two's-complement wrap-around (the same bits), and a
 logical shift is an arithmetic one followed by a mask. Everything stays on the device and
 is traceable: the per-step key is a tensor argument (a new key is new data, not a new
@@ -16,15 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
+from specforge.ir.randomness import as_int32
+
 _UNIFORM_BITS = 24
-
-
-def as_int32(word: int) -> int:
-    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32)."""
-    word &= _MASK32
-    return word - (1 << 32) if word >= 1 << 31 else word
-
 
 # lowbias32's multipliers and the golden-ratio constant, as int32 values
 _MUL1 = as_int32(0x7FEB352D)

@@ -260,7 +260,7 @@ class ShardedSteps(Steps):
     same in every process."""
 
     def __init__(self, ranks: Ranks, *args: Any) -> None:
-        self.ranks, self.rank = ranks, ranks.rank
+        self.ranks = ranks
         super().__init__(*args)
 
     def wrap(self, model: torch.nn.Module) -> Any:

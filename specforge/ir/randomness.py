@@ -59,6 +59,13 @@ UNIFORM_BITS = 24
 SEED_LIMIT = 2**64
 
 
+def as_int32(word: int) -> int:
+    """The int32 value with the bits of the 32-bit word ``word`` (taken modulo 2^32): the
+    backends compute in int32 with two's-complement wrap-around."""
+    word &= MASK32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def mix32(x: int) -> int:
     """lowbias32 of one 32-bit word, on Python ints (exact, for keys and known values)."""
     x &= MASK32
