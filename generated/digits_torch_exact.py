@@ -774,21 +774,6 @@ def lr_at(optimizer: OptimizerIR, step: int, steps_per_epoch: int) -> float:
     if t < s.warmup:
         return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
     return SCHEDULES[s.kind](base, t - s.warmup, s.params)
-    t = step // steps_per_epoch if s.unit == "epoch" else step
-    if t < s.warmup:
-        return base * (s.warmup_start_factor + (1 - s.warmup_start_factor) * t / s.warmup)
-    t -= s.warmup
-    p = s.params
-    if s.kind == "step":
-        return base * p["gamma"] ** (t // p["step_size"])
-    if s.kind == "multistep":
-        return base * p["gamma"] ** sum(1 for m in p["milestones"] if m <= t)
-    if s.kind == "exponential":
-        return base * p["gamma"] ** t
-    if s.kind == "cosine":
-        progress = min(t, p["t_max"]) / p["t_max"]
-        return p["min_lr"] + (base - p["min_lr"]) * (1 + math.cos(math.pi * progress)) / 2
-    return base
 
 
 class MetricAccumulator:
