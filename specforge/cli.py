@@ -57,11 +57,18 @@ def validate(spec: SpecPath, set_: SetOption = None,
 
 @app.command()
 def summary(spec: SpecPath, set_: SetOption = None,
-            max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+            max_params: MaxParams = DEFAULT_MAX_PARAMS,
+            as_json: Annotated[bool, typer.Option(
+                "--json", help="Print the numbers as JSON instead of a table.")] = False,
+            ) -> None:
     """Print a table of layers, output shapes, parameters and FLOPs, with totals."""
-    from specforge.summary import print_summary
+    from specforge.summary import print_summary, summary_json
 
-    print_summary(_compile(spec, set_, max_params))
+    program = _compile(spec, set_, max_params)
+    if as_json:
+        print(json.dumps(summary_json(program), indent=2))
+    else:
+        print_summary(program)
 
 
 @app.command()

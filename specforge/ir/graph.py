@@ -57,6 +57,9 @@ class Node:
     #: The spec layer this node was lowered from (several nodes may share one).
     layer: str = ""
     location: Location | None = field(default=None, compare=False)
+    #: That layer's spec type: `depthwise_conv2d` lowers to op `conv2d`, and a summary says
+    #: which the user wrote. Provenance only, like ``layer``: backends never read it.
+    layer_type: str = ""
 
     @property
     def param_count(self) -> int:
@@ -73,6 +76,7 @@ class Node:
                         "trainable": p.trainable} for p in self.params],
             "flops": self.flops,
             "layer": self.layer,
+            "layer_type": self.layer_type,
             "source": str(self.location) if self.location else None,
         }
 

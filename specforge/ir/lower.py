@@ -209,7 +209,8 @@ def _node(name: str, op_name: str, inputs: tuple[str, ...], attrs: dict[str, Any
           in_shapes: list[Shape], item: Placed | None, layer: str) -> Node:
     result = OPS[op_name].infer(attrs, in_shapes)
     return Node(name, op_name, inputs, freeze(attrs), result.shape, result.params, result.flops,
-                layer, item.location if item else None)
+                layer, item.location if item else None,
+                layer_type=canonical_type(item.layer) if item else op_name)
 
 
 def _reachable(nodes: list[Node], output: str) -> Iterable[Node]:
