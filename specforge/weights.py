@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from specforge.atomic import atomic_path
+from specforge.errors import UsageError
 from specforge.ir.graph import Graph, Param
 
 Weights = dict[str, np.ndarray]
@@ -55,17 +56,30 @@ def initial_weights(graph: Graph, seed: int) -> Weights:
     return {name: draw(p, name, seed) for name, p in parameter_table(graph).items()}
 
 
+class WeightsError(UsageError, ValueError):
+    """Weights that do not fit a model (the CLI's exit code 2; a ValueError to Python)."""
+
+
+#: Said when a shape is the expected one permuted: most often another framework's layout.
+_LAYOUT_HINT = ("specforge's layouts: dense kernel (in, units), the transpose of torch's "
+                "Linear.weight; conv kernel (kh, kw, in/groups, filters)")
+
+
 def check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
-    """Raise ValueError unless ``weights`` has exactly the graph's names and shapes."""
+    """Raise :class:`WeightsError` naming every missing, unexpected and misshapen array
+    unless ``weights`` has exactly the graph's names and shapes."""
     table = parameter_table(graph)
     missing = sorted(set(table) - set(weights))
     extra = sorted(set(weights) - set(table))
-    wrong = sorted(f"{n}: {tuple(weights[n].shape)} != {p.shape}" for n, p in table.items()
-                   if n in weights and tuple(weights[n].shape) != p.shape)
-    if missing or extra or wrong:
+    misshapen = sorted(n for n, p in table.items()
+                       if n in weights and np.shape(weights[n]) != p.shape)
+    if missing or extra or misshapen:
+        wrong = [f"{n}: {np.shape(weights[n])} != {table[n].shape}" for n in misshapen]
         parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
                  f"wrong shapes {wrong}" if wrong else ""]
-        raise ValueError("weights do not match the model: " + "; ".join(p for p in parts if p))
+        if any(sorted(np.shape(weights[n])) == sorted(table[n].shape) for n in misshapen):
+            parts.append(_LAYOUT_HINT)
+        raise WeightsError("weights do not match the model: " + "; ".join(p for p in parts if p))
 
 
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray]) -> None:

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from specforge.ir.graph import Graph, Node, identifier_names
-from specforge.weights import initial_weights
+from specforge.weights import check_weights, initial_weights
 from specforge_keras import layers as L
 from specforge_keras.recipes import layer_recipe
 
@@ -57,6 +57,9 @@ def variable_of(model: keras.Model, names: dict[str, str], node: Node, param: st
 
 
 def import_weights(model: keras.Model, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+    """Assign neutral-format weights to ``model``'s variables; ``WeightsError`` (naming every
+    missing, unexpected and misshapen array) before anything is assigned."""
+    check_weights(graph, weights)
     names = identifier_names(graph)
     for node in graph:
         for p in node.params:

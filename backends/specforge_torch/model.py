@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from specforge.ir.graph import Graph, Node
-from specforge.weights import initial_weights
+from specforge.weights import check_weights, initial_weights
 from specforge_torch import layers as L
 from specforge_torch.naming import TORCH_PARAM_NAMES, attribute_names
 from specforge_torch.recipes import module_recipe
@@ -70,7 +70,9 @@ def tensor_of(module: SpecModule, node: Node, param: str) -> torch.Tensor:
 
 
 def import_weights(module: SpecModule, weights: Mapping[str, np.ndarray]) -> None:
-    """Copy neutral-format weights into ``module`` in place."""
+    """Copy neutral-format weights into ``module`` in place; ``WeightsError`` (naming every
+    missing, unexpected and misshapen array) before anything is copied."""
+    check_weights(module.graph, weights)
     with torch.no_grad():
         for node in module.graph:
             for p in node.params:
