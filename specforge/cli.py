@@ -26,6 +26,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # click's own help layout: rich's cuts option names to fit a narrow terminal
+    # (`--nproc-per-no…`); click wraps the help text and keeps every name whole.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
