@@ -93,9 +93,9 @@ def summary_table(program: Program, width: int = 80) -> Table:
     """The layer table, fitted to ``width`` terminal columns without cutting a name (two
     layers `block.c0_conv` and `block.c0_bn` must not both read `block.c0_…`): the inputs
     column (empty but for merges) gives way first, then the layer column down to its longest
-    name; where the inputs would have to break, they move under their layer's name, and the
-    shapes wrap. Only where the longest name itself does not fit does it wrap; numbers never
-    do, and nothing is ever cut."""
+    name; where the inputs would have to break, they move under their layer's name (and a
+    model without merges has no inputs column), and the shapes wrap. Only where the longest
+    name itself does not fit does it wrap; numbers never do, and nothing is ever cut."""
     rows = layer_rows(program.graph)
     merged = [r.inputs if len(r.inputs) > 1 else () for r in rows]
     layers = [f"{r.name} ({r.type})" for r in rows]
@@ -108,8 +108,9 @@ def summary_table(program: Program, width: int = 80) -> Table:
                                                                strict=True)]
     widths = _shrunk(_natural(headers, cells), [(4, max(len(HEADERS[4]), longest_input)),
                                                 (0, longest_name)], room)
-    if sum(widths) > room:
-        headers = (f"{HEADERS[0]} <- {HEADERS[4].lower()}", *HEADERS[1:4])
+    if sum(widths) > room or not any(merged):
+        arrow = f" <- {HEADERS[4].lower()}" if any(merged) else ""
+        headers = (HEADERS[0] + arrow, *HEADERS[1:4])
         cells = [(lay + ("\n<- " + ", ".join(m) if m else ""), *num)
                  for lay, num, m in zip(layers, numbers, merged, strict=True)]
         longest_word = max(len(word) for num in numbers for word in num[0].split())

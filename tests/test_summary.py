@@ -142,3 +142,16 @@ def test_summary_too_narrow_for_the_names_wraps_them_and_cuts_nothing(write_spec
     # numbers stay whole; a name longer than its column continues on the next line
     assert {"222", "7.68K", "(None"} <= set(_cells(table))
     assert "│ conv5_block3_expand" in table and "│ ed.c1_conv" in table
+
+
+def test_summary_without_merges_has_no_inputs_column():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from specforge.summary import print_summary
+
+    out = StringIO()
+    print_summary(compile_spec(SPECS / "vgg16.yaml"), Console(width=200, file=out))
+    assert "Inputs" not in out.getvalue() and "<-" not in out.getvalue()
+    assert "│ stage1.conv.0 (conv2d + relu) " in out.getvalue()
