@@ -228,15 +228,16 @@ def test_bad_weights_and_options_are_user_errors(tmp_path: Path, monkeypatch: py
              (["--weights", str(tmp_path / "missing.npz")], "cannot read neutral weights"),
              (["--layout", "nchx"], "use nhwc or nchw")]
     for extra, phrase in cases:
-        code, err = cli_in_process(monkeypatch, capsys, "export", str(SPECS / "digits.yaml"),
+        code, _, err = cli_in_process(monkeypatch, capsys, "export", str(SPECS / "digits.yaml"),
                                    "-o", str(out), *extra)
         assert code == 2 and phrase in err and "Traceback" not in err, err
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def cli_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                   *args: str) -> tuple[int, str]:
-    """`specforge ARGS` in this process (a subprocess costs a second): exit code, stderr."""
+                   *args: str) -> tuple[int, str, str]:
+    """`specforge ARGS` in this process (a subprocess costs a second): exit code, stdout,
+    stderr."""
     from specforge.cli import main
 
     monkeypatch.setattr(sys, "argv", ["specforge", *args])
@@ -245,4 +246,5 @@ def cli_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
