@@ -42,6 +42,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 #: The input and output's first dimension: any batch size.
 BATCH_DIM = "batch"
 LAYOUTS = ("nhwc", "nchw")
+#: A protobuf message (an ONNX file without external data) is smaller than 2 GiB.
+PROTOBUF_LIMIT = 2**31 - 2**24  # bytes of float32 weights, leaving room for the graph
 
 
 class ExportError(Exception):
@@ -141,16 +143,19 @@ PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
 def spatial_pad(ctx: OpContext, x: str, pads: tuple[int, int, int, int], mode: str,
-                attr: str) -> str:
-    """``x`` (NCHW) padded by a Pad node; ``x`` itself when every pad is 0."""
+                attr: str, value: float = 0.0) -> str:
+    """``x`` (NCHW) padded by a Pad node (mode zeros: with ``value``); ``x`` itself when
+    every pad is 0."""
     if mode not in PAD_MODES:
         raise unsupported(ctx.node, attr, mode, ", ".join(PAD_MODES))
     if not any(pads):
         return x
     top, bottom, left, right = pads
-    amounts = ctx.builder.constant(f"{ctx.node.name}.pads",
-                                   [0, 0, top, left, 0, 0, bottom, right], np.int64)
-    return ctx.add("Pad", [x, amounts], "pad", mode=PAD_MODES[mode])
+    inputs = [x, ctx.builder.constant(f"{ctx.node.name}.pads",
+                                      [0, 0, top, left, 0, 0, bottom, right], np.int64)]
+    if mode == "zeros" and value != 0:
+        inputs.append(ctx.builder.constant(f"{ctx.node.name}.pad_value", value))
+    return ctx.add("Pad", inputs, "pad", mode=PAD_MODES[mode])
 
 
 @exports("conv2d", "filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode",
@@ -389,6 +394,10 @@ def to_onnx(program: Program, weights: Mapping[str, np.ndarray], *, layout: str 
         raise ExportError(f"layout {layout!r}: use {' or '.join(LAYOUTS)}")
     graph = program.graph
     check_exportable(graph)
+    size = 4 * (graph.trainable_params + graph.non_trainable_params)
+    if size >= PROTOBUF_LIMIT:
+        raise ExportError(f"the weights take {size / 2**30:.1f} GiB: a single ONNX file holds "
+                          "less than 2 GiB (external data is not written)")
     builder = OnnxGraphBuilder(taken={INPUT_NAME, OUTPUT_NAME})
     image_input = len(graph.input.shape) == 3
     first = INPUT_NAME

@@ -248,3 +248,36 @@ def cli_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def test_a_model_beyond_one_onnx_file_is_refused() -> None:
+    program = compile_text("""
+model:
+  input: [200, 200, 20]
+  layers: [{type: flatten}, {type: dense, units: 1000}]
+loss: {type: mse}
+optimizer: {type: sgd}
+""", "huge")
+    with pytest.raises(ExportError, match=r"the weights take 3\.0 GiB"):
+        to_onnx(program, {})  # refused before any weight is looked at
+
+
+def test_spatial_pad_pads_with_a_constant_value() -> None:
+    # the helper that a constant pad value of conv2d/pad2d is exported with
+    from onnx import TensorProto, helper
+
+    from specforge.onnx_export import OnnxGraphBuilder, OpContext, spatial_pad
+    from specforge.reference.forward import pad
+
+    node = compile_spec(SPECS / "digits.yaml").graph["conv2d_1"]
+    builder = OnnxGraphBuilder()
+    out = spatial_pad(OpContext(builder, node, ["x"], {}), "x", (1, 0, 2, 3), "zeros",
+                      "pad_mode", value=2.5)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", out)]
+    model = helper.make_model(helper.make_graph(builder.nodes, "pad", io[:1], io[1:],
+                                                builder.initializers),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)  # NCHW
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    expected = pad(x.transpose(0, 2, 3, 1), (1, 0, 2, 3), value=2.5).transpose(0, 3, 1, 2)
+    assert np.array_equal(got, expected)
