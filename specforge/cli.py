@@ -430,8 +430,8 @@ def export(target: Annotated[Path, typer.Argument(
     try:
         from specforge.onnx_export import ExportError, to_onnx
     except ImportError as exc:  # the onnx package is an extra
-        raise UsageError(f"specforge export needs the onnx package ({exc}): "
-                         "pip install 'specforge[onnx]'") from None
+        raise UsageError(f"specforge export needs the onnx package ({exc}): install "
+                         "specforge's onnx extra (pip install -e '.[onnx]') or onnx") from None
     try:
         model = to_onnx(program, start, layout=layout, logits=logits, class_names=class_names)
     except ExportError as exc:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto, checker, helper, numpy_helper
 
 from specforge import __version__
 from specforge.ir.graph import Graph, Node
@@ -69,8 +70,6 @@ class OnnxGraphBuilder:
 
     def add(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
         """Append one ONNX node computing a tensor named after ``name``; its output's name."""
-        from onnx import helper
-
         output = self.fresh(name)
         self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=output,
                                            **attrs))
@@ -78,8 +77,6 @@ class OnnxGraphBuilder:
 
     def constant(self, name: str, value: Any, dtype: Any = np.float32) -> str:
         """An initializer holding ``value``; its name."""
-        from onnx import numpy_helper
-
         tensor_name = self.fresh(name)
         array = np.ascontiguousarray(np.asarray(value, dtype))
         self.initializers.append(numpy_helper.from_array(array, tensor_name))
@@ -375,8 +372,6 @@ def _lower_nodes(graph: Graph, weights: Mapping[str, np.ndarray], builder: OnnxG
 
 
 def _value_info(name: str, shape: tuple[int, ...], layout: str) -> Any:
-    from onnx import TensorProto, helper
-
     if len(shape) == 3:
         h, w, c = shape
         shape = (h, w, c) if layout == "nhwc" else (c, h, w)
@@ -388,8 +383,6 @@ def to_onnx(program: Program, weights: Mapping[str, np.ndarray], *, layout: str 
     """The ONNX ``ModelProto`` of ``program``'s graph with ``weights`` (neutral format,
     already checked against the graph): input ``input`` in ``layout`` with any batch size,
     output ``output`` (probabilities, or logits with ``logits``)."""
-    from onnx import checker, helper
-
     if layout not in LAYOUTS:
         raise ExportError(f"layout {layout!r}: use {' or '.join(LAYOUTS)}")
     graph = program.graph
