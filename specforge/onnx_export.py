@@ -378,6 +378,22 @@ def _value_info(name: str, shape: tuple[int, ...], layout: str) -> Any:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [BATCH_DIM, *shape])
 
 
+def _write_output(builder: OnnxGraphBuilder, out: str, squash: str | None,
+                  shape: tuple[int, ...], layout: str) -> None:
+    """The graph's output ``output``: ``out`` with the folded softmax (sigmoid) ``squash``
+    applied again, an image back in the input's layout."""
+    if squash == "softmax":
+        out = builder.add("Softmax", [out], squash, axis=1)  # channels or features
+    elif squash == "sigmoid":
+        out = builder.add("Sigmoid", [out], squash)
+    elif squash is not None:
+        raise ExportError(f"output activation {squash!r} has no ONNX export")
+    perm = [0, 2, 3, 1] if len(shape) == 3 and layout == "nhwc" else None
+    builder.nodes.append(helper.make_node("Transpose" if perm else "Identity", [out],
+                                          [OUTPUT_NAME], name=OUTPUT_NAME,
+                                          **({"perm": perm} if perm else {})))
+
+
 def to_onnx(program: Program, weights: Mapping[str, np.ndarray], *, layout: str = "nhwc",
             logits: bool = False, class_names: Sequence[str] | None = None) -> Any:
     """The ONNX ``ModelProto`` of ``program``'s graph with ``weights`` (neutral format,
@@ -396,16 +412,10 @@ def to_onnx(program: Program, weights: Mapping[str, np.ndarray], *, layout: str 
     first = INPUT_NAME
     if image_input and layout == "nhwc":
         first = builder.add("Transpose", [INPUT_NAME], "input_to_nchw", perm=[0, 3, 1, 2])
-    out = _lower_nodes(graph, weights, builder, first)
     squash = None if logits else program.output_activation
-    if squash is not None:
-        out = builder.add("Softmax" if squash == "softmax" else "Sigmoid", [out], squash,
-                          **({"axis": 1} if squash == "softmax" else {}))
     out_shape = graph[graph.output].shape
-    perm = [0, 2, 3, 1] if len(out_shape) == 3 and layout == "nhwc" else None
-    builder.nodes.append(helper.make_node("Transpose" if perm else "Identity", [out],
-                                          [OUTPUT_NAME], name=OUTPUT_NAME,
-                                          **({"perm": perm} if perm else {})))
+    _write_output(builder, _lower_nodes(graph, weights, builder, first), squash, out_shape,
+                  layout)
     onnx_graph = helper.make_graph(
         builder.nodes, program.name, [_value_info(INPUT_NAME, graph.input.shape, layout)],
         [_value_info(OUTPUT_NAME, out_shape, layout)], builder.initializers)
