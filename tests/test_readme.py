@@ -41,6 +41,7 @@ def test_the_readmes_export_commands_work(tmp_path, monkeypatch, capsys):
     ort = pytest.importorskip("onnxruntime")
     from specforge.compiler import compile_spec
     from specforge.conformance.compare import difference
+    from specforge.onnx_export import OPSET
     from specforge.reference.forward import ACTIVATIONS, reference_forward
     from specforge.runfolder import RunFolder
     from specforge.weights import initial_weights, save_weights
@@ -74,3 +75,14 @@ def test_the_readmes_export_commands_work(tmp_path, monkeypatch, capsys):
         assert ("class_names" in props) == (name == "digits.onnx")
     props = ort.InferenceSession(str(tmp_path / "digits.onnx")).get_modelmeta()
     assert json.loads(props.custom_metadata_map["class_names"])[3] == "class 3"
+    # the section's other claims: opset, tolerance, metadata keys, the input's shape
+    section = " ".join(_section("Export to ONNX").split())
+    assert f"opset {OPSET} " in section
+    claimed = re.search(r"\(([0-9.e-]+) of the output's scale\)", section)
+    assert claimed and float(claimed.group(1)) == FORWARD_RTOL
+    keys = sorted(props.custom_metadata_map)
+    assert keys == ["class_names", "layout", "name", "normalize", "output"]
+    assert "metadata holds `name`, `layout`, `output`, `normalize` and, from a run folder, " \
+           "`class_names`" in section
+    dims = [d if isinstance(d, str) else int(d) for d in session.get_inputs()[0].shape]
+    assert dims == ["batch", 1, 8, 8]  # the second file: nchw
