@@ -431,9 +431,11 @@ def to_onnx(program: Program, weights: Mapping[str, np.ndarray], *, layout: str 
 def metadata(program: Program, layout: str, squash: str | None,
              class_names: Sequence[str] | None) -> dict[str, str]:
     """The model's metadata_props: what a user of the file needs to feed and read it."""
-    props = {"name": program.name, "layout": layout,
-             "output": f"probabilities ({squash})" if squash else "logits"
-             if program.output_activation else "outputs"}
+    if squash is not None:
+        output = f"probabilities ({squash})"
+    else:  # --logits, or a model whose loss takes its outputs as they are (mse, ...)
+        output = "logits" if program.output_activation else "outputs"
+    props = {"name": program.name, "layout": layout, "output": output}
     if class_names:
         props["class_names"] = json.dumps(list(class_names))
     norm = program.spec.data.normalize if program.spec.data else None
