@@ -147,6 +147,8 @@ def test_the_model_is_checked_has_a_dynamic_batch_and_documented_opset() -> None
     assert props["name"] == "digits" and props["layout"] == "nhwc"
     assert json.loads(props["class_names"]) == [f"digit {i}" for i in range(10)]
     assert props["output"] == "probabilities (softmax)"
+    logits = to_onnx(program, weights, logits=True).metadata_props
+    assert {p.key: p.value for p in logits}["output"] == "logits"
     # dropout is gone, batch norm would be inference BatchNormalization: no training ops
     assert not {n.op_type for n in model.graph.node} & {"Dropout", "RandomUniformLike"}
 
