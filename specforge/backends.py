@@ -36,6 +36,8 @@ class RunOptions:
     resume: bool = False
     #: Keras: train over every device the backend sees (Keras's distribution API)
     data_parallel: bool = False
+    #: Neutral weights (.npz) to start from instead of specforge's initial weights
+    init_weights: Path | None = None
 
 
 @dataclass(frozen=True)

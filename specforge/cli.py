@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -223,12 +224,23 @@ def run(spec: SpecPath,
             help="Train over every device of this one process (backends that train "
                  "data-parallel that way, e.g. keras: its distribution API, "
                  "KERAS_BACKEND=jax).")] = False,
+        init_weights: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+            help="Start from these neutral weights (.npz: a run folder's weights.npz, "
+                 "an imported model's) instead of specforge's initial weights.",
+            show_default=False)] = None,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, check_data_parallel, check_device, load_backend
     from specforge.runner import Interrupted
 
     program = _compile(spec, set_, max_params)
+    if init_weights is not None:
+        if resume is not None:
+            raise UsageError("--init-weights starts a new run; --resume continues one from "
+                             "its checkpoint: use one of them")
+        from specforge.weights import read_weights_for
+
+        read_weights_for(program.graph, init_weights, "--init-weights")  # before any launch
     impl = load_backend(backend)
     if device is not None:
         check_device(impl, device)
@@ -246,7 +258,7 @@ def run(spec: SpecPath,
         check_data_parallel(impl, "in-process", "--data-parallel")
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
                          quiet=quiet, log_json=json_log, resume=resume is not None,
-                         data_parallel=data_parallel)
+                         data_parallel=data_parallel, init_weights=init_weights)
     try:
         result = impl.run(program, options)
     except Interrupted as exc:
@@ -310,8 +322,10 @@ def _check_same_spec(program: Program, folder: Path) -> None:
                          f"({saved}); resume with the same spec and --set options")
 
 
-def _open_run(run_dir: Path) -> tuple[Any, Program, Path]:
-    """The backend, program and data folder of an existing run."""
+def _open_run(run_dir: Path, with_backend: bool = True
+              ) -> tuple[Any, Program, Path, dict[str, Any]]:
+    """The backend (None without ``with_backend``), program, data folder and run.json of an
+    existing run."""
     from specforge.backends import load_backend
     from specforge.compiler import compile_spec
 
@@ -320,30 +334,134 @@ def _open_run(run_dir: Path) -> tuple[Any, Program, Path]:
         raise UsageError(f"{run_dir} is not a run folder (no run.json)")
     info = json.loads(info_path.read_text(encoding="utf-8"))
     program = compile_spec(run_dir / "spec.yaml")
-    return load_backend(info["backend"]), program, Path(info.get("spec_dir", "."))
+    backend_impl = load_backend(info["backend"]) if with_backend else None
+    return backend_impl, program, Path(info.get("spec_dir", ".")), info
+
+
+ModelTarget = Annotated[Path, typer.Argument(
+    help="A run folder (its last checkpoint), or a spec file with --backend (its initial "
+         "weights, or --weights).", show_default=False)]
+WeightsOption = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--weights", help="Neutral weights (.npz: a run folder's weights.npz, an imported "
+                      "model's) instead of the checkpoint or specforge's initial weights.",
+    show_default=False)]
+ModelBackend = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--backend", "-b", help="Backend name (with a spec file; a run folder names its own).",
+    show_default=False)]
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """What evaluate and predict compute with: a run's or a spec's model and weights."""
+
+    backend: Any
+    program: Program
+    spec_dir: Path
+    #: the run folder whose checkpoint holds the weights (None: ``weights`` or initial ones)
+    run_dir: Path | None
+    weights: dict[str, Any] | None
+    class_names: list[str]
+
+
+def _open_model(target: Path, weights: Path | None, backend: str | None,
+                overrides: list[str] | None) -> OpenedModel:
+    from specforge.backends import load_backend
+    from specforge.weights import read_weights_for
+
+    if target.is_dir():
+        if backend is not None or overrides:
+            raise UsageError("a run folder names its own backend and spec: leave out "
+                             "--backend and --set")
+        impl, program, spec_dir, info = _open_run(target)
+        run_dir, names = target, info.get("class_names") or []
+    else:
+        if backend is None:
+            raise UsageError(f"{target} is a spec file: name the backend with --backend")
+        program = _compile(target, overrides, DEFAULT_MAX_PARAMS)
+        impl, spec_dir, run_dir, names = load_backend(backend), target.parent, None, []
+    start = read_weights_for(program.graph, weights) if weights is not None else None
+    return OpenedModel(impl, program, spec_dir, run_dir if start is None else None, start,
+                       names)
 
 
 @app.command()
-def evaluate(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
-    """Test metrics of a run's last checkpoint."""
+def evaluate(target: ModelTarget, weights: WeightsOption = None, backend: ModelBackend = None,
+             set_: SetOption = None) -> None:
+    """Test metrics of a run's last checkpoint, or of a spec with given weights."""
     from specforge.runner import evaluate_run
 
-    backend_impl, program, spec_dir = _open_run(run_dir)
-    metrics = evaluate_run(backend_impl, program, run_dir, spec_dir)
+    opened = _open_model(target, weights, backend, set_)
+    metrics = evaluate_run(opened.backend, opened.program, opened.run_dir, opened.spec_dir,
+                           opened.weights)
     print(json.dumps(metrics))
 
 
 @app.command()
-def predict(run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
-            images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")]) -> None:
-    """Class and probabilities for each image, with a run's last checkpoint."""
+def predict(target: ModelTarget,
+            images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
+            weights: WeightsOption = None, backend: ModelBackend = None,
+            set_: SetOption = None) -> None:
+    """Class and probabilities for each image, with a run's last checkpoint or a spec with
+    given weights (classes are numbered unless a run folder names them)."""
     from specforge.runner import predict_images
 
-    backend_impl, program, _ = _open_run(run_dir)
-    for path, (label, probabilities) in zip(
-            images, predict_images(backend_impl, program, run_dir, images), strict=True):
+    opened = _open_model(target, weights, backend, set_)
+    results = predict_images(opened.backend, opened.program, opened.run_dir, images,
+                             opened.weights, opened.class_names)
+    for path, (label, probabilities) in zip(images, results, strict=True):
         print(json.dumps({"image": str(path), "class": label,
                           "probabilities": [round(float(p), 6) for p in probabilities]}))
+
+
+@app.command()
+def export(target: Annotated[Path, typer.Argument(
+               help="A spec file (its initial weights, or --weights) or a finished run folder "
+                    "(its final weights.npz).", show_default=False)],
+           output: Annotated[Path, typer.Option(
+               "--output", "-o", help="The ONNX file to write.", show_default=False)],
+           weights: WeightsOption = None,
+           layout: Annotated[str, typer.Option(
+               help="The input's layout: nhwc (the spec's) or nchw.")] = "nhwc",
+           logits: Annotated[bool, typer.Option(
+               help="Leave out the softmax (sigmoid) the loss folded: output logits.")] = False,
+           set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Write the model as ONNX (opset 17, any batch size); needs no framework."""
+    from specforge.weights import initial_weights, read_weights_for
+
+    program, class_names, run_weights = _export_target(target, set_, max_params)
+    if weights is None and run_weights is not None and not run_weights.exists():
+        raise UsageError(f"{target} has no weights.npz (the run has not finished): finish it "
+                         f"with --resume {target}, or name weights with --weights")
+    chosen = weights or run_weights
+    if chosen is not None:
+        start = read_weights_for(program.graph, chosen, "--weights" if weights else "run")
+    else:
+        start = initial_weights(program.graph, program.seed)
+    try:
+        from specforge.onnx_export import ExportError, to_onnx
+    except ImportError as exc:  # the onnx package is an extra
+        raise UsageError(f"specforge export needs the onnx package ({exc}): install "
+                         "specforge's onnx extra (pip install -e '.[onnx]') or onnx") from None
+    try:
+        model = to_onnx(program, start, layout=layout, logits=logits, class_names=class_names)
+    except ExportError as exc:
+        raise UsageError(f"{target}: cannot export: {exc}") from None
+    from specforge.atomic import write_atomically
+
+    write_atomically(output, model.SerializeToString())
+    shown = ", ".join(f"{p.key} {p.value}" for p in model.metadata_props)
+    print(f"wrote {output} ({shown})", file=sys.stderr)
+
+
+def _export_target(target: Path, overrides: list[str] | None, max_params: int
+                   ) -> tuple[Program, list[str] | None, Path | None]:
+    """The program, class names and final weights file of a spec file or run folder."""
+    if not target.is_dir():
+        return _compile(target, overrides, max_params), None, None
+    if overrides:
+        raise UsageError("--set changes a spec: a run folder's model is the one it trained")
+    _, program, _, info = _open_run(target, with_backend=False)
+    return program, info.get("class_names") or None, target / "weights.npz"
 
 
 @app.command()

@@ -32,8 +32,9 @@ class RunFolder:
         self._steps: Any = None
 
     def start(self, program: Program, backend: str, spec_dir: Path,
-              class_names: list[str]) -> None:
-        """A fresh run: refuses to overwrite an earlier run's results."""
+              class_names: list[str], init_weights: Path | None = None) -> None:
+        """A fresh run: refuses to overwrite an earlier run's results. ``init_weights``:
+        the weights file it started from, when not specforge's initial weights."""
         if not self.writes:
             return
         if (self.path / "run.json").exists():
@@ -48,6 +49,7 @@ class RunFolder:
             "backend": backend, "name": program.name, "specforge": __version__,
             "spec_dir": str(Path(spec_dir).resolve()), "class_names": class_names,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"init_weights": str(Path(init_weights).resolve())} if init_weights else {}),
         }, indent=2))
         for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv"):
             (self.path / name).unlink(missing_ok=True)

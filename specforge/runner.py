@@ -16,7 +16,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from specforge.errors import UsageError
 from specforge.ir.program import Program, lr_at
 from specforge.metrics import MetricAccumulator
 from specforge.runfolder import RunFolder
-from specforge.weights import save_weights
+from specforge.weights import read_weights_for, save_weights
 
 if TYPE_CHECKING:
     from specforge.backends import Backend, PendingStep, RunOptions, RunResult, Trainer
@@ -52,8 +52,12 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
 
     pipeline = build_pipeline(program, options.spec_dir)
     device = options.device or program.spec.training.device
-    parallel = {"data_parallel": True} if options.data_parallel else {}
-    trainer = backend.create_trainer(program, device=device, **parallel)
+    # only what was asked for is passed: a backend written before these options still runs
+    extra: dict[str, Any] = {"data_parallel": True} if options.data_parallel else {}
+    if options.init_weights is not None and not options.resume:
+        extra["weights"] = read_weights_for(program.graph, options.init_weights,
+                                            "--init-weights")
+    trainer = backend.create_trainer(program, device=device, **extra)
     try:
         folder = RunFolder(options.run_dir, backend.checkpoint_name,
                            writes=trainer.writes_run_folder)
@@ -61,7 +65,8 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
             if not folder.checkpoint.exists():
                 raise UsageError(f"nothing to resume: {folder.checkpoint} does not exist")
         else:
-            folder.start(program, backend.name, options.spec_dir, pipeline.train.class_names)
+            folder.start(program, backend.name, options.spec_dir, pipeline.train.class_names,
+                         options.init_weights)
         loop = Loop(program, pipeline, trainer, folder, options)
         if options.resume:
             loop.restore(trainer.load_checkpoint(folder.checkpoint))
@@ -257,25 +262,34 @@ def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
     return tally.result() if tally.seen else {}
 
 
-def evaluate_run(backend: Backend, program: Program, run_dir: Path,
-                 spec_dir: Path) -> dict[str, float]:
-    """Test metrics of a finished (or interrupted) run's last checkpoint."""
-    folder = RunFolder(run_dir, backend.checkpoint_name)
-    trainer = backend.create_trainer(program, device=program.spec.training.device)
-    trainer.load_checkpoint(folder.checkpoint)
+def open_trainer(backend: Backend, program: Program, run_dir: Path | None,
+                 weights: Mapping[str, np.ndarray] | None = None) -> Trainer:
+    """A trainer to evaluate or predict with: from ``weights`` when given, else from the
+    last checkpoint of ``run_dir``, else with specforge's initial weights."""
+    extra = {"weights": weights} if weights is not None else {}
+    trainer = backend.create_trainer(program, device=program.spec.training.device, **extra)
+    if weights is None and run_dir is not None:
+        trainer.load_checkpoint(RunFolder(run_dir, backend.checkpoint_name).checkpoint)
+    return trainer
+
+
+def evaluate_run(backend: Backend, program: Program, run_dir: Path | None, spec_dir: Path,
+                 weights: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Test metrics of a run's last checkpoint (or of ``weights``: see open_trainer)."""
+    trainer = open_trainer(backend, program, run_dir, weights)
     pipeline = build_pipeline(program, spec_dir)
     return evaluate_split(pipeline, "test", trainer.evaluate_batch, program.metrics,
                           program.loss.classes)
 
 
-def predict_images(backend: Backend, program: Program, run_dir: Path,
-                   paths: list[Path]) -> list[tuple[str, np.ndarray]]:
-    """(class name, probabilities) per image file, with the run's last checkpoint."""
+def predict_images(backend: Backend, program: Program, run_dir: Path | None,
+                   paths: list[Path], weights: Mapping[str, np.ndarray] | None = None,
+                   class_names: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """(class name, probabilities) per image file, with the run's last checkpoint (or
+    ``weights``: see open_trainer); a class without a name is given its number."""
     from specforge.data.folders import decode
 
-    folder = RunFolder(run_dir, backend.checkpoint_name)
-    trainer = backend.create_trainer(program, device=program.spec.training.device)
-    trainer.load_checkpoint(folder.checkpoint)
+    trainer = open_trainer(backend, program, run_dir, weights)
     shape = tuple(program.graph.input.shape)
     images = np.stack([decode(Path(p), shape) for p in paths]).astype(np.float32)
     norm = program.spec.data.normalize if program.spec.data else None
@@ -283,7 +297,7 @@ def predict_images(backend: Backend, program: Program, run_dir: Path,
         images = (images * np.float32(norm.scale) - np.asarray(norm.mean, np.float32)) / \
             np.asarray(norm.std, np.float32)
     outputs = trainer.predict(images.astype(np.float32))
-    names = folder.info().get("class_names") or []
+    names = class_names or []
     result = []
     for row in outputs:
         k = int(row.argmax()) if len(row) > 1 else int(row[0] > 0.5)

@@ -12,6 +12,7 @@ change the initial weights of the others.
 
 from __future__ import annotations
 
+import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,3 +95,24 @@ def load_weights(path: str | Path) -> Weights:
     """Read weights from an .npz file; pickled objects are refused."""
     with np.load(Path(path), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def read_weights_for(graph: Graph, path: str | Path, option: str = "--weights") -> Weights:
+    """The weights in the .npz file ``path``, checked against ``graph`` (names, shapes, real
+    numbers); a :class:`~specforge.errors.UsageError` naming ``option`` and the file when
+    they cannot be read or do not fit."""
+    from specforge.errors import UsageError
+
+    path = Path(path)
+    try:
+        weights = load_weights(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{option} {path}: cannot read neutral weights (.npz): {exc}") from None
+    not_real = sorted(n for n, v in weights.items() if v.dtype.kind not in "fiu")
+    if not_real:
+        raise UsageError(f"{option} {path}: {', '.join(not_real)} do not hold numbers")
+    try:
+        check_weights(graph, weights)
+    except ValueError as exc:
+        raise UsageError(f"{option} {path}: {exc}") from None
+    return {name: value.astype(np.float32) for name, value in weights.items()}
