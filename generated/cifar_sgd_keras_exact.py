@@ -16,9 +16,13 @@ The sections below: 1 settings, 2 layers, 3 the model, 4 initial weights, 5 data
 from __future__ import annotations
 
 import argparse
+import concurrent.futures.process
 import contextlib
 import json
 import math
+import multiprocessing
+import os
+import signal
 import time
 import zlib
 from dataclasses import dataclass, field, fields
@@ -52,6 +56,8 @@ DATA = SimpleNamespace(
     ),
     batch_size=32,
     shuffle=True,
+    workers='auto',
+    prefetch=2,
 )
 LOSS = SimpleNamespace(kind='cross_entropy', from_logits=True, label_smoothing=0.1, classes=10)
 OPTIMIZER = SimpleNamespace(
@@ -1009,6 +1015,83 @@ def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
     return tally.result() if tally.seen else {}
 
 
+_worker_source: Any = None
+
+
+def default_workers() -> int:
+    """`data.workers: auto`: one worker per core left over by the training process, at
+    most 4 (numpy's batch work is memory-bound beyond that)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
+def resolve_workers(setting: int | str) -> int:
+    """The number of worker processes for the spec's `data.workers`."""
+    return default_workers() if setting == "auto" else int(setting)
+
+
+def _start_worker(source: Any) -> None:
+    global _worker_source
+    _worker_source = source
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's
+
+
+def _train_batch(step: int) -> Batch:
+    return _worker_source.train_batch(step)
+
+
+class PrefetchedBatches:
+    """A batch source (``.train_batch(step)``) that computes ``source``'s batches of the
+    steps after the one asked for in ``workers`` processes, up to ``workers * prefetch``
+    ahead, and never past ``end`` (the run's last step + 1). ``waited`` counts the seconds
+    the caller spent waiting for a batch that was not ready."""
+
+    def __init__(self, source: Any, workers: int, prefetch: int, end: int) -> None:
+        if workers < 1 or prefetch < 1:
+            raise ValueError("PrefetchedBatches needs at least one worker and prefetch >= 1")
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            workers, multiprocessing.get_context(method), initializer=_start_worker,
+            initargs=(source,))
+        self.window, self.end = workers * prefetch, end
+        self.pending: dict[int, concurrent.futures.Future[Batch]] = {}
+        self.waited = 0.0
+
+    def train_batch(self, step: int) -> Batch:
+        if step not in self.pending:  # a jump (a resumed run's first step): start afresh
+            self._cancel()
+        for ahead in range(step, min(step + self.window, self.end)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(_train_batch, ahead)
+        future = self.pending.pop(step) if step in self.pending else \
+            self.pool.submit(_train_batch, step)  # past `end`: asked for all the same
+        started = time.perf_counter()
+        try:
+            batch = future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError(f"a data worker process died while preparing step {step}'s batch "
+                            "(out of memory?); set `data.workers: 0` to prepare batches in "
+                            "the training process") from None
+        self.waited += time.perf_counter() - started
+        return batch
+
+    def _cancel(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Stop the workers now, dropping the batches still being prepared."""
+        self._cancel()
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:  # a worker busy with a batch would finish it first
+            process.terminate()
+        for process in processes:
+            process.join(timeout=5)
+
+
 def load_data(data_dir: Path) -> DataPipeline:
     """The spec's data source, split and batched as specforge does."""
     source = load_image_folders(DATA.source, INPUT_SHAPE, data_dir)
@@ -1033,11 +1116,17 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
     training batches come from (default: ``pipeline``); ``main``: whether this process
     prints and logs (one of several data-parallel processes does)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
+    source = batches or pipeline
     with contextlib.ExitStack() as stack:
+        workers = resolve_workers(DATA.workers)
+        if workers:  # batches prepared ahead in worker processes, as `specforge run` does
+            source = PrefetchedBatches(source, workers, DATA.prefetch,
+                                       args.epochs * steps_per_epoch)
+            stack.callback(source.close)
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
             if args.log_steps and main else None
-        train(pipeline, batches or pipeline, train_step, evaluate_batch, args.epochs,
-              steps_per_epoch, log, main)
+        train(pipeline, source, train_step, evaluate_batch, args.epochs, steps_per_epoch,
+              log, main)
     test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
     if main:
         print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())

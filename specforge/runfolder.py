@@ -143,7 +143,7 @@ def write_plot(path: Path, history: list[dict[str, Any]]) -> None:
 
 class _Silent:
     def advance(self, images: int, seconds: float, epoch: int, loss: float,
-                metrics: Any = None) -> None:
+                metrics: Any = None, data_seconds: float = 0.0) -> None:
         pass
 
     def epoch_done(self, record: dict[str, Any]) -> None:
@@ -168,20 +168,24 @@ class _Bar:
                              MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                              TimeRemainingColumn(), console=self.console, transient=False)
         self.task = self.live.add_task("training", total=total, completed=done, info="")
-        self.images, self.seconds = 0, 0.0
+        self.images, self.seconds, self.data_seconds = 0, 0.0, 0.0
         self.last_refresh = 0.0
 
     def advance(self, images: int, seconds: float, epoch: int, loss: float,
-                metrics: Any = None) -> None:
+                metrics: Any = None, data_seconds: float = 0.0) -> None:
+        """Count a finished step of ``seconds``, ``data_seconds`` of which the step waited
+        for its batch."""
         self.images += images
         self.seconds += seconds
+        self.data_seconds += data_seconds
         now = time.perf_counter()
         info = None
         if now - self.last_refresh > 0.25:  # formatting every step would cost throughput
             rate = self.images / self.seconds if self.seconds else 0.0
             shown = "".join(f"  {k} {v:.4f}" for k, v in (metrics.result() if metrics
                                                            else {}).items())
-            info = f"loss {loss:.4f}{shown}  {rate:,.0f} img/s"
+            waiting = self.data_seconds / self.seconds if self.seconds else 0.0
+            info = f"loss {loss:.4f}{shown}  {rate:,.0f} img/s  data wait {waiting:.0%}"
             self.last_refresh = now
         self.live.update(self.task, advance=1, description=f"epoch {epoch + 1}",
                          **({"info": info} if info else {}))

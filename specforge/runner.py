@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from specforge.data import DataPipeline, build_pipeline
+from specforge.data.prefetch import PrefetchedBatches, resolve_workers
 from specforge.errors import UsageError
 from specforge.ir.program import Program, lr_at
 from specforge.metrics import MetricAccumulator
@@ -74,6 +75,7 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
             with _stop_on_signals(loop):
                 metrics = loop.run()
         finally:
+            loop.close()
             folder.close()
     finally:
         trainer.close()
@@ -120,6 +122,8 @@ class StartedStep:
     labels: np.ndarray
     lr: float
     results: PendingStep
+    #: Seconds spent getting the batch (preparing it, or waiting for a worker's).
+    data_seconds: float
 
 
 class Loop:
@@ -128,11 +132,12 @@ class Loop:
     def __init__(self, program: Program, pipeline: DataPipeline, trainer: Trainer,
                  folder: RunFolder, options: RunOptions) -> None:
         self.program, self.pipeline, self.trainer = program, pipeline, trainer
-        self.batches = trainer.batch_source(pipeline)
         self.folder, self.options = folder, options
         training = program.spec.training
         self.epochs = training.epochs
         self.steps_per_epoch = pipeline.steps_per_epoch(training.steps_per_epoch)
+        self.batches = prefetched(trainer.batch_source(pipeline), pipeline,
+                                  self.epochs * self.steps_per_epoch)
         self.validation_steps = training.validation_steps
         self.tally = Tally(program.metrics, program.loss.classes)  # this epoch's
         self.step = 0           # global optimizer steps done
@@ -141,6 +146,7 @@ class Loop:
         #: Time in training steps (batch, forward, backward, update), for images/s.
         self.train_seconds = 0.0
         self.train_images = 0
+        self.data_seconds = 0.0  # of it, getting batches
         self.steps_timed = 0
         self.clock = time.perf_counter()  # when the last step finished
 
@@ -194,16 +200,25 @@ class Loop:
                                       f"{self.folder.path}")
         test = self.evaluate("test")
         speed = {"train_seconds": self.train_seconds,
-                 "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9)}
+                 "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
+                 "data_wait_share": self.data_seconds / max(self.train_seconds, 1e-9)}
         self.folder.finish(test, self.trainer.device, self.options, speed)
         if self.folder.writes:
             save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
         return test
 
+    def close(self) -> None:
+        """Stop the data workers, if any."""
+        if isinstance(self.batches, PrefetchedBatches):
+            self.batches.close()
+
     def _start(self, step: int) -> StartedStep:
+        asked = time.perf_counter()
         batch = self.batches.train_batch(step)
+        data_seconds = time.perf_counter() - asked
         lr = lr_at(self.program.optimizer, step, self.steps_per_epoch)
-        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr))
+        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr),
+                           data_seconds)
 
     def _finish(self, started: StartedStep, progress: Any) -> None:
         """Wait for a started step's results; log them and count them in the metrics."""
@@ -224,8 +239,10 @@ class Loop:
         if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
             self.train_seconds += seconds
             self.train_images += len(started.labels)
+            self.data_seconds += started.data_seconds
         progress.advance(len(started.labels), seconds, epoch,
-                         self.tally.loss_sum / self.tally.seen, self.tally.metrics)
+                         self.tally.loss_sum / self.tally.seen, self.tally.metrics,
+                         started.data_seconds)
 
     @property
     def epoch(self) -> int:
@@ -250,6 +267,17 @@ class Loop:
         limit = self.validation_steps if split == "validation" else None
         return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch,
                               self.program.metrics, self.program.loss.classes, limit)
+
+
+def prefetched(source: Any, pipeline: DataPipeline, end: int) -> Any:
+    """``source`` with its batches prepared ahead in `data.workers` processes, when it
+    prepares them on the host (a backend's device-side source does its own work)."""
+    if source is not pipeline and not getattr(source, "host_side", False):
+        return source
+    workers = resolve_workers(pipeline.data.workers)
+    if workers == 0:
+        return source
+    return PrefetchedBatches(source, workers, pipeline.data.prefetch, end)
 
 
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,

@@ -27,7 +27,7 @@ import jinja2
 from pydantic import BaseModel
 
 from specforge import __version__, metrics, runner, weights
-from specforge.data import augment, cifar, folders, pipeline, sources
+from specforge.data import augment, cifar, folders, pipeline, prefetch, sources
 from specforge.ir import program as program_module
 from specforge.ir.program import Program
 
@@ -50,8 +50,15 @@ def shared(program: Program) -> str:
         *([(augment, ["AugmentParams", "draw_params", "apply_augmentation"])]
           if augmented else []),
         (program_module, ["lr_at"]), (metrics, ["MetricAccumulator"]),
-        (runner, ["Tally", "evaluate_split"])]
+        (runner, ["Tally", "evaluate_split"]),
+        *([(prefetch, ["PrefetchedBatches", "resolve_workers"])] if prefetches(program)
+          else [])]
     return copied([(m, used(m, names, chosen)) for m, names in roots], chosen)
+
+
+def prefetches(program: Program) -> bool:
+    """Whether the program's training batches may be prepared in worker processes."""
+    return program.spec.data is not None and program.spec.data.workers != 0
 
 
 def kinds(program: Program) -> dict[str, set[str]]:
@@ -234,7 +241,8 @@ def _wrapped(open_: str, items: list[tuple[str, Any]], close: str, indent: int, 
 
 
 #: Modules the copied code may use, imported by the script only when it does.
-OPTIONAL_IMPORTS = ["codecs", "gc", "hashlib", "io", "os", "pickle", "tarfile", "urllib.error",
+OPTIONAL_IMPORTS = ["codecs", "concurrent.futures.process", "gc", "hashlib", "io",
+                    "multiprocessing", "os", "pickle", "signal", "tarfile", "urllib.error",
                     "urllib.request", "warnings", "zlib"]
 
 
@@ -261,7 +269,7 @@ def render(program: Program, backend: str, template_folder: Path, template: str,
     source_kind = spec.data.source.type if spec.data else None
     body = env.get_template(template).render(
         version=__version__, backend=backend, program=program, spec=spec,
-        source_kind=source_kind, shared=shared(program),
+        source_kind=source_kind, shared=shared(program), prefetch=prefetches(program),
         augmented=data is not None and not augment.is_identity(data.augment),
         loaders=copied(LOADERS.get(source_kind, [])),
         loader_constants=constants(CONSTANTS.get(source_kind, [])),

@@ -240,14 +240,16 @@ RESUME_SETS = sets(SYNTHETIC, "training.epochs=3", "training.steps_per_epoch=150
 
 
 def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
+    """Also: the batches do not depend on the number of data workers (A prepares them in
+    the training process, B in two workers)."""
     a, b = tmp_path / "A", tmp_path / "B"
     steps_b = b / "steps.jsonl"
     full = subprocess.Popen(specforge("run", DIGITS, "-b", "torch", "--run-dir", str(a),
-                                      "--quiet", *RESUME_SETS),
+                                      "--quiet", *RESUME_SETS, *sets("data.workers=0")),
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     part = subprocess.Popen(specforge("run", DIGITS, "-b", "torch", "--run-dir", str(b),
-                                      "--quiet", *RESUME_SETS),
+                                      "--quiet", *RESUME_SETS, *sets("data.workers=2")),
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -267,7 +269,8 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
     stopped_at = len(read_jsonl(steps_b))
     assert 10 <= stopped_at < 450
 
-    ok(cli("run", DIGITS, "-b", "torch", "--resume", str(b), "--quiet", *RESUME_SETS))
+    ok(cli("run", DIGITS, "-b", "torch", "--resume", str(b), "--quiet", *RESUME_SETS,
+           *sets("data.workers=2")))
     weights_a = load_weights(a / "weights.npz")
     weights_b = load_weights(b / "weights.npz")
     assert weights_a.keys() == weights_b.keys()
@@ -278,8 +281,10 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
     assert [(s["loss"], s["lr"]) for s in ran_a] == [(s["loss"], s["lr"]) for s in ran_b]
     # the epoch that was cut holds the same metrics (loss sum and confusion restored)
     assert read_jsonl(a / "metrics.jsonl") == read_jsonl(b / "metrics.jsonl")
-    assert json.loads((a / "summary.json").read_text())["test"] == \
-        json.loads((b / "summary.json").read_text())["test"]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (a, b)]
+    assert summaries[0]["test"] == summaries[1]["test"]
+    for summary in summaries:  # the share of step time spent waiting for a batch
+        assert 0 < summary["data_wait_share"] < 1
 
 
 def test_resume_and_run_dir_misuse_are_refused(tmp_path):

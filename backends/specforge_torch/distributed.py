@@ -71,6 +71,8 @@ class ShardedBatches:
 
     def __init__(self, source: Any, pipeline: Any, ranks: Ranks) -> None:
         self.source, self.pipeline, self.ranks = source, pipeline, ranks
+        #: numpy work on the host, which data workers can do ahead (see specforge.runner)
+        self.host_side = source is pipeline
 
     def train_batch(self, step: int) -> Batch:
         labels = self.pipeline.train.labels[self.pipeline.batch_indices(step)]

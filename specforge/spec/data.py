@@ -110,3 +110,10 @@ class Data(SpecModel):
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] | Literal["full"] = Field(
         32, description="Samples per step, or `full` for full-batch gradient descent.")
     shuffle: bool = True
+    workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
+        "auto", description="Processes that prepare training batches ahead of the step "
+        "(decoding, augmentation, normalisation); 0: in the training process, one batch "
+        "after another; `auto`: one per core left over, at most 4. The batches are the "
+        "same whatever the number.")
+    prefetch: int = Field(2, ge=1, le=64,
+                          description="Batches each worker prepares ahead of the step.")

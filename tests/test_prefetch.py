@@ -1,0 +1,209 @@
+"""Training batches prepared ahead in worker processes (`data.workers`, `data.prefetch`)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from specforge.compiler import compile_spec
+from specforge.data import build_pipeline
+from specforge.data import folders as folders_module
+from specforge.data.prefetch import PrefetchedBatches, default_workers
+from specforge.data.sources import DataError
+from tests.conftest import ROOT
+from tests.processes import ENV, refused, run_all, sets, specforge
+
+DIGITS = ROOT / "specs" / "digits.yaml"
+AUGMENTED = ["data.augment={rotation: 20, width_shift: 0.1, zoom: 0.1, horizontal_flip: true,"
+             " crop_padding: 1}", "data.batch_size=50"]
+
+
+def digits_pipeline(*overrides: str):
+    return build_pipeline(compile_spec(DIGITS, [*AUGMENTED, *overrides]), DIGITS.parent)
+
+
+class SlowSteps:
+    """A batch source whose batches take a step-dependent time, so that workers finish out
+    of order (later steps first)."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    def train_batch(self, step: int):
+        time.sleep(0.02 * ((7 - step) % 4))
+        return self.pipeline.train_batch(step)
+
+
+class FailsAt:
+    """A batch source that raises a DataError at one step, as a corrupt image would."""
+
+    def __init__(self, pipeline, step: int) -> None:
+        self.pipeline, self.step = pipeline, step
+
+    def train_batch(self, step: int):
+        if step == self.step:
+            raise DataError(f"cannot read image broken.jpg (step {step})")
+        return self.pipeline.train_batch(step)
+
+
+def no_workers_left() -> bool:
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_are_the_serial_ones_whatever_the_workers_and_their_order(workers):
+    pipeline = digits_pipeline()
+    steps = [*range(0, 9), 30, 31, 32]  # a jump, as a resumed run makes
+    serial = [pipeline.train_batch(s) for s in steps]
+    batches = PrefetchedBatches(SlowSteps(pipeline), workers, prefetch=2, end=40)
+    try:
+        for step, expected in zip(steps, serial, strict=True):
+            batch = batches.train_batch(step)
+            assert np.array_equal(batch.x, expected.x), step  # augmented: not trivial
+            assert np.array_equal(batch.y, expected.y), step
+            assert len(batches.pending) <= workers * 2  # bounded: O(workers x prefetch)
+    finally:
+        batches.close()
+    assert no_workers_left()
+    assert not np.array_equal(serial[0].x, serial[1].x)
+
+
+def test_a_worker_that_raises_stops_the_run_with_its_message_and_no_processes_left():
+    batches = PrefetchedBatches(FailsAt(digits_pipeline(), 4), workers=2, prefetch=2, end=20)
+    try:
+        for step in range(4):
+            batches.train_batch(step)
+        with pytest.raises(DataError, match=r"broken\.jpg"):
+            batches.train_batch(4)
+    finally:
+        batches.close()
+    assert no_workers_left()
+
+
+def test_the_default_leaves_a_core_to_training():
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers() == max(0, min(4, cores - 1))
+    program = compile_spec(DIGITS)
+    assert program.spec.data.workers == "auto" and program.spec.data.prefetch == 2
+
+
+def write_folder(root: Path, images: int, size: int = 48) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        folder = root / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def folder_spec(root: Path) -> Path:
+    spec = root / "folder.yaml"
+    spec.write_text("""name: folder
+model:
+  input: [48, 48, 3]
+  layers:
+    - {type: flatten}
+    - {type: dense, units: 2}
+loss: {type: sparse_categorical_crossentropy, from_logits: true}
+optimizer: {type: sgd}
+data:
+  source: {type: image_folder, train: train}
+  augment: {rotation: 10}
+  batch_size: 8
+  workers: 2
+training: {epochs: 1}
+""")
+    return spec
+
+
+def streamed_peak(root: Path, images: int) -> tuple[int, int]:
+    """Peak bytes allocated in this process while streaming two passes of a folder of
+    ``images`` images through two workers, prefetching two batches each; and the bytes of
+    one batch."""
+    write_folder(root, images)
+    pipeline = build_pipeline(compile_spec(folder_spec(root)), root)
+    assert not isinstance(pipeline.train.images, np.ndarray)  # streamed from the files
+    steps = 2 * pipeline.batches_per_pass
+    batches = PrefetchedBatches(pipeline, workers=2, prefetch=2, end=steps)
+    tracemalloc.start()
+    try:
+        for step in range(steps):
+            batch = batches.train_batch(step)
+        return tracemalloc.get_traced_memory()[1], batch.x.nbytes
+    finally:
+        tracemalloc.stop()
+        batches.close()
+
+
+def test_a_streamed_folder_needs_the_same_memory_whatever_its_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(folders_module, "IN_MEMORY_BYTES", 0)  # stream every folder
+    (small, batch), (large, _) = (streamed_peak(tmp_path / "small", 64),
+                                  streamed_peak(tmp_path / "large", 512))
+    # at most the 4 batches in flight and the one in use, each also as received bytes
+    bound = 2 * (2 * 2 + 1) * batch
+    assert small < bound and large < bound, (small, large, bound)
+    assert bound < 512 * 48 * 48 * 3  # the folder itself would not fit, even as uint8
+
+
+def test_a_corrupt_image_read_by_a_worker_stops_the_run_naming_it(tmp_path, monkeypatch,
+                                                                  capsys):
+    from specforge.cli import main
+
+    monkeypatch.setattr(folders_module, "IN_MEMORY_BYTES", 0)  # decoded by the workers
+    write_folder(tmp_path, 40)
+    broken = tmp_path / "train" / "class1" / "21.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header survives, the pixels do not
+    monkeypatch.setattr("sys.argv", ["specforge", "run", str(folder_spec(tmp_path)), "-b",
+                                     "torch", "--run-dir", str(tmp_path / "run"), "--quiet"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {broken}" in err and "Traceback" not in err, err
+    assert no_workers_left()
+
+
+def test_ctrl_c_with_workers_running_checkpoints_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    command = specforge("run", str(DIGITS), "-b", "torch", "--run-dir", str(run_dir),
+                        "--quiet", *sets("data.workers=2", "training.epochs=50"))
+    # a session of its own: Ctrl-C in a terminal signals the whole process group
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        steps = run_dir / "steps.jsonl"
+        deadline = time.monotonic() + 120
+        while not (steps.exists() and steps.stat().st_size) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130, err[-3000:]
+        assert time.monotonic() - signalled < 15
+        assert (run_dir / "checkpoint.pt").exists() and "--resume" in err
+        with pytest.raises(ProcessLookupError):  # no worker outlived the run
+            for _ in range(50):
+                os.killpg(process.pid, 0)
+                time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_workers_are_a_count(tmp_path):
+    refused(run_all(specforge("validate", str(DIGITS), *sets("data.workers=-1")))[0],
+            "workers")
