@@ -75,7 +75,6 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
             with _stop_on_signals(loop):
                 metrics = loop.run()
         finally:
-            loop.close()
             folder.close()
     finally:
         trainer.close()
@@ -136,8 +135,8 @@ class Loop:
         training = program.spec.training
         self.epochs = training.epochs
         self.steps_per_epoch = pipeline.steps_per_epoch(training.steps_per_epoch)
-        self.batches = prefetched(trainer.batch_source(pipeline), pipeline,
-                                  self.epochs * self.steps_per_epoch)
+        #: where training batches come from (during :meth:`run`, ahead in data workers)
+        self.batches = trainer.batch_source(pipeline)
         self.validation_steps = training.validation_steps
         self.tally = Tally(program.metrics, program.loss.classes)  # this epoch's
         self.step = 0           # global optimizer steps done
@@ -173,6 +172,24 @@ class Loop:
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         total = self.epochs * self.steps_per_epoch
+        source = self.batches
+        self.batches = prefetched(source, self.pipeline, total)
+        try:
+            self._train(total)
+        finally:
+            if isinstance(self.batches, PrefetchedBatches):
+                self.batches.close()  # now: no worker outlives the loop, whatever stopped it
+            self.batches = source
+        test = self.evaluate("test")
+        speed = {"train_seconds": self.train_seconds,
+                 "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
+                 "data_wait_share": self.data_seconds / max(self.train_seconds, 1e-9)}
+        self.folder.finish(test, self.trainer.device, self.options, speed)
+        if self.folder.writes:
+            save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
+        return test
+
+    def _train(self, total: int) -> None:
         with self.folder.progress(self.options, total, self.step) as progress:
             self.clock = time.perf_counter()
             started: StartedStep | None = None
@@ -198,19 +215,6 @@ class Loop:
                                       f"{self.step}; checkpoint written to "
                                       f"{self.folder.checkpoint}; continue with --resume "
                                       f"{self.folder.path}")
-        test = self.evaluate("test")
-        speed = {"train_seconds": self.train_seconds,
-                 "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
-                 "data_wait_share": self.data_seconds / max(self.train_seconds, 1e-9)}
-        self.folder.finish(test, self.trainer.device, self.options, speed)
-        if self.folder.writes:
-            save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
-        return test
-
-    def close(self) -> None:
-        """Stop the data workers, if any."""
-        if isinstance(self.batches, PrefetchedBatches):
-            self.batches.close()
 
     def _start(self, step: int) -> StartedStep:
         asked = time.perf_counter()

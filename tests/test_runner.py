@@ -5,6 +5,7 @@ across an epoch's end, an evaluation or a checkpoint."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ class RecordingTrainer(Trainer):
 def make_loop(tmp_path: Path, stop_when_starting: int | None = None
               ) -> tuple[Loop, RecordingTrainer, RunFolder]:
     program = compile_spec(SPECS / "digits.yaml", [
-        "training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=8"])
+        "training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=8",
+        "data.workers=2"])  # the batches come from worker processes
     pipeline = build_pipeline(program, SPECS)
     trainer = RecordingTrainer(program.loss.classes, stop_when_starting)
     folder = RunFolder(tmp_path / "run", "checkpoint.bin")
@@ -113,3 +115,4 @@ def test_a_stop_finishes_every_started_step_before_the_checkpoint(
     assert ("checkpoint_step", trainer.started) in trainer.events
     assert trainer.started == trainer.finished == stop_when_starting + 1
     assert step_log(folder) == list(range(trainer.started))
+    assert not multiprocessing.active_children()  # the data workers stopped with the loop
