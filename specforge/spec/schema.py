@@ -10,7 +10,8 @@ from pydantic import Field, ValidationError
 
 from specforge.errors import DataPath, Problem, SpecError, valid_choices_hint
 from specforge.spec.data import Data
-from specforge.spec.layers import BlockDef, ModelSpec, Name, SpecModel
+from specforge.spec.defaults import apply_defaults
+from specforge.spec.layers import BlockDef, LayerDefaults, ModelSpec, Name, SpecModel
 from specforge.spec.source import LoadedSpec
 from specforge.spec.training import Loss, Metric, Optimizer, Training
 
@@ -22,6 +23,7 @@ class Spec(SpecModel):
     description: str | None = Field(None, max_length=10_000)
     seed: int = Field(0, ge=0, le=2**32 - 1,
                       description="Seeds weights, shuffling, augmentation and dropout.")
+    defaults: LayerDefaults = Field(default_factory=dict)
     blocks: dict[Name, BlockDef] = Field(default_factory=dict,
                                          description="Reusable groups of layers.")
     model: ModelSpec
@@ -33,11 +35,17 @@ class Spec(SpecModel):
 
 
 def validate_spec(loaded: LoadedSpec) -> Spec:
-    """Validate raw spec data against :class:`Spec`, reporting every error with its place."""
+    """Fill in `defaults:` and validate raw spec data against :class:`Spec`, reporting every
+    error with its place."""
+    problems = apply_defaults(loaded) if isinstance(loaded.data, dict) else []
     try:
-        return Spec.model_validate(loaded.data)
+        spec = Spec.model_validate(loaded.data)
     except ValidationError as exc:
-        raise SpecError(problems_from_validation(exc, loaded, Spec, ())) from None
+        problems.extend(problems_from_validation(exc, loaded, Spec, ()))
+        raise SpecError(_sorted(problems)) from None
+    if problems:
+        raise SpecError(_sorted(problems))
+    return spec
 
 
 def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: Any,
