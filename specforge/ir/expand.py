@@ -184,6 +184,8 @@ class _Expander:
             return input_name
         scope = Scope({k: v for k, (v, _) in values.items()},
                       lambda: self._input_shape(input_name))
+        if not self._computed_defaults(values, scope, use.block, use_location):
+            return input_name
         layers, skipped, failed = [], {}, False
         for i, raw in enumerate(definition.layers):
             tpl_path = ("blocks", use.block, "layers", i)
@@ -204,6 +206,29 @@ class _Expander:
             return input_name
         return self.sequence(layers, scope=instance + ".", scope_input=input_name,
                              depth=depth + 1, skipped=skipped)
+
+    def _computed_defaults(self, values: dict[str, tuple[Any, DataPath]], scope: Scope,
+                           block: str, use_location: Location | None) -> bool:
+        """Evaluate, in the order written, the parameter defaults that are expressions
+        (`project: "${strides > 1}"`); each sees the parameters before it and the input's
+        shape. False after an error."""
+        def computed(value: Any, path: DataPath) -> bool:
+            return (path[:3] == ("blocks", block, "params") and isinstance(value, str)
+                    and "${" in value)
+
+        params = {k: v for k, (v, path) in values.items() if not computed(v, path)}
+        for name, (value, path) in values.items():
+            if not computed(value, path):
+                continue
+            context = self._context(values, Scope(params, scope.input_shape), path)
+            computed = _substitute(value, (), context)
+            self._report(context.problems, path, use_location)
+            if context.problems:
+                return False
+            values[name] = (computed, path)
+            params[name] = computed
+        scope.params.update(params)
+        return True
 
     def _input_shape(self, input_name: str) -> tuple[int, ...]:
         """The shape of a block's input, for `input.channels` and its kin."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ class ExpressionError(Exception):
 class Scope:
     """What an expression may read: parameter values, and the input's shape on demand."""
 
-    params: Mapping[str, Any]
+    params: dict[str, Any]
     #: Returns the block input's shape, or raises ExpressionError(..., 0) saying why not.
     input_shape: Callable[[], tuple[int, ...]] | None = None
 
