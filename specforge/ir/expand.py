@@ -62,8 +62,8 @@ def canonical_type(layer: Any) -> str:
     return type(layer).model_fields["type"].annotation.__args__[0]
 
 
-#: The shape of a layer placed so far (a full name or alias), or None when it has none yet.
-ShapeOf = Callable[[str, Expansion], tuple[int, ...] | None]
+#: The shape of a layer placed so far (a full name or alias), or why it has none.
+ShapeOf = Callable[[str, Expansion], tuple[int, ...] | str]
 #: A block's layers skipped by `when:`, by name, with where their condition is.
 Skipped = dict[str, Location | None]
 
@@ -77,7 +77,14 @@ def expand(spec: Spec, loaded: LoadedSpec, shape_of: ShapeOf | None = None) -> E
     located = [(layer, p, loaded.sources.locate(p), None)
                for layer, p in zip(spec.model.layers, paths, strict=True)]
     result.output = expander.sequence(located, scope="", scope_input="input", depth=0)
+    causes = [p for p in result.problems if id(p) not in expander.follow_ups]
+    if causes:
+        result.problems = causes
     return result
+
+
+class _UnknownShape(ExpressionError):
+    """A block input's shape that is unknown because an earlier problem left it so."""
 
 
 class _Expander:
@@ -89,6 +96,9 @@ class _Expander:
         self.shape_of = shape_of
         #: Every name given to a layer, repeated layer or block instance, with its place.
         self.claimed: dict[str, Location | None] = {}
+        #: The problems that only follow from others (dropped when those are shown), by id;
+        #: holding them keeps their ids unique.
+        self.follow_ups: dict[int, Problem] = {}
 
     def sequence(self, layers: list[tuple[Any, DataPath, Location | None, Location | None]],
                  *, scope: str, scope_input: str, depth: int, skipped: Skipped | None = None
@@ -232,10 +242,10 @@ class _Expander:
 
     def _input_shape(self, input_name: str) -> tuple[int, ...]:
         """The shape of a block's input, for `input.channels` and its kin."""
-        shape = self.shape_of(input_name, self.result) if self.shape_of else None
-        if shape is None:
-            raise ExpressionError(
-                f"the shape of the block's input ('{input_name}') is not known here", 0,
+        shape = self.shape_of(input_name, self.result) if self.shape_of else "no shapes"
+        if isinstance(shape, str):
+            raise (_UnknownShape if self.result.problems else ExpressionError)(
+                f"the shape of the block's input is not known here ({shape})", 0,
                 "the input must come from earlier layers whose shapes are valid")
         return shape
 
@@ -243,7 +253,7 @@ class _Expander:
                  tpl_path: DataPath) -> _Substitution:
         sources = SourceMap()
         sources.copy_subtree(self.loaded.sources, tpl_path, ())
-        return _Substitution(values, scope, sources, self.loaded.sources, [])
+        return _Substitution(values, scope, sources, self.loaded.sources, [], self.follow_ups)
 
     def _condition(self, raw: dict[str, Any], context: _Substitution, tpl_path: DataPath,
                    use_location: Location | None) -> bool | None:
@@ -310,8 +320,10 @@ class _Expander:
                 use_location: Location | None) -> None:
         """Record a template layer's problems at their place in the spec, with the use."""
         for p in problems:
-            self.result.problems.append(Problem(p.message, p.location, tpl_path + p.path,
-                                                p.hint, use_location))
+            placed = Problem(p.message, p.location, tpl_path + p.path, p.hint, use_location)
+            self.result.problems.append(placed)
+            if id(p) in self.follow_ups:
+                self.follow_ups[id(placed)] = placed
 
 
 def _substitute(value: Any, path: DataPath, context: _Substitution) -> Any:
@@ -356,6 +368,7 @@ class _Substitution:
     sources: SourceMap
     spec_sources: SourceMap
     problems: list[Problem]
+    follow_ups: dict[int, Problem]
 
     def evaluate(self, match: re.Match[str], text: str, path: DataPath) -> Any:
         """The value of the expression ``match`` found in ``text`` (None after an error)."""
@@ -367,9 +380,12 @@ class _Substitution:
             message = exc.message
             if message.startswith("unknown name") and _PLAIN_NAME.fullmatch(expression):
                 message = f"unknown block parameter '${{{expression.strip()}}}'"
-            self.problems.append(Problem(
+            problem = Problem(
                 f"{message} (column {exc.column + 1} of the expression '{expression.strip()}')",
-                self.locate_text(path, text, at), path, exc.hint))
+                self.locate_text(path, text, at), path, exc.hint)
+            self.problems.append(problem)
+            if isinstance(exc, _UnknownShape):
+                self.follow_ups[id(problem)] = problem
             return None
 
     def locate_text(self, path: DataPath, text: str, offset: int) -> Location | None:

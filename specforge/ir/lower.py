@@ -134,15 +134,15 @@ def lower_model(spec: Spec, loaded: LoadedSpec, *,
 
 class _ShapeProbe:
     """Shapes of the layers placed so far, for the expressions that read a block input's
-    shape. Layers are lowered as soon as their inputs are known; a layer whose shape fails
-    has none here (lowering proper reports why)."""
+    shape. Layers are lowered as soon as their inputs are known; for a layer that fails,
+    the probe gives the reason instead."""
 
     def __init__(self, spec: Spec) -> None:
-        self.shapes: dict[str, Shape | None] = {"input": tuple(spec.model.input)}
+        self.shapes: dict[str, Shape | str] = {"input": tuple(spec.model.input)}
         self.seen = 0
         self.waiting: list[Placed] = []
 
-    def __call__(self, ref: str, expansion: Expansion) -> Shape | None:
+    def __call__(self, ref: str, expansion: Expansion) -> Shape | str:
         self.waiting.extend(expansion.layers[self.seen:])
         self.seen = len(expansion.layers)
         progress = True
@@ -154,18 +154,20 @@ class _ShapeProbe:
                     self.waiting.remove(item)
                     self.shapes[item.name] = self._lower(item, [self.shapes[n] for n in names])
                     progress = True
-        return self.shapes.get(_final(ref, expansion.aliases))
+        name = _final(ref, expansion.aliases)
+        return self.shapes.get(name, f"'{name}' comes later in the model")
 
     @staticmethod
-    def _lower(item: Placed, in_shapes: list[Shape | None]) -> Shape | None:
-        if any(s is None for s in in_shapes):
-            return None
+    def _lower(item: Placed, in_shapes: list[Shape | str]) -> Shape | str:
+        failed = [s for s in in_shapes if isinstance(s, str)]
+        if failed:
+            return failed[0]
         sources = [Node(f"in{i}", "input", (), freeze({}), s)
-                   for i, s in enumerate(in_shapes) if s is not None]
+                   for i, s in enumerate(in_shapes) if not isinstance(s, str)]
         try:
             return _lower_placed(item, sources)[-1].shape
-        except ShapeError:
-            return None
+        except ShapeError as exc:
+            return f"layer '{item.name}': {exc}"
 
 
 def _final(ref: str, aliases: dict[str, str]) -> str:

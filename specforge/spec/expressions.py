@@ -163,8 +163,8 @@ class _Evaluator:
             raise self.fail(node, "the input's shape is only available inside a block")
         try:
             shape = self.scope.input_shape()
-        except ExpressionError as exc:
-            raise self.fail(node, exc.message, exc.hint) from None
+        except ExpressionError as exc:  # keeps its class: the caller may treat it apart
+            raise type(exc)(exc.message, self.column(node), exc.hint) from None
         if node.attr == "channels":
             return shape[-1]
         if len(shape) != 3:
