@@ -61,7 +61,7 @@ def test_expressions_compute_with_numbers_parameters_and_the_input_shape(text, v
     ("not filters", 4, "expected true or false"),
     ("True", 0, "lower case"),
     ("input", 0, "input.height"),
-    ("input.depth", 0, "no 'depth'"),
+    ("input.depth", 6, "no 'depth'"), ("1 + input .depth", 11, "no 'depth'"),
     ("lambda: 1", 0, "not allowed"),
     ("9" * 30, 0, "larger than"),
 ])
@@ -120,12 +120,12 @@ def test_an_expression_error_names_the_file_line_and_column_of_the_character():
     text = INVERTED.replace('"${expansion * input.channels}"',
                             '"${expansion * input.chanels}"')
     line = next(i for i, t in enumerate(text.splitlines(), 1) if "chanels" in t)
-    column = text.splitlines()[line - 1].index("chanels") - len("input.") + 1
+    column = text.splitlines()[line - 1].index("chanels") + 1
     problem, *others = problems(text)  # once per use that expands (b1 and b2)
     assert len(others) == 1 and others[0].split("\n")[0] == problem.split("\n")[0]
     assert problem.startswith(f"spec.yaml:{line}:{column}: error: "
                               "blocks.inverted.layers[0].filters: the input has no 'chanels'")
-    assert "column 13 of the expression 'expansion * input.chanels'" in problem
+    assert "column 19 of the expression 'expansion * input.chanels'" in problem
     assert "did you mean 'channels'" in problem
     assert "reached through spec.yaml:" in problem  # the block's use
 

@@ -1,8 +1,34 @@
 """Expanding `blocks:` and `repeat:` into a flat list of placed layers.
 
+A block is used as `{type: block, block: NAME, args: {...}}`. Its `params:` give each
+parameter's default (null: the use must give it); a default may be an expression over the
+parameters written before it and the input's shape, computed for each use:
+
+```yaml
+blocks:
+  bottleneck:
+    params:
+      filters: null
+      strides: 1
+      project: "${strides > 1 or input.channels != 4 * filters}"
+    layers:
+      - {type: conv2d, name: c0_conv, filters: "${4 * filters}", kernel: 1,
+         strides: "${strides}", when: "${project}"}
+      - ...
+      - {type: add, name: add, inputs: [c0_bn, c3_bn], when: "${project}"}
+      - {type: add, name: add, inputs: [input, c3_bn], when: "${not project}"}
+```
+
+Inside a block, `input` names the block's input and other names refer to the block's
+layers; `input.height`, `input.width` and `input.channels` in an expression are the input's
+shape. A layer with `when: "${...}"` (true or false) is left out of the uses where it is
+false: a layer without `inputs:` then reads the last layer present before it, and naming a
+left-out layer in `inputs:` is an error. Two layers may share a name when their conditions
+never hold together (one `add` or the other above). The block's output is its last present
+layer.
+
 Names are hierarchical like torchvision's: a block instance `layer1` repeated twice holds
 `layer1.0.conv1`, `layer1.1.conv1`, ...; a repeated layer `conv` becomes `conv.0`, `conv.1`.
-Inside a block, `input` names the block's input and other names refer to the block's layers.
 A reference to a repeated layer or a block instance means its last output.
 """
 
@@ -130,7 +156,7 @@ class _Expander:
             else:
                 refs = [layer.inputs] if isinstance(layer.inputs, str) else layer.inputs
                 first_inputs = tuple(scope_input if r == "input" else scope + r for r in refs)
-                self._check_not_skipped(refs, gone, path, via)
+                self._check_not_skipped(layer.inputs, gone, path, via)
             if isinstance(layer, Merge) and layer.repeat > 1:
                 self.result.problems.append(Problem(
                     f"{kind} cannot repeat: its inputs are fixed", location,
@@ -139,15 +165,17 @@ class _Expander:
                                             depth)
         return previous
 
-    def _check_not_skipped(self, refs: list[str], gone: Skipped, path: DataPath,
+    def _check_not_skipped(self, inputs: str | list[str], gone: Skipped, path: DataPath,
                            via: Location | None) -> None:
-        for ref in refs:
+        listed = [((*path, "inputs"), inputs)] if isinstance(inputs, str) else [
+            ((*path, "inputs", i), ref) for i, ref in enumerate(inputs)]
+        for where, ref in listed:
             if ref in gone:
                 at = gone[ref]
                 self.result.problems.append(Problem(
                     f"layer '{ref}' is skipped here: its `when:`"
                     + (f" (line {at.line})" if at else "") + " is false for this use",
-                    self.loaded.sources.locate((*path, "inputs")), (*path, "inputs"),
+                    self.loaded.sources.locate(where), where,
                     "give this layer a `when:` that excludes it too, or give another layer "
                     f"the name '{ref}' under the opposite condition", via))
 

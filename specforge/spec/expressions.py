@@ -157,8 +157,12 @@ class _Evaluator:
             raise self.fail(node, "only the block input's shape has attributes "
                                   "(input.height, input.width, input.channels)")
         if node.attr not in INPUT_AXES:
-                raise self.fail(node, f"the input has no '{node.attr}'",
-                            valid_choices_hint(node.attr, list(INPUT_AXES), "it has"))
+            error = self.fail(node, f"the input has no '{node.attr}'",
+                              valid_choices_hint(node.attr, list(INPUT_AXES), "it has"))
+            end = self.text.lstrip().encode("utf-8")[:node.end_col_offset or 0]
+            error.column = self.indent + len(end.decode("utf-8", errors="ignore")) - len(
+                node.attr)  # at the attribute's name
+            raise error
         if self.scope.input_shape is None:
             raise self.fail(node, "the input's shape is only available inside a block")
         try:

@@ -28,6 +28,22 @@ MAX_DEPTH = 64
 MAX_EXTENDS_DEPTH = 16
 #: The YAML tag that makes a mapping replace the base spec's instead of merging into it.
 REPLACE_TAG = "!replace"
+#: What `extends:` does, for the reference (docs/spec-reference.md).
+EXTENDS_HELP = f"""\
+`extends: base.yaml` (a path relative to the spec) starts from the base spec and merges this
+one into it: a mapping merges key by key, anything else (a list, a number, a string)
+replaces the base's value. A mapping whose `type` differs from the base's replaces it whole,
+since the fields belong to the other type:
+
+```yaml
+extends: cifar.yaml                          # source: {{type: image_folder, train: ...}}
+data:
+  source: {{type: cifar10, path: data/cifar}}  # no `train:` inherited
+  augment: {REPLACE_TAG} {{horizontal_flip: true}}  # only this; the base's rotation is gone
+```
+
+`{REPLACE_TAG}` before a mapping makes it replace the base's in any case. `--set` overrides
+apply after `extends:`, and `specforge resolve` prints the result."""
 
 
 @dataclass
