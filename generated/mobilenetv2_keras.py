@@ -239,7 +239,7 @@ def load_data(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def learning_rate(step: int, steps_per_epoch: int) -> float:
     """specforge's exponential schedule, counted in epochs."""
     lr, t = 0.045, step // steps_per_epoch
-    return lr * 0.98 ** t
+    return lr * 0.98**t
 
 
 class Schedule(keras.callbacks.Callback):

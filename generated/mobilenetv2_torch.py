@@ -20,7 +20,8 @@ class Model(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.Conv1_pad = nn.ZeroPad2d((0, 1, 0, 1))  # uneven padding: the odd pixel after, as specforge's `same`
+        # uneven padding: the odd pixel after, as specforge's `same`
+        self.Conv1_pad = nn.ZeroPad2d((0, 1, 0, 1))
         self.Conv1 = nn.Conv2d(3, 32, 3, stride=2, bias=False)
         self.bn_Conv1 = nn.BatchNorm2d(32, eps=0.001, momentum=0.001)
         self.Conv1_relu = nn.ReLU6()
@@ -263,7 +264,9 @@ class Model(nn.Module):
         block_16_project = self.block_16_project(block_16_depthwise_relu)
         Conv_1_bn = self.Conv_1_bn(self.Conv_1(self.block_16_project_BN(block_16_project)))
         out_relu = self.out_relu(Conv_1_bn)
-        global_average_pooling2d = self.global_average_pooling2d_flatten(self.global_average_pooling2d(out_relu))
+        global_average_pooling2d = self.global_average_pooling2d_flatten(
+            self.global_average_pooling2d(out_relu)
+        )
         predictions = self.predictions(global_average_pooling2d)
         return predictions
 
@@ -295,7 +298,7 @@ def load_data(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def learning_rate(step: int, steps_per_epoch: int) -> float:
     """specforge's exponential schedule, counted in epochs."""
     lr, t = 0.045, step // steps_per_epoch
-    return lr * 0.98 ** t
+    return lr * 0.98**t
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> torch.Tensor:
