@@ -148,6 +148,20 @@ def test_when_must_be_true_or_false():
     assert "`when:` must be true or false, got 8" in problem
 
 
+def test_an_expression_outside_a_block_says_so_once():
+    text = spec("""\
+        model:
+          input: [8, 8, 1]
+          layers: [{type: conv2d, filters: "${4 * 4}", kernel: 3}, {type: flatten},
+                   {type: dense, units: 2}]
+        """)
+    [problem] = problems(text)
+    column = text.splitlines()[2].index("\"$") + 1
+    assert problem.startswith(f"spec.yaml:3:{column}: error: model.layers[0].filters: "
+                              "\"${4 * 4}\": "
+                              "`${...}` expressions are computed inside a block's layers only")
+
+
 def test_a_block_parameter_cannot_shadow_the_input():
     text = INVERTED.replace("      stride: 1\n", "      stride: 1\n      input: 2\n")
     assert "      input: 2\n" in text

@@ -38,14 +38,36 @@ def validate_spec(loaded: LoadedSpec) -> Spec:
     """Fill in `defaults:` and validate raw spec data against :class:`Spec`, reporting every
     error with its place."""
     problems = apply_defaults(loaded) if isinstance(loaded.data, dict) else []
+    if isinstance(loaded.data, dict):
+        problems.extend(_expressions_outside_blocks(loaded.data.get("model"), ("model",),
+                                                    loaded))
     try:
         spec = Spec.model_validate(loaded.data)
     except ValidationError as exc:
-        problems.extend(problems_from_validation(exc, loaded, Spec, ()))
+        known = {p.path for p in problems}  # e.g. an expression: not also "expected a number"
+        problems.extend(p for p in problems_from_validation(exc, loaded, Spec, ())
+                        if p.path not in known)
         raise SpecError(_sorted(problems)) from None
     if problems:
         raise SpecError(_sorted(problems))
     return spec
+
+
+def _expressions_outside_blocks(value: Any, path: DataPath, loaded: LoadedSpec
+                                ) -> list[Problem]:
+    """`${...}` in the model's own layers: there are no parameters there to compute with."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return [Problem(f"{_short(value)}: `${{...}}` expressions are computed inside a "
+                        "block's layers only", loaded.sources.locate(path), path,
+                        "write the value itself here, or move the layers into a block under "
+                        "`blocks:` and pass what varies as its parameters")
+                ] if isinstance(value, str) and "${" in value else []
+    return [p for key, item in items
+            for p in _expressions_outside_blocks(item, (*path, key), loaded)]
 
 
 def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: Any,
