@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specforge.compiler import compile_spec, compile_text, load_spec
 from specforge.errors import SpecError
@@ -262,3 +264,15 @@ def test_the_real_models_use_the_new_features():
         text = (SPECS / f"{stem}.yaml").read_text()
         assert "defaults:" in text and "when:" in text and "input.channels" in text
         compile_spec(SPECS / f"{stem}.yaml")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.e+-*/%()<>=! _,'abcdfilmnorstwxpu\n", max_size=40))
+def test_any_text_gives_a_value_or_an_expression_error(text):
+    """The walker never lets Python's own errors (or a value outside the grammar) through."""
+    try:
+        value = evaluate(text, SCOPE)
+    except ExpressionError as exc:
+        assert 0 <= exc.column <= len(text)
+    else:
+        assert isinstance(value, bool | int | float | str)
