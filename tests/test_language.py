@@ -118,6 +118,25 @@ def test_blocks_compute_arguments_skip_layers_and_read_their_inputs_shape():
     assert isinstance(graph["b1.expand"].attrs["filters"], int)
 
 
+def test_computed_defaults_see_the_ones_before_them_and_a_use_can_override_them():
+    text = spec("""\
+        blocks:
+          unit:
+            params: {filters: null, wide: "${filters * 2}", widest: "${wide + filters}"}
+            layers: [{type: conv2d, name: a, filters: "${wide}", kernel: 1},
+                     {type: conv2d, name: b, filters: "${widest}", kernel: 1}]
+        model:
+          input: [4, 4, 1]
+          layers:
+            - {type: block, name: u, block: unit, args: {filters: 3}}
+            - {type: block, name: v, block: unit, args: {filters: 3, wide: 4}}
+            - {type: flatten}
+            - {type: dense, units: 2}
+        """)
+    graph = compile_text(text, "computed.yaml").graph
+    assert [graph[n].shape[-1] for n in ("u.a", "u.b", "v.a", "v.b")] == [6, 9, 4, 7]
+
+
 def test_an_expression_error_names_the_file_line_and_column_of_the_character():
     text = INVERTED.replace('"${expansion * input.channels}"',
                             '"${expansion * input.chanels}"')

@@ -248,23 +248,23 @@ class _Expander:
     def _computed_defaults(self, values: dict[str, tuple[Any, DataPath]], scope: Scope,
                            block: str, use_location: Location | None) -> bool:
         """Evaluate, in the order written, the parameter defaults that are expressions
-        (`project: "${strides > 1}"`); each sees the parameters before it and the input's
-        shape. False after an error."""
-        def computed(value: Any, path: DataPath) -> bool:
+        (`project: "${strides > 1}"`); each sees the other parameters, the computed ones
+        before it, and the input's shape. False after an error."""
+        def is_expression(value: Any, path: DataPath) -> bool:
             return (path[:3] == ("blocks", block, "params") and isinstance(value, str)
                     and "${" in value)
 
-        params = {k: v for k, (v, path) in values.items() if not computed(v, path)}
+        params = {k: v for k, (v, path) in values.items() if not is_expression(v, path)}
         for name, (value, path) in values.items():
-            if not computed(value, path):
+            if not is_expression(value, path):
                 continue
             context = self._context(values, Scope(params, scope.input_shape), path)
-            computed = _substitute(value, (), context)
+            result = _substitute(value, (), context)
             self._report(context.problems, path, use_location)
             if context.problems:
                 return False
-            values[name] = (computed, path)
-            params[name] = computed
+            values[name] = (result, path)
+            params[name] = result
         scope.params.update(params)
         return True
 
