@@ -17,9 +17,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from specforge.ir import randomness
+from specforge.ir import expand, randomness
 from specforge.ir.ops import ACTIVATION_FORMULAS, OPS
 from specforge.spec import data as D
+from specforge.spec import defaults, expressions, source
 from specforge.spec import layers as L
 from specforge.spec import training as T
 from specforge.spec.schema import Spec
@@ -99,6 +100,16 @@ def model_section(model: type[BaseModel]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reuse_section() -> str:
+    """Blocks, expressions, `when:`, defaults and `extends:`, from their modules' docstrings."""
+    parts = ["## Blocks, expressions and defaults\n"]
+    for title, text in (("Blocks", expand.__doc__), ("Expressions", expressions.__doc__),
+                        ("Defaults by layer type", defaults.__doc__),
+                        ("`extends:`", source.EXTENDS_HELP)):
+        parts.append(f"### {title}\n\n{inspect.cleandoc(text or '')}\n")
+    return "\n".join(parts)
+
+
 def spec_reference() -> str:
     parts = ["# Spec reference", "",
              "Generated from `specforge/spec/*.py` by `specforge docs`; do not edit by hand.",
@@ -106,6 +117,7 @@ def spec_reference() -> str:
     for title, models in SECTIONS:
         parts.append(f"## {title}\n")
         parts.extend(model_section(m) for m in models)
+    parts.append(reuse_section())
     return "\n".join(parts)
 
 

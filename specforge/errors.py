@@ -124,17 +124,22 @@ def remember_source(file: str, text: str) -> None:
     _source_cache[file] = text.splitlines()
 
 
-def _source_excerpt(location: Location) -> list[str]:
-    lines = _source_cache.get(location.file)
+def source_line(file: str, line: int) -> str | None:
+    """Line ``line`` (1-based) of a spec file, or None when it cannot be read."""
+    lines = _source_cache.get(file)
     if lines is None:
         try:
-            lines = Path(location.file).read_text(encoding="utf-8").splitlines()
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             lines = []
-        _source_cache[location.file] = lines
-    if not 1 <= location.line <= len(lines):
+        _source_cache[file] = lines
+    return lines[line - 1] if 1 <= line <= len(lines) else None
+
+
+def _source_excerpt(location: Location) -> list[str]:
+    text = source_line(location.file, location.line)
+    if text is None:
         return []
-    text = lines[location.line - 1]
     gutter = f"{location.line:>5} | "
     caret = " " * (len(gutter) - 2) + "| " + " " * max(location.column - 1, 0) + "^"
     return [gutter + text, caret]

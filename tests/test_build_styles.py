@@ -153,12 +153,21 @@ def check_same_model(program: Program, backend: str, folder: Path) -> None:
 
 
 #: The big models at a smaller input, so that the float64 reference stays quick.
-SMALL_INPUTS = {"vgg16": "[32, 32, 3]", "resnet18": "[64, 64, 3]"}
+SMALL_INPUTS = {"vgg16": "[32, 32, 3]", "resnet18": "[64, 64, 3]", "resnet50": "[32, 32, 3]",
+                "mobilenetv2": "[32, 32, 3]"}
 LAYER_CASES = [c for c in CASES if not c.name.startswith(("optimizer-", "metrics"))]
 
 
+#: The real models (3.5M and 25.6M weights through the float64 reference: about 10 s per
+#: backend each) run with -m slow. Each op and option they use is a layer case below, their
+#: shapes and parameters are Keras's own (tests/test_specs.py), and resnet18 goes through
+#: this check by default.
+HEAVY = {"resnet50", "mobilenetv2"}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("stem", STEMS)
+@pytest.mark.parametrize("stem", [pytest.param(s, marks=[pytest.mark.slow] * (s in HEAVY))
+                                  for s in STEMS])
 def test_every_spec_loads_the_neutral_weights_and_gives_the_reference_output(
         stem, backend, tmp_path):
     pytest.importorskip(backend)

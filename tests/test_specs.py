@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from specforge.compiler import compile_spec
@@ -32,6 +34,9 @@ def test_cifar_matches_the_seed_keras_model():
 @pytest.mark.parametrize(("spec", "trainable", "non_trainable"), [
     ("vgg16.yaml", 138_357_544, 0),          # torchvision.models.vgg16, keras VGG16
     ("resnet18.yaml", 11_689_512, 9_600),    # torchvision.models.resnet18 (+ BN buffers)
+    # keras.applications.ResNet50 / MobileNetV2: 25,636,712 and 3,538,984 in all
+    ("resnet50.yaml", 25_583_592, 53_120),
+    ("mobilenetv2.yaml", 3_504_872, 34_112),
 ])
 def test_reference_architectures_have_their_published_parameter_counts(
         spec, trainable, non_trainable):
@@ -51,6 +56,31 @@ def test_resnet18_has_torchvision_shapes_and_names():
     assert graph["layer1.1.add"].inputs == ("layer1.1.bn2", "layer1.0.relu2")
     # about 1.82 G multiply-adds, as commonly reported for ResNet-18 at 224x224
     assert 3.6e9 < graph.flops < 3.7e9
+
+
+def _keras_name(name: str) -> str:
+    """specforge's hierarchical name -> keras.applications' flat one: `conv2_block1.c0_conv`
+    -> `conv2_block1_0_conv` (a spec name cannot start with a digit), `block_1.pad` ->
+    `block_1_pad`."""
+    return re.sub(r"\.c(\d)_", r"_\1_", name).replace(".", "_")
+
+
+@pytest.mark.parametrize(("stem", "application"), [("resnet50", "ResNet50"),
+                                                   ("mobilenetv2", "MobileNetV2")])
+def test_real_models_have_keras_applications_layers_shapes_and_parameters(stem, application):
+    """Every layer of keras.applications' model (weights=None: nothing is downloaded) has
+    a node of that name in the spec's graph, with its output shape and parameter count
+    (batch-norm statistics included, as Keras counts them), and no node is left over."""
+    keras = pytest.importorskip("keras")
+    keras.backend.clear_session()  # Keras's unnamed layers get their first names
+    theirs = {layer.name: (tuple(layer.output.shape)[1:], layer.count_params())
+              for layer in getattr(keras.applications, application)(weights=None).layers
+              if not isinstance(layer, keras.layers.InputLayer)}
+    graph = compile_spec(SPECS / f"{stem}.yaml").graph
+    ours = {_keras_name(node.name): (node.shape, node.param_count) for node in graph
+            if node.op != "input"}
+    assert len(theirs) > 100
+    assert ours == theirs
 
 
 def test_vgg16_repeat_inside_block_expands_to_numbered_layers():

@@ -178,7 +178,13 @@ def module_class_lines(graph: Graph) -> tuple[list[str], list[str]]:
     init = []
     for node, attribute, module, why in named_modules(graph):
         calls.setdefault(node.name, []).append(attribute)
-        init.append(f"self.{attribute} = {module}" + (f"  # {why}" if why else ""))
+        line = f"self.{attribute} = {module}"
+        if not why:
+            init.append(line)
+        elif 8 + len(line) + 4 + len(why) <= 100:
+            init.append(f"{line}  # {why}")
+        else:  # no room after it: the comment goes above
+            init.extend([f"# {why}", line])
     forward: list[str] = []
     value = {graph.input.name: "x"}
     inlined: set[str] = set()
@@ -208,8 +214,8 @@ def module_class_lines(graph: Graph) -> tuple[list[str], list[str]]:
         if consumers.get(node.name, 0) == 1 and node.name != graph.output and len(expr) < 60:
             value[node.name] = expr
             inlined.add(node.name)
-        else:
-            forward.append(f"{names[node.name]} = {expr}")
+        else:  # ruff's wrapping where even the named inputs leave it too long
+            forward.extend(wrapped(f"{names[node.name]} = ", expr, 8))
             value[node.name] = names[node.name]
     forward.append(f"return {value[graph.output]}")
     return init, forward

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from specforge.errors import Problem, SpecError, valid_choices_hint
-from specforge.ir.expand import Placed, canonical_type, expand
+from specforge.ir.expand import Expansion, Placed, canonical_type, expand
 from specforge.ir.graph import Graph, Node, Shape, freeze
 from specforge.ir.ops import OPS, ShapeError, same_pads
 from specforge.spec import layers as L
@@ -92,7 +92,7 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
 def lower_model(spec: Spec, loaded: LoadedSpec, *,
                 max_params: int = DEFAULT_MAX_PARAMS) -> Graph:
     """Build the IR graph of ``spec.model``; raises SpecError with every problem found."""
-    expansion = expand(spec, loaded)
+    expansion = expand(spec, loaded, _ShapeProbe(spec))
     problems = list(expansion.problems)
     placed = _index(expansion.layers, problems)
     if problems:
@@ -130,6 +130,53 @@ def lower_model(spec: Spec, loaded: LoadedSpec, *,
     if problems:
         raise SpecError(problems)
     return graph
+
+
+class _ShapeProbe:
+    """Shapes of the layers placed so far, for the expressions that read a block input's
+    shape. Layers are lowered as soon as their inputs are known; for a layer that fails,
+    the probe gives the reason instead."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.shapes: dict[str, Shape | str] = {"input": tuple(spec.model.input)}
+        self.seen = 0
+        self.waiting: list[Placed] = []
+
+    def __call__(self, ref: str, expansion: Expansion) -> Shape | str:
+        self.waiting.extend(expansion.layers[self.seen:])
+        self.seen = len(expansion.layers)
+        progress = True
+        while progress and self.waiting:
+            progress = False
+            for item in list(self.waiting):
+                names = [_final(r, expansion.aliases) for r in item.inputs]
+                if all(n in self.shapes for n in names):
+                    self.waiting.remove(item)
+                    self.shapes[item.name] = self._lower(item, [self.shapes[n] for n in names])
+                    progress = True
+        name = _final(ref, expansion.aliases)
+        return self.shapes.get(name, f"'{name}' comes later in the model")
+
+    @staticmethod
+    def _lower(item: Placed, in_shapes: list[Shape | str]) -> Shape | str:
+        failed = [s for s in in_shapes if isinstance(s, str)]
+        if failed:
+            return failed[0]
+        sources = [Node(f"in{i}", "input", (), freeze({}), s)
+                   for i, s in enumerate(in_shapes) if not isinstance(s, str)]
+        try:
+            return _lower_placed(item, sources)[-1].shape
+        except ShapeError as exc:
+            return f"layer '{item.name}': {exc}"
+
+
+def _final(ref: str, aliases: dict[str, str]) -> str:
+    """A reference to a block instance or repeated layer -> the name of its last output."""
+    seen = set()
+    while ref in aliases and ref not in seen:
+        seen.add(ref)
+        ref = aliases[ref]
+    return ref
 
 
 def _index(layers: list[Placed], problems: list[Problem]) -> dict[str, Placed]:

@@ -236,13 +236,26 @@ Layer = Annotated[
 ]
 
 
+LayerDefaults = Annotated[
+    dict[str, dict[str, Any]],
+    Field(description="Default field values by layer type, e.g. `{batch_norm: {epsilon: "
+                      "0.001}}`; a layer's own value wins, a block's defaults win over the "
+                      "spec's. See Blocks, expressions and defaults."),
+]
+
+
 class BlockDef(SpecModel):
-    """A reusable, parameterised group of layers. Inside it, `${param}` is replaced by the
-    argument's value and `input` names the block's input; its output is its last layer."""
+    """A reusable, parameterised group of layers. Inside it, `${...}` holds an expression
+    over the parameters and the input's shape (`${4 * filters}`, `${input.channels}`),
+    `input` names the block's input, and a layer with `when: "${...}"` is left out where the
+    condition is false; its output is its last present layer. See Blocks, expressions and
+    defaults."""
 
     params: dict[Name, Any] = Field(
         default_factory=dict, description="Parameter names with defaults; null = required.")
-    layers: list[dict[str, Any]] = Field(min_length=1, description="Layers, as in the model.")
+    defaults: LayerDefaults = Field(default_factory=dict)
+    layers: list[dict[str, Any]] = Field(
+        min_length=1, description="Layers, as in the model, each with an optional `when:`.")
 
 
 class ModelSpec(SpecModel):

@@ -10,7 +10,8 @@ from pydantic import Field, ValidationError
 
 from specforge.errors import DataPath, Problem, SpecError, valid_choices_hint
 from specforge.spec.data import Data
-from specforge.spec.layers import BlockDef, ModelSpec, Name, SpecModel
+from specforge.spec.defaults import apply_defaults
+from specforge.spec.layers import BlockDef, LayerDefaults, ModelSpec, Name, SpecModel
 from specforge.spec.source import LoadedSpec
 from specforge.spec.training import Loss, Metric, Optimizer, Training
 
@@ -22,6 +23,7 @@ class Spec(SpecModel):
     description: str | None = Field(None, max_length=10_000)
     seed: int = Field(0, ge=0, le=2**32 - 1,
                       description="Seeds weights, shuffling, augmentation and dropout.")
+    defaults: LayerDefaults = Field(default_factory=dict)
     blocks: dict[Name, BlockDef] = Field(default_factory=dict,
                                          description="Reusable groups of layers.")
     model: ModelSpec
@@ -33,11 +35,39 @@ class Spec(SpecModel):
 
 
 def validate_spec(loaded: LoadedSpec) -> Spec:
-    """Validate raw spec data against :class:`Spec`, reporting every error with its place."""
+    """Fill in `defaults:` and validate raw spec data against :class:`Spec`, reporting every
+    error with its place."""
+    problems = apply_defaults(loaded) if isinstance(loaded.data, dict) else []
+    if isinstance(loaded.data, dict):
+        problems.extend(_expressions_outside_blocks(loaded.data.get("model"), ("model",),
+                                                    loaded))
     try:
-        return Spec.model_validate(loaded.data)
+        spec = Spec.model_validate(loaded.data)
     except ValidationError as exc:
-        raise SpecError(problems_from_validation(exc, loaded, Spec, ())) from None
+        known = {p.path for p in problems}  # e.g. an expression: not also "expected a number"
+        problems.extend(p for p in problems_from_validation(exc, loaded, Spec, ())
+                        if p.path not in known)
+        raise SpecError(_sorted(problems)) from None
+    if problems:
+        raise SpecError(_sorted(problems))
+    return spec
+
+
+def _expressions_outside_blocks(value: Any, path: DataPath, loaded: LoadedSpec
+                                ) -> list[Problem]:
+    """`${...}` in the model's own layers: there are no parameters there to compute with."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return [Problem(f"{_short(value)}: `${{...}}` expressions are computed inside a "
+                        "block's layers only", loaded.sources.locate(path), path,
+                        "write the value itself here, or move the layers into a block under "
+                        "`blocks:` and pass what varies as its parameters")
+                ] if isinstance(value, str) and "${" in value else []
+    return [p for key, item in items
+            for p in _expressions_outside_blocks(item, (*path, key), loaded)]
 
 
 def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: Any,

@@ -26,6 +26,24 @@ MAX_NODES = 100_000
 MAX_DEPTH = 64
 #: Deepest `extends:` chain.
 MAX_EXTENDS_DEPTH = 16
+#: The YAML tag that makes a mapping replace the base spec's instead of merging into it.
+REPLACE_TAG = "!replace"
+#: What `extends:` does, for the reference (docs/spec-reference.md).
+EXTENDS_HELP = f"""\
+`extends: base.yaml` (a path relative to the spec) starts from the base spec and merges this
+one into it: a mapping merges key by key, anything else (a list, a number, a string)
+replaces the base's value. A mapping whose `type` differs from the base's replaces it whole,
+since the fields belong to the other type:
+
+```yaml
+extends: cifar.yaml                          # source: {{type: image_folder, train: ...}}
+data:
+  source: {{type: cifar10, path: data/cifar}}  # no `train:` inherited
+  augment: {REPLACE_TAG} {{horizontal_flip: true}}  # only this; the base's rotation is gone
+```
+
+`{REPLACE_TAG}` before a mapping makes it replace the base's in any case. `--set` overrides
+apply after `extends:`, and `specforge resolve` prints the result."""
 
 
 @dataclass
@@ -34,6 +52,8 @@ class SourceMap:
 
     values: dict[DataPath, Location] = field(default_factory=dict)
     keys: dict[DataPath, Location] = field(default_factory=dict)
+    #: Mappings tagged `!replace`: under `extends:` they replace the base's, not merge.
+    replace: set[DataPath] = field(default_factory=set)
 
     def locate(self, path: DataPath, *, key: bool = False) -> Location | None:
         """The location of ``path``, or of its nearest ancestor that has one."""
@@ -97,6 +117,12 @@ class _Converter:
                 "this looks like an alias bomb: write the values out, or use blocks/repeat",
             )])
         self.sources.values[path] = _location(self.file, node)
+        if node.tag == REPLACE_TAG and isinstance(node, yaml.MappingNode):
+            self.sources.replace.add(path)
+        elif node.tag.startswith("!"):
+            raise SpecError([Problem(
+                f"unknown YAML tag '{node.tag}'", _location(self.file, node), path,
+                f"the only tag a spec may use is {REPLACE_TAG}, on a mapping (see `extends:`)")])
         if len(path) > MAX_DEPTH:
             raise SpecError([Problem(f"the document nests deeper than {MAX_DEPTH} levels",
                                      _location(self.file, node), path[:3])])
@@ -254,14 +280,16 @@ def load_file(path: str | Path, *, _chain: Sequence[Path] = (),
 
 def _deep_merge(base: dict[str, Any], base_src: SourceMap, child: dict[str, Any],
                 child_src: SourceMap, path: DataPath) -> dict[str, Any]:
-    """Merge ``child`` into ``base`` (mappings recursively; anything else is replaced).
+    """Merge ``child`` into ``base``: mappings recursively, unless the child's mapping names
+    another `type` than the base's or is tagged `!replace`; anything else is replaced.
 
     ``base_src`` is updated in place to describe the merged result.
     """
     out = dict(base)
     for key, value in child.items():
         sub = (*path, key)
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (isinstance(value, dict) and isinstance(out.get(key), dict)
+                and not _replaces(value, out[key], sub in child_src.replace)):
             out[key] = _deep_merge(out[key], base_src, value, child_src, sub)
         else:
             base_src.drop_under(sub)
@@ -270,6 +298,13 @@ def _deep_merge(base: dict[str, Any], base_src: SourceMap, child: dict[str, Any]
         if sub in child_src.keys:
             base_src.keys[sub] = child_src.keys[sub]
     return out
+
+
+def _replaces(child: dict[str, Any], base: dict[str, Any], tagged: bool) -> bool:
+    """Whether a child spec's mapping replaces the base's whole: a changed `type` means
+    other fields (a cifar10 source has no `train:` folder), and `!replace` says so."""
+    changed_type = "type" in child and "type" in base and child["type"] != base["type"]
+    return tagged or changed_type
 
 
 def apply_overrides(spec: LoadedSpec, overrides: Sequence[str]) -> None:
