@@ -2757,11 +2757,12 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
     training batches come from (default: ``pipeline``); ``main``: whether this process
     prints and logs (one of several data-parallel processes does)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
+    source = batches or pipeline
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
             if args.log_steps and main else None
-        train(pipeline, batches or pipeline, train_step, evaluate_batch, args.epochs,
-              steps_per_epoch, log, main)
+        train(pipeline, source, train_step, evaluate_batch, args.epochs, steps_per_epoch,
+              log, main)
     test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
     if main:
         print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())

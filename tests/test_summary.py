@@ -125,6 +125,9 @@ def test_readme_parameter_counts_are_the_summary_s():
     assert number(r"`specs/resnet18.yaml` \(([\d,]+) trainable") == resnet["trainable_params"]
     assert number(r"`specs/resnet18.yaml` \([^)]*?([\d,]+) non-trainable") == \
         resnet["non_trainable_params"]
+    for spec in ("resnet50", "mobilenetv2"):
+        assert number(rf"`specs/{spec}.yaml`\s*\(([\d,]+) in total") == \
+            counts(f"{spec}.yaml")["total_params"]
 
 
 def test_summary_too_narrow_for_the_names_wraps_them_and_cuts_nothing(write_spec):
