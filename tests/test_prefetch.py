@@ -207,3 +207,23 @@ def test_ctrl_c_with_workers_running_checkpoints_and_exits_130(tmp_path):
 def test_workers_are_a_count(tmp_path):
     refused(run_all(specforge("validate", str(DIGITS), *sets("data.workers=-1")))[0],
             "workers")
+
+
+def test_under_ddp_each_process_prepares_only_its_shard():
+    pytest.importorskip("torch")
+    from specforge_torch.distributed import Ranks, ShardedBatches
+
+    from specforge.data.pipeline import shard
+
+    pipeline = digits_pipeline()
+    for rank in (0, 1):
+        source = ShardedBatches(pipeline, pipeline, Ranks(rank, 2, rank))
+        batches = PrefetchedBatches(source, workers=1, prefetch=2, end=3)
+        try:
+            for step in range(3):
+                batch, whole = batches.train_batch(step), pipeline.train_batch(step)
+                part = shard(len(whole.y), rank, 2)
+                assert np.array_equal(batch.x, whole.x[part])  # this process's images only
+                assert np.array_equal(batch.y, whole.y)  # and the labels of the whole batch
+        finally:
+            batches.close()
