@@ -36,6 +36,11 @@ class RunOptions:
     resume: bool = False
     #: Keras: train over every device the backend sees (Keras's distribution API)
     data_parallel: bool = False
+    #: Trackers besides TensorBoard (`--track`, added to the spec's ``training.track``)
+    track: tuple[str, ...] = ()
+    #: Called with each epoch's record after its checkpoint; True stops the run there with
+    #: :class:`specforge.runner.Pruned` (a sweep's pruner; one process only)
+    after_epoch: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)

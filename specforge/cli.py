@@ -33,6 +33,9 @@ SpecPath = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_def
 SetOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer needs Optional
     "--set", "-s", help="Override a field: --set optimizer.learning_rate=0.01 (repeatable).",
     show_default=False)]
+TrackOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--track", help="Also log the run to this tracker: mlflow (as training.track in the spec; "
+                    "TensorBoard event files are always written).", show_default=False)]
 #: Kept in step with specforge.ir.lower.DEFAULT_MAX_PARAMS (a test checks), without importing
 #: the compiler before a command needs it.
 DEFAULT_MAX_PARAMS = 2_000_000_000
@@ -213,12 +216,14 @@ def run(spec: SpecPath,
             help="Train over every device of this one process (backends that train "
                  "data-parallel that way, e.g. keras: its distribution API, "
                  "KERAS_BACKEND=jax).")] = False,
+        track: TrackOption = None,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, check_data_parallel, check_device, load_backend
     from specforge.runner import Interrupted
 
     program = _compile(spec, set_, max_params)
+    trackers = _check_trackers(track, program)
     impl = load_backend(backend)
     if device is not None:
         check_device(impl, device)
@@ -236,7 +241,7 @@ def run(spec: SpecPath,
         check_data_parallel(impl, "in-process", "--data-parallel")
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
                          quiet=quiet, log_json=json_log, resume=resume is not None,
-                         data_parallel=data_parallel)
+                         data_parallel=data_parallel, track=trackers)
     try:
         result = impl.run(program, options)
     except Interrupted as exc:
@@ -245,6 +250,19 @@ def run(spec: SpecPath,
     if result.main_process:  # one line, from the first of several processes
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
+
+
+def _check_trackers(names: list[str] | None, program: Program) -> tuple[str, ...]:
+    """`--track` names, checked, and the tracker packages installed (before any training)."""
+    from specforge.errors import valid_choices_hint
+    from specforge.tracking import TRACKERS, require_mlflow
+
+    for name in names or ():
+        if name not in TRACKERS:
+            raise UsageError(f"--track {name!r}: {valid_choices_hint(name, TRACKERS, 'valid')}")
+    if "mlflow" in (names or ()) or program.spec.training.track == "mlflow":
+        require_mlflow()
+    return tuple(dict.fromkeys(names or ()))
 
 
 #: `specforge run` options that torchrun takes; the rest is passed to every process.
