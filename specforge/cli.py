@@ -265,6 +265,100 @@ def _check_trackers(names: list[str] | None, program: Program) -> tuple[str, ...
     return tuple(dict.fromkeys(names or ()))
 
 
+@app.command()
+def sweep(spec: SpecPath,
+          backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+          param: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+              "--param", "-p", help="A field and its search space: "
+              "--param optimizer.learning_rate='loguniform(1e-4,1e-1)'; also uniform(A,B), "
+              "int(A,B), choice(A,B,...) (repeatable; adds to the spec's sweep.params).",
+              show_default=False)] = None,
+          trials: Annotated[Optional[int], typer.Option(  # noqa: UP045
+              min=1, help="Trials in all, shared by every process on the study (default: "
+                          "sweep.trials, else 20; grid: every combination).",
+              show_default=False)] = None,
+          metric: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Epoch metric to optimise, e.g. val_accuracy, val_loss.",
+              show_default=False)] = None,
+          direction: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="maximize or minimize (default: minimize for a loss).",
+              show_default=False)] = None,
+          sampler: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="tpe (default), random or grid.", show_default=False)] = None,
+          pruner: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="median (default) or none.", show_default=False)] = None,
+          storage: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Optuna storage URL (default: SQLite in the sweep folder); several "
+                   "processes or machines on one URL share the study's trials.",
+              show_default=False)] = None,
+          study_name: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Study name in the storage (default: the spec file's name).",
+              show_default=False)] = None,
+          sweep_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+              help="Sweep folder (default: sweeps/<spec file name>).",
+              show_default=False)] = None,
+          resume: Annotated[bool, typer.Option(
+              help="Also continue this machine's interrupted trials from their checkpoints."
+          )] = False,
+          device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="As for `specforge run`.", show_default=False)] = None,
+          track: TrackOption = None,
+          set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Search hyperparameters with Optuna: each trial is a run folder under the sweep folder.
+
+    Ends with a table of the trials and writes results.json, best.yaml (the best trial's
+    resolved spec) and plot.png into the sweep folder.
+    """
+    from rich.console import Console
+
+    from specforge.backends import RunOptions, check_device, load_backend
+    from specforge.runner import Interrupted
+    from specforge.sweep import Sweeper, make_plan, open_study, write_results
+
+    _check_choice("--direction", direction, ("maximize", "minimize"))
+    _check_choice("--sampler", sampler, ("tpe", "random", "grid"))
+    _check_choice("--pruner", pruner, ("median", "none"))
+    _require_optuna()
+    plan, program = make_plan(spec, set_ or [], param or [], {
+        "trials": trials, "metric": metric, "direction": direction, "sampler": sampler,
+        "pruner": pruner, "storage": storage, "study_name": study_name,
+        "sweep_dir": sweep_dir}, max_params)
+    trackers = _check_trackers(track, program)
+    impl = load_backend(backend)
+    check_device(impl, device or program.spec.training.device,
+                 "--device" if device else "training.device")
+    log = Console(stderr=True)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    study = open_study(plan, program.spec.seed)
+    options = RunOptions(run_dir=plan.folder, spec_dir=spec.parent.resolve(), device=device,
+                         quiet=True, track=trackers)
+    sweeper = Sweeper(plan, impl, options, max_params, log=lambda m: log.print(m, highlight=False))
+    try:
+        sweeper.run(study, resume)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"interrupted: {exc}; continue the sweep with the same command and --resume",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    written = write_results(plan, study, max_params, console)
+    log.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+
+
+def _check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    from specforge.errors import valid_choices_hint
+
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value!r}: {valid_choices_hint(value, choices, 'valid')}")
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UsageError("specforge sweep needs Optuna: pip install 'specforge[sweep]'"
+                         ) from None
+
+
 #: `specforge run` options that torchrun takes; the rest is passed to every process.
 LAUNCH_OPTIONS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint")
 
