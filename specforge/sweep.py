@@ -159,12 +159,26 @@ def check_metric(plan: Plan, program: Program) -> None:
 
 # --- the study -------------------------------------------------------------------------------
 
+#: Attempts at opening the storage: processes starting together race to create its tables.
+STORAGE_ATTEMPTS = 5
+
+
 def _storage(url: str) -> Any:
     import optuna
+    import sqlalchemy.exc
 
     # SQLite locks the whole file while one process writes: wait for it rather than fail
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except sqlalchemy.exc.SQLAlchemyError:
+            # another process created the tables first (its version row clashes with
+            # ours): they exist now
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _sampler_and_pruner(plan: Plan) -> tuple[Any, Any]:
@@ -471,6 +485,7 @@ def write_plot(path: Path, plan: Plan, rows: list[dict[str, Any]]) -> None:
             labels = [str(v) for v in param.space.values]
             xs = [labels.index(str(x)) if str(x) in labels else None for x in xs]
             ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.scatter(xs, [r[plan.metric] for r in scored],
                    c=["tab:blue" if r["state"] == "COMPLETE" else "tab:red" for r in scored])
         if param.space.kind == "loguniform":
