@@ -1,7 +1,7 @@
 """The `specforge` command line.
 
 User errors (a bad spec, an unknown backend, a bad option) print a located message and exit
-with code 2, never a traceback. Commands other than `run` import neither torch nor
+with code 2, never a traceback. Commands other than `run` and `sweep` import neither torch nor
 tensorflow: their start-up cost is the interpreter, pydantic and this package.
 """
 

@@ -99,7 +99,10 @@ class TensorBoardTracker(Tracker):
         from tensorboardX.summary import hparams
 
         # On resume, TensorBoard drops what an earlier process logged from this step on.
-        self.writer = SummaryWriter(str(run_dir), purge_step=resumed_step, flush_secs=30)
+        # Event files are named by the second they were opened in; the step they start
+        # from keeps a quick resume from overwriting the first file, and sorts after it.
+        self.writer = SummaryWriter(str(run_dir), purge_step=resumed_step, flush_secs=30,
+                                    filename_suffix=f".{resumed_step or 0:010d}")
         if resumed_step is not None:
             return  # the spec and hyperparameters are in the first process's event file
         self.writer.add_text("spec", _as_markdown_code(spec), 0)

@@ -214,3 +214,50 @@ def test_resume_continues_this_machines_interrupted_trials(tmp_path: Path) -> No
     assert states == ["COMPLETE", "RUNNING", "RUNNING", "COMPLETE"]
     # the same trial, with the values drawn for it when the study was made
     assert study.trials[0].params == study.trials[0].system_attrs["fixed_params"]
+
+
+# --- the README's commands -------------------------------------------------------------------
+
+def readme_commands() -> list[str]:
+    """The command block of the README's "Tracking and sweeps" section."""
+    section = (ROOT / "README.md").read_text().split("## Tracking and sweeps")[1]
+    return re.findall(r"```sh\n(.+?)\n```", section.split("\n## ")[0], re.DOTALL)[0] \
+        .splitlines()
+
+
+def test_the_readmes_tracking_and_sweep_commands_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `specforge` command as written (shortened: 1 epoch of 2 steps, 2 trials), from
+    a fresh folder; then what `tensorboard --logdir runs/` would load."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from specforge.cli import app
+
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    commands = readme_commands()
+    shorter = sets("training.epochs=1", "training.steps_per_epoch=2")
+    for command in commands:
+        words = shlex.split(command)
+        if words[0] != "specforge":
+            continue
+        args = [str(ROOT / w) if w.startswith("specs/") else w for w in words[1:]]
+        extra = ["--quiet"] if args[0] == "run" else ["--trials", "2"]
+        result = CliRunner().invoke(app, [*args, *shorter, *extra])
+        assert result.exit_code == 0, (command, result.output, result.exception)
+    assert commands[1] == "tensorboard --logdir runs/"
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    found = EventMultiplexer().AddRunsFromDirectory("runs/")
+    found.Reload()
+    assert len(found.Tensors("digits", "step/loss")) == 2
+    assert (tmp_path / "mlruns").is_dir()
+    for folder, params in (("digits", {"optimizer.learning_rate", "data.batch_size"}),
+                           ("digits_lr", {"optimizer.learning_rate", "data.batch_size"})):
+        results = json.loads((tmp_path / "sweeps" / folder / "results.json").read_text())
+        assert [t["state"] for t in results["trials"]] == ["COMPLETE", "COMPLETE"]
+        assert set(results["trials"][0]["params"]) == params
+        assert (tmp_path / "sweeps" / folder / "best.yaml").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from specforge.cli import main
 from specforge.runner import Pruned
 from specforge.tracking import flat_fields, mlflow_tracking_uri, open_trackers
 from tests.conftest import ROOT
 from tests.event_files import check_event_files, read_events, scalars
-from tests.processes import ENV, ok, read_jsonl, refused, run_all, sets, specforge
+from tests.processes import read_jsonl, sets
 from tests.test_runner import make_loop
 
 pytest.importorskip("torch")
@@ -27,13 +29,26 @@ TINY = sets("training.epochs=2", "training.steps_per_epoch=3", "data.batch_size=
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory) -> Path:
-    """A tiny torch run with `training.track: mlflow`, from a folder without MLflow settings:
-    it logs to ./mlruns."""
+    """A tiny torch run with `training.track: mlflow`, from a folder without MLflow settings
+    (it logs to ./mlruns); in this process, which has imported torch already."""
     cwd = tmp_path_factory.mktemp("tracked")
-    env = {k: v for k, v in ENV.items() if not k.startswith("MLFLOW_")}
-    ok(run_all(specforge("run", DIGITS, "-b", "torch", "--run-dir", "run", "--quiet",
-                         *TINY, "--set", "training.track=mlflow"), cwd=cwd, env=env)[0])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            patch.delenv(name)
+        cli(patch, "run", DIGITS, "-b", "torch", "--run-dir", "run", "--quiet", *TINY,
+            "--set", "training.track=mlflow")
     return cwd
+
+
+def cli(patch: pytest.MonkeyPatch, *args: str) -> None:
+    """`specforge ARGS` in this process, as its script runs it (SystemExit on errors)."""
+    patch.setattr(sys, "argv", ["specforge", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code:
+            raise
 
 
 def test_event_files_hold_the_run_folders_logs(tracked_run: Path) -> None:
@@ -87,18 +102,18 @@ def test_mlflow_logs_to_its_tracking_uri_or_to_mlruns(
     assert mlflow_tracking_uri() == "sqlite:///elsewhere.db"
 
 
-_WITHOUT_MLFLOW = ("import sys; sys.modules['mlflow'] = None; sys.argv[0] = 'specforge'; "
-                   "from specforge.cli import main; main()")
-
-
-def test_track_names_and_a_missing_mlflow_are_refused_before_training(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", _WITHOUT_MLFLOW, "run", DIGITS, "-b", "torch",
-               "--run-dir", str(tmp_path / "run")]
-    missing, unknown = run_all([*command, "--track", "mlflow"],
-                               specforge("run", DIGITS, "-b", "torch", "--track", "mlfow",
-                                         "--run-dir", str(tmp_path / "run")))
-    refused(missing, "--track mlflow needs MLflow", "pip install 'specforge[mlflow]'")
-    refused(unknown, "--track 'mlfow'", "did you mean 'mlflow'")
+def test_track_names_and_a_missing_mlflow_are_refused_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    for track, message in (("mlflow", "--track mlflow needs MLflow: pip install "
+                                      "'specforge[mlflow]'"),
+                           ("mlfow", "--track 'mlfow': did you mean 'mlflow'")):
+        with pytest.raises(SystemExit) as stopped:
+            cli(monkeypatch, "run", DIGITS, "-b", "torch", "--track", track,
+                "--run-dir", str(tmp_path / "run"))
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
