@@ -333,6 +333,11 @@ def sweep(spec: SpecPath,
     options = RunOptions(run_dir=plan.folder, spec_dir=spec.parent.resolve(), device=device,
                          quiet=True, track=trackers)
     sweeper = Sweeper(plan, impl, options, max_params, log=lambda m: log.print(m, highlight=False))
+
+    def between_trials(signum: int, frame: Any) -> None:  # a trial's run has its own
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, between_trials)
     try:
         sweeper.run(study, resume)
     except (Interrupted, KeyboardInterrupt) as exc:

@@ -348,20 +348,21 @@ class Sweeper:
         if resume and not (run_dir / self.backend.checkpoint_name).exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # died before its first checkpoint
             resume = False
-        program = compile_spec(plan.spec, trial_overrides(plan, values),
-                               max_params=self.max_params)
         options = replace(self.options, run_dir=run_dir, resume=resume,
                           after_epoch=lambda record: self._report(trial, record))
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in values.items())
         self.log(f"trial {trial.number}: {shown}")
         try:
+            # each value was checked alone; a combination can still fail (shapes, say)
+            program = compile_spec(plan.spec, trial_overrides(plan, values),
+                                   max_params=self.max_params)
             self.backend.run(program, options)
         except Pruned as stopped:
             study.tell(trial, state=TrialState.PRUNED)
             self.log(f"trial {trial.number}: pruned, {stopped}")
             return
-        except TrainingDiverged as exc:  # a bad corner of the space, not a bad sweep
+        except (TrainingDiverged, SpecError) as exc:  # a bad corner of the space
             trial.set_user_attr("error", str(exc))
             study.tell(trial, state=TrialState.FAIL)
             self.log(f"trial {trial.number}: failed: {exc}")

@@ -261,3 +261,34 @@ def test_the_readmes_tracking_and_sweep_commands_work(
         assert [t["state"] for t in results["trials"]] == ["COMPLETE", "COMPLETE"]
         assert set(results["trials"][0]["params"]) == params
         assert (tmp_path / "sweeps" / folder / "best.yaml").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_continues_with_resume(tmp_path: Path) -> None:
+    """SIGTERM in trial 1's second epoch: exit code 130; `--resume` continues trial 1 from
+    its checkpoint to the metric an uninterrupted run of its spec reaches, then trial 2."""
+    from tests.processes import ENV, stop_after_steps
+
+    folder = tmp_path / "sweep"
+    command = specforge("sweep", DIGITS, "-b", "torch", "--sweep-dir", str(folder),
+                        "--trials", "3", "--sampler", "random", "--pruner", "none",
+                        "--param", "optimizer.learning_rate=loguniform(1e-3,1e-2)",
+                        *sets("training.epochs=3", "training.steps_per_epoch=5",
+                              "data.batch_size=16"))
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    stderr = stop_after_steps(process, folder / "trials" / "0001" / "steps.jsonl", count=7)
+    assert process.returncode == 130, stderr
+    assert "continue the sweep with the same command and --resume" in stderr
+    assert not (folder / "trials" / "0002").exists()
+    resumed = ok(run_all([*command, "--resume"], timeout=600)[0])
+    assert "trial 1: continuing" in resumed.stderr
+    results = json.loads((folder / "results.json").read_text())
+    assert [t["state"] for t in results["trials"]] == ["COMPLETE"] * 3
+    trial = folder / "trials" / "0001"
+    assert [r["epoch"] for r in read_jsonl(trial / "metrics.jsonl")] == [1, 2, 3]
+    fresh = tmp_path / "fresh"
+    ok(run_all(specforge("run", str(trial / "spec.yaml"), "-b", "torch", "--run-dir",
+                         str(fresh), "--quiet"))[0])
+    assert read_jsonl(fresh / "metrics.jsonl")[-1]["val_accuracy"] == \
+        results["trials"][1]["val_accuracy"]
