@@ -68,6 +68,7 @@ TRAINING = SimpleNamespace(
     compile=False,
     data_on_device='auto',
     checkpoint_every=1,
+    track=None,
 )
 # The final softmax/sigmoid is folded into the loss; predictions apply it.
 OUTPUT_ACTIVATION = 'softmax'

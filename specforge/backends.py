@@ -38,6 +38,11 @@ class RunOptions:
     data_parallel: bool = False
     #: Neutral weights (.npz) to start from instead of specforge's initial weights
     init_weights: Path | None = None
+    #: Trackers besides TensorBoard (`--track`, added to the spec's ``training.track``)
+    track: tuple[str, ...] = ()
+    #: Called with each epoch's record after its checkpoint; True stops the run there with
+    #: :class:`specforge.runner.Pruned` (a sweep's pruner; one process only)
+    after_epoch: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)

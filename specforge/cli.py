@@ -1,7 +1,7 @@
 """The `specforge` command line.
 
 User errors (a bad spec, an unknown backend, a bad option) print a located message and exit
-with code 2, never a traceback. Commands other than `run` import neither torch nor
+with code 2, never a traceback. Commands other than `run` and `sweep` import neither torch nor
 tensorflow: their start-up cost is the interpreter, pydantic and this package.
 """
 
@@ -37,6 +37,9 @@ SpecPath = Annotated[Path, typer.Argument(help="The spec file (YAML).", show_def
 SetOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045 - typer needs Optional
     "--set", "-s", help="Override a field: --set optimizer.learning_rate=0.01 (repeatable).",
     show_default=False)]
+TrackOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+    "--track", help="Also log the run to this tracker: mlflow (as training.track in the spec; "
+                    "TensorBoard event files are always written).", show_default=False)]
 #: Kept in step with specforge.ir.lower.DEFAULT_MAX_PARAMS (a test checks), without importing
 #: the compiler before a command needs it.
 DEFAULT_MAX_PARAMS = 2_000_000_000
@@ -228,6 +231,7 @@ def run(spec: SpecPath,
             help="Start from these neutral weights (.npz: a run folder's weights.npz, "
                  "an imported model's) instead of specforge's initial weights.",
             show_default=False)] = None,
+        track: TrackOption = None,
         set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, check_data_parallel, check_device, load_backend
@@ -241,6 +245,7 @@ def run(spec: SpecPath,
         from specforge.weights import read_weights_for
 
         read_weights_for(program.graph, init_weights, "--init-weights")  # before any launch
+    trackers = _check_trackers(track, program)
     impl = load_backend(backend)
     if device is not None:
         check_device(impl, device)
@@ -258,7 +263,8 @@ def run(spec: SpecPath,
         check_data_parallel(impl, "in-process", "--data-parallel")
     options = RunOptions(run_dir=folder, spec_dir=spec.parent.resolve(), device=device,
                          quiet=quiet, log_json=json_log, resume=resume is not None,
-                         data_parallel=data_parallel, init_weights=init_weights)
+                         data_parallel=data_parallel, init_weights=init_weights,
+                         track=trackers)
     try:
         result = impl.run(program, options)
     except Interrupted as exc:
@@ -267,6 +273,118 @@ def run(spec: SpecPath,
     if result.main_process:  # one line, from the first of several processes
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
         print(f"test: {shown or 'no test set'}; run folder {result.run_dir}", file=sys.stderr)
+
+
+def _check_trackers(names: list[str] | None, program: Program) -> tuple[str, ...]:
+    """`--track` names, checked, and the tracker packages installed (before any training)."""
+    from specforge.errors import valid_choices_hint
+    from specforge.tracking import TRACKERS, require_mlflow
+
+    for name in names or ():
+        if name not in TRACKERS:
+            raise UsageError(f"--track {name!r}: {valid_choices_hint(name, TRACKERS, 'valid')}")
+    if "mlflow" in (names or ()) or program.spec.training.track == "mlflow":
+        require_mlflow()
+    return tuple(dict.fromkeys(names or ()))
+
+
+@app.command()
+def sweep(spec: SpecPath,
+          backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+          param: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
+              "--param", "-p", help="A field and its search space: "
+              "--param optimizer.learning_rate='loguniform(1e-4,1e-1)'; also uniform(A,B), "
+              "int(A,B), choice(A,B,...) (repeatable; adds to the spec's sweep.params).",
+              show_default=False)] = None,
+          trials: Annotated[Optional[int], typer.Option(  # noqa: UP045
+              min=1, help="Trials in all, shared by every process on the study (default: "
+                          "sweep.trials, else 20; grid: every combination).",
+              show_default=False)] = None,
+          metric: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Epoch metric to optimise, e.g. val_accuracy, val_loss.",
+              show_default=False)] = None,
+          direction: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="maximize or minimize (default: minimize for a loss).",
+              show_default=False)] = None,
+          sampler: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="tpe (default), random or grid.", show_default=False)] = None,
+          pruner: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="median (default) or none.", show_default=False)] = None,
+          storage: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Optuna storage URL (default: SQLite in the sweep folder); several "
+                   "processes or machines on one URL share the study's trials.",
+              show_default=False)] = None,
+          study_name: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="Study name in the storage (default: the spec file's name).",
+              show_default=False)] = None,
+          sweep_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+              help="Sweep folder (default: sweeps/<spec file name>).",
+              show_default=False)] = None,
+          resume: Annotated[bool, typer.Option(
+              help="Also continue this machine's interrupted trials from their checkpoints."
+          )] = False,
+          device: Annotated[Optional[str], typer.Option(  # noqa: UP045
+              help="As for `specforge run`.", show_default=False)] = None,
+          track: TrackOption = None,
+          set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+    """Search hyperparameters with Optuna: each trial is a run folder under the sweep folder.
+
+    Ends with a table of the trials and writes results.json, best.yaml (the best trial's
+    resolved spec) and plot.png into the sweep folder.
+    """
+    from rich.console import Console
+
+    from specforge.backends import RunOptions, check_device, load_backend
+    from specforge.runner import Interrupted
+    from specforge.sweep import Sweeper, make_plan, open_study, write_results
+
+    _check_choice("--direction", direction, ("maximize", "minimize"))
+    _check_choice("--sampler", sampler, ("tpe", "random", "grid"))
+    _check_choice("--pruner", pruner, ("median", "none"))
+    _require_optuna()
+    plan, program = make_plan(spec, set_ or [], param or [], {
+        "trials": trials, "metric": metric, "direction": direction, "sampler": sampler,
+        "pruner": pruner, "storage": storage, "study_name": study_name,
+        "sweep_dir": sweep_dir}, max_params)
+    trackers = _check_trackers(track, program)
+    impl = load_backend(backend)
+    check_device(impl, device or program.spec.training.device,
+                 "--device" if device else "training.device")
+    log = Console(stderr=True)
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    study = open_study(plan, program.spec.seed)
+    options = RunOptions(run_dir=plan.folder, spec_dir=spec.parent.resolve(), device=device,
+                         quiet=True, track=trackers)
+    sweeper = Sweeper(plan, impl, options, max_params, log=lambda m: log.print(m, highlight=False))
+
+    def between_trials(signum: int, frame: Any) -> None:  # a trial's run has its own
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, between_trials)
+    try:
+        sweeper.run(study, resume)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"interrupted: {exc}; continue the sweep with the same command and --resume",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    written = write_results(plan, study, max_params, console)
+    log.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+
+
+def _check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    from specforge.errors import valid_choices_hint
+
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value!r}: {valid_choices_hint(value, choices, 'valid')}")
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UsageError("specforge sweep needs Optuna: pip install 'specforge[sweep]'"
+                         ) from None
 
 
 #: `specforge run` options that torchrun takes; the rest is passed to every process.

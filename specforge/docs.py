@@ -22,6 +22,7 @@ from specforge.ir.ops import ACTIVATION_FORMULAS, OPS
 from specforge.spec import data as D
 from specforge.spec import defaults, expressions, source
 from specforge.spec import layers as L
+from specforge.spec import sweep as S
 from specforge.spec import training as T
 from specforge.spec.schema import Spec
 
@@ -41,6 +42,7 @@ SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Metrics and training", [T.Metric, T.Training]),
     ("Data", [D.Data, D.Cifar10Source, D.ImageFolderSource, D.NpzSource, D.DigitsSource,
               D.SyntheticSource, D.Split, D.Normalize, D.Augment]),
+    ("Sweep", [S.Sweep]),
 ]
 
 

@@ -21,6 +21,7 @@ from specforge.atomic import write_atomically
 if TYPE_CHECKING:
     from specforge.backends import RunOptions
     from specforge.ir.program import Program
+    from specforge.tracking import Tracker
 
 
 class RunFolder:
@@ -30,6 +31,10 @@ class RunFolder:
         #: False in data-parallel processes other than rank 0: they write nothing here
         self.writes = writes
         self._steps: Any = None
+        #: TensorBoard, MLflow, ...: told what this folder logs (see :meth:`track`)
+        self.trackers: Tracker | None = None
+        self._last_step = -1
+        self._finished = False
 
     def start(self, program: Program, backend: str, spec_dir: Path,
               class_names: list[str], init_weights: Path | None = None) -> None:
@@ -54,6 +59,11 @@ class RunFolder:
         for name in ("steps.jsonl", "metrics.jsonl", "metrics.csv"):
             (self.path / name).unlink(missing_ok=True)
 
+    def track(self, trackers: Tracker) -> None:
+        """Send what this folder logs to ``trackers`` as well (a writing folder only)."""
+        if self.writes:
+            self.trackers = trackers
+
     def info(self) -> dict[str, Any]:
         return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
 
@@ -64,17 +74,25 @@ class RunFolder:
             self._steps = open(self.path / "steps.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._steps.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
                                       "lr": lr}) + "\n")
+        self._last_step = step
+        if self.trackers is not None:
+            self.trackers.log_step(step, loss, lr)
 
     def flush(self) -> None:
         """Make the step log durable (before a checkpoint, so the two agree)."""
         if self._steps is not None:
             self._steps.flush()
             os.fsync(self._steps.fileno())
+        if self.trackers is not None:
+            self.trackers.flush()
 
     def close(self) -> None:
         if self._steps is not None:
             self._steps.close()
             self._steps = None
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close(self._finished)
 
     def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
                   options: RunOptions) -> None:
@@ -82,6 +100,8 @@ class RunFolder:
             return
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log_epoch(record)
         columns = list(dict.fromkeys(k for r in history for k in r))
         text = io.StringIO()
         writer = csv.DictWriter(text, columns)
@@ -101,6 +121,9 @@ class RunFolder:
         summary = {"test": test, "device": device, **speed,
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_atomically(self.path / "summary.json", json.dumps(summary, indent=2))
+        if self.trackers is not None:
+            self.trackers.log_test(test, self._last_step + 1)
+        self._finished = True
         if options.log_json:
             print(json.dumps({"event": "test", **test}), flush=True)
 

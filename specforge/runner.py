@@ -7,7 +7,8 @@ SIGTERM. A backend's :class:`~specforge.backends.Trainer` only computes.
 
 Run folder: ``spec.yaml`` (resolved), ``run.json``, ``steps.jsonl`` (loss and learning rate
 per step), ``metrics.jsonl`` and ``metrics.csv`` (per epoch), ``plot.png``, the backend's
-checkpoint, ``weights.npz`` (final weights, neutral format) and ``summary.json``.
+checkpoint, ``weights.npz`` (final weights, neutral format), ``summary.json``, and TensorBoard
+event files (with the other trackers of :mod:`specforge.tracking`, from rank 0 only).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from specforge.weights import read_weights_for, save_weights
 
 if TYPE_CHECKING:
     from specforge.backends import Backend, PendingStep, RunOptions, RunResult, Trainer
+    from specforge.tracking import Tracker
 
 
 #: Steps of each process left out of the images/s in summary.json.
@@ -45,6 +47,11 @@ class TrainingDiverged(UsageError):
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM: a checkpoint was written and the run can be resumed."""
+
+
+class Pruned(Exception):
+    """``RunOptions.after_epoch`` asked to stop (a sweep pruned the trial) after an epoch's
+    checkpoint; the run folder holds that epoch's results."""
 
 
 def run_training(backend: Backend, program: Program, options: RunOptions) -> RunResult:
@@ -71,6 +78,8 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
         loop = Loop(program, pipeline, trainer, folder, options)
         if options.resume:
             loop.restore(trainer.load_checkpoint(folder.checkpoint))
+        if folder.writes:
+            folder.track(_open_trackers(program, folder, options, loop.step))
         try:
             with _stop_on_signals(loop):
                 metrics = loop.run()
@@ -79,6 +88,20 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
     finally:
         trainer.close()
     return RunResult(folder.path, metrics, trainer.writes_run_folder)
+
+
+def _open_trackers(program: Program, folder: RunFolder, options: RunOptions,
+                   step: int) -> Tracker:
+    """TensorBoard, and the trackers of `--track` and the spec's ``training.track``."""
+    from specforge.tracking import open_trackers
+
+    track = set(options.track)
+    if program.spec.training.track:
+        track.add(program.spec.training.track)
+    spec = program.spec.model_dump(mode="json", exclude_none=True)
+    metric_names = ["loss", *(m.label for m in program.spec.metrics)]
+    return open_trackers(folder.path, spec, metric_names, tuple(sorted(track)),
+                         step if options.resume else None)
 
 
 @contextlib.contextmanager
@@ -262,9 +285,14 @@ class Loop:
         self.tally = Tally(self.program.metrics, self.program.loss.classes)
         self.folder.log_epoch(record, self.history, self.options)
         progress.epoch_done(record)
-        if (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
-                self.step == self.epochs * self.steps_per_epoch:
+        due = (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
+            self.step == self.epochs * self.steps_per_epoch
+        if due:
             self.checkpoint()
+        if self.options.after_epoch is not None and self.options.after_epoch(record):
+            if not due:  # stopped here: as resumable as a run stopped by a signal
+                self.checkpoint()
+            raise Pruned(f"stopped after epoch {record['epoch']} (step {self.step})")
         self.clock = time.perf_counter()  # evaluation is not training time
 
     def evaluate(self, split: str) -> dict[str, float]:

@@ -96,6 +96,12 @@ def test_two_processes_compute_what_one_computes(tmp_path: Path, model: str):
     assert abs(tests[0]["loss"] - tests[1]["loss"]) <= tolerance["loss per step"]
     assert abs(tests[0]["accuracy"] - tests[1]["accuracy"]) <= 1 / 359  # one test image
     assert results[1].stderr.count("test: ") == 1  # one process reports
+    # rank 0 alone writes TensorBoard's event files: one file, each step once
+    if importlib.util.find_spec("tensorboard"):
+        from tests.event_files import check_event_files
+
+        check_event_files(two)
+        assert len(list(two.glob("events.out.tfevents.*"))) == 1
 
 
 def test_the_built_script_runs_under_torchrun(tmp_path: Path):

@@ -109,6 +109,17 @@ def test_digits_run_reaches_accuracy_and_fills_the_run_folder(digits_run):
     assert not np.array_equal(weights["dense_1.kernel"], initial["dense_1.kernel"])
 
 
+
+def test_digits_run_writes_tensorboard_event_files(digits_run):
+    """One event file, read back with TensorBoard's reader: every step's loss and learning
+    rate, every epoch's metrics, the test metrics, the spec and its hyperparameters."""
+    pytest.importorskip("tensorboard")
+    from tests.event_files import check_event_files
+
+    run_dir = digits_run
+    check_event_files(run_dir)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
 # --- 2. two Keras backends and the PyTorch backend compute the same losses -----------------------
 
 @needs_tf

@@ -118,6 +118,17 @@ def test_steps_log_numbers_epochs_from_the_step(digits_run):
     assert not wrong, wrong[:3]
 
 
+
+def test_digits_run_writes_tensorboard_event_files(digits_run):
+    """One event file, read back with TensorBoard's reader: every step's loss and learning
+    rate, every epoch's metrics, the test metrics, the spec and its hyperparameters."""
+    pytest.importorskip("tensorboard")
+    from tests.event_files import check_event_files
+
+    run_dir = digits_run[0]
+    check_event_files(run_dir)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
 # --- 2. the built script computes the run's losses -----------------------------------------------
 
 HEAVY = [

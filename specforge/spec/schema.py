@@ -13,6 +13,7 @@ from specforge.spec.data import Data
 from specforge.spec.defaults import apply_defaults
 from specforge.spec.layers import BlockDef, LayerDefaults, ModelSpec, Name, SpecModel
 from specforge.spec.source import LoadedSpec
+from specforge.spec.sweep import Sweep
 from specforge.spec.training import Loss, Metric, Optimizer, Training
 
 
@@ -32,6 +33,8 @@ class Spec(SpecModel):
     metrics: list[Metric] = Field(default_factory=lambda: [Metric(type="accuracy")])
     data: Data | None = None
     training: Training = Field(default_factory=Training)
+    sweep: Sweep | None = Field(None, description="A hyperparameter search over this spec "
+                                                  "(`specforge sweep`; `run` ignores it).")
 
 
 def validate_spec(loaded: LoadedSpec) -> Spec:

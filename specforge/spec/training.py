@@ -262,3 +262,9 @@ class Training(SpecModel):
         "auto", description="Hold the training set on the device and build batches there "
                             "(`auto`: on a GPU, when it fits in 2 GiB).")
     checkpoint_every: int = Field(1, ge=1, description="Write a checkpoint every N epochs.")
+    track: Literal["mlflow"] | None = Field(
+        None, description="Also log the run to MLflow (as `--track mlflow`): the resolved "
+                          "spec's fields as params, the metrics of every step and epoch, and "
+                          "the run folder as artifacts, to MLFLOW_TRACKING_URI or ./mlruns. "
+                          "Needs `pip install 'specforge[mlflow]'`. Every run folder gets "
+                          "TensorBoard event files whatever this says.")
