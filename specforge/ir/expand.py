@@ -20,6 +20,11 @@ from specforge.spec.schema import Spec, problems_from_validation
 from specforge.spec.source import LoadedSpec, SourceMap
 
 MAX_BLOCK_DEPTH = 16
+#: Most layers a model may expand to: `repeat` and nested blocks multiply, and a few lines can
+#: ask for a billion. Expansion stops at once past this (README, "Limits").
+MAX_LAYERS = 10_000
+#: Expansion also stops after this many problems (a broken block repeated a million times).
+MAX_EXPANSION_PROBLEMS = 100
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _layer_adapter: TypeAdapter[Any] | None = None
 
@@ -65,8 +70,19 @@ def expand(spec: Spec, loaded: LoadedSpec) -> Expansion:
     paths = [("model", "layers", i) for i in range(len(spec.model.layers))]
     located = [(layer, p, loaded.sources.locate(p), None)
                for layer, p in zip(spec.model.layers, paths, strict=True)]
-    result.output = expander.sequence(located, scope="", scope_input="input", depth=0)
+    try:
+        result.output = expander.sequence(located, scope="", scope_input="input", depth=0)
+    except _Stopped:
+        if len(result.layers) > MAX_LAYERS:
+            path, location = expander.top
+            result.problems.append(Problem(
+                f"the model expands to more than {MAX_LAYERS:,} layers", location, path,
+                "`repeat` and blocks inside blocks multiply: lower a repeat count"))
     return result
+
+
+class _Stopped(Exception):
+    """Expansion went past MAX_LAYERS or MAX_EXPANSION_PROBLEMS."""
 
 
 class _Expander:
@@ -76,6 +92,8 @@ class _Expander:
         self.result = result
         #: Every name given to a layer, repeated layer or block instance, with its place.
         self.claimed: dict[str, Location | None] = {}
+        #: The model's layer being expanded (where a layer limit is reported).
+        self.top: tuple[DataPath, Location | None] = ((), None)
 
     def sequence(self, layers: list[tuple[Any, DataPath, Location | None, Location | None]],
                  *, scope: str, scope_input: str, depth: int) -> str:
@@ -83,6 +101,8 @@ class _Expander:
         previous = scope_input
         counters: dict[str, int] = {}
         for layer, path, location, via in layers:
+            if depth == 0:
+                self.top = (path, location)
             kind = canonical_type(layer)
             if layer.name is None:
                 counters[kind] = counters.get(kind, 0) + 1
@@ -117,6 +137,9 @@ class _Expander:
         inputs = first_inputs
         last = full
         for r in range(layer.repeat):
+            if (len(self.result.layers) > MAX_LAYERS
+                    or len(self.result.problems) > MAX_EXPANSION_PROBLEMS):
+                raise _Stopped
             name = full if layer.repeat == 1 else f"{full}.{r}"
             if isinstance(layer, BlockUse):
                 last = self.block(layer, name, inputs[0], path, location, depth)
