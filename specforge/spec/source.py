@@ -198,7 +198,7 @@ _CHARACTER_NAMES = {0x00: "NUL", 0x0B: "vertical tab", 0x0C: "form feed", 0x1B: 
                     0x7F: "delete", 0xFFFE: "noncharacter", 0xFFFF: "noncharacter"}
 
 
-def position_location(text: str, position: int, file: str) -> Location:
+def _position_location(text: str, position: int, file: str) -> Location:
     """The line and column of character ``position`` of ``text``, counted as YAML does."""
     line, start = 1, 0
     for match in _LINE_BREAK.finditer(text, 0, position):
@@ -211,7 +211,7 @@ def _reader_problem(exc: yaml.reader.ReaderError, text: str, file: str) -> Probl
     name = _CHARACTER_NAMES.get(code) or unicodedata.name(chr(code), "control character")
     return Problem(
         f"the file holds the character U+{code:04X} ({name}), which YAML does not allow",
-        position_location(text, exc.position, file), (),
+        _position_location(text, exc.position, file), (),
         "delete it (editors often show it as nothing or a box); inside a double-quoted "
         f"string it can be written as \\u{code:04x}")
 
