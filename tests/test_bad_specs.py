@@ -20,16 +20,19 @@ import shlex
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pydantic import Strict
 
 from specforge.cli import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PARAMS
 from specforge.compiler import compile_spec
 from specforge.ir import expand, memory
 from specforge.ir.memory import SYNTHETIC_BYTES_PER_VALUE, estimate_memory, parse_size
 from specforge.spec import source
+from specforge.spec.layers import SpecModel
 from tests.conftest import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,3 +257,32 @@ def test_readme_states_the_limits_the_code_enforces():
     assert rows["parameters (`--max-params`)"] == f"{DEFAULT_MAX_PARAMS:,}"
     assert rows["training memory, estimated (`--max-memory`)"] == DEFAULT_MAX_MEMORY
     assert parse_size(DEFAULT_MAX_MEMORY) == memory.DEFAULT_MAX_MEMORY
+
+
+def _tuples_without_lists(tp: object, lax: bool = False) -> list[object]:
+    """The tuple types inside annotation ``tp`` that strict validation would refuse a list
+    for (not wrapped in ``FromList``)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        lax = lax or any(isinstance(m, Strict) and m.strict is False for m in meta)
+        return _tuples_without_lists(base, lax)
+    found = [tp] if origin is tuple and not lax else []
+    return found + [t for arg in typing.get_args(tp) for t in _tuples_without_lists(arg)]
+
+
+def _spec_models(cls: type = SpecModel) -> list[type]:
+    return [cls] + [m for sub in cls.__subclasses__() for m in _spec_models(sub)]
+
+
+def test_every_tuple_field_takes_the_list_yaml_gives():
+    """Spec models validate strictly, which takes only tuples for a tuple: each tuple field
+    must be wrapped in FromList (a new field without it would refuse `kernel: [3, 3]`)."""
+    unwrapped = []
+    for model in _spec_models():
+        for name, info in model.model_fields.items():
+            lax = any(isinstance(m, Strict) and m.strict is False for m in info.metadata)
+            unwrapped += [f"{model.__name__}.{name}: {t}"
+                          for t in _tuples_without_lists(info.annotation, lax)]
+    assert unwrapped == []
+    assert len(_spec_models()) > 30  # the walk does reach the layer and data models
