@@ -286,3 +286,10 @@ def test_every_tuple_field_takes_the_list_yaml_gives():
                           for t in _tuples_without_lists(info.annotation, lax)]
     assert unwrapped == []
     assert len(_spec_models()) > 30  # the walk does reach the layer and data models
+
+
+@pytest.mark.parametrize("command", ["validate", "summary", "ir", "build", "run", "conform"])
+def test_the_commands_the_readme_names_take_both_limits(command):
+    code, out, _ = run_in_process(command, "--help")
+    assert code == 0
+    assert "--max-memory" in out and "--max-params" in out
