@@ -44,19 +44,31 @@ TrackOption = Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
 #: the compiler before a command needs it.
 DEFAULT_MAX_PARAMS = 2_000_000_000
 MaxParams = Annotated[int, typer.Option(help="Refuse models with more parameters than this.")]
+#: Kept in step with specforge.ir.memory.DEFAULT_MAX_MEMORY (a test checks).
+DEFAULT_MAX_MEMORY = "128GiB"
+MaxMemory = Annotated[str, typer.Option(
+    help="Refuse specs whose training needs more memory than this, estimated from the IR "
+         "(layer outputs for a batch, weights, gradients, optimizer state, data), e.g. 1TiB.")]
 
 
-def _compile(spec: Path, overrides: list[str] | None, max_params: int) -> Program:
+def _compile(spec: Path, overrides: list[str] | None, max_params: int,
+             max_memory: str = DEFAULT_MAX_MEMORY) -> Program:
     from specforge.compiler import compile_spec
+    from specforge.ir.memory import parse_size
 
-    return compile_spec(spec, overrides or (), max_params=max_params)
+    try:
+        memory_limit = parse_size(max_memory)
+    except ValueError as exc:
+        raise UsageError(f"--max-memory {exc}") from None
+    return compile_spec(spec, overrides or (), max_params=max_params, max_memory=memory_limit)
 
 
 @app.command()
 def validate(spec: SpecPath, set_: SetOption = None,
-             max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+             max_params: MaxParams = DEFAULT_MAX_PARAMS,
+             max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Check a spec: schema, graph and shapes. Prints every problem at once."""
-    program = _compile(spec, set_, max_params)
+    program = _compile(spec, set_, max_params, max_memory)
     g = program.graph
     print(f"ok: {spec} ({len(g.nodes)} IR nodes, {g.trainable_params:,} trainable "
           f"parameters, output {g[g.output].shape})")
@@ -67,11 +79,11 @@ def summary(spec: SpecPath, set_: SetOption = None,
             max_params: MaxParams = DEFAULT_MAX_PARAMS,
             as_json: Annotated[bool, typer.Option(
                 "--json", help="Print the numbers as JSON instead of a table.")] = False,
-            ) -> None:
+            max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Print a table of layers, output shapes, parameters and FLOPs, with totals."""
     from specforge.summary import print_summary, summary_json
 
-    program = _compile(spec, set_, max_params)
+    program = _compile(spec, set_, max_params, max_memory)
     if as_json:
         print(json.dumps(summary_json(program), indent=2))
     else:
@@ -80,9 +92,10 @@ def summary(spec: SpecPath, set_: SetOption = None,
 
 @app.command()
 def ir(spec: SpecPath, set_: SetOption = None,
-       max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+       max_params: MaxParams = DEFAULT_MAX_PARAMS,
+       max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Dump the compiled IR (graph, loss, optimizer, metrics) as JSON."""
-    print(json.dumps(_compile(spec, set_, max_params).to_json(), indent=2))
+    print(json.dumps(_compile(spec, set_, max_params, max_memory).to_json(), indent=2))
 
 
 @app.command()
@@ -176,11 +189,12 @@ def build(spec: SpecPath,
               show_default=False)] = None,
           distributed: Annotated[bool, typer.Option(
               help="Include multi-process (data-parallel) training code.")] = False,
-          set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+          set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS,
+          max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Emit a standalone training script for a backend."""
     from specforge.backends import load_backend
 
-    program = _compile(spec, set_, max_params)
+    program = _compile(spec, set_, max_params, max_memory)
     impl = load_backend(backend)
     styles = impl.capabilities.build_styles
     if style is not None and style not in styles:
@@ -232,12 +246,13 @@ def run(spec: SpecPath,
                  "an imported model's) instead of specforge's initial weights.",
             show_default=False)] = None,
         track: TrackOption = None,
-        set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+        set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS,
+        max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Train and evaluate a spec with a backend, writing a run folder."""
     from specforge.backends import RunOptions, check_data_parallel, check_device, load_backend
     from specforge.runner import Interrupted
 
-    program = _compile(spec, set_, max_params)
+    program = _compile(spec, set_, max_params, max_memory)
     if init_weights is not None:
         if resume is not None:
             raise UsageError("--init-weights starts a new run; --resume continues one from "
@@ -604,7 +619,8 @@ def conform(spec: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
             case: Annotated[Optional[list[str]], typer.Option(  # noqa: UP045
                 help="With --suite: only cases matching this glob (repeatable).",
                 show_default=False)] = None,
-            set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS) -> None:
+            set_: SetOption = None, max_params: MaxParams = DEFAULT_MAX_PARAMS,
+            max_memory: MaxMemory = DEFAULT_MAX_MEMORY) -> None:
     """Check that backends compute the same forward pass, gradients and N training steps.
 
     Writes report.json and losses.png (with --suite, suite.json); exits 1 when any quantity
@@ -634,22 +650,23 @@ def conform(spec: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
     elif spec is None:
         raise UsageError("name a spec file, or use --suite")
     else:
-        passed = _conform_spec(spec, set_, max_params, names, steps, device, reference,
-                               chaos_factor, out or Path("conformance") / spec.stem,
+        passed = _conform_spec(spec, set_, (max_params, max_memory), names, steps, device,
+                               reference, chaos_factor, out or Path("conformance") / spec.stem,
                                console, log)
     if not passed:
         raise typer.Exit(1)
 
 
-def _conform_spec(spec: Path, overrides: list[str] | None, max_params: int, names: list[str],
-                  steps: int, device: str | None, reference: bool, chaos_factor: float,
+def _conform_spec(spec: Path, overrides: list[str] | None, limits: tuple[int, str],
+                  names: list[str], steps: int, device: str | None, reference: bool,
+                  chaos_factor: float,
                   out: Path, console: Any, log: Any) -> bool:
     from specforge.conformance.check import conform as run_conformance
     from specforge.conformance.compare import Tolerance
     from specforge.conformance.report import print_report, write_report
     from specforge.data.pipeline import build_pipeline
 
-    program = _compile(spec, overrides, max_params)
+    program = _compile(spec, overrides, *limits)
     if program.spec.data is None:
         raise UsageError(f"{spec}: conform needs training batches; add a `data:` section "
                          "or --set 'data={source: {type: synthetic}}'")

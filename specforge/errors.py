@@ -8,6 +8,7 @@ user sees every mistake in a spec at once. The CLI renders them and exits with c
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,20 +118,30 @@ def valid_choices_hint(word: str, choices: Sequence[str], what: str = "valid") -
 
 
 _source_cache: dict[str, list[str]] = {}
+#: Longest part of a source line quoted under a problem.
+EXCERPT_WIDTH = 120
+#: Most bytes read from a file that was not remembered, to quote from it.
+EXCERPT_READ_BYTES = 2_000_000
+#: Lines as YAML counts them (str.splitlines would also break at form feeds and the like).
+_YAML_LINES = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+#: Characters not to send to a terminal when quoting a line (an escape could drive it).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffe\uffff]")
 
 
 def remember_source(file: str, text: str) -> None:
     """Keep a file's text so that problems can quote the offending line."""
-    _source_cache[file] = text.splitlines()
+    _source_cache[file] = _YAML_LINES.split(text)
 
 
 def source_line(file: str, line: int) -> str | None:
     """Line ``line`` (1-based) of a spec file, or None when it cannot be read."""
     lines = _source_cache.get(file)
     if lines is None:
-        try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
+        try:  # bounded: the file may be a device that never ends
+            with Path(file).open("rb") as stream:
+                raw = stream.read(EXCERPT_READ_BYTES)
+            lines = _YAML_LINES.split(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
             lines = []
         _source_cache[file] = lines
     return lines[line - 1] if 1 <= line <= len(lines) else None
@@ -140,6 +151,15 @@ def _source_excerpt(location: Location) -> list[str]:
     text = source_line(location.file, location.line)
     if text is None:
         return []
+    # one character for one, so that the caret stays under its column
+    text = _UNPRINTABLE.sub("?", text)
+    column = max(location.column - 1, 0)
+    if len(text) > EXCERPT_WIDTH:  # a window around the column, marked as cut
+        start = max(0, min(column - EXCERPT_WIDTH // 2, len(text) - EXCERPT_WIDTH))
+        head = "..." if start else ""
+        tail = "..." if start + EXCERPT_WIDTH < len(text) else ""
+        text = head + text[start:start + EXCERPT_WIDTH] + tail
+        column += len(head) - start
     gutter = f"{location.line:>5} | "
-    caret = " " * (len(gutter) - 2) + "| " + " " * max(location.column - 1, 0) + "^"
+    caret = " " * (len(gutter) - 2) + "| " + " " * column + "^"
     return [gutter + text, caret]

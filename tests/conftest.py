@@ -58,3 +58,25 @@ model:
 loss: {type: cross_entropy}
 optimizer: {type: sgd}
 """
+
+
+def run_in_process(*args: str) -> tuple[int, str, str]:
+    """`specforge ARGS` through the CLI's own entry point (`main`), in this process: no
+    interpreter start-up. Returns (exit code, stdout, stderr); an exception that `main` lets
+    through propagates, as the traceback a user would see."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from specforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["specforge", *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

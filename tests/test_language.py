@@ -274,8 +274,9 @@ def test_an_unknown_yaml_tag_is_a_located_error():
         """)
     [problem] = problems(text)
     column = text.splitlines()[2].index("!name") + 1
-    assert problem.startswith(f"spec.yaml:3:{column}: error: model.layers[0].name: unknown "
-                              "YAML tag '!name'")
+    assert problem.startswith(f"spec.yaml:3:{column}: error: model.layers[0].name: "
+                              "unsupported YAML tag '!name'")
+    assert "the one tag a spec may use is !replace" in problem
 
 
 def test_the_real_models_use_the_new_features():

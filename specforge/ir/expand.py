@@ -48,6 +48,11 @@ from specforge.spec.schema import Spec, problems_from_validation
 from specforge.spec.source import LoadedSpec, SourceMap
 
 MAX_BLOCK_DEPTH = 16
+#: Most layers a model may expand to: `repeat` and nested blocks multiply, and a few lines can
+#: ask for a billion. Expansion stops at once past this (README, "Limits").
+MAX_LAYERS = 10_000
+#: Expansion also stops after this many problems (a broken block repeated a million times).
+MAX_EXPANSION_PROBLEMS = 100
 #: `${...}`: an expression runs to the first `}` (the grammar has no braces).
 _EXPRESSION = re.compile(r"\$\{([^}]*)\}")
 _PLAIN_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*")
@@ -102,11 +107,22 @@ def expand(spec: Spec, loaded: LoadedSpec, shape_of: ShapeOf | None = None) -> E
     paths = [("model", "layers", i) for i in range(len(spec.model.layers))]
     located = [(layer, p, loaded.sources.locate(p), None)
                for layer, p in zip(spec.model.layers, paths, strict=True)]
-    result.output = expander.sequence(located, scope="", scope_input="input", depth=0)
+    try:
+        result.output = expander.sequence(located, scope="", scope_input="input", depth=0)
+    except _Stopped:
+        if len(result.layers) > MAX_LAYERS:
+            path, location = expander.top
+            result.problems.append(Problem(
+                f"the model expands to more than {MAX_LAYERS:,} layers", location, path,
+                "`repeat` and blocks inside blocks multiply: lower a repeat count"))
     causes = [p for p in result.problems if id(p) not in expander.follow_ups]
     if causes:
         result.problems = causes
     return result
+
+
+class _Stopped(Exception):
+    """Expansion went past MAX_LAYERS or MAX_EXPANSION_PROBLEMS."""
 
 
 class _UnknownShape(ExpressionError):
@@ -125,6 +141,8 @@ class _Expander:
         #: The problems that only follow from others (dropped when those are shown), by id;
         #: holding them keeps their ids unique.
         self.follow_ups: dict[int, Problem] = {}
+        #: The model's layer being expanded (where a layer limit is reported).
+        self.top: tuple[DataPath, Location | None] = ((), None)
 
     def sequence(self, layers: list[tuple[Any, DataPath, Location | None, Location | None]],
                  *, scope: str, scope_input: str, depth: int, skipped: Skipped | None = None
@@ -136,6 +154,8 @@ class _Expander:
         present = {layer.name for layer, *_ in layers}
         gone = {name: at for name, at in (skipped or {}).items() if name not in present}
         for layer, path, location, via in layers:
+            if depth == 0:
+                self.top = (path, location)
             kind = canonical_type(layer)
             if layer.name is None:
                 counters[kind] = counters.get(kind, 0) + 1
@@ -185,6 +205,9 @@ class _Expander:
         inputs = first_inputs
         last = full
         for r in range(layer.repeat):
+            if (len(self.result.layers) > MAX_LAYERS
+                    or len(self.result.problems) > MAX_EXPANSION_PROBLEMS):
+                raise _Stopped
             name = full if layer.repeat == 1 else f"{full}.{r}"
             if isinstance(layer, BlockUse):
                 last = self.block(layer, name, inputs[0], path, location, depth)

@@ -118,6 +118,9 @@ def lower_training(spec: Spec, graph: Graph, loaded: LoadedSpec) -> Program:
     """Attach loss, optimizer and metrics to ``graph``, folding a final softmax/sigmoid."""
     problems: list[Problem] = []
     graph, loss, output_activation = _lower_loss(spec.loss, graph, loaded, problems)
+    if not problems:
+        _check_metrics(spec, loss.classes, loaded, problems)
+    _check_normalize(spec, loaded, problems)
     if problems:
         raise SpecError(problems)
     return Program(
@@ -134,6 +137,36 @@ def lower_training(spec: Spec, graph: Graph, loaded: LoadedSpec) -> Program:
                       for m in spec.metrics),
         spec=spec,
     )
+
+
+def _check_metrics(spec: Spec, classes: int, loaded: LoadedSpec,
+                   problems: list[Problem]) -> None:
+    """top_k_accuracy with k >= the number of classes is 1.0 whatever the model does."""
+    for i, metric in enumerate(spec.metrics):
+        k = metric.k or 5
+        if metric.type == "top_k_accuracy" and k >= classes:
+            path = ("metrics", i, "k") if metric.k is not None else ("metrics", i)
+            problems.append(Problem(
+                f"top_k_accuracy with k = {k} for a model with {classes} classes is always 1",
+                loaded.sources.locate(path), path,
+                f"k must be below the number of classes: 1 to {classes - 1}" if classes > 1
+                else "use accuracy"))
+
+
+def _check_normalize(spec: Spec, loaded: LoadedSpec, problems: list[Problem]) -> None:
+    """A per-channel mean or std has one value per input channel."""
+    if spec.data is None:
+        return
+    channels = spec.model.input[2]
+    for name in ("mean", "std"):
+        value = getattr(spec.data.normalize, name)
+        if isinstance(value, list) and len(value) not in (1, channels):
+            path = ("data", "normalize", name)
+            problems.append(Problem(
+                f"{len(value)} values for a model input with {channels} channel"
+                f"{'s' if channels != 1 else ''} (model.input: {list(spec.model.input)})",
+                loaded.sources.locate(path), path,
+                f"give one value, or one per channel ({channels})"))
 
 
 def _lower_loss(loss: Any, graph: Graph, loaded: LoadedSpec, problems: list[Problem]

@@ -77,12 +77,18 @@ class Split(SpecModel):
         return self
 
 
+Deviation = Annotated[float, Field(gt=0)]
+
+
 class Normalize(SpecModel):
     """x = (pixel * scale - mean) / std, per channel."""
 
     scale: float = Field(1 / 255, gt=0)
-    mean: list[float] | float = 0.0
-    std: list[float] | float = 1.0
+    mean: Annotated[list[float], Field(min_length=1)] | float = Field(
+        0.0, description="One value for every channel, or a list of one per input channel.")
+    std: Annotated[list[Deviation], Field(min_length=1)] | Deviation = Field(
+        1.0, description="Above 0: one value for every channel, or a list of one per input "
+                         "channel.")
 
 
 class Augment(SpecModel):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
+#: Lets a tuple field take the list YAML gives. Spec models validate strictly (see
+#: SpecModel), which would take tuples only; the items stay strict.
+FromList = Strict(False)
 #: Names of layers and blocks: safe as identifiers in every backend and every template.
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 Size = Annotated[int, Field(ge=1, le=65_536)]
 Extent = Annotated[int, Field(ge=1, le=4_096)]
 Pad = Annotated[int, Field(ge=0, le=4_096)]
-PairOrInt = Extent | tuple[Extent, Extent]
+PairOrInt = Extent | Annotated[tuple[Extent, Extent], FromList]
 
 ActivationName = Literal[
     "linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "gelu_tanh", "silu",
@@ -25,9 +28,14 @@ ActivationName = Literal[
 
 
 class SpecModel(BaseModel):
-    """Base of every spec model: unknown keys are errors and values are immutable."""
+    """Base of every spec model: unknown keys are errors and values are immutable.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Validation is strict: a count is a whole number, never the text `'16'` or `true`; a
+    number is never `true`; a flag is `true` or `false`, never `1`. Floats are finite
+    everywhere (`.nan` and `.inf` are refused). Tuple fields take lists (`FromList`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ActivationConfig(SpecModel):
@@ -64,7 +72,7 @@ class PerSidePadding(SpecModel):
 
 
 Padding = Annotated[
-    Literal["valid", "same"] | Pad | tuple[Pad, Pad] | PerSidePadding,
+    Literal["valid", "same"] | Pad | Annotated[tuple[Pad, Pad], FromList] | PerSidePadding,
     Field(description="`valid` (none), `same` (output = ceil(input / stride), extra pixel "
                       "after), an int for every side, `[height, width]` for both sides of "
                       "each, or `{top, bottom, left, right}`."),
@@ -76,7 +84,7 @@ class LayerBase(SpecModel):
     """Fields every layer has."""
 
     name: Name | None = Field(None, description="Unique layer name; generated when omitted.")
-    inputs: Name | list[Name] | None = Field(
+    inputs: Name | Annotated[list[Name], Field(min_length=1)] | None = Field(
         None, description="Layer name(s) this layer reads; `input` is the model's (or a "
                           "block's) input. Default: the previous layer.")
     repeat: int = Field(1, ge=1, le=1_000, description="Stack this layer N times in sequence.")
@@ -116,7 +124,7 @@ class Pad2D(LayerBase):
     """Explicit spatial padding as a layer of its own."""
 
     type: Literal["pad2d", "zero_padding2d"]
-    padding: Pad | tuple[Pad, Pad] | PerSidePadding = 1
+    padding: Pad | Annotated[tuple[Pad, Pad], FromList] | PerSidePadding = 1
     mode: PaddingMode = "zeros"
 
 
@@ -261,7 +269,8 @@ class BlockDef(SpecModel):
 class ModelSpec(SpecModel):
     """The network: an input shape and a list (or graph) of layers."""
 
-    input: tuple[Extent, Extent, Annotated[int, Field(ge=1, le=4_096)]] = Field(
+    input: Annotated[tuple[Extent, Extent, Annotated[int, Field(ge=1, le=4_096)]],
+                     FromList] = Field(
         description="Input shape per sample: [height, width, channels].")
     layers: list[Layer] = Field(min_length=1)
     output: Name | None = Field(None, description="The output layer; default: the last one.")

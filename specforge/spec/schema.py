@@ -87,7 +87,7 @@ def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: An
     for path, errors in groups.items():
         err, loc = _most_specific(errors)
         problem = _problem(err, path, loaded, model, loc)
-        if len(errors) > 1 and err["type"] not in ("literal_error", "value_error"):
+        if len(errors) > 1 and err["type"] not in ("literal_error", "value_error", *_BOUNDS):
             # A value that fits no member of a plain union: say what the field accepts.
             description = _description_at(model, _field_loc(loc))
             problem = Problem(f"{_short(err.get('input'))} is not an accepted value",
@@ -96,14 +96,22 @@ def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: An
     return _sorted(_merge_misspelt_required(problems))
 
 
+#: pydantic's errors for a value of the right type out of its range (a number, a length).
+_BOUNDS = ("finite_number", "greater_than", "greater_than_equal", "less_than",
+           "less_than_equal", "too_short", "too_long")
+
+
 def _most_specific(errors: list[tuple[dict[str, Any], tuple[Any, ...]]]
                    ) -> tuple[dict[str, Any], tuple[Any, ...]]:
     """Of the errors one union member each gave, the one that speaks to the value written:
-    a failed check of a mapping's contents for a mapping, a choice among names for a name."""
+    a failed check of a mapping's contents for a mapping, a choice among names for a name,
+    a bound for a number."""
     if len(errors) == 1:
         return errors[0]
     value = errors[0][0].get("input")
-    for kind in (("value_error",) if isinstance(value, dict) else ("literal_error",)):
+    kinds = ("value_error",) if isinstance(value, dict) else (
+        ("literal_error",) if isinstance(value, str) else _BOUNDS)
+    for kind in kinds:
         for err, loc in errors:
             if err["type"] == kind:
                 return err, loc
@@ -132,8 +140,11 @@ def _data_path(data: Any, prefix: DataPath, loc: tuple[Any, ...]) -> DataPath:
     for part in prefix:
         node = node[part] if _has(node, part) else None
     path: list[str | int] = []
+    tagged: Any = None  # the mapping whose union tag `loc` has passed
     for part in loc:
-        if _has(node, part):
+        if isinstance(node, dict) and node is not tagged and node.get("type") == part:
+            tagged = node  # the tag comes first, even where a field has its name (`block`)
+        elif _has(node, part):
             path.append(part)
             node = node[part]
         elif isinstance(part, str) and isinstance(node, dict) and _is_field_name(part) and (
@@ -179,10 +190,12 @@ _YAML_WORDS = [
     ("Input should be a valid boolean", "expected true or false"),
     ("Input should be a valid string", "expected a string"),
     ("Input should be", "should be"),
+    ("List should have", "should have"),
 ]
 
 
 def _yaml_words(message: str) -> str:
+    message = message.replace(" after validation", "")
     if message.startswith("Value error, "):
         return message[len("Value error, "):]
     for pydantic_words, yaml_words in _YAML_WORDS:

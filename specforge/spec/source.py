@@ -9,6 +9,8 @@ memory.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,17 @@ data:
 
 `{REPLACE_TAG}` before a mapping makes it replace the base's in any case. `--set` overrides
 apply after `extends:`, and `specforge resolve` prints the result."""
+
+#: Longest whole number written, in characters (Python refuses to read 4,300 digits).
+MAX_NUMBER_CHARS = 100
+
+_CORE = "tag:yaml.org,2002:"
+#: The tags a scalar may carry: plain data only. Anything else (`!!python/name:...`,
+#: `!!binary`, `!custom`) is refused by name instead of being constructed.
+_SCALAR_TAGS = {_CORE + kind for kind in ("str", "int", "float", "bool", "null")}
+#: YAML 1.1 reads `2024-02-30` as a date (and fails on it); YAML 1.2 and every spec field
+#: read it as the text it is.
+_TIMESTAMP = _CORE + "timestamp"
 
 
 @dataclass
@@ -117,17 +130,18 @@ class _Converter:
                 "this looks like an alias bomb: write the values out, or use blocks/repeat",
             )])
         self.sources.values[path] = _location(self.file, node)
-        if node.tag == REPLACE_TAG and isinstance(node, yaml.MappingNode):
+        replaced = node.tag == REPLACE_TAG and isinstance(node, yaml.MappingNode)
+        if replaced:
             self.sources.replace.add(path)
-        elif node.tag.startswith("!"):
-            raise SpecError([Problem(
-                f"unknown YAML tag '{node.tag}'", _location(self.file, node), path,
-                f"the only tag a spec may use is {REPLACE_TAG}, on a mapping (see `extends:`)")])
         if len(path) > MAX_DEPTH:
             raise SpecError([Problem(f"the document nests deeper than {MAX_DEPTH} levels",
                                      _location(self.file, node), path[:3])])
         if isinstance(node, yaml.ScalarNode):
-            return self._scalars.construct_object(node)
+            return self._scalar(node, path)
+        expected = _CORE + ("seq" if isinstance(node, yaml.SequenceNode) else "map")
+        if node.tag != expected and not replaced:
+            self.problems.append(_tag_problem(node, self.file, path))
+            return None
         if id(node) in self._active:
             raise SpecError([Problem("recursive YAML alias", _location(self.file, node), path)])
         self._active.add(id(node))
@@ -137,6 +151,27 @@ class _Converter:
             return self._mapping(node, path)
         finally:
             self._active.discard(id(node))
+
+    def _scalar(self, node: yaml.ScalarNode, path: DataPath) -> Any:
+        """A plain value; a problem (and None) for a foreign tag or a value its tag refuses."""
+        if node.tag == _TIMESTAMP:
+            return node.value
+        if node.tag not in _SCALAR_TAGS:
+            self.problems.append(_tag_problem(node, self.file, path))
+            return None
+        kind = node.tag[len(_CORE):]
+        if kind == "int" and len(node.value) > MAX_NUMBER_CHARS:
+            self.problems.append(Problem(
+                f"a number of {len(node.value):,} characters; numbers in a spec have at most "
+                f"{MAX_NUMBER_CHARS}", _location(self.file, node), path))
+            return None
+        try:
+            return self._scalars.construct_object(node)
+        except (ValueError, yaml.YAMLError):
+            self.problems.append(Problem(
+                f"{_short_text(node.value)} is not a valid {kind} (tag !!{kind})",
+                _location(self.file, node), path, f"write a plain {kind}, or drop the tag"))
+            return None
 
     def _mapping(self, node: yaml.MappingNode, path: DataPath) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -151,7 +186,10 @@ class _Converter:
             if not isinstance(key_node, yaml.ScalarNode):
                 self.problems.append(Problem("mapping keys must be plain strings", loc, path))
                 continue
-            key = str(self._scalars.construct_object(key_node))
+            problems_before = len(self.problems)
+            key = str(self._scalar(key_node, path))
+            if len(self.problems) > problems_before:
+                continue
             if key in out:
                 first = self.sources.keys[(*path, key)]
                 self.problems.append(Problem(
@@ -164,6 +202,45 @@ class _Converter:
         return out
 
 
+def _tag_problem(node: yaml.Node, file: str, path: DataPath) -> Problem:
+    tag = node.tag.replace(_CORE, "!!", 1) if node.tag.startswith(_CORE) else node.tag
+    return Problem(f"unsupported YAML tag {_short_text(tag)}", _location(file, node), path,
+                   "a spec holds plain values (text, numbers, true/false, null, lists and "
+                   f"mappings): remove the tag (the one tag a spec may use is {REPLACE_TAG}, "
+                   "before a mapping: see `extends:`)")
+
+
+def _short_text(text: str) -> str:
+    """``text`` quoted for a message, cut to a readable length."""
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:56] + "...'"
+
+
+#: YAML's line breaks (Python's str.splitlines also breaks at \x0b, \x0c and \x1c-\x1e).
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+#: What the YAML reader refuses, for naming in messages.
+_CHARACTER_NAMES = {0x00: "NUL", 0x0B: "vertical tab", 0x0C: "form feed", 0x1B: "escape",
+                    0x7F: "delete", 0xFFFE: "noncharacter", 0xFFFF: "noncharacter"}
+
+
+def _position_location(text: str, position: int, file: str) -> Location:
+    """The line and column of character ``position`` of ``text``, counted as YAML does."""
+    line, start = 1, 0
+    for match in _LINE_BREAK.finditer(text, 0, position):
+        line, start = line + 1, match.end()
+    return Location(file, line, position - start + 1)
+
+
+def _reader_problem(exc: yaml.reader.ReaderError, text: str, file: str) -> Problem:
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    name = _CHARACTER_NAMES.get(code) or unicodedata.name(chr(code), "control character")
+    return Problem(
+        f"the file holds the character U+{code:04X} ({name}), which YAML does not allow",
+        _position_location(text, exc.position, file), (),
+        "delete it (editors often show it as nothing or a box); inside a double-quoted "
+        f"string it can be written as \\u{code:04x}")
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document, returning its data and where each node came from."""
     remember_source(file, text)
@@ -171,6 +248,8 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
         raise SpecError([_yaml_problem(exc, file)]) from None
+    except yaml.reader.ReaderError as exc:
+        raise SpecError([_reader_problem(exc, text, file)]) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(f"invalid YAML: {exc}", Location(file))]) from None
     except RecursionError:
@@ -227,26 +306,30 @@ def _too_deep(text: str, file: str) -> Location:
 
 
 def _read_text(path: Path, display: str, referenced_at: Location | None) -> str:
+    """The file's text. At most MAX_FILE_BYTES + 1 bytes are read, whatever size the file
+    claims: /dev/zero and other devices claim 0."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise SpecError([Problem(
-                f"spec file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,}",
-                Location(display), hint="a spec describes a model; data belongs in data files",
-            )])
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError([Problem(f"spec file not found: {display}", referenced_at)]) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise SpecError([Problem(f"cannot read spec file {display}: {reason}",
+                                 referenced_at)]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError([Problem(
+            f"spec file is over {MAX_FILE_BYTES:,} bytes, the limit", Location(display),
+            hint="a spec describes a model; data belongs in data files", via=referenced_at)])
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raw = path.read_bytes()[: exc.start]
-        line = raw.count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n") + 1) + 1
-        raise SpecError([Problem(f"the file is not UTF-8 text (byte 0x{exc.object[exc.start]:02x})",
+        before = raw[: exc.start]
+        line = before.count(b"\n") + 1
+        column = exc.start - (before.rfind(b"\n") + 1) + 1
+        raise SpecError([Problem(f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x})",
                                  Location(display, line, column), (),
                                  "save the spec as UTF-8")]) from None
-    except OSError as exc:
-        raise SpecError([Problem(f"cannot read spec file {display}: {exc.strerror or exc}",
-                                 referenced_at)]) from None
 
 
 def load_file(path: str | Path, *, _chain: Sequence[Path] = (),
@@ -266,7 +349,14 @@ def load_file(path: str | Path, *, _chain: Sequence[Path] = (),
     if not isinstance(base_ref, str):
         raise SpecError([Problem("`extends` must be a path to a base spec", at, ("extends",),
                                  "e.g. extends: cifar.yaml (relative to this file)")])
-    base_path = (path.parent / base_ref).resolve()
+    if "\0" in base_ref:
+        raise SpecError([Problem("`extends` holds a NUL character", at, ("extends",),
+                                 "write the base spec's path as plain text")])
+    try:
+        base_path = (path.parent / base_ref).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a bad name
+        raise SpecError([Problem(f"cannot follow `extends`: {exc}", at, ("extends",))]) \
+            from None
     chain = (*_chain, path.resolve())
     if base_path in chain:
         raise SpecError([Problem(f"`extends` cycle: {' -> '.join(p.name for p in chain)} -> "
@@ -325,10 +415,7 @@ def _apply_one(spec: LoadedSpec, raw: str) -> None:
     if not sep or not dotted.strip():
         raise SpecError([Problem("an override must look like path.to.field=value", where,
                                  hint="e.g. --set optimizer.learning_rate=0.01")])
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise SpecError([Problem(f"cannot parse the value: {exc}", where)]) from None
+    value = _override_value(text, where) if text.strip() else None
     parts: list[str | int] = [int(p) if p.lstrip("-").isdigit() else p
                               for p in dotted.strip().split(".")]
     node: Any = spec.data
@@ -346,6 +433,20 @@ def _apply_one(spec: LoadedSpec, raw: str) -> None:
     spec.sources.drop_under(path)
     spec.sources.values[path] = where
     spec.sources.keys[path] = where
+
+
+def _override_value(text: str, where: Location) -> Any:
+    """An override's value, read by the same rules as a spec file's values."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(f"cannot parse the value: {' '.join(str(exc).split())}",
+                                 where)]) from None
+    converter = _Converter(where.file)
+    value = converter.convert(node, ()) if node is not None else None
+    if converter.problems:
+        raise SpecError([Problem(p.message, where, (), p.hint) for p in converter.problems])
+    return value
 
 
 def _step(node: Any, part: str | int, so_far: list[str | int], where: Location,
