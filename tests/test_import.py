@@ -7,6 +7,7 @@ weights against the source framework's own output, within the conformance forwar
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from specforge.ir.graph import Graph
 from specforge.ir.lower import lower_model
 from specforge.spec import layers as L
 from specforge.weights import load_weights
-from tests.conftest import SPECS
+from tests.conftest import ROOT, SPECS
 from tests.processes import ENV, cli, ok, refused
 
 keras = pytest.importorskip("keras")
@@ -152,6 +153,12 @@ def structure(graph: Graph) -> list[tuple[str, dict[str, Any], tuple[Any, ...]]]
     return [(n.op, dict(n.attrs), tuple(p.shape for p in n.params)) for n in graph]
 
 
+def readme_section() -> str:
+    """The README's "Bring your own model" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Bring your own model\n")[1].split("\n## ")[0]
+
+
 # --- Keras ---------------------------------------------------------------------------------------
 
 def test_the_seed_keras_model_imports_as_the_seed_spec(tmp_path):
@@ -169,6 +176,22 @@ def test_the_seed_keras_model_imports_as_the_seed_spec(tmp_path):
     assert "from seed.keras (Keras Sequential model)" in text
     layers = yaml.safe_load(text)["model"]["layers"]
     assert [item["name"] for item in layers] == [layer.name for layer in source.layers]
+
+
+def test_the_readme_import_command_runs_as_written(tmp_path, capsys, monkeypatch):
+    command = readme_section().split("```sh\n")[1].split("\n")[0]
+    args = shlex.split(command.split("#")[0])
+    assert args == ["specforge", "import", "model.keras", "-o", "model.yaml"]
+    monkeypatch.chdir(tmp_path)
+    seed_keras_model().save(tmp_path / "model.keras")
+    code, message = main_in_process(capsys, *args[1:])
+    assert code == 0, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "model.npz",
+                                                          "model.yaml"]
+    text = (tmp_path / "model.yaml").read_text()
+    assert "from model.keras" in text and "Weights: model.npz" in text
+    for count in APPLICATION_PARAMS.values():
+        assert f"{count:,}" in " ".join(readme_section().split())
 
 
 def functional_keras_model() -> Any:
@@ -266,6 +289,9 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
         "flat vector (add a Flatten first)",
     ], message
     assert not (tmp_path / "out").exists()
+    shown = readme_section().split("```text\n")[1].split("```")[0].splitlines()
+    assert shown[0] == "error: cannot import bad.keras:"
+    assert {line.strip() for line in shown[1:]} <= set(lines)
 
 
 # --- ONNX from PyTorch ---------------------------------------------------------------------------
