@@ -434,6 +434,38 @@ def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     assert "ok:" in ok(cli("validate", str(out))).stdout
 
 
+def test_an_nhwc_graph_as_keras_exporters_write_it(tmp_path):
+    """tf2onnx's layout: NHWC input transposed to NCHW around the convolutions, then back
+    (so the flatten is already height, width, channel), MatMul + Add, softmax on axis -1."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    helper, rng = onnx.helper, np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(np.float32),
+                                          "conv_w")
+    kernel = onnx.numpy_helper.from_array(rng.normal(size=(120, 5)).astype(np.float32), "fc_w")
+    bias = onnx.numpy_helper.from_array(rng.normal(size=5).astype(np.float32), "fc_b")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 120], np.int64), "flat_shape")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "conv_w"], ["c"], name="model/conv2d/Conv2D",
+                         pads=[1, 0, 1, 1], strides=[2, 2], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"], name="model/conv2d/Relu"),
+        helper.make_node("Transpose", ["r"], ["n"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["n", "flat_shape"], ["f"], name="model/flatten/Reshape"),
+        helper.make_node("MatMul", ["f", "fc_w"], ["m"], name="model/dense/MatMul"),
+        helper.make_node("Add", ["m", "fc_b"], ["a"], name="model/dense/BiasAdd"),
+        helper.make_node("Softmax", ["a"], ["y"], name="model/dense/Softmax", axis=-1)]
+    path = tmp_path / "keras_style.onnx"
+    onnx.save(onnx_model(nodes, [weight, kernel, bias, shape], ["N", 9, 8, 2]), path)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((9, 8, 2))
+    expected = onnxruntime.InferenceSession(str(path)).run(None, {"x": batch})[0]
+    assert_matches(spec, weights, batch, expected)
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    assert [item["type"] for item in layers] == ["conv2d", "flatten", "dense"]
+    assert layers[0]["padding"] == "same" and layers[0]["activation"] == "relu"
+    assert layers[2]["activation"] == "softmax" and "bias" not in layers[2]
+
+
 # --- ONNX: what cannot be expressed, and hostile files -------------------------------------------
 
 def onnx_model(nodes: list[Any], initializers: list[Any], shape: list[int],
@@ -581,3 +613,26 @@ def test_vgg16_at_224_imports_with_its_138_million_parameters(tmp_path):
     graph = compile_spec(spec).graph
     assert graph.trainable_params + graph.non_trainable_params == APPLICATION_PARAMS["VGG16"]
     assert sum(a.size for a in load_weights(npz).values()) == APPLICATION_PARAMS["VGG16"]
+
+
+def test_onnx_imports_and_lambda_refusals_import_no_framework(tmp_path):
+    """An ONNX model needs no framework to import; a Keras file with a Lambda layer is
+    refused before Keras (which could run its code) is imported at all."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import _PROBE
+
+    torch.manual_seed(0)
+    onnx_path = export_torch(_SeedCNN(), (32, 32, 3), tmp_path / "cnn.onnx")
+    inputs = keras.Input((4, 4, 1))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(
+        keras.layers.Lambda(lambda t: t + 1, name="plus_one")(inputs)))
+    keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
+    for source, code in ((onnx_path, 0), (tmp_path / "lambda.keras", 2)):
+        result = subprocess.run([sys.executable, "-c", _PROBE, "import", str(source), "-o",
+                                 str(tmp_path / f"{source.stem}.yaml")], capture_output=True,
+                                text=True, cwd=ROOT, env=ENV)
+        assert f"ATTEMPTS [] CODE {code}" in result.stderr, result.stderr[-2000:]
+    assert "'plus_one' (Lambda)" in result.stderr
+    assert (tmp_path / "cnn.yaml").exists() and not (tmp_path / "lambda.yaml").exists()

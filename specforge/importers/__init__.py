@@ -9,6 +9,7 @@ weights of exactly its shapes.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ def import_model(source: Path) -> ImportedModel:
                          f"specforge imports {', '.join(sorted(FORMATS))}")
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
+    package = "keras" if kind == "keras" else "onnx"
+    if importlib.util.find_spec(package) is None:  # found, not imported: it may run nothing
+        raise UsageError(f"{source}: reading {source.suffix} models needs the {package} "
+                         f"package: pip install 'specforge[{package}]'")
     if kind == "keras":
         from specforge.importers.keras import import_keras
 
