@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,7 @@ def test_a_resnet_style_torch_model_exported_to_onnx(tmp_path, training):
     ops = [node.op for node in graph]
     assert ops.count("add") == 4
     assert ops.count("batch_norm") == (10 if training == "PRESERVE" else 0)
+    assert max(len(line) for line in spec.read_text().splitlines()) <= 100
     names = [item["name"] for item in yaml.safe_load(spec.read_text())["model"]["layers"]]
     assert "layer2_0_down_0" in names and "fc" in names, names
     if training == "PRESERVE":
@@ -456,7 +458,7 @@ def test_an_nhwc_graph_as_keras_exporters_write_it(tmp_path):
         helper.make_node("Softmax", ["a"], ["y"], name="model/dense/Softmax", axis=-1)]
     path = tmp_path / "keras_style.onnx"
     onnx.save(onnx_model(nodes, [weight, kernel, bias, shape], ["N", 9, 8, 2]), path)
-    spec, graph, weights = imported(path, tmp_path)
+    spec, _, weights = imported(path, tmp_path)
     batch = images((9, 8, 2))
     expected = onnxruntime.InferenceSession(str(path)).run(None, {"x": batch})[0]
     assert_matches(spec, weights, batch, expected)
@@ -552,7 +554,6 @@ def test_a_huge_declared_tensor_is_refused_without_allocating_it(tmp_path):
               " from specforge.cli import main; sys.argv = ['specforge', 'import', "
               f"{str(path)!r}, '-o', {str(tmp_path / 'huge.yaml')!r}]; main()")
     import subprocess
-    import sys
 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
@@ -579,6 +580,11 @@ def test_unknown_formats_missing_files_and_bad_output_names_are_usage_errors(tmp
     with pytest.raises(UsageError, match=r"name a \.yaml file"):
         write_import(import_model(path), tmp_path / "cnn.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "model.pt"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "onnx", None)  # as if not installed
+        with pytest.raises(UsageError, match=r"needs the onnx package: pip install "
+                                             r"'specforge\[onnx\]'"):
+            import_model(path)
 
 
 # --- keras.applications (slow: each builds, saves and loads a large model) ----------------------
@@ -619,7 +625,6 @@ def test_onnx_imports_and_lambda_refusals_import_no_framework(tmp_path):
     """An ONNX model needs no framework to import; a Keras file with a Lambda layer is
     refused before Keras (which could run its code) is imported at all."""
     import subprocess
-    import sys
 
     from tests.test_cli import _PROBE
 

@@ -9,7 +9,6 @@ weights of exactly its shapes.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,6 +89,12 @@ def layer(type_: str, name: str, inputs: list[str] | None = None, **fields: Any
     return out
 
 
+def needs_package(source: Path, package: str) -> UsageError:
+    """The error for a reader whose framework is not installed."""
+    return UsageError(f"{source}: reading {source.suffix} models needs the {package} package: "
+                      f"pip install 'specforge[{package}]'")
+
+
 def import_model(source: Path) -> ImportedModel:
     """Translate ``source`` (.keras, .h5, .onnx); raises ImportRefused or UsageError."""
     kind = FORMATS.get(source.suffix.lower())
@@ -98,10 +103,6 @@ def import_model(source: Path) -> ImportedModel:
                          f"specforge imports {', '.join(sorted(FORMATS))}")
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
-    package = "keras" if kind == "keras" else "onnx"
-    if importlib.util.find_spec(package) is None:  # found, not imported: it may run nothing
-        raise UsageError(f"{source}: reading {source.suffix} models needs the {package} "
-                         f"package: pip install 'specforge[{package}]'")
     if kind == "keras":
         from specforge.importers.keras import import_keras
 

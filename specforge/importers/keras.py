@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from specforge.importers import ImportedModel, ImportRefused, NameTable, Unsupported, layer
+from specforge.importers import (
+    ImportedModel,
+    ImportRefused,
+    NameTable,
+    Unsupported,
+    layer,
+    needs_package,
+)
 
 #: Layer classes that hold Python code in the file.
 CODE_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
@@ -56,7 +63,10 @@ def _raw_config(source: Path) -> Any:
                     raise ImportRefused(source, [f"config.json declares {info.file_size:,} "
                                                  "bytes: not a model description"], "refused")
                 return json.loads(archive.read(info))
-        import h5py
+        try:
+            import h5py
+        except ImportError:
+            raise needs_package(source, "keras") from None
 
         with h5py.File(source, "r") as h5:
             text = h5.attrs.get("model_config")
@@ -87,7 +97,10 @@ def _code_layers(config: Any) -> set[tuple[str, str]]:
 
 
 def _load(source: Path) -> Any:
-    import keras
+    try:
+        import keras
+    except ImportError:
+        raise needs_package(source, "keras") from None
 
     try:
         return keras.saving.load_model(source, safe_mode=True, compile=False)

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from specforge.importers import ImportedModel, ImportRefused, NameTable, Unsupported, layer
+from specforge.importers import (
+    ImportedModel,
+    ImportRefused,
+    NameTable,
+    Unsupported,
+    layer,
+    needs_package,
+)
 from specforge.importers.onnx_safety import UnsafeModel, load_checked, tensor_array
 from specforge.ir.ops import same_pads, window_output
 
@@ -62,6 +69,8 @@ def import_onnx(source: Path) -> ImportedModel:
     """Translate an ONNX model; raises ImportRefused listing what cannot be."""
     try:
         model = load_checked(source)
+    except ImportError:
+        raise needs_package(source, "onnx") from None
     except UnsafeModel as exc:
         raise ImportRefused(source, [exc], "refused") from None
     return _Translator(source, model).translate()
@@ -119,6 +128,9 @@ class _Translator:
         if len(outputs) != 1:
             self.problems.append(Unsupported(self.source.name, "graph", f"{len(outputs)} "
                                              "outputs: specforge models have one"))
+        elif outputs[0].name not in self.values:
+            self.problems.append(Unsupported(outputs[0].name, "output", "a constant: the "
+                                             "output must be computed from the image"))
         elif self.values.get(outputs[0].name) is not None:
             value = self.values[outputs[0].name]
             assert value is not None

@@ -78,6 +78,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _top_level_items(flow: str) -> list[str]:
+    """``{a: 1, b: [2, 3]}`` -> ``['{a: 1,', 'b: [2, 3]}']``: split after the mapping's own
+    commas, never inside a nested list, mapping or quoted string."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(flow):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 1:
+            items.append(flow[start:i + 1])
+            start = i + 2
+    return [*items, flow[start:]]
+
+
+def _wrapped(prefix: str, flow: str, width: int = 100) -> list[str]:
+    """A flow mapping in lines of at most ``width`` columns where its items allow, the
+    continuation lines under its first key (as the shipped specs are written)."""
+    lines = [prefix]
+    indent = " " * (len(prefix) + 1)
+    for item in _top_level_items(flow):
+        if lines[-1].strip() not in ("", "-") and len(lines[-1]) + 1 + len(item) > width:
+            lines.append(indent + item)
+        else:
+            lines[-1] += ("" if lines[-1] == prefix else " ") + item
+    return lines
+
+
 def _written_layers(model: ImportedModel) -> list[dict[str, Any]]:
     """The layers with `inputs` left out where it is the default (the previous layer)."""
     out, previous = [], "input"
@@ -104,7 +136,8 @@ def render(model: ImportedModel, weights_name: str, loss: dict[str, Any]) -> str
         f"  input: {_flow(list(model.input_shape))}          # height, width, channels",
         "  layers:",
     ]
-    lines += [f"    - {_flow(item)}" for item in _written_layers(model)]
+    for item in _written_layers(model):
+        lines += _wrapped("    - ", _flow(item))
     if model.output is not None and model.output != model.layers[-1]["name"]:
         lines.append(f"  output: {model.output}")
     lines += [f"loss: {_flow(loss)}", "optimizer: {type: adam}", ""]
