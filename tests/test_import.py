@@ -234,6 +234,28 @@ def test_a_functional_keras_model_from_h5_imports_layer_for_layer(tmp_path):
     assert layers["both"]["inputs"] == ["leaky", "stem_relu6"]
 
 
+def test_a_pretrained_base_inside_a_sequential_model_is_imported_layer_by_layer(tmp_path):
+    """Transfer learning's usual shape: a functional model used as the first layer."""
+    k = keras.layers
+    inputs = keras.Input((10, 10, 3), name="image")
+    x = k.Conv2D(6, 3, padding="same", name="conv")(inputs)
+    x = k.BatchNormalization(name="bn")(x)
+    x = k.Add(name="skip")([x, k.Conv2D(6, 1, name="shortcut")(inputs)])
+    base = keras.Model(inputs, k.ReLU(name="relu")(x), name="base")
+    source = keras.Sequential([keras.Input((10, 10, 3)), base,
+                               k.GlobalAveragePooling2D(name="gap"),
+                               k.Dense(4, activation="softmax", name="head")])
+    randomize_keras(source)
+    source.save(tmp_path / "transfer.keras")
+    spec, _, weights = imported(tmp_path / "transfer.keras", tmp_path)
+    batch = images((10, 10, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    assert [item["name"] for item in layers] == ["conv", "bn", "shortcut", "skip", "relu",
+                                                 "gap", "head"]
+    assert layers[2]["inputs"] == "input"
+
+
 def test_imported_specs_leave_defaults_out_and_validate(tmp_path):
     source = functional_keras_model()
     source.save(tmp_path / "functional.keras")

@@ -103,10 +103,13 @@ def import_model(source: Path) -> ImportedModel:
                          f"specforge imports {', '.join(sorted(FORMATS))}")
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
-    if kind == "keras":
-        from specforge.importers.keras import import_keras
-
-        return import_keras(source)
+    from specforge.importers.keras import import_keras
     from specforge.importers.onnx import import_onnx
 
-    return import_onnx(source)
+    try:
+        return import_keras(source) if kind == "keras" else import_onnx(source)
+    except UsageError:
+        raise
+    except Exception as exc:  # a model shape the importer did not foresee: say so, no traceback
+        raise UsageError(f"{source}: specforge could not translate this model "
+                         f"({type(exc).__name__}: {exc}); please report it") from exc

@@ -128,13 +128,12 @@ class _Translator:
     def __init__(self, source: Path, model: Any) -> None:
         self.source, self.model = source, model
         self.names = NameTable()
-        self.spec_name: dict[str, str] = {}  # Keras layer name -> spec layer name
+        #: Keras operation (by identity: nested models may repeat names) -> spec layer name
+        self.spec_name: dict[int, str] = {}
         self.problems: list[Unsupported] = []
         self.out = ImportedModel(source, f"Keras {type(model).__name__} model", (1, 1, 1))
 
     def translate(self) -> ImportedModel:
-        import keras
-
         if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
             raise ImportRefused(self.source, [
                 f"the model has {len(self.model.inputs)} inputs and {len(self.model.outputs)} "
@@ -145,38 +144,51 @@ class _Translator:
                 f"input shape {list(shape)}: specforge needs (batch, height, width, channels) "
                 "with fixed height, width and channels"])
         self.out.input_shape = (int(shape[1]), int(shape[2]), int(shape[3]))
-        for op, inputs in self._operations():
-            if not isinstance(op, keras.layers.Layer):
-                self._unsupported(op, f"Keras op {type(op).__name__} in a functional model "
-                                      "is not a specforge layer")
-                continue
-            if type(op).__name__ == "InputLayer":
-                self.spec_name[op.name] = "input"
-                continue
-            self._translate_layer(op, [self.spec_name.get(i, "input") for i in inputs])
+        self.out.output = self._translate_model(self.model, "input")
         if self.problems:
             raise ImportRefused(self.source, self.problems)
-        last = self.model.outputs[0]._keras_history.operation.name
-        self.out.output = self.spec_name[last]
         return self.out
 
-    def _operations(self) -> list[tuple[Any, list[str]]]:
-        """Each operation with the Keras names of the layers it reads."""
-        if not hasattr(self.model, "operations"):  # Sequential: a chain
-            chain, previous = [], "input"
-            for op in self.model.layers:
+    def _translate_model(self, model: Any, input_name: str) -> str:
+        """Translate ``model``'s layers, its input being the spec layer ``input_name``; the
+        spec name of its output. A model used as a layer (a pretrained base inside a
+        Sequential, say) is translated in place, layer by layer."""
+        import keras
+
+        self.spec_name[id(_source_of(model.inputs[0]))] = input_name
+        for op, inputs in self._operations(model):
+            reads = [self.spec_name.get(id(i), "input") for i in inputs]
+            if isinstance(op, keras.Model):
+                if len(op.inputs) != 1 or len(op.outputs) != 1:
+                    self._unsupported(op, "a nested model with several inputs or outputs")
+                    continue
+                self.spec_name[id(op)] = self._translate_model(op, reads[0])
+            elif not isinstance(op, keras.layers.Layer):
+                self._unsupported(op, f"Keras op {type(op).__name__} in a functional model "
+                                      "is not a specforge layer")
+            elif type(op).__name__ == "InputLayer":
+                self.spec_name[id(op)] = input_name
+            else:
+                self._translate_layer(op, reads)
+        return self.spec_name.get(id(_source_of(model.outputs[0])), "input")
+
+    def _operations(self, model: Any) -> list[tuple[Any, list[Any]]]:
+        """Each operation of ``model`` with the operations it reads."""
+        if not hasattr(model, "operations"):  # Sequential: a chain
+            chain, previous = [], _source_of(model.inputs[0])
+            for op in model.layers:
                 chain.append((op, [previous]))
-                previous = op.name
+                previous = op
             return chain
         result = []
-        for op in self.model.operations:
-            nodes = op._inbound_nodes
+        for op in model.operations:
+            nodes = [n for i, n in enumerate(op._inbound_nodes) if _in_model(op, i, model)]
             if len(nodes) > 1:
                 self._unsupported(op, f"shared layer (called {len(nodes)} times): specforge "
                                       "layers own their weights")
                 continue
             tensors = nodes[0].input_tensors if nodes else []
-            result.append((op, [t._keras_history.operation.name for t in tensors]))
+            result.append((op, [_source_of(t) for t in tensors]))
         return result
 
     def _unsupported(self, op: Any, reason: str) -> None:
@@ -205,8 +217,20 @@ class _Translator:
         self.out.layers.append(layer(type_, name, inputs, **fields))
         for param, value in (weights or {}).items():
             self.out.weights[f"{name}.{param}"] = _array(value)
-        self.spec_name[op.name] = name
+        self.spec_name[id(op)] = name
         return name
+
+
+def _source_of(tensor: Any) -> Any:
+    """The operation that computed a Keras tensor."""
+    return tensor._keras_history.operation
+
+
+def _in_model(op: Any, index: int, model: Any) -> bool:
+    """Whether ``op``'s call number ``index`` belongs to ``model``'s graph (a nested model
+    also has the calls that use it as a layer). Keras keys its graph's calls this way."""
+    keys = getattr(model, "_nodes", None)
+    return keys is None or f"{id(op)}_ib-{index}" in keys
 
 
 class _NotExpressible(Exception):

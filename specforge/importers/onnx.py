@@ -168,6 +168,8 @@ class _Translator:
             self._fail(node, f"op {node.domain}.{node.op_type} of a custom domain")
             return
         try:
+            if any(i in self.values and self.values[i] is None for i in node.input if i):
+                raise _Skip
             if node.op_type == "Shape" and node.input[0] in self.values:
                 self.arrays[outputs[0]] = self._shape_of(node)
             elif node.op_type in CONSTANT_OPS and all(
