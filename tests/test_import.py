@@ -288,6 +288,27 @@ def test_a_keras_lambda_layer_is_refused_before_loading(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_keras_files_declaring_more_data_than_they_hold_are_refused(tmp_path):
+    """An HDF5 dataset may declare any shape without storage, and a zip entry any size:
+    Keras would allocate what they declare, so the import refuses before loading."""
+    import zipfile
+
+    import h5py
+
+    model = seed_keras_model()
+    model.save(tmp_path / "model.h5")
+    with h5py.File(tmp_path / "model.h5", "a") as h5:
+        h5["model_weights"].create_dataset("huge", shape=(1_000_000, 1_000_000), dtype="f4")
+    assert (tmp_path / "model.h5").stat().st_size < 10_000_000
+    with pytest.raises(ImportRefused, match=r"its arrays declare 4,000,00\d,\d{3},\d{3} bytes"):
+        import_model(tmp_path / "model.h5")
+    with zipfile.ZipFile(tmp_path / "bomb.keras", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", bytes(80 << 20))
+    with pytest.raises(ImportRefused, match=r"'model\.weights\.h5' would expand from"):
+        import_model(tmp_path / "bomb.keras")
+
+
 def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written(tmp_path,
                                                                                  capsys):
     k = keras.layers

@@ -9,6 +9,7 @@ neutral ones (NHWC, HWIO kernels), so weights cross without transposes.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -54,21 +55,27 @@ def import_keras(source: Path) -> ImportedModel:
 
 
 def _raw_config(source: Path) -> Any:
-    """The model's configuration as JSON, read without Keras."""
+    """The model's configuration as JSON, read without Keras, after checking that the file
+    declares no more data than it holds (Keras would allocate what it declares)."""
+    try:
+        import h5py
+    except ImportError:
+        raise needs_package(source, "keras") from None
     try:
         if zipfile.is_zipfile(source):
             with zipfile.ZipFile(source) as archive:
-                info = archive.getinfo("config.json")
-                if info.file_size > MAX_CONFIG_BYTES:
-                    raise ImportRefused(source, [f"config.json declares {info.file_size:,} "
-                                                 "bytes: not a model description"], "refused")
-                return json.loads(archive.read(info))
-        try:
-            import h5py
-        except ImportError:
-            raise needs_package(source, "keras") from None
-
+                for info in archive.infolist():
+                    if info.file_size > max(MAX_CONFIG_BYTES, 100 * info.compress_size):
+                        raise ImportRefused(source, [
+                            f"{info.filename!r} would expand from {info.compress_size:,} to "
+                            f"{info.file_size:,} bytes: a zip bomb"], "refused")
+                if "model.weights.h5" in archive.namelist():
+                    with archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+                        _check_declared_sizes(source, h5,
+                                              archive.getinfo("model.weights.h5").file_size)
+                return json.loads(archive.read("config.json"))
         with h5py.File(source, "r") as h5:
+            _check_declared_sizes(source, h5, source.stat().st_size)
             text = h5.attrs.get("model_config")
             if text is None:
                 raise ImportRefused(source, ["the file holds weights only, no model "
@@ -78,6 +85,19 @@ def _raw_config(source: Path) -> Any:
         raise
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ImportRefused(source, [f"not a readable Keras model file: {exc}"]) from None
+
+
+def _check_declared_sizes(source: Path, h5: Any, real_size: int) -> None:
+    """Refuse an HDF5 file whose arrays declare more bytes than the file has: HDF5 lets a
+    dataset of any shape exist without storage, and reading it would allocate it all."""
+    import h5py
+
+    declared: list[int] = []
+    h5.visititems(lambda _, item: declared.append(math.prod(item.shape) * item.dtype.itemsize)
+                  if isinstance(item, h5py.Dataset) and item.shape else None)
+    if sum(declared) > real_size:
+        raise ImportRefused(source, [f"its arrays declare {sum(declared):,} bytes in "
+                                     f"{real_size:,} bytes of file"], "refused")
 
 
 def _code_layers(config: Any) -> set[tuple[str, str]]:
