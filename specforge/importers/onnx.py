@@ -441,11 +441,11 @@ def _activation(fn: str | Callable[[dict[str, Any]], dict[str, Any]]
     def translate(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         value = t.value(node)
         config = {"fn": fn} if isinstance(fn, str) else fn(attrs)
-        return emit_activation(t, node, value, config)
+        return _emit_activation(t, node, value, config)
     return translate
 
 
-def emit_activation(t: _Translator, node: Any, value: Value, config: dict[str, Any]
+def _emit_activation(t: _Translator, node: Any, value: Value, config: dict[str, Any]
                     ) -> Value:
     if value.layout == "chw" and config["fn"] == "softmax":
         raise _NotExpressible("softmax over a CHW-flattened image")
@@ -501,7 +501,7 @@ def _clip(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     else:
         raise _NotExpressible(f"min={low}, max={high}: specforge clips as relu (0, inf) or "
                               "relu6 (0, 6) only")
-    return emit_activation(t, node, t.value(node), {"fn": fn})
+    return _emit_activation(t, node, t.value(node), {"fn": fn})
 
 
 def _softmax(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -513,7 +513,7 @@ def _softmax(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if axis != channel or (t.opset < 13 and rank == 4 and value.layout != "pooled"):
         raise _NotExpressible(f"axis {attrs.get('axis')}: specforge's softmax is over the "
                               "channels")
-    return emit_activation(t, node, value, {"fn": "softmax"})
+    return _emit_activation(t, node, value, {"fn": "softmax"})
 
 
 def _dropout(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
