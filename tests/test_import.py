@@ -432,7 +432,8 @@ def test_the_seed_cnn_from_torch_gets_its_flatten_order_right(tmp_path):
 
 
 class _Mobile(torch.nn.Module):
-    """Depthwise convolutions, relu6 (Clip), explicit pads, hardswish, concat, avg pool."""
+    """Depthwise convolutions, relu6 (Clip), explicit pads, hardswish, silu (Sigmoid and
+    Mul), concat, avg pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -443,12 +444,13 @@ class _Mobile(torch.nn.Module):
         self.dw = nn.Conv2d(8, 16, 3, 1, 1, groups=8)
         self.pw = nn.Conv2d(16, 8, 1)
         self.hs = nn.Hardswish()
+        self.silu = nn.SiLU()
         self.pool = nn.AvgPool2d(2)
         self.head = nn.Linear(16 * 3 * 3, 4)
 
     def forward(self, x: Any) -> Any:
         x = self.act(self.bn(self.stem(torch.nn.functional.pad(x, (0, 1, 0, 1)))))
-        y = self.hs(self.pw(self.dw(x)))
+        y = self.hs(self.pw(self.silu(self.dw(x))))
         x = self.pool(torch.cat([x, y], 1))
         return self.head(torch.flatten(x, 1))
 
@@ -465,7 +467,8 @@ def test_depthwise_relu6_pads_and_concat_from_torch(tmp_path):
     layers = yaml.safe_load(spec.read_text())["model"]["layers"]
     types = {item["type"] for item in layers}
     assert {"pad2d", "depthwise_conv2d", "concat", "avg_pool2d"} <= types
-    assert any(item.get("activation") == "relu6" or item.get("fn") == "relu6" for item in layers)
+    activations = {item.get("activation", item.get("fn")) for item in layers}
+    assert {"relu6", "silu", "hard_swish"} <= activations, activations
 
 
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
@@ -539,7 +542,7 @@ def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
     onnx.save(onnx_model(nodes, [conv_weight(), scale], [1, 1, 4, 4]), path)
     result = refused(cli("import", str(path), "-o", str(tmp_path / "bad.yaml")))
     assert [line.strip() for line in result.splitlines()[1:]] == [
-        "'scale' (Mul): op Mul has no specforge equivalent",
+        "'scale' (Mul): multiplying by a constant: specforge has no element-wise product",
         "'pool' (MaxPool): ceil_mode=1 (floor only)"], result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 

@@ -516,6 +516,28 @@ def _softmax(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     return _emit_activation(t, node, value, {"fn": "softmax"})
 
 
+#: x * gate(x) as one activation: what exporters write for silu (swish) and hard_swish.
+GATED = {"sigmoid": "silu", "hard_sigmoid": "hard_swish"}
+
+
+def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """``x * sigmoid(x)`` (and ``x * hard_sigmoid(x)``): the gate's activation layer becomes
+    silu (hard_swish). specforge has no other element-wise product."""
+    if any(t._is_constant(i) for i in node.input):
+        raise _NotExpressible("multiplying by a constant: specforge has no element-wise "
+                              "product")
+    values = [t.value(node, i) for i in range(2)]
+    for x, gated in (values, values[::-1]):
+        gate = t.layers.get(gated.layer)
+        if (gate is not None and gate["type"] == "activation" and gate["fn"] in GATED
+                and gate["inputs"] == [x.layer] and gated.layout == x.layout
+                and t.uses[node.input[values.index(gated)]] == 1):
+            gate["fn"] = GATED[gate["fn"]]
+            return gated
+    raise _NotExpressible("an element-wise product: specforge has none (x * sigmoid(x) "
+                          "is its silu)")
+
+
 def _dropout(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     value = t.value(node)
     rate = float(attrs.get("ratio", 0.5))
@@ -684,7 +706,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "ReduceMean": _global_pool("global_avg_pool2d"),
     "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
     "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
-    "Pad": _pad,
+    "Pad": _pad, "Mul": _mul,
 }
 
 
