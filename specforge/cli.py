@@ -697,6 +697,21 @@ def _conform_suite(names: list[str], patterns: list[str], device: str | None,
     return all(r.passed for r in results)
 
 
+@app.command("import")
+def import_(model: Annotated[Path, typer.Argument(
+                help="A Keras (.keras, .h5) or ONNX (.onnx) model file.", show_default=False)],
+            output: Annotated[Path, typer.Option(
+                "--output", "-o", help="The spec to write (YAML); the weights go beside it "
+                                       "(model.yaml -> model.npz).", show_default=False)],
+            ) -> None:
+    """Write a spec and its neutral weights from a Keras or ONNX model."""
+    from specforge.importers import import_model
+    from specforge.importers.write import write_import
+
+    spec_path, weights_path = write_import(import_model(model), output)
+    print(f"wrote {spec_path} and {weights_path}", file=sys.stderr)
+
+
 @app.command()
 def docs(check: Annotated[bool, typer.Option(help="Fail if docs/ is stale.")] = False,
          out: Annotated[Path, typer.Option(help="Docs folder.")] = Path("docs")) -> None:

@@ -1,0 +1,466 @@
+"""Keras models (.keras, .h5) to specforge layers and neutral weights.
+
+The file's configuration is read as plain JSON first: a Lambda layer (Python code inside the
+file) is refused before Keras sees the file. The model is then loaded with Keras's safe mode
+(``safe_mode=True``, ``compile=False``), which deserialises no code. Keras's layouts are the
+neutral ones (NHWC, HWIO kernels), so weights cross without transposes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specforge.importers import (
+    ImportedModel,
+    ImportRefused,
+    NameTable,
+    Unsupported,
+    layer,
+    needs_package,
+)
+
+#: Layer classes that hold Python code in the file.
+CODE_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
+#: A config larger than this is not a model description (a .keras archive's config.json).
+MAX_CONFIG_BYTES = 64 * 2**20
+
+#: Keras activation names -> specforge's (None: no activation).
+ACTIVATIONS: dict[str, Any] = {
+    "linear": None, "relu": "relu", "relu6": "relu6", "elu": "elu", "selu": "selu",
+    "gelu": "gelu", "silu": "silu", "swish": "silu", "sigmoid": "sigmoid",
+    "hard_sigmoid": "hard_sigmoid", "hard_silu": "hard_swish", "hard_swish": "hard_swish",
+    "tanh": "tanh", "softplus": "softplus", "softsign": "softsign", "softmax": "softmax",
+    # keras.activations.leaky_relu's default slope
+    "leaky_relu": {"fn": "leaky_relu", "negative_slope": 0.2},
+}
+
+
+def import_keras(source: Path) -> ImportedModel:
+    """Translate a saved Keras model; raises ImportRefused listing what cannot be."""
+    config = _raw_config(source)
+    code = sorted(_code_layers(config))
+    if code:
+        raise ImportRefused(source, [
+            f"{name!r} ({cls}): a layer of Python code; specforge imports no code, and the "
+            "file was not loaded" for name, cls in code], "refused")
+    model = _load(source)
+    return _Translator(source, model).translate()
+
+
+def _raw_config(source: Path) -> Any:
+    """The model's configuration as JSON, read without Keras, after checking that the file
+    declares no more data than it holds (Keras would allocate what it declares)."""
+    try:
+        import h5py
+    except ImportError:
+        raise needs_package(source, "keras") from None
+    try:
+        if zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as archive:
+                for info in archive.infolist():
+                    if info.file_size > max(MAX_CONFIG_BYTES, 100 * info.compress_size):
+                        raise ImportRefused(source, [
+                            f"{info.filename!r} would expand from {info.compress_size:,} to "
+                            f"{info.file_size:,} bytes: a zip bomb"], "refused")
+                if "model.weights.h5" in archive.namelist():
+                    with archive.open("model.weights.h5") as f, h5py.File(f, "r") as h5:
+                        _check_declared_sizes(source, h5,
+                                              archive.getinfo("model.weights.h5").file_size)
+                return json.loads(archive.read("config.json"))
+        with h5py.File(source, "r") as h5:
+            _check_declared_sizes(source, h5, source.stat().st_size)
+            text = h5.attrs.get("model_config")
+            if text is None:
+                raise ImportRefused(source, ["the file holds weights only, no model "
+                                             "configuration: save the whole model"])
+            return json.loads(text.decode() if isinstance(text, bytes) else text)
+    except ImportRefused:
+        raise
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ImportRefused(source, [f"not a readable Keras model file: {exc}"]) from None
+
+
+def _check_declared_sizes(source: Path, h5: Any, real_size: int) -> None:
+    """Refuse an HDF5 file whose arrays declare more bytes than the file has: HDF5 lets a
+    dataset of any shape exist without storage, and reading it would allocate it all."""
+    import h5py
+
+    declared: list[int] = []
+    h5.visititems(lambda _, item: declared.append(math.prod(item.shape) * item.dtype.itemsize)
+                  if isinstance(item, h5py.Dataset) and item.shape else None)
+    if sum(declared) > real_size:
+        raise ImportRefused(source, [f"its arrays declare {sum(declared):,} bytes in "
+                                     f"{real_size:,} bytes of file"], "refused")
+
+
+def _code_layers(config: Any) -> set[tuple[str, str]]:
+    """(name, class) of every code-holding layer anywhere in the configuration."""
+    found: set[tuple[str, str]] = set()
+    if isinstance(config, dict):
+        if config.get("class_name") in CODE_LAYERS:
+            inner = config.get("config")
+            name = inner.get("name", "?") if isinstance(inner, dict) else "?"
+            found.add((str(name), str(config["class_name"])))
+        for value in config.values():
+            found |= _code_layers(value)
+    elif isinstance(config, list):
+        for value in config:
+            found |= _code_layers(value)
+    return found
+
+
+def _load(source: Path) -> Any:
+    try:
+        import keras
+    except ImportError:
+        raise needs_package(source, "keras") from None
+
+    try:
+        return keras.saving.load_model(source, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises many types for files it cannot rebuild
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImportRefused(source, [f"Keras could not load the model in safe mode: "
+                                     f"{first[:300]}"]) from None
+
+
+def _size(value: Any) -> int | list[int]:
+    """Keras's (h, w) as a spec writes it: one int when both are equal."""
+    pair = [int(v) for v in (value if isinstance(value, list | tuple) else (value, value))]
+    return pair[0] if pair[0] == pair[1] else pair
+
+
+def _array(variable: Any) -> np.ndarray:
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+
+
+class _Translator:
+    """Walks a loaded model's layers in order, writing spec layers and weights."""
+
+    def __init__(self, source: Path, model: Any) -> None:
+        self.source, self.model = source, model
+        self.names = NameTable()
+        #: Keras operation (by identity: nested models may repeat names) -> spec layer name
+        self.spec_name: dict[int, str] = {}
+        self.problems: list[Unsupported] = []
+        self.out = ImportedModel(source, f"Keras {type(model).__name__} model", (1, 1, 1))
+
+    def translate(self) -> ImportedModel:
+        if len(self.model.inputs) != 1 or len(self.model.outputs) != 1:
+            raise ImportRefused(self.source, [
+                f"the model has {len(self.model.inputs)} inputs and {len(self.model.outputs)} "
+                "outputs: specforge models have one of each"])
+        shape = tuple(self.model.inputs[0].shape)
+        if len(shape) != 4 or any(d is None for d in shape[1:]):
+            raise ImportRefused(self.source, [
+                f"input shape {list(shape)}: specforge needs (batch, height, width, channels) "
+                "with fixed height, width and channels"])
+        self.out.input_shape = (int(shape[1]), int(shape[2]), int(shape[3]))
+        self.out.output = self._translate_model(self.model, "input")
+        if self.problems:
+            raise ImportRefused(self.source, self.problems)
+        return self.out
+
+    def _translate_model(self, model: Any, input_name: str) -> str:
+        """Translate ``model``'s layers, its input being the spec layer ``input_name``; the
+        spec name of its output. A model used as a layer (a pretrained base inside a
+        Sequential, say) is translated in place, layer by layer."""
+        import keras
+
+        self.spec_name[id(_source_of(model.inputs[0]))] = input_name
+        for op, inputs in self._operations(model):
+            reads = [self.spec_name.get(id(i), "input") for i in inputs]
+            if isinstance(op, keras.Model):
+                if len(op.inputs) != 1 or len(op.outputs) != 1:
+                    self._unsupported(op, "a nested model with several inputs or outputs")
+                    continue
+                self.spec_name[id(op)] = self._translate_model(op, reads[0])
+            elif not isinstance(op, keras.layers.Layer):
+                self._unsupported(op, f"Keras op {type(op).__name__} in a functional model "
+                                      "is not a specforge layer")
+            elif type(op).__name__ == "InputLayer":
+                self.spec_name[id(op)] = input_name
+            else:
+                self._translate_layer(op, reads)
+        return self.spec_name.get(id(_source_of(model.outputs[0])), "input")
+
+    def _operations(self, model: Any) -> list[tuple[Any, list[Any]]]:
+        """Each operation of ``model`` with the operations it reads."""
+        if not hasattr(model, "operations"):  # Sequential: a chain
+            chain, previous = [], _source_of(model.inputs[0])
+            for op in model.layers:
+                chain.append((op, [previous]))
+                previous = op
+            return chain
+        result = []
+        for op in model.operations:
+            nodes = [n for i, n in enumerate(op._inbound_nodes) if _in_model(op, i, model)]
+            if len(nodes) > 1:
+                self._unsupported(op, f"shared layer (called {len(nodes)} times): specforge "
+                                      "layers own their weights")
+                continue
+            tensors = nodes[0].input_tensors if nodes else []
+            result.append((op, [_source_of(t) for t in tensors]))
+        return result
+
+    def _unsupported(self, op: Any, reason: str) -> None:
+        self.problems.append(Unsupported(op.name, type(op).__name__, reason))
+
+    def _translate_layer(self, op: Any, inputs: list[str]) -> None:
+        kind = type(op).__name__
+        handler = HANDLERS.get(kind)
+        if handler is None:
+            self._unsupported(op, f"layer type {kind} has no specforge equivalent")
+            return
+        config = op.get_config()
+        fmt = config.get("data_format")
+        if fmt not in (None, "channels_last"):
+            self._unsupported(op, f"data_format {fmt!r}: specforge is channels_last")
+            return
+        try:
+            handler(self, op, config, inputs)
+        except _NotExpressible as exc:
+            self._unsupported(op, str(exc))
+
+    def add(self, op: Any, type_: str, inputs: list[str], weights: dict[str, Any] | None = None,
+            *, suffix: str = "", **fields: Any) -> str:
+        """Write one spec layer for ``op`` (with ``suffix`` when ``op`` needs several)."""
+        name = self.names.claim(op.name + suffix)
+        self.out.layers.append(layer(type_, name, inputs, **fields))
+        for param, value in (weights or {}).items():
+            self.out.weights[f"{name}.{param}"] = _array(value)
+        self.spec_name[id(op)] = name
+        return name
+
+
+def _source_of(tensor: Any) -> Any:
+    """The operation that computed a Keras tensor."""
+    return tensor._keras_history.operation
+
+
+def _in_model(op: Any, index: int, model: Any) -> bool:
+    """Whether ``op``'s call number ``index`` belongs to ``model``'s graph (a nested model
+    also has the calls that use it as a layer). Keras keys its graph's calls this way."""
+    keys = getattr(model, "_nodes", None)
+    return keys is None or f"{id(op)}_ib-{index}" in keys
+
+
+class _NotExpressible(Exception):
+    """An attribute of a layer that specforge cannot express (the message says which)."""
+
+
+def _activation(config: dict[str, Any]) -> dict[str, Any]:
+    """`activation: ...` for a layer's config, or nothing for linear."""
+    value = config.get("activation", "linear")
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise _NotExpressible(f"activation {value!r} is not one of specforge's")
+    fn = ACTIVATIONS[value]
+    return {} if fn is None else {"activation": fn}
+
+
+def _common_conv(config: dict[str, Any]) -> dict[str, Any]:
+    padding = config.get("padding", "valid")
+    if padding not in ("valid", "same"):
+        raise _NotExpressible(f"padding {padding!r} (valid or same only)")
+    fields: dict[str, Any] = {}
+    if _size(config.get("strides", 1)) != 1:
+        fields["strides"] = _size(config["strides"])
+    if _size(config.get("dilation_rate", 1)) != 1:
+        fields["dilation"] = _size(config["dilation_rate"])
+    if padding != "valid":
+        fields["padding"] = padding
+    if not config.get("use_bias", True):
+        fields["bias"] = False
+    return fields
+
+
+def _conv2d(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    fields = {"filters": int(config["filters"]), "kernel": _size(config["kernel_size"])}
+    if int(config.get("groups", 1)) != 1:
+        fields["groups"] = int(config["groups"])
+    values = op.get_weights()
+    weights = {"kernel": values[0], **({"bias": values[1]} if len(values) > 1 else {})}
+    t.add(op, "conv2d", inputs, weights, **fields, **_common_conv(config), **_activation(config))
+
+
+def _depthwise_kernel(kernel: np.ndarray) -> np.ndarray:
+    """Keras's (kh, kw, channels, multiplier) -> neutral grouped (kh, kw, 1, channels *
+    multiplier): output channel c * multiplier + m, as Keras orders them."""
+    kh, kw, channels, multiplier = kernel.shape
+    return np.asarray(kernel).reshape(kh, kw, 1, channels * multiplier)
+
+
+def _depthwise(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    fields: dict[str, Any] = {"kernel": _size(config["kernel_size"])}
+    if int(config.get("depth_multiplier", 1)) != 1:
+        fields["depth_multiplier"] = int(config["depth_multiplier"])
+    values = op.get_weights()
+    weights = {"kernel": _depthwise_kernel(values[0]),
+               **({"bias": values[1]} if len(values) > 1 else {})}
+    t.add(op, "depthwise_conv2d", inputs, weights, **fields, **_common_conv(config),
+          **_activation(config))
+
+
+def _separable(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """A depthwise convolution (no bias) then a 1x1 convolution, as Keras computes it."""
+    values = op.get_weights()
+    common = _common_conv(config)
+    common.pop("bias", None)
+    fields: dict[str, Any] = {"kernel": _size(config["kernel_size"]), **common, "bias": False}
+    if int(config.get("depth_multiplier", 1)) != 1:
+        fields["depth_multiplier"] = int(config["depth_multiplier"])
+    first = t.add(op, "depthwise_conv2d", inputs, {"kernel": _depthwise_kernel(values[0])},
+                  suffix="_depthwise", **fields)
+    pointwise = {"kernel": values[1], **({"bias": values[2]} if len(values) > 2 else {})}
+    extra = {} if config.get("use_bias", True) else {"bias": False}
+    t.add(op, "conv2d", [first], pointwise, filters=int(config["filters"]), kernel=1, **extra,
+          **_activation(config))
+
+
+def _dense(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    if len(op.input.shape) != 2:
+        raise _NotExpressible(f"input of shape {list(op.input.shape)}: specforge's dense "
+                              "takes a flat vector (add a Flatten first)")
+    values = op.get_weights()
+    weights = {"kernel": values[0], **({"bias": values[1]} if len(values) > 1 else {})}
+    extra = {} if config.get("use_bias", True) else {"bias": False}
+    t.add(op, "dense", inputs, weights, units=int(config["units"]), **extra,
+          **_activation(config))
+
+
+def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
+    def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+        pool = _size(config["pool_size"])
+        fields: dict[str, Any] = {} if pool == 2 else {"pool": pool}
+        strides = config.get("strides")
+        if strides is not None and _size(strides) != pool:
+            fields["strides"] = _size(strides)
+        if config.get("padding", "valid") != "valid":
+            fields["padding"] = config["padding"]
+        t.add(op, type_, inputs, **fields)
+    return translate
+
+
+def _global_pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
+    def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+        if config.get("keepdims"):
+            raise _NotExpressible("keepdims=True: specforge's global pooling gives (channels,)")
+        t.add(op, type_, inputs)
+    return translate
+
+
+def _flatten(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    t.add(op, "flatten", inputs)
+
+
+def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
+    if axis not in (-1, len(op.input.shape) - 1):
+        raise _NotExpressible(f"axis {config.get('axis')!r}: specforge normalises the last "
+                              "(channel) axis")
+    for unsupported in ("renorm", "synchronized"):
+        if config.get(unsupported):
+            raise _NotExpressible(f"{unsupported}=True is not supported")
+    fields: dict[str, Any] = {}
+    if float(config["momentum"]) != 0.9:
+        fields["running_decay"] = float(config["momentum"])
+    if float(config["epsilon"]) != 1e-5:
+        fields["epsilon"] = float(config["epsilon"])
+    for flag in ("scale", "center"):
+        if not config.get(flag, True):
+            fields[flag] = False
+    values = list(op.get_weights())
+    weights: dict[str, Any] = {}
+    if config.get("scale", True):
+        weights["gamma"] = values.pop(0)
+    if config.get("center", True):
+        weights["beta"] = values.pop(0)
+    weights["moving_mean"], weights["moving_var"] = values
+    t.add(op, "batch_norm", inputs, weights, **fields)
+
+
+def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
+    def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+        if config.get("noise_shape") is not None:
+            raise _NotExpressible("noise_shape is not supported (use SpatialDropout2D)")
+        extra = {"spatial": True} if spatial else {}
+        t.add(op, "dropout", inputs, rate=float(config["rate"]), **extra)
+    return translate
+
+
+def _activation_layer(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
+                      ) -> None:
+    fn = _activation(config).get("activation", "linear")
+    fields = fn if isinstance(fn, dict) else {"fn": fn}
+    t.add(op, "activation", inputs, **fields)
+
+
+def _relu(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    top, slope = config.get("max_value"), float(config.get("negative_slope") or 0.0)
+    if float(config.get("threshold") or 0.0) != 0.0:
+        raise _NotExpressible(f"threshold {config['threshold']} (0 only)")
+    if top is not None and (float(top) != 6.0 or slope != 0.0):
+        raise _NotExpressible(f"max_value {top} with negative_slope {slope} (relu6 is "
+                              "max_value 6, slope 0)")
+    if top is not None:
+        t.add(op, "activation", inputs, fn="relu6")
+    elif slope:
+        t.add(op, "activation", inputs, fn="leaky_relu", negative_slope=slope)
+    else:
+        t.add(op, "activation", inputs, fn="relu")
+
+
+def _leaky_relu(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    slope = config.get("negative_slope", config.get("alpha", 0.3))
+    t.add(op, "activation", inputs, fn="leaky_relu", negative_slope=float(slope))
+
+
+def _elu(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    alpha = float(config.get("alpha", 1.0))
+    t.add(op, "activation", inputs, fn="elu", **({} if alpha == 1.0 else {"alpha": alpha}))
+
+
+def _softmax(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    axis = config.get("axis", -1)
+    if axis not in (-1, len(op.output.shape) - 1):
+        raise _NotExpressible(f"axis {axis}: specforge's softmax is over the last axis")
+    t.add(op, "activation", inputs, fn="softmax")
+
+
+def _merge(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
+    def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+        axis = config.get("axis", -1)
+        if type_ == "concat" and axis not in (-1, len(op.output.shape) - 1):
+            raise _NotExpressible(f"axis {axis}: specforge concatenates the last axis")
+        t.add(op, type_, inputs)
+    return translate
+
+
+def _zero_padding(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    (top, bottom), (left, right) = config["padding"]
+    padding: Any = {"top": top, "bottom": bottom, "left": left, "right": right}
+    if top == bottom and left == right:
+        padding = top if top == left else [top, left]
+    t.add(op, "pad2d", inputs, **({} if padding == 1 else {"padding": padding}))
+
+
+HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None]] = {
+    "Conv2D": _conv2d, "DepthwiseConv2D": _depthwise, "SeparableConv2D": _separable,
+    "Dense": _dense, "MaxPooling2D": _pool("max_pool2d"),
+    "AveragePooling2D": _pool("avg_pool2d"),
+    "GlobalAveragePooling2D": _global_pool("global_avg_pool2d"),
+    "GlobalMaxPooling2D": _global_pool("global_max_pool2d"), "Flatten": _flatten,
+    "BatchNormalization": _batch_norm, "Dropout": _dropout(False),
+    "SpatialDropout2D": _dropout(True), "Activation": _activation_layer, "ReLU": _relu,
+    "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
+    "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding,
+}

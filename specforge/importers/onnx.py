@@ -1,0 +1,746 @@
+"""ONNX models to specforge layers and neutral weights.
+
+Graphs as `torch.onnx.export` and the Keras exporters write them: NCHW images (or NHWC ones
+transposed to NCHW first), torch's CHW flatten order, Gemm or MatMul + Add for dense layers,
+Clip(0, 6) for relu6, explicit pads. Every ONNX value is tracked as the spec layer that
+computes it and the *layout* in which ONNX sees that layer's channels-last tensor:
+
+- ``nchw`` / ``nhwc``: an image, ONNX axes (N, C, H, W) or (N, H, W, C);
+- ``flat``: a vector in the spec's order (height, width, channel for a flattened image);
+- ``chw``: a vector flattened in ONNX's channel, height, width order: a dense layer that
+  reads it gets its kernel rows permuted to the spec's order;
+- ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1).
+
+The file is read by :mod:`specforge.importers.onnx_safety` first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specforge.importers import (
+    ImportedModel,
+    ImportRefused,
+    NameTable,
+    Unsupported,
+    layer,
+    needs_package,
+)
+from specforge.importers.onnx_safety import UnsafeModel, load_checked, tensor_array
+from specforge.ir.ops import same_pads, window_output
+
+#: Layers whose `activation:` field can take a following activation op.
+FUSES_ACTIVATION = ("conv2d", "depthwise_conv2d", "dense")
+
+
+@dataclass(frozen=True)
+class Value:
+    """An ONNX value computed by a spec layer, as ONNX lays it out (see the module doc)."""
+
+    layer: str
+    shape: tuple[int, ...]  # the spec's per-sample shape: (H, W, C) or (features,)
+    layout: str
+    chw: tuple[int, int, int] | None = None  # (C, H, W) of a `chw` vector
+
+    @property
+    def onnx_shape(self) -> tuple[int, ...]:
+        """The shape ONNX sees, batch 1 (what Shape ops compute)."""
+        if self.layout == "nchw":
+            h, w, c = self.shape
+            return (1, c, h, w)
+        if self.layout == "nhwc":
+            return (1, *self.shape)
+        if self.layout == "pooled":
+            return (1, self.shape[0], 1, 1)
+        return (1, self.shape[0])
+
+
+class _NotExpressible(Exception):
+    """An attribute of an op that specforge cannot express (the message says which)."""
+
+
+def import_onnx(source: Path) -> ImportedModel:
+    """Translate an ONNX model; raises ImportRefused listing what cannot be."""
+    try:
+        model = load_checked(source)
+    except ImportError:
+        raise needs_package(source, "onnx") from None
+    except UnsafeModel as exc:
+        raise ImportRefused(source, [exc], "refused") from None
+    return _Translator(source, model).translate()
+
+
+def scope_name(node: Any) -> str:
+    """A readable name from torch's scoped node names, whose scopes repeat their parent's
+    last part: `/layer2/layer2.0/down/down.0/Conv` -> `layer2.0.down.0`;
+    `/layer1/layer1.0/Add` -> `layer1.0.add`; `/Flatten` -> `flatten`."""
+    *scopes, last = [p for p in node.name.split("/") if p] or [node.op_type]
+    path: list[str] = []
+    for scope in scopes:
+        if path and scope.startswith(path[-1] + "."):
+            path.append(scope[len(path[-1]) + 1:])
+        else:
+            path.append(scope)
+    op_named = last.split("_")[0] == node.op_type  # `Conv`, `Relu_1`: not a scope
+    if not op_named:
+        return ".".join([*path, last])
+    # a module's own op is named by the module; a functional op by the module and the op
+    functional = node.op_type in ("Add", "Concat", "Flatten", "Reshape", "Sum", "Pad",
+                                  "Transpose", "Squeeze")
+    if not path or functional:
+        path.append(node.op_type.lower())
+    return ".".join(path)
+
+
+class _Translator:
+    """Walks the graph's nodes in order, writing spec layers and weights."""
+
+    def __init__(self, source: Path, model: Any) -> None:
+        self.source, self.model, self.graph = source, model, model.graph
+        self.folder = source.parent
+        self.names = NameTable()
+        self.problems: list[Unsupported] = []
+        self.values: dict[str, Value | None] = {}
+        self.constants: dict[str, Any] = {t.name: t for t in self.graph.initializer}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.uses = Counter(i for n in self.graph.node for i in n.input if i)
+        self.uses.update(o.name for o in self.graph.output)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opset = opset
+        producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+        self.out = ImportedModel(source, f"ONNX opset {opset}"
+                                 + (f", from {producer}" if producer else ""), (1, 1, 1))
+
+    # --- the walk ----------------------------------------------------------------------------
+
+    def translate(self) -> ImportedModel:
+        self._input()
+        for node in self.graph.node:
+            self._node(node)
+        outputs = list(self.graph.output)
+        if len(outputs) != 1:
+            self.problems.append(Unsupported(self.source.name, "graph", f"{len(outputs)} "
+                                             "outputs: specforge models have one"))
+        elif outputs[0].name not in self.values:
+            self.problems.append(Unsupported(outputs[0].name, "output", "a constant: the "
+                                             "output must be computed from the image"))
+        elif self.values.get(outputs[0].name) is not None:
+            value = self.values[outputs[0].name]
+            assert value is not None
+            if value.layout == "chw" and value.chw and value.chw[1:] != (1, 1):
+                self.problems.append(Unsupported(outputs[0].name, "output", "a flattened "
+                                                 "image in CHW order: specforge's is HWC"))
+            self.out.output = value.layer
+        if self.problems:
+            raise ImportRefused(self.source, self.problems)
+        return self.out
+
+    def _input(self) -> None:
+        inputs = [i for i in self.graph.input if i.name not in self.constants]
+        if len(inputs) != 1:
+            raise ImportRefused(self.source, [f"{len(inputs)} graph inputs: specforge models "
+                                              "have one image input"])
+        tensor = inputs[0].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if tensor.elem_type != 1 or len(dims) != 4 or any(not d for d in dims[1:]):
+            raise ImportRefused(self.source, [
+                f"input {inputs[0].name!r}: specforge needs one float32 image input of shape "
+                f"(batch, channels, height, width) with fixed sizes, got {dims}"])
+        consumers = [n for n in self.graph.node if inputs[0].name in n.input]
+        nhwc = bool(consumers) and all(
+            n.op_type == "Transpose" and list(_attrs(n).get("perm", [])) == [0, 3, 1, 2]
+            for n in consumers)
+        _, a, b, c = dims
+        shape = (a, b, c) if nhwc else (b, c, a)
+        self.out.input_shape = shape  # type: ignore[assignment]
+        self.values[inputs[0].name] = Value("input", shape, "nhwc" if nhwc else "nchw")
+
+    def _node(self, node: Any) -> None:
+        outputs = [o for o in node.output if o]
+        if node.domain not in ("", "ai.onnx"):
+            self._fail(node, f"op {node.domain}.{node.op_type} of a custom domain")
+            return
+        try:
+            if any(i in self.values and self.values[i] is None for i in node.input if i):
+                raise _Skip
+            if node.op_type == "Shape" and node.input[0] in self.values:
+                self.arrays[outputs[0]] = self._shape_of(node)
+            elif node.op_type in CONSTANT_OPS and all(
+                    self._is_constant(i) for i in node.input if i):
+                for name, array in zip(outputs, evaluate_constant_op(self, node),
+                                       strict=False):
+                    self.arrays[name] = array
+            elif node.op_type not in HANDLERS:
+                self._fail(node, f"op {node.op_type} has no specforge equivalent")
+            else:
+                self.values[outputs[0]] = HANDLERS[node.op_type](self, node, _attrs(node))
+                for extra in outputs[1:]:  # e.g. MaxPool's indices: usable by nothing
+                    self.values[extra] = None
+        except _Skip:
+            self._mark_unknown(outputs)  # an earlier op failed; its problem is reported
+        except _NotExpressible as exc:
+            self._fail(node, str(exc))
+
+    def _shape_of(self, node: Any) -> np.ndarray:
+        """What a Shape op computes (batch 1), for reshapes written as shape arithmetic."""
+        value = self.value(node)
+        attrs = _attrs(node)
+        shape = value.onnx_shape[attrs.get("start", 0):attrs.get("end")]
+        return np.array(shape, np.int64)
+
+    def _fail(self, node: Any, reason: str) -> None:
+        self.problems.append(Unsupported(node.name or node.output[0], node.op_type, reason))
+        self._mark_unknown(list(node.output))
+
+    def _mark_unknown(self, outputs: list[str]) -> None:
+        for name in outputs:
+            self.values[name] = None
+
+    # --- helpers for handlers ----------------------------------------------------------------
+
+    def _is_constant(self, name: str) -> bool:
+        return name in self.constants or name in self.arrays
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of a constant input (initializer or computed from constants)."""
+        if name not in self.arrays:
+            if name not in self.constants:
+                raise _NotExpressible(f"input {name!r} must be a constant (a weight)")
+            try:
+                self.arrays[name] = tensor_array(self.constants[name], self.folder)
+            except UnsafeModel as exc:
+                raise _NotExpressible(str(exc)) from None
+        return self.arrays[name]
+
+    def optional_constant(self, node: Any, index: int) -> np.ndarray | None:
+        return self.constant(node.input[index]) if len(node.input) > index and \
+            node.input[index] else None
+
+    def value(self, node: Any, index: int = 0) -> Value:
+        name = node.input[index]
+        found = self.values.get(name)
+        if found is None:
+            if name in self.values:
+                raise _Skip
+            raise _NotExpressible(f"input {name!r} is a constant: specforge layers read "
+                                  "the image or other layers")
+        return found
+
+    def add(self, node: Any, type_: str, inputs: list[Value], weights: dict[str, np.ndarray]
+            | None = None, **fields: Any) -> str:
+        """Write one spec layer for ``node``; its name."""
+        name = self.names.claim(scope_name(node), node.op_type.lower())
+        spec_layer = layer(type_, name, [v.layer for v in inputs], **fields)
+        self.out.layers.append(spec_layer)
+        self.layers[name] = spec_layer
+        for param, value in (weights or {}).items():
+            self.out.weights[f"{name}.{param}"] = np.asarray(value, np.float32)
+        return name
+
+    def single_use(self, node: Any, value: Value) -> bool:
+        """Whether ``node`` is the only reader of its first input (so it may be fused)."""
+        return self.uses[node.input[0]] == 1 and value.layer != "input"
+
+
+class _Skip(Exception):
+    """An input failed earlier (its problem is already reported)."""
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _pair_or_int(values: tuple[int, int]) -> int | list[int]:
+    return values[0] if values[0] == values[1] else list(values)
+
+
+def _image(t: _Translator, node: Any, what: str) -> Value:
+    value = t.value(node)
+    if value.layout != "nchw":
+        raise _NotExpressible(f"{what} on a {value.layout.upper()} tensor: ONNX reads "
+                              "axis 1 as channels, so it must be NCHW")
+    return value
+
+
+def _window(node: Any, attrs: dict[str, Any], value: Value, kernel: tuple[int, int],
+            strides: tuple[int, int], dilation: tuple[int, int]
+            ) -> tuple[Any, tuple[int, int]]:
+    """The spec's padding for an ONNX window op, and the output height and width."""
+    h, w, _ = value.shape
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        top, bottom = same_pads(h, kernel[0], strides[0], dilation[0])
+        left, right = same_pads(w, kernel[1], strides[1], dilation[1])
+        if auto == "SAME_LOWER":
+            top, bottom, left, right = bottom, top, right, left
+    elif auto == "VALID":
+        top = bottom = left = right = 0
+    else:
+        top, left, bottom, right = (list(attrs.get("pads", [0, 0, 0, 0])) + [0] * 4)[:4]
+    if min(top, bottom, left, right) < 0:
+        raise _NotExpressible(f"negative pads {[top, left, bottom, right]}")
+    out = (window_output(h, top, bottom, kernel[0], strides[0], dilation[0]),
+           window_output(w, left, right, kernel[1], strides[1], dilation[1]))
+    same = (*same_pads(h, kernel[0], strides[0], dilation[0]),
+            *same_pads(w, kernel[1], strides[1], dilation[1]))
+    if auto == "SAME_UPPER" or ((top, bottom, left, right) == same and (top, left) != (
+            bottom, right)):  # uneven pads are `same` as people write it
+        return "same", out
+    if top == bottom and left == right:
+        return (None if top == left == 0 else _pair_or_int((top, left))), out
+    return {"top": top, "bottom": bottom, "left": left, "right": right}, out
+
+
+def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = _image(t, node, "Conv")
+    weight = t.constant(node.input[1])
+    bias = t.optional_constant(node, 2)
+    filters, per_group, kh, kw = weight.shape
+    groups = int(attrs.get("group", 1))
+    channels = value.shape[2]
+    strides = tuple(attrs.get("strides", [1, 1]))
+    dilation = tuple(attrs.get("dilations", [1, 1]))
+    padding, (oh, ow) = _window(node, attrs, value, (kh, kw), strides, dilation)
+    fields: dict[str, Any] = {}
+    if groups == channels and groups > 1 and per_group == 1:
+        type_ = "depthwise_conv2d"
+        fields["kernel"] = _pair_or_int((kh, kw))
+        if filters != channels:
+            fields["depth_multiplier"] = filters // channels
+    else:
+        type_ = "conv2d"
+        fields.update(filters=int(filters), kernel=_pair_or_int((kh, kw)))
+        if groups != 1:
+            fields["groups"] = groups
+    if strides != (1, 1):
+        fields["strides"] = _pair_or_int(strides)
+    if dilation != (1, 1):
+        fields["dilation"] = _pair_or_int(dilation)
+    if padding is not None:
+        fields["padding"] = padding
+    weights = {"kernel": weight.transpose(2, 3, 1, 0)}
+    if bias is None:
+        fields["bias"] = False
+    else:
+        weights["bias"] = bias
+    name = t.add(node, type_, [value], weights, **fields)
+    return Value(name, (oh, ow, int(filters)), "nchw")
+
+
+def _flat_input(t: _Translator, node: Any) -> Value:
+    value = t.value(node)
+    if value.layout not in ("flat", "chw"):
+        raise _NotExpressible(f"input of ONNX shape {list(value.onnx_shape)}: specforge's "
+                              "dense takes a flat vector (flatten first)")
+    return value
+
+
+def _dense_kernel(value: Value, kernel: np.ndarray) -> np.ndarray:
+    """Rows in the spec's order: a CHW-flattened input has its rows moved to HWC."""
+    if kernel.shape[0] != value.shape[0]:
+        raise _NotExpressible(f"kernel of {kernel.shape[0]} rows for {value.shape[0]} inputs")
+    if value.layout != "chw" or value.chw is None:
+        return kernel
+    c, h, w = value.chw
+    return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+
+
+def _dense(t: _Translator, node: Any, kernel: np.ndarray, bias: np.ndarray | None) -> Value:
+    value = _flat_input(t, node)
+    weights = {"kernel": _dense_kernel(value, kernel)}
+    fields: dict[str, Any] = {"units": int(kernel.shape[1])}
+    if bias is None:
+        fields["bias"] = False
+    else:
+        weights["bias"] = np.broadcast_to(bias, (kernel.shape[1],))
+    return Value(t.add(node, "dense", [value], weights, **fields), (kernel.shape[1],), "flat")
+
+
+def _gemm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    for key, wanted in (("alpha", 1.0), ("beta", 1.0), ("transA", 0)):
+        if attrs.get(key, wanted) != wanted:
+            raise _NotExpressible(f"{key}={attrs[key]} ({key}={wanted} only)")
+    kernel = t.constant(node.input[1])
+    kernel = kernel.T if attrs.get("transB", 0) else kernel
+    bias = t.optional_constant(node, 2)
+    if bias is not None and bias.size not in (1, kernel.shape[1]):
+        raise _NotExpressible(f"bias of shape {list(bias.shape)}")
+    return _dense(t, node, kernel, bias.reshape(-1) if bias is not None else None)
+
+
+def _matmul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    kernel = t.constant(node.input[1])
+    if kernel.ndim != 2:
+        raise _NotExpressible(f"a weight of {kernel.ndim} dims (2 only)")
+    return _dense(t, node, kernel, None)
+
+
+def _add(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """Two layers' sum (`add`), or a MatMul's bias (folded into its dense layer)."""
+    inputs = [i for i in node.input if i]
+    constants = [i for i in inputs if t._is_constant(i)]
+    if node.op_type == "Add" and len(constants) == 1 and len(inputs) == 2:
+        return _bias_add(t, node, inputs[1 - inputs.index(constants[0])], constants[0])
+    if constants:
+        raise _NotExpressible("adding a constant: specforge adds layers' outputs only")
+    values = [t.value(node, i) for i in range(len(node.input))]
+    first = values[0]
+    if any(v.layout != first.layout or v.shape != first.shape for v in values):
+        raise _NotExpressible("inputs of different shapes or layouts (broadcasting)")
+    name = t.add(node, "add", values)
+    return Value(name, first.shape, first.layout, first.chw)
+
+
+def _bias_add(t: _Translator, node: Any, value_name: str, bias_name: str) -> Value:
+    value = t.values.get(value_name)
+    if value is None:
+        raise _Skip if value_name in t.values else _NotExpressible("adds two constants")
+    producer = t.layers.get(value.layer)
+    bias = t.constant(bias_name)
+    if (producer is None or producer["type"] != "dense" or producer.get("bias") is not False
+            or t.uses[value_name] != 1 or bias.size != value.shape[0]):
+        raise _NotExpressible("adding a constant is a bias only right after a MatMul")
+    del producer["bias"]
+    t.out.weights[f"{value.layer}.bias"] = bias.reshape(-1).astype(np.float32)
+    return value
+
+
+def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    if value.layout not in ("nchw", "flat", "pooled"):
+        raise _NotExpressible(f"normalising axis 1 of a {value.layout.upper()} tensor: "
+                              "specforge normalises the channel axis")
+    if attrs.get("training_mode", 0):
+        raise _NotExpressible("training_mode=1 (export the model in eval mode)")
+    gamma, beta, mean, var = (t.constant(node.input[i]) for i in range(1, 5))
+    fields: dict[str, Any] = {}
+    momentum, epsilon = float(attrs.get("momentum", 0.9)), float(attrs.get("epsilon", 1e-5))
+    if not np.isclose(momentum, 0.9, rtol=0, atol=1e-7):
+        fields["running_decay"] = momentum
+    if not np.isclose(epsilon, 1e-5, rtol=1e-6, atol=0):
+        fields["epsilon"] = epsilon
+    weights = {"gamma": gamma, "beta": beta, "moving_mean": mean, "moving_var": var}
+    name = t.add(node, "batch_norm", [value], weights, **fields)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+def _activation(fn: str | Callable[[dict[str, Any]], dict[str, Any]]
+                ) -> Callable[[_Translator, Any, dict[str, Any]], Value]:
+    """An element-wise op: fused into the conv or dense layer before it where that layer
+    has no activation yet and nothing else reads it; an `activation` layer otherwise."""
+    def translate(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+        value = t.value(node)
+        config = {"fn": fn} if isinstance(fn, str) else fn(attrs)
+        return _emit_activation(t, node, value, config)
+    return translate
+
+
+def _emit_activation(t: _Translator, node: Any, value: Value, config: dict[str, Any]
+                    ) -> Value:
+    if value.layout == "chw" and config["fn"] == "softmax":
+        raise _NotExpressible("softmax over a CHW-flattened image")
+    producer = t.layers.get(value.layer)
+    if (producer is not None and producer["type"] in FUSES_ACTIVATION
+            and "activation" not in producer and t.single_use(node, value)):
+        producer["activation"] = config["fn"] if len(config) == 1 else config
+        return value
+    name = t.add(node, "activation", [value], **config)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+def _leaky(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {"fn": "leaky_relu", "negative_slope": float(attrs.get("alpha", 0.01))}
+
+
+def _elu(attrs: dict[str, Any]) -> dict[str, Any]:
+    alpha = float(attrs.get("alpha", 1.0))
+    return {"fn": "elu", **({} if alpha == 1.0 else {"alpha": alpha})}
+
+
+def _selu(attrs: dict[str, Any]) -> dict[str, Any]:
+    if not (np.isclose(attrs.get("alpha", 1.6732632), 1.6732632)
+            and np.isclose(attrs.get("gamma", 1.0507010), 1.0507010)):
+        raise _NotExpressible("alpha and gamma other than SELU's constants")
+    return {"fn": "selu"}
+
+
+def _hard_sigmoid(attrs: dict[str, Any]) -> dict[str, Any]:
+    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+    if not (np.isclose(alpha, 1 / 6, atol=1e-6) and np.isclose(beta, 0.5)):
+        raise _NotExpressible(f"alpha={alpha:g}, beta={beta:g}: specforge's hard_sigmoid is "
+                              "relu6(x + 3) / 6 (alpha 1/6, beta 0.5)")
+    return {"fn": "hard_sigmoid"}
+
+
+def _gelu(attrs: dict[str, Any]) -> dict[str, Any]:
+    approximate = attrs.get("approximate", b"none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    return {"fn": "gelu_tanh" if approximate == "tanh" else "gelu"}
+
+
+def _clip(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    low, high = attrs.get("min"), attrs.get("max")
+    if len(node.input) > 1 and node.input[1]:
+        low = float(t.constant(node.input[1]))
+    if len(node.input) > 2 and node.input[2]:
+        high = float(t.constant(node.input[2]))
+    if low == 0 and high == 6:
+        fn = "relu6"
+    elif low == 0 and (high is None or high == np.inf or high >= np.finfo(np.float32).max):
+        fn = "relu"
+    else:
+        raise _NotExpressible(f"min={low}, max={high}: specforge clips as relu (0, inf) or "
+                              "relu6 (0, 6) only")
+    return _emit_activation(t, node, t.value(node), {"fn": fn})
+
+
+def _softmax(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    rank = len(value.onnx_shape)
+    axis = int(attrs.get("axis", -1 if t.opset >= 13 else 1))
+    axis = axis + rank if axis < 0 else axis
+    channel = {"nchw": 1, "nhwc": 3, "pooled": 1, "flat": 1, "chw": 1}[value.layout]
+    if axis != channel or (t.opset < 13 and rank == 4 and value.layout != "pooled"):
+        raise _NotExpressible(f"axis {attrs.get('axis')}: specforge's softmax is over the "
+                              "channels")
+    return _emit_activation(t, node, value, {"fn": "softmax"})
+
+
+#: x * gate(x) as one activation: what exporters write for silu (swish) and hard_swish.
+GATED = {"sigmoid": "silu", "hard_sigmoid": "hard_swish"}
+
+
+def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """``x * sigmoid(x)`` (and ``x * hard_sigmoid(x)``): the gate's activation layer becomes
+    silu (hard_swish). specforge has no other element-wise product."""
+    if any(t._is_constant(i) for i in node.input):
+        raise _NotExpressible("multiplying by a constant: specforge has no element-wise "
+                              "product")
+    values = [t.value(node, i) for i in range(2)]
+    for x, gated in (values, values[::-1]):
+        gate = t.layers.get(gated.layer)
+        if (gate is not None and gate["type"] == "activation" and gate["fn"] in GATED
+                and gate["inputs"] == [x.layer] and gated.layout == x.layout
+                and t.uses[node.input[values.index(gated)]] == 1):
+            gate["fn"] = GATED[gate["fn"]]
+            return gated
+    raise _NotExpressible("an element-wise product: specforge has none (x * sigmoid(x) "
+                          "is its silu)")
+
+
+def _dropout(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    rate = float(attrs.get("ratio", 0.5))
+    if len(node.input) > 1 and node.input[1]:
+        rate = float(t.constant(node.input[1]))
+    name = t.add(node, "dropout", [value], rate=rate)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+def _identity(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    return t.value(node)
+
+
+def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any]], Value]:
+    def translate(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+        value = _image(t, node, node.op_type)
+        kernel = tuple(attrs["kernel_shape"])
+        strides = tuple(attrs.get("strides", [1, 1]))
+        if tuple(attrs.get("dilations", [1, 1])) != (1, 1):
+            raise _NotExpressible(f"dilations {attrs['dilations']} (1 only)")
+        if attrs.get("storage_order", 0):
+            raise _NotExpressible("storage_order=1")
+        padding, out = _window(node, attrs, value, kernel, strides, (1, 1))
+        if attrs.get("ceil_mode", 0):
+            raise _NotExpressible("ceil_mode=1 (floor only)")
+        if type_ == "avg_pool2d" and attrs.get("count_include_pad", 0) and padding is not None:
+            raise _NotExpressible("count_include_pad=1 with padding: specforge's average "
+                                  "leaves padded cells out")
+        fields: dict[str, Any] = {}
+        if kernel != (2, 2):
+            fields["pool"] = _pair_or_int(kernel)
+        if strides != kernel:
+            fields["strides"] = _pair_or_int(strides)
+        if padding is not None:
+            fields["padding"] = padding
+        name = t.add(node, type_, [value], **fields)
+        return Value(name, (*out, value.shape[2]), "nchw")
+    return translate
+
+
+def _global_pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any]], Value]:
+    def translate(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+        value = _image(t, node, node.op_type)
+        keep = True
+        if node.op_type.startswith("Reduce"):
+            axes = attrs.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = t.constant(node.input[1]).tolist()
+            if sorted(a % 4 for a in (axes or [])) != [2, 3]:
+                raise _NotExpressible(f"axes {axes}: only the spatial axes [2, 3]")
+            keep = bool(attrs.get("keepdims", 1))
+        name = t.add(node, type_, [value])
+        return Value(name, (value.shape[2],), "pooled" if keep else "flat")
+    return translate
+
+
+def _flatten(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    if int(attrs.get("axis", 1)) != 1:
+        raise _NotExpressible(f"axis {attrs['axis']} (1 only: keep the batch axis)")
+    return _flattened(t, node, value)
+
+
+def _flattened(t: _Translator, node: Any, value: Value) -> Value:
+    if value.layout in ("flat", "chw"):
+        return value
+    if value.layout == "pooled":
+        return Value(value.layer, value.shape, "flat")
+    h, w, c = value.shape
+    name = t.add(node, "flatten", [value])
+    if value.layout == "nhwc" or (h, w) == (1, 1):
+        return Value(name, (h * w * c,), "flat")
+    return Value(name, (h * w * c,), "chw", (c, h, w))
+
+
+def _reshape(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """A reshape to (batch, features): a flatten; others have no specforge equivalent."""
+    value = t.value(node)
+    target = [int(d) for d in t.constant(node.input[1]).reshape(-1)]
+    features = value.shape[0] if len(value.shape) == 1 else int(np.prod(value.shape))
+    if len(target) == 2 and target[0] in (-1, 0, 1) and target[1] in (-1, features):
+        return _flattened(t, node, value)
+    raise _NotExpressible(f"reshape to {target}: only to (batch, {features}) (a flatten)")
+
+
+def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = t.constant(node.input[1]).tolist()
+    if value.layout != "pooled" or sorted(a % 4 for a in axes or [2, 3]) != [2, 3]:
+        raise _NotExpressible(f"squeezing axes {axes} of ONNX shape {list(value.onnx_shape)}")
+    return Value(value.layer, value.shape, "flat")
+
+
+def _transpose(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    perm = list(attrs.get("perm", []))
+    moves = {("nchw", (0, 2, 3, 1)): "nhwc", ("nhwc", (0, 3, 1, 2)): "nchw",
+             ("nchw", (0, 1, 2, 3)): "nchw", ("nhwc", (0, 1, 2, 3)): "nhwc"}
+    layout = moves.get((value.layout, tuple(perm)))
+    if layout is None:
+        raise _NotExpressible(f"perm {perm} of ONNX shape {list(value.onnx_shape)}: only "
+                              "between NCHW and NHWC")
+    return Value(value.layer, value.shape, layout)
+
+
+def _concat(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    values = [t.value(node, i) for i in range(len(node.input))]
+    first = values[0]
+    rank = len(first.onnx_shape)
+    axis = int(attrs["axis"]) % rank
+    channel = {"nchw": 1, "nhwc": 3, "flat": 1, "pooled": 1, "chw": -1}[first.layout]
+    if axis != channel or any(v.layout != first.layout for v in values):
+        raise _NotExpressible(f"axis {attrs['axis']} of {first.layout.upper()} tensors: "
+                              "specforge concatenates channels")
+    if any(v.shape[:-1] != first.shape[:-1] for v in values):
+        raise _NotExpressible("inputs of different heights or widths")
+    name = t.add(node, "concat", values)
+    return Value(name, (*first.shape[:-1], sum(v.shape[-1] for v in values)), first.layout)
+
+
+def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    value = t.value(node)
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = attrs.get("pads")
+    if pads is None:
+        pads = t.constant(node.input[1]).tolist()
+    if len(node.input) > 2 and node.input[2] and float(t.constant(node.input[2])) != 0:
+        raise _NotExpressible("a constant other than 0")
+    if len(node.input) > 3 and node.input[3]:
+        raise _NotExpressible("the axes input")
+    spatial = {"nchw": (2, 3), "nhwc": (1, 2)}.get(value.layout)
+    modes = {"constant": "zeros", "reflect": "reflect", "edge": "replicate"}
+    if spatial is None or len(pads) != 8 or mode not in modes:
+        raise _NotExpressible(f"mode {mode!r} with pads {pads} on ONNX shape "
+                              f"{list(value.onnx_shape)}")
+    hy, wx = spatial
+    if any(pads[i] for i in range(8) if i % 4 not in (hy, wx)) or min(pads) < 0:
+        raise _NotExpressible(f"pads {pads}: only non-negative pads of height and width")
+    top, bottom, left, right = pads[hy], pads[hy + 4], pads[wx], pads[wx + 4]
+    padding: Any = {"top": top, "bottom": bottom, "left": left, "right": right}
+    if top == bottom and left == right:
+        padding = _pair_or_int((top, left))
+    fields: dict[str, Any] = {} if padding == 1 else {"padding": padding}
+    if modes[mode] != "zeros":
+        fields["mode"] = modes[mode]
+    name = t.add(node, "pad2d", [value], **fields)
+    h, w, c = value.shape
+    return Value(name, (h + top + bottom, w + left + right, c), value.layout)
+
+
+HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
+    "BatchNormalization": _batch_norm, "Relu": _activation("relu"),
+    "LeakyRelu": _activation(_leaky), "Elu": _activation(_elu), "Selu": _activation(_selu),
+    "Sigmoid": _activation("sigmoid"), "Tanh": _activation("tanh"),
+    "Softplus": _activation("softplus"), "Softsign": _activation("softsign"),
+    "HardSigmoid": _activation(_hard_sigmoid), "HardSwish": _activation("hard_swish"),
+    "Gelu": _activation(_gelu), "Clip": _clip, "Softmax": _softmax, "Dropout": _dropout,
+    "Identity": _identity, "MaxPool": _pool("max_pool2d"),
+    "AveragePool": _pool("avg_pool2d"),
+    "GlobalAveragePool": _global_pool("global_avg_pool2d"),
+    "GlobalMaxPool": _global_pool("global_max_pool2d"),
+    "ReduceMean": _global_pool("global_avg_pool2d"),
+    "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
+    "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
+    "Pad": _pad, "Mul": _mul,
+}
+
+
+# --- shape arithmetic on constants (torch's `x.view(x.size(0), -1)`, `F.pad`) -------------------
+
+#: Ops evaluated when all their inputs are constants (shape and pad arithmetic), and the
+#: largest constant they may make: they never allocate more than that.
+CONSTANT_OPS = frozenset({
+    "Constant", "Identity", "Cast", "Shape", "Reshape", "Transpose", "Slice", "Gather",
+    "Concat", "Unsqueeze", "Squeeze", "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Neg"})
+MAX_CONSTANT_ELEMENTS = 1 << 16
+
+
+def evaluate_constant_op(t: _Translator, node: Any) -> list[np.ndarray]:
+    """``node`` computed by onnx's reference evaluator on small constant inputs."""
+    from onnx.reference import ReferenceEvaluator
+
+    if node.op_type == "Constant":
+        attrs = {a.name: a for a in node.attribute}
+        if "value" not in attrs:
+            raise _NotExpressible(f"a Constant given by {', '.join(attrs)}")
+        try:
+            return [tensor_array(attrs["value"].t, t.folder)]
+        except UnsafeModel as exc:
+            raise _NotExpressible(str(exc)) from None
+    feeds = {name: t.constant(name) for name in node.input if name}
+    sizes = [a.size for a in feeds.values()]
+    if node.op_type == "ConstantOfShape":
+        sizes.append(int(np.prod(feeds[node.input[0]], dtype=object)))
+    elif node.op_type in ("Add", "Sub", "Mul", "Div"):
+        sizes.append(int(np.prod(np.broadcast_shapes(*(a.shape for a in feeds.values())),
+                                 dtype=object)))
+    if max(sizes, default=0) > MAX_CONSTANT_ELEMENTS:
+        raise _NotExpressible(f"constant arithmetic on more than {MAX_CONSTANT_ELEMENTS:,} "
+                              "elements")
+    evaluator = ReferenceEvaluator(node, opsets={"": t.opset})
+    return [np.asarray(v) for v in evaluator.run(None, feeds)]

@@ -1,0 +1,695 @@
+"""`specforge import`: Keras and ONNX models in, a spec and neutral weights out.
+
+Every import is checked by running the imported spec in both backends with the imported
+weights against the source framework's own output, within the conformance forward tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from specforge.compiler import compile_spec, load_spec
+from specforge.conformance.compare import Tolerance, difference
+from specforge.errors import UsageError
+from specforge.importers import ImportRefused, import_model
+from specforge.importers.write import write_import
+from specforge.ir.graph import Graph
+from specforge.ir.lower import lower_model
+from specforge.spec import layers as L
+from specforge.weights import load_weights
+from tests.conftest import ROOT, SPECS
+from tests.processes import ENV, cli, ok, refused
+
+keras = pytest.importorskip("keras")
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def imported(source: Path, folder: Path) -> tuple[Path, Graph, dict[str, np.ndarray]]:
+    """Import ``source``; the spec written, its (unfolded) graph and its weights."""
+    spec, npz = write_import(import_model(source), folder / f"{source.stem}_imported.yaml")
+    loaded, model = load_spec(spec)
+    return spec, lower_model(model, loaded), load_weights(npz)
+
+
+def backend_outputs(spec: Path, weights: dict[str, np.ndarray], images: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+    """The imported spec's output for NHWC ``images`` in each backend (evaluation mode),
+    through the backends' `load_model`; a softmax folded into the loss is applied again."""
+    import specforge_keras
+    import specforge_torch
+
+    with torch.no_grad():
+        module = specforge_torch.load_model(spec, weights=weights).eval()
+        by_torch = module(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    by_keras = np.asarray(specforge_keras.load_model(spec, weights=weights)(images,
+                                                                            training=False))
+    loaded, model = load_spec(spec)
+    if compile_spec(spec).graph.output != lower_model(model, loaded).output:  # folded
+        by_torch, by_keras = softmax(by_torch), softmax(by_keras)
+    return {"torch": by_torch, "keras": by_keras}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def assert_matches(spec: Path, weights: dict[str, np.ndarray], images: np.ndarray,
+                   expected: np.ndarray) -> None:
+    """Both backends reproduce the source's output within the conformance tolerance."""
+    assert np.ptp(expected) > 0, "a constant output would compare nothing"
+    for backend, actual in backend_outputs(spec, weights, images).items():
+        gap = difference(actual, expected)
+        assert gap.max_rel <= Tolerance().forward_rtol, (backend, gap)
+
+
+def images(shape: tuple[int, int, int], count: int = 3) -> np.ndarray:
+    return np.random.default_rng(7).uniform(-1, 1, (count, *shape)).astype(np.float32)
+
+
+def main_in_process(capsys: Any, *args: str) -> tuple[int, str]:
+    """Run the CLI in this process (Keras is imported already): exit code and stderr."""
+    from specforge.cli import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["specforge", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def randomize_keras(model: Any, seed: int = 1) -> None:
+    """Weights that make every layer matter: Keras's own initial ones leave batch norm an
+    identity and can make the output constant."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        shape, path = tuple(variable.shape), variable.path
+        if "gamma" in path or "moving_variance" in path:
+            value = rng.uniform(0.5, 1.5, shape)
+        elif "beta" in path or "moving_mean" in path or "bias" in path:
+            value = rng.uniform(-0.2, 0.2, shape)
+        else:
+            fan_in = shape[0] * shape[1] if "depthwise" in path else int(np.prod(shape[:-1]))
+            value = rng.uniform(-1, 1, shape) * np.sqrt(3 / fan_in)
+        variable.assign(value.astype(np.float32))
+
+
+def randomize_torch(module: Any) -> None:
+    """Batch norm statistics that matter (torch's start as an identity)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.BatchNorm2d):
+                sub.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                sub.running_var.uniform_(0.5, 1.5, generator=generator)
+                sub.weight.uniform_(0.5, 1.5, generator=generator)
+                sub.bias.uniform_(-0.2, 0.2, generator=generator)
+
+
+def export_torch(module: Any, shape: tuple[int, int, int], path: Path, **options: Any) -> Path:
+    """``module`` (eval mode) exported by torch's TorchScript-based exporter."""
+    import warnings
+
+    h, w, c = shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(1, c, h, w),), str(path), dynamo=False,
+                          input_names=["image"], output_names=["out"], **options)
+    return path
+
+
+def torch_output(module: Any, batch: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(batch.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+def seed_keras_model() -> Any:
+    """The seed document's Keras CIFAR-10 model, as specs/cifar.yaml describes it."""
+    k = keras.layers
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        k.Conv2D(32, (3, 3), activation="relu"), k.MaxPooling2D((2, 2)),
+        k.Conv2D(64, (3, 3), activation="relu"), k.MaxPooling2D((2, 2)),
+        k.Conv2D(128, (3, 3), activation="relu"), k.MaxPooling2D((2, 2)),
+        k.Flatten(), k.Dense(128, activation="relu"), k.Dense(10, activation="softmax")])
+
+
+def structure(graph: Graph) -> list[tuple[str, dict[str, Any], tuple[Any, ...]]]:
+    """A graph up to names: each node's op, attrs and parameter shapes, in order."""
+    return [(n.op, dict(n.attrs), tuple(p.shape for p in n.params)) for n in graph]
+
+
+def readme_section() -> str:
+    """The README's "Bring your own model" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## Bring your own model\n")[1].split("\n## ")[0]
+
+
+# --- Keras ---------------------------------------------------------------------------------------
+
+def test_the_seed_keras_model_imports_as_the_seed_spec(tmp_path):
+    source = seed_keras_model()
+    randomize_keras(source)
+    source.save(tmp_path / "seed.keras")
+    spec, graph, weights = imported(tmp_path / "seed.keras", tmp_path)
+    seed = compile_spec(SPECS / "cifar.yaml")
+    loaded, model = load_spec(SPECS / "cifar.yaml")
+    assert structure(graph) == structure(lower_model(model, loaded))
+    assert graph.trainable_params == seed.graph.trainable_params == source.count_params()
+    batch = images((32, 32, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    text = spec.read_text()
+    assert "from seed.keras (Keras Sequential model)" in text
+    layers = yaml.safe_load(text)["model"]["layers"]
+    assert [item["name"] for item in layers] == [layer.name for layer in source.layers]
+
+
+def test_the_readme_import_command_runs_as_written(tmp_path, capsys, monkeypatch):
+    command = readme_section().split("```sh\n")[1].split("\n")[0]
+    args = shlex.split(command.split("#")[0])
+    assert args == ["specforge", "import", "model.keras", "-o", "model.yaml"]
+    monkeypatch.chdir(tmp_path)
+    seed_keras_model().save(tmp_path / "model.keras")
+    code, message = main_in_process(capsys, *args[1:])
+    assert code == 0, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "model.npz",
+                                                          "model.yaml"]
+    text = (tmp_path / "model.yaml").read_text()
+    assert "from model.keras" in text and "Weights: model.npz" in text
+    export = readme_section().split("```sh\n")[1].split("\n")[1]  # the second command
+    args = shlex.split(export.split("#")[0])
+    assert args[:2] == ["specforge", "export"]
+    code, message = main_in_process(capsys, *args[1:])
+    assert code == 0, message
+    assert (tmp_path / "model.onnx").stat().st_size > 160_202 * 4  # the seed's weights
+    for count in APPLICATION_PARAMS.values():
+        assert f"{count:,}" in " ".join(readme_section().split())
+
+
+def functional_keras_model() -> Any:
+    """Branches, merges and most layer types Keras applications use."""
+    k = keras.layers
+    inputs = keras.Input((13, 12, 3), name="image")
+    x = k.ZeroPadding2D(((1, 0), (2, 1)), name="pad")(inputs)
+    x = k.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = k.BatchNormalization(momentum=0.99, epsilon=1e-3, name="stem_bn")(x)
+    x = k.ReLU(6.0, name="stem_relu6")(x)
+    a = k.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="swish",
+                          name="dw")(x)
+    a = k.Conv2D(8, 1, name="project")(a)
+    b = k.SeparableConv2D(8, 3, padding="same", activation="gelu", name="separable")(x)
+    s = k.Add(name="residual")([a, b])
+    s = k.LeakyReLU(0.1, name="leaky")(s)
+    c = k.Concatenate(name="both")([s, x])
+    c = k.AveragePooling2D(3, strides=2, padding="same", name="avg")(c)
+    c = k.SpatialDropout2D(0.2, name="drop")(c)
+    c = k.Activation("hard_sigmoid", name="hsig")(c)
+    v = k.GlobalMaxPooling2D(name="gmp")(c)
+    v = k.Dropout(0.5, name="dropout")(v)
+    out = k.Dense(5, activation="softmax", name="head")(v)
+    return keras.Model(inputs, out, name="functional_test")
+
+
+def test_a_functional_keras_model_from_h5_imports_layer_for_layer(tmp_path):
+    source = functional_keras_model()
+    randomize_keras(source)
+    source.save(tmp_path / "functional.h5")
+    spec, graph, weights = imported(tmp_path / "functional.h5", tmp_path)
+    batch = images((13, 12, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params()
+    layers = {item["name"]: item for item in yaml.safe_load(spec.read_text())["model"]["layers"]}
+    assert layers["stem_bn"] == {"type": "batch_norm", "name": "stem_bn",
+                                 "running_decay": 0.99, "epsilon": 0.001}
+    assert layers["pad"]["padding"] == {"top": 1, "bottom": 0, "left": 2, "right": 1}
+    assert layers["both"]["inputs"] == ["leaky", "stem_relu6"]
+
+
+def test_a_pretrained_base_inside_a_sequential_model_is_imported_layer_by_layer(tmp_path):
+    """Transfer learning's usual shape: a functional model used as the first layer."""
+    k = keras.layers
+    inputs = keras.Input((10, 10, 3), name="image")
+    x = k.Conv2D(6, 3, padding="same", name="conv")(inputs)
+    x = k.BatchNormalization(name="bn")(x)
+    x = k.Add(name="skip")([x, k.Conv2D(6, 1, name="shortcut")(inputs)])
+    base = keras.Model(inputs, k.ReLU(name="relu")(x), name="base")
+    source = keras.Sequential([keras.Input((10, 10, 3)), base,
+                               k.GlobalAveragePooling2D(name="gap"),
+                               k.Dense(4, activation="softmax", name="head")])
+    randomize_keras(source)
+    source.save(tmp_path / "transfer.keras")
+    spec, _, weights = imported(tmp_path / "transfer.keras", tmp_path)
+    batch = images((10, 10, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    assert [item["name"] for item in layers] == ["conv", "bn", "shortcut", "skip", "relu",
+                                                 "gap", "head"]
+    assert layers[2]["inputs"] == "input"
+
+
+def test_imported_specs_leave_defaults_out_and_validate(tmp_path):
+    source = functional_keras_model()
+    source.save(tmp_path / "functional.keras")
+    spec, _, _ = imported(tmp_path / "functional.keras", tmp_path)
+    classes = {canonical: cls for cls in L.Layer.__origin__.__args__  # type: ignore[attr-defined]
+               for canonical in cls.model_fields["type"].annotation.__args__}
+    for item in yaml.safe_load(spec.read_text())["model"]["layers"]:
+        fields = classes[item["type"]].model_fields
+        for key, value in item.items():
+            default = fields[key].default
+            assert key in ("type", "name") or value != default, (item, key)
+    result = ok(cli("validate", str(spec)))
+    assert "ok:" in result.stdout
+
+
+def test_a_keras_lambda_layer_is_refused_before_loading(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    k = keras.layers
+    inputs = keras.Input((4, 4, 1))
+    x = k.Lambda(lambda t: t * 2, name="doubler")(inputs)
+    model = keras.Model(inputs, k.Dense(2)(k.Flatten()(x)))
+    for suffix in (".keras", ".h5"):
+        model.save(tmp_path / f"lambda{suffix}")
+    monkeypatch.setattr(keras.saving, "load_model",
+                        lambda *a, **k: marker.write_text("loaded"))
+    for suffix in (".keras", ".h5"):
+        with pytest.raises(ImportRefused) as caught:
+            import_model(tmp_path / f"lambda{suffix}")
+        assert "'doubler' (Lambda): a layer of Python code" in str(caught.value)
+    assert not marker.exists()
+
+
+def test_keras_files_declaring_more_data_than_they_hold_are_refused(tmp_path):
+    """An HDF5 dataset may declare any shape without storage, and a zip entry any size:
+    Keras would allocate what they declare, so the import refuses before loading."""
+    import zipfile
+
+    import h5py
+
+    model = seed_keras_model()
+    model.save(tmp_path / "model.h5")
+    with h5py.File(tmp_path / "model.h5", "a") as h5:
+        h5["model_weights"].create_dataset("huge", shape=(1_000_000, 1_000_000), dtype="f4")
+    assert (tmp_path / "model.h5").stat().st_size < 10_000_000
+    with pytest.raises(ImportRefused, match=r"its arrays declare 4,000,00\d,\d{3},\d{3} bytes"):
+        import_model(tmp_path / "model.h5")
+    with zipfile.ZipFile(tmp_path / "bomb.keras", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", bytes(80 << 20))
+    with pytest.raises(ImportRefused, match=r"'model\.weights\.h5' would expand from"):
+        import_model(tmp_path / "bomb.keras")
+
+
+def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written(tmp_path,
+                                                                                 capsys):
+    k = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = k.Conv2D(4, 3, data_format="channels_last", padding="valid", name="ok_conv")(inputs)
+    x = k.Conv2DTranspose(4, 3, name="up")(x)
+    x = k.MaxPooling2D(2, name="pool")(x)
+    x = k.Conv2D(4, 3, activation="exponential", name="exp_conv")(x)
+    x = k.BatchNormalization(axis=1, name="bn_axis1")(x)
+    out = k.Dense(3, name="dense_on_image")(x)
+    keras.Model(inputs, out).save(tmp_path / "bad.keras")
+    code, message = main_in_process(capsys, "import", str(tmp_path / "bad.keras"), "-o",
+                                    str(tmp_path / "out" / "bad.yaml"))
+    assert code == 2
+    assert message.startswith(f"error: cannot import {tmp_path / 'bad.keras'}:\n")
+    lines = [line.strip() for line in message.splitlines()[1:]]
+    assert lines == [
+        "'up' (Conv2DTranspose): layer type Conv2DTranspose has no specforge equivalent",
+        "'exp_conv' (Conv2D): activation 'exponential' is not one of specforge's",
+        "'bn_axis1' (BatchNormalization): axis 1: specforge normalises the last (channel) axis",
+        "'dense_on_image' (Dense): input of shape [None, 2, 2, 4]: specforge's dense takes a "
+        "flat vector (add a Flatten first)",
+    ], message
+    assert not (tmp_path / "out").exists()
+    shown = readme_section().split("```text\n")[1].split("```")[0].splitlines()
+    assert shown[0] == "error: cannot import bad.keras:"
+    assert {line.strip() for line in shown[1:]} <= set(lines)
+
+
+# --- ONNX from PyTorch ---------------------------------------------------------------------------
+
+class _Residual(torch.nn.Module):
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(channels // stride, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.down = None if stride == 1 else nn.Sequential(
+            nn.Conv2d(channels // stride, channels, 1, stride, bias=False),
+            nn.BatchNorm2d(channels))
+
+    def forward(self, x: Any) -> Any:
+        shortcut = x if self.down is None else self.down(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class _ResNetStyle(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 8, 5, 2, 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(_Residual(8, 1), _Residual(8, 1))
+        self.layer2 = nn.Sequential(_Residual(16, 2), _Residual(16, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: Any) -> Any:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layer2(self.layer1(x))), 1))
+
+
+@pytest.mark.parametrize("training", ["EVAL", "PRESERVE"])
+def test_a_resnet_style_torch_model_exported_to_onnx(tmp_path, training):
+    """EVAL folds batch norm into the convolutions; PRESERVE keeps it as its own op."""
+    torch.manual_seed(0)
+    source = _ResNetStyle()
+    randomize_torch(source)
+    path = export_torch(source, (20, 20, 3), tmp_path / "resnet.onnx",
+                        training=getattr(torch.onnx.TrainingMode, training))
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((20, 20, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    ops = [node.op for node in graph]
+    assert ops.count("add") == 4
+    assert ops.count("batch_norm") == (10 if training == "PRESERVE" else 0)
+    assert max(len(line) for line in spec.read_text().splitlines()) <= 100
+    names = [item["name"] for item in yaml.safe_load(spec.read_text())["model"]["layers"]]
+    assert "layer2_0_down_0" in names and "fc" in names, names
+    if training == "PRESERVE":
+        assert graph.trainable_params + graph.non_trainable_params == sum(
+            t.numel() for t in [*source.parameters(), *source.buffers()] if t.dim() > 0)
+
+
+class _SeedCNN(torch.nn.Module):
+    """The seed CNN written in PyTorch: torch flattens channel-first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(128 * 2 * 2, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: Any) -> Any:
+        x = self.features(x)
+        x = x.view(x.size(0), -1)  # shape arithmetic in the graph with a dynamic batch
+        return torch.softmax(self.fc2(torch.relu(self.fc1(x))), dim=1)
+
+
+def test_the_seed_cnn_from_torch_gets_its_flatten_order_right(tmp_path):
+    torch.manual_seed(0)
+    source = _SeedCNN()
+    path = export_torch(source, (32, 32, 3), tmp_path / "seed_cnn.onnx",
+                        dynamic_axes={"image": {0: "batch"}, "out": {0: "batch"}})
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((32, 32, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    seed = compile_spec(SPECS / "cifar.yaml").graph
+    assert graph.trainable_params == seed.trainable_params
+    loaded, model = load_spec(SPECS / "cifar.yaml")
+    assert structure(graph) == structure(lower_model(model, loaded))
+
+
+class _Mobile(torch.nn.Module):
+    """Depthwise convolutions, relu6 (Clip), explicit pads, hardswish, silu (Sigmoid and
+    Mul), concat, avg pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 8, 3, 2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 16, 3, 1, 1, groups=8)
+        self.pw = nn.Conv2d(16, 8, 1)
+        self.hs = nn.Hardswish()
+        self.silu = nn.SiLU()
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(16 * 3 * 3, 4)
+
+    def forward(self, x: Any) -> Any:
+        x = self.act(self.bn(self.stem(torch.nn.functional.pad(x, (0, 1, 0, 1)))))
+        y = self.hs(self.pw(self.silu(self.dw(x))))
+        x = self.pool(torch.cat([x, y], 1))
+        return self.head(torch.flatten(x, 1))
+
+
+def test_depthwise_relu6_pads_and_concat_from_torch(tmp_path):
+    torch.manual_seed(0)
+    source = _Mobile()
+    randomize_torch(source)
+    path = export_torch(source, (13, 13, 3), tmp_path / "mobile.onnx",
+                        training=torch.onnx.TrainingMode.PRESERVE)
+    spec, _, weights = imported(path, tmp_path)
+    batch = images((13, 13, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    types = {item["type"] for item in layers}
+    assert {"pad2d", "depthwise_conv2d", "concat", "avg_pool2d"} <= types
+    activations = {item.get("activation", item.get("fn")) for item in layers}
+    assert {"relu6", "silu", "hard_swish"} <= activations, activations
+
+
+def test_the_import_command_writes_a_spec_that_validates(tmp_path):
+    torch.manual_seed(0)
+    path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")
+    out = tmp_path / "specs" / "resnet.yaml"
+    out.parent.mkdir()
+    result = ok(cli("import", str(path), "-o", str(out)))
+    assert f"wrote {out} and {out.with_suffix('.npz')}" in result.stderr
+    assert out.read_text().startswith("# Imported by `specforge import` from resnet.onnx")
+    assert "ok:" in ok(cli("validate", str(out))).stdout
+
+
+def test_an_nhwc_graph_as_keras_exporters_write_it(tmp_path):
+    """tf2onnx's layout: NHWC input transposed to NCHW around the convolutions, then back
+    (so the flatten is already height, width, channel), MatMul + Add, softmax on axis -1."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    helper, rng = onnx.helper, np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(6, 2, 3, 3)).astype(np.float32),
+                                          "conv_w")
+    kernel = onnx.numpy_helper.from_array(rng.normal(size=(120, 5)).astype(np.float32), "fc_w")
+    bias = onnx.numpy_helper.from_array(rng.normal(size=5).astype(np.float32), "fc_b")
+    shape = onnx.numpy_helper.from_array(np.array([-1, 120], np.int64), "flat_shape")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "conv_w"], ["c"], name="model/conv2d/Conv2D",
+                         pads=[1, 0, 1, 1], strides=[2, 2], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"], name="model/conv2d/Relu"),
+        helper.make_node("Transpose", ["r"], ["n"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["n", "flat_shape"], ["f"], name="model/flatten/Reshape"),
+        helper.make_node("MatMul", ["f", "fc_w"], ["m"], name="model/dense/MatMul"),
+        helper.make_node("Add", ["m", "fc_b"], ["a"], name="model/dense/BiasAdd"),
+        helper.make_node("Softmax", ["a"], ["y"], name="model/dense/Softmax", axis=-1)]
+    path = tmp_path / "keras_style.onnx"
+    onnx.save(onnx_model(nodes, [weight, kernel, bias, shape], ["N", 9, 8, 2]), path)
+    spec, _, weights = imported(path, tmp_path)
+    batch = images((9, 8, 2))
+    expected = onnxruntime.InferenceSession(str(path)).run(None, {"x": batch})[0]
+    assert_matches(spec, weights, batch, expected)
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    assert [item["type"] for item in layers] == ["conv2d", "flatten", "dense"]
+    assert layers[0]["padding"] == "same" and layers[0]["activation"] == "relu"
+    assert layers[2]["activation"] == "softmax" and "bias" not in layers[2]
+
+
+# --- ONNX: what cannot be expressed, and hostile files -------------------------------------------
+
+def onnx_model(nodes: list[Any], initializers: list[Any], shape: list[int],
+               output: str = "y") -> Any:
+    helper = onnx.helper
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def conv_weight(name: str = "w") -> Any:
+    return onnx.numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), name)
+
+
+def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
+    helper = onnx.helper
+    scale = onnx.numpy_helper.from_array(np.float32(2.0).reshape(1), "two")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mul", ["c", "two"], ["m"], name="scale"),
+             helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2],
+                              ceil_mode=1),
+             helper.make_node("Relu", ["m"], ["r"], name="after_scale"),
+             helper.make_node("Add", ["r", "p"], ["y"], name="sum")]
+    path = tmp_path / "bad.onnx"
+    onnx.save(onnx_model(nodes, [conv_weight(), scale], [1, 1, 4, 4]), path)
+    result = refused(cli("import", str(path), "-o", str(tmp_path / "bad.yaml")))
+    assert [line.strip() for line in result.splitlines()[1:]] == [
+        "'scale' (Mul): multiplying by a constant: specforge has no element-wise product",
+        "'pool' (MaxPool): ceil_mode=1 (floor only)"], result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def external(tensor: Any, location: str, length: int | None = None) -> Any:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    entries = {"location": location, **({"length": str(length)} if length else {})}
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "link.bin",
+                                      "sub/../../secret.bin"])
+def test_onnx_external_data_outside_the_model_folder_is_refused(tmp_path, location):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(2, np.float32).tobytes())
+    (folder / "link.bin").symlink_to(secret)
+    weight = external(conv_weight(), location, 8)
+    path = folder / "m.onnx"
+    onnx.save(onnx_model([onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                         [weight], [1, 1, 4, 4]), path)
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert f"names external data {location!r}" in str(caught.value)
+    assert "outside the model's folder" in str(caught.value) or "leads outside" in str(
+        caught.value)
+
+
+def test_onnx_external_data_inside_the_folder_is_read(tmp_path):
+    (tmp_path / "w.bin").write_bytes(np.full(2, 3.0, np.float32).tobytes())
+    weight = external(conv_weight(), "w.bin", 8)
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model([onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                          onnx.helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+                          onnx.helper.make_node("Flatten", ["g"], ["y"])],
+                         [weight], [1, 1, 4, 4]), path)
+    model = import_model(path)
+    assert model.weights["conv.kernel"].tolist() == [[[[3.0, 3.0]]]]
+
+
+def test_a_huge_declared_tensor_is_refused_without_allocating_it(tmp_path):
+    huge = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT,
+                            dims=[1_000_000, 1_000_000, 1, 1])  # and no data
+    path = tmp_path / "huge.onnx"
+    onnx.save(onnx_model([onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                         [huge], [1, 1, 4, 4]), path)
+    assert path.stat().st_size < 1000
+    # a limit on the address space makes any attempt to allocate the 4 TB fail loudly
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
+              " from specforge.cli import main; sys.argv = ['specforge', 'import', "
+              f"{str(path)!r}, '-o', {str(tmp_path / 'huge.yaml')!r}]; main()")
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**ENV, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "tensor 'w' declares dims [1000000, 1000000, 1, 1] (4,000,000,000,000 bytes) but " \
+           "holds 0 bytes of data" in result.stderr
+    assert not (tmp_path / "huge.yaml").exists()
+    short = external(conv_weight(), "w.bin", 8)
+    (tmp_path / "w.bin").write_bytes(b"\0" * 4)
+    onnx.save(onnx_model([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], [short],
+                         [1, 1, 4, 4]), path)
+    with pytest.raises(ImportRefused, match=r"external data 'w\.bin' holds 4"):
+        import_model(path)
+
+
+def test_unknown_formats_missing_files_and_bad_output_names_are_usage_errors(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"unknown model format '\.pt'"):
+        import_model(tmp_path / "model.pt")
+    with pytest.raises(UsageError, match="no such file"):
+        import_model(tmp_path / "missing.onnx")
+    torch.manual_seed(0)
+    path = export_torch(_SeedCNN(), (32, 32, 3), tmp_path / "cnn.onnx")
+    with pytest.raises(UsageError, match=r"name a \.yaml file"):
+        write_import(import_model(path), tmp_path / "cnn.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "model.pt"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "onnx", None)  # as if not installed
+        with pytest.raises(UsageError, match=r"needs the onnx package: pip install "
+                                             r"'specforge\[onnx\]'"):
+            import_model(path)
+
+
+# --- keras.applications (slow: each builds, saves and loads a large model) ----------------------
+
+#: Parameters of each application with its classifier, as Keras counts them (and the issue).
+APPLICATION_PARAMS = {"VGG16": 138_357_544, "ResNet50": 25_636_712, "MobileNetV2": 3_538_984}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["VGG16", "ResNet50", "MobileNetV2"])
+def test_keras_applications_import_with_their_outputs_and_parameter_counts(tmp_path, name):
+    """32x32 inputs: VGG16's classifier then reads a 512-vector instead of 25,088, so its
+    count is compared with Keras's for that configuration (224x224 is the next test)."""
+    source = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3))
+    randomize_keras(source)
+    source.save(tmp_path / f"{name}.keras")
+    spec, graph, weights = imported(tmp_path / f"{name}.keras", tmp_path)
+    count = graph.trainable_params + graph.non_trainable_params
+    assert count == source.count_params()
+    if name != "VGG16":
+        assert count == APPLICATION_PARAMS[name]
+    batch = images((32, 32, 3), count=2)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.slow
+def test_vgg16_at_224_imports_with_its_138_million_parameters(tmp_path):
+    source = keras.applications.VGG16(weights=None)
+    source.save(tmp_path / "vgg16.keras")
+    del source
+    spec, npz = write_import(import_model(tmp_path / "vgg16.keras"), tmp_path / "vgg16.yaml")
+    graph = compile_spec(spec).graph
+    assert graph.trainable_params + graph.non_trainable_params == APPLICATION_PARAMS["VGG16"]
+    assert sum(a.size for a in load_weights(npz).values()) == APPLICATION_PARAMS["VGG16"]
+
+
+def test_onnx_imports_and_lambda_refusals_import_no_framework(tmp_path):
+    """An ONNX model needs no framework to import; a Keras file with a Lambda layer is
+    refused before Keras (which could run its code) is imported at all."""
+    import subprocess
+
+    from tests.test_cli import _PROBE
+
+    torch.manual_seed(0)
+    onnx_path = export_torch(_SeedCNN(), (32, 32, 3), tmp_path / "cnn.onnx")
+    inputs = keras.Input((4, 4, 1))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(
+        keras.layers.Lambda(lambda t: t + 1, name="plus_one")(inputs)))
+    keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
+    for source, code in ((onnx_path, 0), (tmp_path / "lambda.keras", 2)):
+        result = subprocess.run([sys.executable, "-c", _PROBE, "import", str(source), "-o",
+                                 str(tmp_path / f"{source.stem}.yaml")], capture_output=True,
+                                text=True, cwd=ROOT, env=ENV)
+        assert f"ATTEMPTS [] CODE {code}" in result.stderr, result.stderr[-2000:]
+    assert "'plus_one' (Lambda)" in result.stderr
+    assert (tmp_path / "cnn.yaml").exists() and not (tmp_path / "lambda.yaml").exists()
