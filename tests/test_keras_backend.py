@@ -521,7 +521,7 @@ def test_a_checkpoint_that_is_not_hdf5_is_refused(digits_run, tmp_path):
     (truncated / name).write_bytes(data[:len(data) // 2])
     for result in run_all(specforge("evaluate", str(garbage)),
                           specforge("evaluate", str(truncated))):
-        refused(result, "cannot read checkpoint")
+        refused(result, "is damaged", name)
 
 
 # --- idiomatic style: standalone, and trains digits as `specforge run` does ----------------------

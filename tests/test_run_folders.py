@@ -247,3 +247,11 @@ def test_a_weights_file_carries_its_sha256(runs, tmp_path):
     save_weights(tmp_path / "again.npz", load_weights(plain))
     again = load_weights(tmp_path / "again.npz")
     assert all(np.array_equal(again[k], weights[k]) for k in weights)
+
+
+def test_predict_refuses_a_decompression_bomb_by_name(runs, capsys, tmp_path):
+    from tests.test_data import png_declaring
+
+    bomb = png_declaring(tmp_path / "huge.png", 20000, 20000)
+    code, err = specforge_here(capsys, "predict", str(runs["torch"]), str(bomb))
+    assert code == 2 and f"cannot read image {bomb}" in err, err

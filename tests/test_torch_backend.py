@@ -404,7 +404,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(digits_run, tmp_path):
     assert marker.exists()
     marker.unlink()
 
-    refused(cli("evaluate", str(run_dir)), "cannot read checkpoint")
+    refused(cli("evaluate", str(run_dir)), f"{run_dir / 'checkpoint.pt'} is damaged")
     assert not marker.exists()
 
 
