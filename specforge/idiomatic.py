@@ -285,7 +285,7 @@ IMPORTS: list[tuple[int, str, str]] = [
     (0, "import math", r"\bmath\."), (0, "import re", r"\bre\.(sub|compile)"),
     (0, "import codecs", r"\bcodecs\."), (0, "import hashlib", r"\bhashlib\."),
     (0, "import io", r"\bio\."), (0, "import pickle", r"\bpickle\."),
-    (0, "import tarfile", r"\btarfile\."), (0, "import urllib.error", r"\burllib\.error\."),
+    (0, "import sys", r"\bsys\."), (0, "import tarfile", r"\btarfile\."), (0, "import urllib.error", r"\burllib\.error\."),
     (0, "import urllib.request", r"\burllib\.request\."),
     (0, "from collections import OrderedDict", r"\bOrderedDict\("),
     (0, "from dataclasses import dataclass", r"@dataclass"),
