@@ -78,13 +78,13 @@ def sets(*overrides: str) -> list[str]:
 
 
 def stop_after_steps(process: subprocess.Popen[str], steps: Path, count: int = 10,
-                     wait: float = 120) -> str:
-    """SIGTERM to a `specforge run` ``process`` once its run folder's ``steps`` log holds
-    ``count`` lines (within 240 s); its stderr, once it has exited."""
+                     wait: float = 120, signal_number: int = signal.SIGTERM) -> str:
+    """SIGTERM (or ``signal_number``) to a `specforge run` ``process`` once its run folder's
+    ``steps`` log holds ``count`` lines (within 240 s); its stderr, once it has exited."""
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         if steps.exists() and steps.read_text().count("\n") >= count:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal_number)
             break
         time.sleep(0.005)
     return process.communicate(timeout=wait)[1]
@@ -183,3 +183,21 @@ def check_both_styles_alone_on_image_folders(backend: str, folder: Path) -> None
     for result in results:
         ok(result)
         assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]
+
+
+def cli_here(capsys: Any, *args: str) -> tuple[int, str]:
+    """`specforge ARGS` in this process (a fraction of a second where a fresh interpreter
+    takes seconds to import torch or Keras): its exit code and stderr. An exception other
+    than SystemExit escapes and fails the test, as a traceback would."""
+    from specforge.cli import main
+
+    argv = sys.argv
+    sys.argv = ["specforge", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err

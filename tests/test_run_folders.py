@@ -18,7 +18,7 @@ import pytest
 from specforge.cli import main
 from specforge.weights import load_weights, save_weights
 from tests.conftest import SPECS
-from tests.processes import refused, run_all, sets, specforge
+from tests.processes import cli_here, refused, run_all, sets, specforge
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("keras")
@@ -47,21 +47,6 @@ def copy_of(runs: dict[str, Path], backend: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(runs[backend], tmp_path / backend))
 
 
-def specforge_here(capsys, *args: str) -> tuple[int, str]:
-    """`specforge ARGS` in this process (a fraction of a second instead of seconds): its exit
-    code and stderr. Any exception other than SystemExit fails the test: a traceback."""
-    argv = sys.argv
-    sys.argv = ["specforge", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
-
-
 def check_refused(capsys, run_dir: Path, damaged: Path, *phrases: str) -> None:
     """`evaluate`, `predict` and `run --resume` each refuse ``run_dir``, naming ``damaged``."""
     image = run_dir.parent / "digit.png"
@@ -73,7 +58,7 @@ def check_refused(capsys, run_dir: Path, damaged: Path, *phrases: str) -> None:
         if damaged.name != "run.json" else "torch"
     for args in (["evaluate", str(run_dir)], ["predict", str(run_dir), str(image)],
                  ["run", DIGITS, "-b", backend, "--resume", str(run_dir), "--quiet", *TINY]):
-        code, err = specforge_here(capsys, *args)
+        code, err = cli_here(capsys, *args)
         assert code == 2, (args, err)
         assert f"{damaged} is damaged" in err, (args, err)
         for phrase in phrases:
@@ -253,5 +238,5 @@ def test_predict_refuses_a_decompression_bomb_by_name(runs, capsys, tmp_path):
     from tests.test_data import png_declaring
 
     bomb = png_declaring(tmp_path / "huge.png", 20000, 20000)
-    code, err = specforge_here(capsys, "predict", str(runs["torch"]), str(bomb))
+    code, err = cli_here(capsys, "predict", str(runs["torch"]), str(bomb))
     assert code == 2 and f"cannot read image {bomb}" in err, err

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,33 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
     assert read_jsonl(a / "metrics.jsonl") == read_jsonl(b / "metrics.jsonl")
     assert json.loads((a / "summary.json").read_text())["test"] == \
         json.loads((b / "summary.json").read_text())["test"]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+    """SIGINT (what Ctrl-C sends) stops the run as SIGTERM does: after the current step,
+    with a checkpoint of that step, exit code 130 and no KeyboardInterrupt traceback."""
+    run_dir = tmp_path / "run"
+    # 2,000 short steps: a checkpoint every 5 makes the step log reach the disk early
+    process = subprocess.Popen(specforge("run", DIGITS, "-b", "torch", "--run-dir",
+                                         str(run_dir), "--quiet",
+                                         *sets("training.epochs=400",
+                                               "training.steps_per_epoch=5")),
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        err = stop_after_steps(process, run_dir / "steps.jsonl", count=5,
+                               signal_number=signal.SIGINT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, (process.returncode, err[-3000:])
+    assert "stopped by SIGINT" in err and f"--resume {run_dir}" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    loop = json.loads(torch.load(run_dir / "checkpoint.pt", weights_only=True)["loop"])
+    logged = read_jsonl(run_dir / "steps.jsonl")
+    assert 5 <= loop["step"] == len(logged) < 2000
+    assert [s["step"] for s in logged] == list(range(loop["step"]))
 
 
 def test_resume_and_run_dir_misuse_are_refused(tmp_path):
