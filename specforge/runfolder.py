@@ -87,8 +87,6 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 def read_saved_spec(run_dir: Path) -> Any:
     """The resolved spec a run folder was started with (plain YAML data)."""
-    import yaml
-
     path = Path(run_dir) / "spec.yaml"
     if not path.exists():
         raise UsageError(f"nothing to resume or evaluate in {run_dir}: it has no spec.yaml")

@@ -434,7 +434,7 @@ def read_pointer(path: Path) -> dict[str, Any]:
     pointer = read_json(path, "an object naming the checkpoint's files")
     for part in ("weights", "state"):
         name = pointer.get(part)
-        if not isinstance(name, str) or not name or Path(name).name != name:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
             raise DamagedFile(path, f"its {part!r} is not the name of a file in its folder")
     if not isinstance(pointer.get("sha256", {}), dict):
         raise DamagedFile(path, "its 'sha256' is not a table of file names and digests")
