@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field, fields
@@ -94,12 +95,16 @@ PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 
 
-class DataError(Exception):
+class UsageError(Exception):
+    """A bad request."""
+
+
+class DataError(UsageError):
     """Bad or missing data."""
 
 
-class UsageError(Exception):
-    """A bad request."""
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite: the spec's settings caused it."""
 
 
 # --- 2. Layers whose meaning torch's own layers do not have (tensors are NCHW) ------------
@@ -502,7 +507,8 @@ def decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
             if image.size != (width, height):
                 image = image.resize((width, height), image_module.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
+    # a DecompressionBombError is Pillow's refusal of an image of too many pixels
+    except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     return array.reshape(shape)
 
@@ -536,7 +542,7 @@ def _check_modes(paths: list[Path], channels: int) -> None:
         try:
             with image_module.open(path) as image:
                 mode = "gray" if image.mode in ("1", "L", "I;16", "I", "F", "LA") else "color"
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         first.setdefault(mode, path)
     if len(first) > 1:
@@ -1107,7 +1113,9 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
             lr = lr_at(OPTIMIZER, step, steps_per_epoch)
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
-                raise SystemExit(f"the loss became {loss} at step {step}")
+                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch "
+                                       f"{epoch + 1}, learning rate {lr:.3g}); lower the "
+                                       "learning rate or add clip_norm")
             tally.add(loss, logits, batch.y)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
@@ -1126,4 +1134,8 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # bad data or settings: the message, as `specforge run`
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -78,12 +79,16 @@ PROBABILITY_EPSILON = 1e-7
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 
 
-class DataError(Exception):
+class UsageError(Exception):
+    """A bad request."""
+
+
+class DataError(UsageError):
     """Bad or missing data."""
 
 
-class UsageError(Exception):
-    """A bad request."""
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite: the spec's settings caused it."""
 
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
@@ -2648,7 +2653,9 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
             lr = lr_at(OPTIMIZER, step, steps_per_epoch)
             loss, logits = train_step(batch, lr, step)
             if not math.isfinite(loss):
-                raise SystemExit(f"the loss became {loss} at step {step}")
+                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch "
+                                       f"{epoch + 1}, learning rate {lr:.3g}); lower the "
+                                       "learning rate or add clip_norm")
             tally.add(loss, logits, batch.y)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
@@ -2667,4 +2674,8 @@ def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # bad data or settings: the message, as `specforge run`
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

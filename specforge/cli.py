@@ -444,15 +444,14 @@ def _launch(nproc: int, nnodes: int, node_rank: int, endpoint: str | None) -> in
 
 
 def _check_same_spec(program: Program, folder: Path) -> None:
-    import yaml
+    from specforge.runfolder import read_run_info, read_saved_spec
 
-    saved = folder / "spec.yaml"
-    if not saved.exists():
-        raise UsageError(f"nothing to resume in {folder}: it has no spec.yaml")
     current = program.spec.model_dump(mode="json", exclude_none=True)
-    if yaml.safe_load(saved.read_text(encoding="utf-8")) != current:
+    if read_saved_spec(folder) != current:
         raise UsageError(f"the spec differs from the one {folder} was started with "
-                         f"({saved}); resume with the same spec and --set options")
+                         f"({folder / 'spec.yaml'}); resume with the same spec and --set "
+                         "options")
+    read_run_info(folder)  # a resumed run reads its class names from there
 
 
 def _open_run(run_dir: Path, with_backend: bool = True
@@ -461,12 +460,15 @@ def _open_run(run_dir: Path, with_backend: bool = True
     existing run."""
     from specforge.backends import load_backend
     from specforge.compiler import compile_spec
+    from specforge.runfolder import DamagedFile, read_run_info, read_saved_spec
 
-    info_path = run_dir / "run.json"
-    if not info_path.exists():
-        raise UsageError(f"{run_dir} is not a run folder (no run.json)")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    program = compile_spec(run_dir / "spec.yaml")
+    info = read_run_info(run_dir)
+    spec = run_dir / "spec.yaml"
+    read_saved_spec(run_dir)  # plain YAML, as specforge wrote it
+    try:
+        program = compile_spec(spec)
+    except SpecError as exc:  # specforge wrote a valid spec there: it was changed since
+        raise DamagedFile(spec, f"it is no longer a valid spec:\n{exc.render()}") from None
     backend_impl = load_backend(info["backend"]) if with_backend else None
     return backend_impl, program, Path(info.get("spec_dir", ".")), info
 

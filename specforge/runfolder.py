@@ -17,11 +17,86 @@ import yaml
 
 from specforge import __version__
 from specforge.atomic import write_atomically
+from specforge.errors import UsageError
 
 if TYPE_CHECKING:
     from specforge.backends import RunOptions
     from specforge.ir.program import Program
     from specforge.tracking import Tracker
+
+
+class DamagedFile(UsageError):
+    """A file of a run folder that is not what specforge wrote there (exit code 2): the
+    message names the file and how it is damaged."""
+
+    def __init__(self, path: Path, how: str) -> None:
+        super().__init__(f"{path} is damaged: {how}")
+
+
+#: What a checkpoint's loop state holds (see runner.Loop.state), and the JSON type of each.
+LOOP_STATE_FIELDS = {"step": int, "loss_sum": (int, float), "seen": int, "confusion": list,
+                     "top_k_hits": dict, "count": int, "history": list}
+
+
+def check_loop_state(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` if it is a loop state as the training loop wrote it into the checkpoint at
+    ``path``; else :class:`DamagedFile`."""
+    if not isinstance(state, dict):
+        raise DamagedFile(path, f"its loop state is a {type(state).__name__}, not a mapping")
+    for name, kind in LOOP_STATE_FIELDS.items():
+        if name not in state:
+            raise DamagedFile(path, f"its loop state lacks {name!r}")
+        if not isinstance(state[name], kind) or isinstance(state[name], bool):
+            raise DamagedFile(path, f"its loop state's {name!r} is "
+                                    f"{type(state[name]).__name__} {state[name]!r:.40}")
+    if state["step"] < 0 or not all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                                    for r in state["history"]):
+        raise DamagedFile(path, "its loop state's step or history is not a training loop's")
+    return state
+
+
+def read_json(path: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """A run folder's JSON file, which must hold an object; else :class:`DamagedFile`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:  # not damage: the caller says what a missing file means
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedFile(path, f"cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(path, f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DamagedFile(path, f"it holds a JSON {type(value).__name__}, not {what}")
+    return value
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, checked: the backend's name and the class names."""
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise UsageError(f"{run_dir} is not a run folder (no run.json)")
+    info = read_json(path, "an object with the run's backend")
+    if not isinstance(info.get("backend"), str):
+        raise DamagedFile(path, "it lacks the backend's name ('backend')")
+    names = info.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DamagedFile(path, "its 'class_names' is not a list of names")
+    if not isinstance(info.get("spec_dir", "."), str):
+        raise DamagedFile(path, "its 'spec_dir' is not a folder's name")
+    return info
+
+
+def read_saved_spec(run_dir: Path) -> Any:
+    """The resolved spec a run folder was started with (plain YAML data)."""
+    path = Path(run_dir) / "spec.yaml"
+    if not path.exists():
+        raise UsageError(f"nothing to resume or evaluate in {run_dir}: it has no spec.yaml")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        # specforge writes it with safe_dump: tags, bad bytes or broken syntax are damage
+        raise DamagedFile(path, f"not the plain YAML specforge writes "
+                                f"({' '.join(str(exc).split())})") from None
 
 
 class RunFolder:
@@ -43,8 +118,6 @@ class RunFolder:
         if not self.writes:
             return
         if (self.path / "run.json").exists():
-            from specforge.errors import UsageError
-
             raise UsageError(f"{self.path} already holds a run: continue it with "
                              f"--resume {self.path}, or choose another --run-dir")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -65,7 +138,7 @@ class RunFolder:
             self.trackers = trackers
 
     def info(self) -> dict[str, Any]:
-        return json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        return read_run_info(self.path)
 
     def log_step(self, step: int, epoch: int, loss: float, lr: float) -> None:
         if not self.writes:
@@ -102,6 +175,16 @@ class RunFolder:
             f.write(json.dumps(record) + "\n")
         if self.trackers is not None:
             self.trackers.log_epoch(record)
+        self._write_tables(history)
+        if options.log_json:
+            print(json.dumps({"event": "epoch", **record}), flush=True)
+
+    def _write_tables(self, history: list[dict[str, Any]]) -> None:
+        """metrics.csv and plot.png, whole, from every epoch's record (none: no files)."""
+        if not history:
+            for name in ("metrics.csv", "plot.png"):
+                (self.path / name).unlink(missing_ok=True)
+            return
         columns = list(dict.fromkeys(k for r in history for k in r))
         text = io.StringIO()
         writer = csv.DictWriter(text, columns)
@@ -109,8 +192,28 @@ class RunFolder:
         writer.writerows(history)
         write_atomically(self.path / "metrics.csv", text.getvalue())
         write_plot(self.path / "plot.png", history)
-        if options.log_json:
-            print(json.dumps({"event": "epoch", **record}), flush=True)
+
+    def rewind(self, step: int, history: list[dict[str, Any]]) -> None:
+        """Cut the logs back to a checkpoint's ``step`` and ``history`` before a resume: a
+        run killed after it logged steps or an epoch that its last checkpoint does not hold
+        would otherwise log them twice. The checkpoint's history is the truth."""
+        if not self.writes:
+            return
+        steps = self.path / "steps.jsonl"
+        kept: list[str] = []
+        if steps.exists():
+            for line in steps.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    logged = json.loads(line)
+                except json.JSONDecodeError:  # the torn last line of a killed run
+                    continue
+                if isinstance(logged, dict) and isinstance(logged.get("step"), int) and \
+                        logged["step"] < step:
+                    kept.append(line + "\n")
+        write_atomically(steps, "".join(kept))
+        write_atomically(self.path / "metrics.jsonl",
+                         "".join(json.dumps(record) + "\n" for record in history))
+        self._write_tables(history)
 
     def finish(self, test: dict[str, float], device: str, options: RunOptions,
                speed: dict[str, float]) -> None:

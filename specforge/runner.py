@@ -29,7 +29,7 @@ from specforge.data.prefetch import PrefetchedBatches, resolve_workers
 from specforge.errors import UsageError
 from specforge.ir.program import Program, lr_at
 from specforge.metrics import MetricAccumulator
-from specforge.runfolder import RunFolder
+from specforge.runfolder import DamagedFile, RunFolder, check_loop_state
 from specforge.weights import read_weights_for, save_weights
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def run_training(backend: Backend, program: Program, options: RunOptions) -> Run
                          options.init_weights)
         loop = Loop(program, pipeline, trainer, folder, options)
         if options.resume:
-            loop.restore(trainer.load_checkpoint(folder.checkpoint))
+            loop.resume(trainer.load_checkpoint(folder.checkpoint))
         if folder.writes:
             folder.track(_open_trackers(program, folder, options, loop.step))
         try:
@@ -181,12 +181,29 @@ class Loop:
                 "count": metrics.count, "history": self.history}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's loop state (checked by :func:`check_loop_state`)."""
+        metrics = self.tally.metrics
+        try:
+            confusion = np.asarray(state["confusion"], np.int64)
+            top_k_hits = {int(k): int(v) for k, v in state["top_k_hits"].items()}
+        except (ValueError, TypeError, OverflowError):
+            confusion = top_k_hits = None
+        if confusion is None or confusion.shape != metrics.confusion.shape or \
+                top_k_hits is None or top_k_hits.keys() != metrics.top_k_hits.keys() or \
+                state["step"] > self.epochs * self.steps_per_epoch:
+            raise DamagedFile(self.folder.checkpoint, "its loop state does not fit this "
+                              "spec's classes and steps")
         self.step, self.history = state["step"], state["history"]
         self.tally.loss_sum, self.tally.seen = state["loss_sum"], state["seen"]
-        metrics = self.tally.metrics
-        metrics.confusion = np.asarray(state["confusion"], np.int64)
-        metrics.top_k_hits = {int(k): v for k, v in state["top_k_hits"].items()}
+        metrics.confusion = confusion
+        metrics.top_k_hits = top_k_hits
         metrics.count = state["count"]
+
+    def resume(self, state: Any) -> None:
+        """Continue from the loop state of the checkpoint the trainer just loaded, the logs
+        cut back to it (they may hold steps and epochs logged after it was written)."""
+        self.restore(check_loop_state(state, self.folder.checkpoint))
+        self.folder.rewind(self.step, self.history)
 
     def checkpoint(self) -> None:
         self.folder.flush()

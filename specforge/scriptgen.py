@@ -248,7 +248,7 @@ OPTIONAL_IMPORTS = ["codecs", "concurrent.futures.process", "gc", "hashlib", "io
 
 def import_block(code: str) -> str:
     """The script's standard-library imports: always the loop's, and the rest as used."""
-    modules = ["argparse", "contextlib", "json", "math", "time"] + [
+    modules = ["argparse", "contextlib", "json", "math", "sys", "time"] + [
         m for m in OPTIONAL_IMPORTS if re.search(rf"\b{re.escape(m)}\.", code)]
     names = ["dataclass", *(n for n in ("field", "fields") if re.search(rf"\b{n}\(", code))]
     return "".join(f"import {m}\n" for m in sorted(modules)) + \

@@ -12,6 +12,7 @@ change the initial weights of the others.
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -70,31 +71,85 @@ def check_weights(graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
     """Raise :class:`WeightsError` naming every missing, unexpected and misshapen array
     unless ``weights`` has exactly the graph's names and shapes."""
     table = parameter_table(graph)
-    missing = sorted(set(table) - set(weights))
-    extra = sorted(set(weights) - set(table))
-    misshapen = sorted(n for n, p in table.items()
-                       if n in weights and np.shape(weights[n]) != p.shape)
-    if missing or extra or misshapen:
-        wrong = [f"{n}: {np.shape(weights[n])} != {table[n].shape}" for n in misshapen]
-        parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
-                 f"wrong shapes {wrong}" if wrong else ""]
-        if any(sorted(np.shape(weights[n])) == sorted(table[n].shape) for n in misshapen):
-            parts.append(_LAYOUT_HINT)
-        raise WeightsError("weights do not match the model: " + "; ".join(p for p in parts if p))
+    problem = shape_mismatch({n: p.shape for n, p in table.items()},
+                             {n: tuple(np.shape(w)) for n, w in weights.items()})
+    if problem:
+        permuted = any(n in weights and np.shape(weights[n]) != tuple(p.shape)
+                       and sorted(np.shape(weights[n])) == sorted(p.shape)
+                       for n, p in table.items())
+        raise WeightsError(f"weights do not match the model: {problem}"
+                           + (f"; {_LAYOUT_HINT}" if permuted else ""))
+
+
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]],
+                   found: Mapping[str, tuple[int, ...]]) -> str | None:
+    """What differs between two tables of names and shapes, in words (None: nothing)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(f"{n}: {tuple(found[n])} != {tuple(shape)}" for n, shape in expected.items()
+                   if n in found and tuple(found[n]) != tuple(shape))
+    parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
+             f"wrong shapes {wrong}" if wrong else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+#: How the zip comment of an .npz file specforge wrote starts; the arrays' sha256 follows.
+DIGEST_PREFIX = b"specforge-sha256:"
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """The sha256 of named arrays: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write named arrays atomically to an .npz file whose zip comment holds their sha256
+    (any .npz reader ignores the comment; :func:`load_arrays` checks it)."""
+    values = {k: np.asarray(v) for k, v in arrays.items()}
+    # a file object: given a name without .npz, np.savez would write to another name
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **values)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.comment = DIGEST_PREFIX + arrays_digest(values).encode()
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Named arrays from an .npz file; pickled objects are refused, and a file whose arrays
+    do not match the sha256 it was written with is refused by name (DamagedFile)."""
+    from specforge.runfolder import DamagedFile
+
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            comment = archive.comment
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DamagedFile(path, f"not a readable .npz archive ({exc})") from None
+    if comment.startswith(DIGEST_PREFIX):  # files written elsewhere carry no digest
+        expected = comment[len(DIGEST_PREFIX):].decode("ascii", "replace")
+        if arrays_digest(arrays) != expected:
+            raise DamagedFile(path, "its arrays do not match the sha256 they were written "
+                                    "with (the file changed after it was written)")
+    return arrays
 
 
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray]) -> None:
-    """Write weights atomically to an .npz file."""
-    path = Path(path)
-    # a file object: given a name without .npz, np.savez would write to another name
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in weights.items()})
+    """Write weights atomically to an .npz file, with their sha256."""
+    save_arrays(path, weights)
 
 
 def load_weights(path: str | Path) -> Weights:
-    """Read weights from an .npz file; pickled objects are refused."""
-    with np.load(Path(path), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    """Read weights from an .npz file; pickled objects and damaged files are refused."""
+    return load_arrays(path)
 
 
 def read_weights_for(graph: Graph, path: str | Path, option: str = "--weights") -> Weights:

@@ -80,3 +80,7 @@ def run_in_process(*args: str) -> tuple[int, str, str]:
     finally:
         sys.argv = argv
     return code, out.getvalue(), err.getvalue()
+
+
+# Under CI a missing framework fails instead of skipping (see tests/ci.py).
+pytest_plugins = ["tests.ci"]

@@ -78,13 +78,13 @@ def sets(*overrides: str) -> list[str]:
 
 
 def stop_after_steps(process: subprocess.Popen[str], steps: Path, count: int = 10,
-                     wait: float = 120) -> str:
-    """SIGTERM to a `specforge run` ``process`` once its run folder's ``steps`` log holds
-    ``count`` lines (within 240 s); its stderr, once it has exited."""
+                     wait: float = 120, signal_number: int = signal.SIGTERM) -> str:
+    """SIGTERM (or ``signal_number``) to a `specforge run` ``process`` once its run folder's
+    ``steps`` log holds ``count`` lines (within 240 s); its stderr, once it has exited."""
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         if steps.exists() and steps.read_text().count("\n") >= count:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal_number)
             break
         time.sleep(0.005)
     return process.communicate(timeout=wait)[1]
@@ -183,3 +183,41 @@ def check_both_styles_alone_on_image_folders(backend: str, folder: Path) -> None
     for result in results:
         ok(result)
         assert "test" in result.stdout.splitlines()[-1], result.stdout[-500:]
+
+
+def cli_here(capsys: Any, *args: str) -> tuple[int, str]:
+    """`specforge ARGS` in this process (a fraction of a second where a fresh interpreter
+    takes seconds to import torch or Keras): its exit code and stderr. An exception other
+    than SystemExit escapes and fails the test, as a traceback would."""
+    from specforge.cli import main
+
+    argv = sys.argv
+    sys.argv = ["specforge", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+#: The largest N-step tolerance the short digits runs of the tests may get from `specforge
+#: conform`, whatever its chaos floor: the loss, and any other quantity. Measured: the loss's
+#: is 2.5e-5 (its rounding allowance), the others' at most 2.9e-4 (an Adam slot after 20
+#: steps); an inflated floor (a broken perturbed run) would exceed these.
+LOSS_TOLERANCE_CEILING, TOLERANCE_CEILING = 1e-4, 1e-3
+
+
+def n_step_tolerances(conform: Path) -> dict[str, float]:
+    """Each quantity's N-step tolerance from a `specforge conform` report (folder
+    ``conform``), each checked against the report's own ceiling and the absolute ones
+    above: an inflated chaos floor cannot let a wrong result pass a test."""
+    report = json.loads((conform / "report.json").read_text())
+    rows = [r for r in report["rows"] if r["phase"] == "after N steps"]
+    for row in rows:
+        limit = LOSS_TOLERANCE_CEILING if row["quantity"] == "loss per step" else \
+            TOLERANCE_CEILING
+        assert row["tolerance"] <= min(row["ceiling"], limit), row
+    return {r["quantity"]: r["tolerance"] for r in rows}

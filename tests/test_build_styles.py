@@ -10,6 +10,8 @@ computes the float64 reference's output; one training step from those weights gi
 from __future__ import annotations
 
 import importlib.util
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -349,3 +351,51 @@ def test_any_name_a_spec_accepts_gives_a_working_script(backend, tmp_path):
             result = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path,
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, (style, args, result.stderr[-2000:])
+
+
+# --- 5. user errors in built scripts: a message and exit code 2, as `specforge run` ----------
+
+DIVERGES = ["optimizer.type=sgd", "optimizer.learning_rate=100", "data.normalize.scale=1000"]
+
+
+def check_user_errors_in_scripts(tmp_path: Path, cases: list[tuple[str, str, str]]) -> None:
+    """Built scripts (backend, style) run alone on CIFAR batches whose labels are not
+    integers ("data": a DataError) or on a loss that overflows ("nan"); each prints the
+    message and exits with code 2, with no traceback."""
+    from tests.processes import run_all, without_specforge
+    from tests.test_data import make_cifar
+
+    folder, raw = make_cifar(tmp_path / "data")
+    (folder / "data_batch_3").write_bytes(pickle.dumps(
+        {b"labels": [1.5] * len(raw["data_batch_3"]), b"data": raw["data_batch_3"]}))
+    runs = []
+    for backend, style, error in cases:
+        pytest.importorskip(backend)
+        program = compile_spec(SPECS / "cifar.yaml", [
+            f"data.source={{type: cifar10, path: {folder}}}"]) if error == "data" else \
+            compile_spec(SPECS / "digits.yaml", DIVERGES)
+        script = tmp_path / f"{error}_{backend}_{style}.py"
+        script.write_text(load_backend(backend).build(program, style=style))
+        runs.append(without_specforge(script, "--epochs", "2", *(
+            ["--steps-per-epoch", "20"] if style == "exact" else [])))
+    for (backend, style, error), result in zip(cases, run_all(*runs), strict=True):
+        where = (backend, style, error, result.returncode, result.stderr[-2000:])
+        assert result.returncode == 2 and "Traceback" not in result.stderr, where
+        if error == "nan":
+            assert re.search(r"error: the loss became (nan|inf|-inf) at step \d+ .*lower the "
+                             "learning rate", result.stderr), where
+        else:
+            assert f"error: {folder / 'data_batch_3'}: the labels must be" in \
+                result.stderr, where
+
+
+def test_exact_scripts_report_bad_data_and_a_nan_loss_with_exit_code_2(tmp_path):
+    check_user_errors_in_scripts(tmp_path, [("torch", "exact", "data"),
+                                            ("keras", "exact", "nan")])
+
+
+@pytest.mark.slow
+def test_every_built_script_reports_bad_data_and_a_nan_loss_with_exit_code_2(tmp_path):
+    check_user_errors_in_scripts(tmp_path, [
+        ("torch", "idiomatic", "data"), ("keras", "idiomatic", "data"),
+        ("keras", "exact", "data"), ("torch", "exact", "nan")])

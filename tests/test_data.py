@@ -12,9 +12,11 @@ import json
 import os
 import pickle
 import re
+import struct
 import tarfile
 import textwrap
 import urllib.error
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +223,33 @@ def test_booby_trapped_pickle_is_refused(tmp_path, fake_cifar, layout):
     message = error_of(lambda: source_of(spec), tmp_path)
     assert "data_batch_1" in message and "system" in message
     assert not marker.exists()
+
+
+BAD_LABELS = {
+    "strings": ["cat"] * N, "nested lists": [[1], [2, 3]] + [[0]] * (N - 2),
+    "2**70": [2**70] + [0] * (N - 1), "a (N, 2) array": np.zeros((N, 2), np.int64),
+    "None": None, "floats": [1.5] * N, "booleans": [True] * N,
+}
+
+
+@pytest.mark.parametrize("labels", BAD_LABELS, ids=lambda k: k.replace(" ", "-"))
+def test_cifar_labels_that_are_not_integers_are_refused(tmp_path, fake_cifar, labels):
+    """Each used to escape read_batch as a ValueError, OverflowError or TypeError; floats
+    were truncated (1.5 read as 1)."""
+    folder, raw = fake_cifar
+    batch = {b"labels": BAD_LABELS[labels], b"data": raw["data_batch_2"]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    spec = cifar_spec(tmp_path, f"{{type: cifar10, path: {q(folder)}}}")
+    message = error_of(lambda: source_of(spec), tmp_path)
+    assert "<tmp>/data/cifar-10-batches-py/data_batch_2" in message and "labels" in message
+
+
+def test_cifar_labels_may_be_a_numpy_array(tmp_path, fake_cifar):
+    folder, raw = fake_cifar
+    labels = np.array(batch_labels(1), np.uint8)
+    batch = {b"labels": labels, b"data": raw["data_batch_2"]}
+    (folder / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    check_cifar(source_of(cifar_spec(tmp_path, f"{{type: cifar10, path: {q(folder)}}}")))
 
 
 def test_truncated_archive(tmp_path, fake_cifar):
@@ -465,6 +494,33 @@ def test_truncated_png_is_named(tmp_path):
     path.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(DataError, match=re.escape(str(path))):
         folders.decode(path, (8, 8, 3))
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few dozen bytes whose header declares width x height 8-bit gray pixels
+    (Pillow judges an image's size by its header, before it decodes anything)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_named(tmp_path):
+    """A 20000x20000 PNG (400 million pixels, over Pillow's default limit: nothing lowers
+    it here) is refused as bad data naming the file, in decode and in an image folder."""
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS * 2 < 20000 ** 2
+    bomb = png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    assert bomb.stat().st_size < 200
+    with pytest.raises(DataError, match=re.escape(str(bomb)) + ".*decompression bomb"):
+        folders.decode(bomb, (8, 8, 1))
+    write_image(tmp_path / "train/a/0.png", (8, 8), "L")
+    png_declaring(tmp_path / "train/b/0.png", 20000, 20000)
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "train/b/0.png"))):
+        source_of(folder_spec(tmp_path, "{type: image_folder, train: train}", channels=1))
 
 
 def test_grayscale_folders_for_one_channel(tmp_path):

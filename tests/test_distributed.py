@@ -17,6 +17,7 @@ from specforge.weights import load_weights
 from tests.conftest import ROOT
 from tests.processes import (
     ENV,
+    n_step_tolerances,
     ok,
     read_jsonl,
     refused,
@@ -78,9 +79,7 @@ def test_two_processes_compute_what_one_computes(tmp_path: Path, model: str):
     for result in results:
         ok(result)
     # the tolerance of one backend against itself after 15 steps, from its chaos floor
-    report = json.loads((conform / "report.json").read_text())
-    tolerance = {r["quantity"]: r["tolerance"] for r in report["rows"]
-                 if r["phase"] == "after N steps"}
+    tolerance = n_step_tolerances(conform)
     losses = {run: [s["loss"] for s in read_jsonl(run / "steps.jsonl")] for run in (one, two)}
     assert len(losses[one]) == len(losses[two]) == 15  # rank 0 alone writes the log
     gap = np.abs(np.subtract(losses[one], losses[two])).max()
@@ -215,9 +214,7 @@ def test_keras_data_parallel_computes_what_one_device_computes(tmp_path: Path):
     assert "data-parallel over 2 devices (cpu:0, cpu:1)" in device
     assert spec.startswith(("P('batch'", "PartitionSpec('batch'"))  # the batch is cut in two
     assert whole == "ndarray"  # 33 does not divide by 2: that batch stays whole
-    report = json.loads((conform / "report.json").read_text())
-    tolerance = {r["quantity"]: r["tolerance"] for r in report["rows"]
-                 if r["phase"] == "after N steps"}
+    tolerance = n_step_tolerances(conform)
     w1 = load_weights(one / "weights.npz")
     losses = [s["loss"] for s in read_jsonl(one / "steps.jsonl")]
     for run in (two, apart):

@@ -37,6 +37,7 @@ from tests.processes import (  # noqa: E402
     check_both_styles_alone_on_image_folders,
     check_evaluate_and_predict,
     cli,
+    cli_here,
     idiomatic_digits_accuracy,
     ok,
     read_jsonl,
@@ -520,6 +521,24 @@ def test_batch_norm_training_updates_the_statistics_as_torch(tmp_path):
             assert np.array_equal(after["keras"][key], value), key
 
 
+# --- NaN: the loop stops the Keras backend as it stops torch ------------------------------------
+
+def test_nan_loss_stops_with_the_step(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # as torch's test: inputs 1000x larger and SGD at lr 100 overflow the loss in steps
+    code, err = cli_here(capsys, "run", DIGITS, "-b", "keras", "--run-dir", str(run_dir),
+                         "--quiet", *sets("optimizer.type=sgd", "optimizer.learning_rate=100",
+                                          "data.normalize.scale=1000", "training.epochs=2",
+                                          "training.steps_per_epoch=20"))
+    assert code == 2, err[-3000:]
+    found = re.search(r"the loss became (\S+) at step (\d+) .*lower the learning rate", err)
+    assert found, err[-3000:]
+    logged = read_jsonl(run_dir / "steps.jsonl")
+    assert logged[-1]["step"] == int(found.group(2)) and not math.isfinite(logged[-1]["loss"])
+    assert all(math.isfinite(s["loss"]) for s in logged[:-1])
+    assert not (run_dir / "summary.json").exists()
+
+
 # --- 9. unreadable checkpoints -------------------------------------------------------------------
 
 def test_a_checkpoint_that_is_not_hdf5_is_refused(digits_run, tmp_path):
@@ -532,7 +551,7 @@ def test_a_checkpoint_that_is_not_hdf5_is_refused(digits_run, tmp_path):
     (truncated / name).write_bytes(data[:len(data) // 2])
     for result in run_all(specforge("evaluate", str(garbage)),
                           specforge("evaluate", str(truncated))):
-        refused(result, "cannot read checkpoint")
+        refused(result, "is damaged", name)
 
 
 # --- idiomatic style: standalone, and trains digits as `specforge run` does ----------------------

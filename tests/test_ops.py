@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from specforge.compiler import compile_spec
-from specforge.errors import SpecError
+from specforge.errors import SpecError, UsageError
 from specforge.ir.lower import resolve_pads
 from specforge.ir.ops import OPS, ShapeError, same_pads, window_output
 from specforge.ir.program import lr_at
@@ -463,8 +463,8 @@ def test_load_weights_refuses_pickled_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.npz"
     np.savez(path, **{"fc.kernel": np.zeros((2, 2), np.float32),
                       "fc.bias": np.array([{"x": 1}, None], dtype=object)})
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_weights(path)
+    with pytest.raises(UsageError, match=r"evil\.npz is damaged: .*allow_pickle"):
+        load_weights(path)  # refused by name (exit code 2), nothing unpickled
 
 
 def test_check_weights_reports_missing_extra_and_wrong_shapes(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ across an epoch's end, an evaluation or a checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 from collections.abc import Mapping
@@ -116,3 +117,81 @@ def test_a_stop_finishes_every_started_step_before_the_checkpoint(
     assert trainer.started == trainer.finished == stop_when_starting + 1
     assert step_log(folder) == list(range(trainer.started))
     assert not multiprocessing.active_children()  # the data workers stopped with the loop
+
+
+# --- logs that stay true through a crash ---------------------------------------------------------
+
+class Crash(Exception):
+    """Stands for kill -9: the process ends where it is, with no checkpoint."""
+
+
+class CrashingTrainer(RecordingTrainer):
+    """Keeps its checkpoints in memory; crashes while writing the one at ``crash_at_save``
+    (its epoch is logged already) or while finishing step ``crash_at_step`` (the steps after
+    the last checkpoint are logged)."""
+
+    def __init__(self, classes: int, crash_at_save: int | None = None,
+                 crash_at_step: int | None = None) -> None:
+        super().__init__(classes)
+        self.crash_at_save, self.crash_at_step = crash_at_save, crash_at_step
+        self.saved: dict[str, Any] | None = None
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        step, results = self.started, super().start_step(x, y, lr)
+
+        def crashing() -> tuple[float, np.ndarray]:
+            if step == self.crash_at_step:
+                raise Crash
+            return results()
+        return crashing
+
+    def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
+        if loop_state["step"] == self.crash_at_save:
+            raise Crash
+        self.saved = json.loads(json.dumps(loop_state))
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        assert self.saved is not None
+        return self.saved
+
+
+@pytest.mark.parametrize(("crash", "steps_logged", "epochs_logged"), [
+    ({"crash_at_save": 6}, [0, 1, 2, 3, 4, 5], [1, 2]),
+    ({"crash_at_step": 4}, [0, 1, 2, 3], [1]),
+], ids=["epoch-logged-before-its-checkpoint", "steps-logged-after-the-checkpoint"])
+def test_a_resumed_run_logs_each_step_and_epoch_once(tmp_path: Path, crash: dict,
+                                                      steps_logged: list[int],
+                                                      epochs_logged: list[int]) -> None:
+    loop, _, folder = make_loop(tmp_path)
+    trainer = CrashingTrainer(loop.program.loss.classes, **crash)
+    loop = Loop(loop.program, loop.pipeline, trainer, folder, loop.options)
+    with pytest.raises(Crash):
+        loop.run()
+    folder.close()  # what a killed process's buffer held may or may not be on disk
+    # the crash left logs that the checkpoint (written at step 3) does not hold
+    assert step_log(folder) == steps_logged
+    assert [json.loads(line)["epoch"] for line in
+            (folder.path / "metrics.jsonl").read_text().splitlines()] == epochs_logged
+    assert trainer.saved is not None and trainer.saved["step"] == 3
+
+    resumed_folder = RunFolder(folder.path, "checkpoint.bin")
+    trainer.crash_at_save = trainer.crash_at_step = None
+    resumed = Loop(loop.program, loop.pipeline, trainer, resumed_folder, loop.options)
+    resumed.resume(trainer.load_checkpoint(resumed_folder.checkpoint))
+    resumed.run()
+    assert step_log(resumed_folder) == [0, 1, 2, 3, 4, 5]
+    records = [json.loads(line) for line in
+               (folder.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    with open(folder.path / "metrics.csv", newline="") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_a_torn_step_log_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    loop, _, folder = make_loop(tmp_path)
+    loop.run()
+    folder.close()
+    with open(folder.path / "steps.jsonl", "a") as f:
+        f.write('{"step": 6, "ep')  # a kill in the middle of a write
+    folder.rewind(6, loop.history)
+    assert step_log(folder) == [0, 1, 2, 3, 4, 5]

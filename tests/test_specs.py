@@ -106,3 +106,13 @@ def test_summary_prints_keras_like_table_with_totals():
     assert "Trainable params: 160,202" in out
     assert "Non-trainable params: 0" in out
     assert "FLOPs per sample" in out
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-3` as text; every spec writer means a float."""
+    spec = tmp_path / "lr.yaml"
+    spec.write_text(f"extends: {SPECS / 'digits.yaml'}\n"
+                    "optimizer: {type: adam, learning_rate: 1e-3, epsilon: 1E-07}\n")
+    program = compile_spec(spec, ["optimizer.beta2=9.99e-1"])
+    assert program.optimizer.learning_rate == 0.001
+    assert program.optimizer.hyper["epsilon"] == 1e-7 and program.optimizer.hyper["beta2"] == 0.999

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -298,6 +299,33 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
         assert 0 < summary["data_wait_share"] < 1
 
 
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+    """SIGINT (what Ctrl-C sends) stops the run as SIGTERM does: after the current step,
+    with a checkpoint of that step, exit code 130 and no KeyboardInterrupt traceback."""
+    run_dir = tmp_path / "run"
+    # 2,000 short steps: a checkpoint every 5 makes the step log reach the disk early
+    process = subprocess.Popen(specforge("run", DIGITS, "-b", "torch", "--run-dir",
+                                         str(run_dir), "--quiet",
+                                         *sets("training.epochs=400",
+                                               "training.steps_per_epoch=5")),
+                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        err = stop_after_steps(process, run_dir / "steps.jsonl", count=5,
+                               signal_number=signal.SIGINT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, (process.returncode, err[-3000:])
+    assert "stopped by SIGINT" in err and f"--resume {run_dir}" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    loop = json.loads(torch.load(run_dir / "checkpoint.pt", weights_only=True)["loop"])
+    logged = read_jsonl(run_dir / "steps.jsonl")
+    assert 5 <= loop["step"] == len(logged) < 2000
+    assert [s["step"] for s in logged] == list(range(loop["step"]))
+
+
 def test_resume_and_run_dir_misuse_are_refused(tmp_path):
     run_dir, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
@@ -331,7 +359,9 @@ def test_a_checkpoint_keeps_the_resuming_devices_optimizer_kernels(tmp_path):
     writer.train_step(x, y, 1e-3)
     for group in writer.optimizer.param_groups:
         group.update(fused=True, foreach=False)  # as make_optimizer chooses on a GPU
-    writer.save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    loop = {"step": 1, "loss_sum": 0.0, "seen": 0, "confusion": [], "top_k_hits": {},
+            "count": 0, "history": []}  # what the training loop's state holds
+    writer.save_checkpoint(tmp_path / "checkpoint.pt", loop)
     reader = TorchTrainer(program, "cpu")
     chosen = [(g["fused"], g["foreach"]) for g in reader.optimizer.param_groups]
     reader.load_checkpoint(tmp_path / "checkpoint.pt")
@@ -420,7 +450,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(digits_run, tmp_path):
     assert marker.exists()
     marker.unlink()
 
-    refused(cli("evaluate", str(run_dir)), "cannot read checkpoint")
+    refused(cli("evaluate", str(run_dir)), f"{run_dir / 'checkpoint.pt'} is damaged")
     assert not marker.exists()
 
 

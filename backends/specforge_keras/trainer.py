@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from specforge.atomic import atomic_path, write_atomically
+from specforge.atomic import atomic_path, file_sha256, write_atomically
 from specforge.backends import PendingStep, Trainer
 from specforge.errors import UsageError
 from specforge.ir.program import (
@@ -30,6 +30,8 @@ from specforge.ir.program import (
     Program,
     optimizer_slots,
 )
+from specforge.runfolder import DamagedFile, check_loop_state, read_json
+from specforge.weights import load_arrays, save_arrays
 from specforge_keras.model import create_model, export_weights
 
 
@@ -379,10 +381,15 @@ class KerasTrainer(Trainer):
         # non-trainable variable here, so that a resumed run draws the same masks.
         arrays.update({f"state_{i}": ops.convert_to_numpy(v)
                        for i, v in enumerate(self.model.non_trainable_variables)})
-        with atomic_path(state) as tmp, open(tmp, "wb") as f:
-            np.savez(f, step_count=np.int64(self.step_count), **arrays)
-        pointer = {"weights": weights.name, "state": state.name, "loop": loop_state}
-        old = json.loads(path.read_text()) if path.exists() else None
+        save_arrays(state, {"step_count": np.int64(self.step_count), **arrays})
+        # the pointer holds each file's sha256: replaced or damaged files are refused
+        pointer = {"weights": weights.name, "state": state.name, "loop": loop_state,
+                   "sha256": {name: file_sha256(path.with_name(name))
+                              for name in (weights.name, state.name)}}
+        try:  # the files the last pointer named are deleted once it is replaced
+            old = read_pointer(path) if path.exists() else None
+        except UsageError:
+            old = None
         # the checkpoint is whatever the pointer names: replacing it is the atomic step
         write_atomically(path, json.dumps(pointer))
         if old:
@@ -391,18 +398,47 @@ class KerasTrainer(Trainer):
                     path.with_name(name).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        if not path.exists():
+            raise UsageError(f"no checkpoint at {path}")
+        pointer = read_pointer(path)
+        files = {part: path.with_name(pointer[part]) for part in ("weights", "state")}
+        for file in files.values():
+            if not file.exists():
+                raise UsageError(f"no checkpoint at {path} ({file} is missing)")
+            expected = pointer.get("sha256", {}).get(file.name)
+            if expected is not None and file_sha256(file) != expected:
+                raise DamagedFile(file, f"it does not match the sha256 {path.name} holds for "
+                                        "it (the file changed after it was written)")
         try:
-            pointer = json.loads(path.read_text())
-            self.model.load_weights(path.with_name(pointer["weights"]))
-            with np.load(path.with_name(pointer["state"]), allow_pickle=False) as state:
-                self.step_count = int(state["step_count"])
-                for i, group in enumerate(self.slots):
-                    for k, s in enumerate(group):
-                        s.assign(state[f"slot_{i}_{k}"])
-                for i, v in enumerate(self.model.non_trainable_variables):
-                    v.assign(state[f"state_{i}"])
-        except FileNotFoundError as exc:
-            raise UsageError(f"no checkpoint at {path} ({exc.filename})") from None
-        except (ValueError, KeyError, OSError) as exc:
-            raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
+            self.model.load_weights(files["weights"])
+        except Exception as exc:  # h5py and Keras raise many kinds; each means "unreadable"
+            raise DamagedFile(files["weights"], f"Keras cannot read it as this model's "
+                                                f"weights ({type(exc).__name__}: {exc})") from None
+        state = load_arrays(files["state"])
+        try:
+            self.step_count = int(state["step_count"])
+            for i, group in enumerate(self.slots):
+                for k, s in enumerate(group):
+                    s.assign(state[f"slot_{i}_{k}"])
+            for i, v in enumerate(self.model.non_trainable_variables):
+                v.assign(state[f"state_{i}"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DamagedFile(files["state"], f"it is not this spec's optimizer state "
+                                              f"({type(exc).__name__}: {exc})") from None
         return pointer["loop"]
+
+
+def read_pointer(path: Path) -> dict[str, Any]:
+    """checkpoint.json, checked: the names of the weights and state files (in its folder),
+    their sha256 and the loop state."""
+    pointer = read_json(path, "an object naming the checkpoint's files")
+    for part in ("weights", "state"):
+        name = pointer.get(part)
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise DamagedFile(path, f"its {part!r} is not the name of a file in its folder")
+    if not isinstance(pointer.get("sha256", {}), dict):
+        raise DamagedFile(path, "its 'sha256' is not a table of file names and digests")
+    if "loop" not in pointer:
+        raise DamagedFile(path, "it lacks the loop state ('loop')")
+    check_loop_state(pointer["loop"], path)
+    return pointer

@@ -10,6 +10,7 @@ clipping specforge defines).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ from specforge.backends import PendingStep, Trainer
 from specforge.data.pipeline import shard
 from specforge.errors import UsageError
 from specforge.ir.program import PROBABILITY_EPSILON, LossIR, OptimizerIR, Program
+from specforge.runfolder import DamagedFile, check_loop_state
+from specforge.weights import shape_mismatch
 from specforge_torch.distributed import (
     Ranks,
     ShardedBatches,
@@ -404,22 +407,85 @@ class TorchTrainer(Trainer):
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "steps": self.step_count, "processes": self.ranks.world if self.ranks else 1,
                  "loop": json.dumps(loop_state)}
+        state["sha256"] = checkpoint_digest(state)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        try:
-            state = torch.load(path, map_location=self.torch_device, weights_only=True)
-        except FileNotFoundError:
-            raise UsageError(f"no checkpoint at {path}") from None
-        except Exception as exc:
-            raise UsageError(f"cannot read checkpoint {path}: {exc}") from None
+        state = read_checkpoint(path, self.torch_device)
+        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else ("not a tensor",)
+                 for k, v in state["model"].items()}
+        problem = shape_mismatch({k: tuple(v.shape) for k, v in self.model.state_dict().items()},
+                                 found)
+        if problem:
+            raise DamagedFile(path, f"its weights are not this spec's model's: {problem}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(kernels_of(self.optimizer, state["optimizer"]))
+        try:
+            self.optimizer.load_state_dict(kernels_of(self.optimizer, state["optimizer"]))
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise DamagedFile(path, f"its optimizer state is not this spec's optimizer's "
+                                    f"({exc})") from None
         world, saved = self.ranks.world if self.ranks else 1, int(state.get("processes", 1))
         if saved != world:  # the same reductions, so that a resumed run is the same bits
             raise UsageError(f"{path} was written by {saved} process(es); resume it with "
                              f"as many (--nproc-per-node), not {world}")
-        loop = json.loads(state["loop"])
+        loop = state["loop"]
         self.step_count = int(state.get("steps", loop.get("step", 0)))
         return loop
+
+
+#: What a checkpoint holds besides "steps", "processes" and "sha256".
+CHECKPOINT_PARTS = ("model", "optimizer", "loop")
+
+
+def checkpoint_digest(state: Mapping[str, Any]) -> str:
+    """The sha256 of a checkpoint's contents (every tensor's bytes, every other value's
+    repr), leaving out its "sha256" entry."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}:".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=repr):
+                digest.update(f"key {key!r}:".encode())
+                add(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(f"{value!r};".encode())
+    add({k: v for k, v in state.items() if k != "sha256"})
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents, checked, its loop state parsed; a file that is not what
+    :meth:`TorchTrainer.save_checkpoint` wrote is refused by name (DamagedFile)."""
+    if not path.exists():
+        raise UsageError(f"no checkpoint at {path}")
+    try:  # weights_only: tensors and plain containers, never code
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DamagedFile(path, f"torch cannot read it as a checkpoint with weights_only=True "
+                                f"({type(exc).__name__}: {reason})") from None
+    lacking = [k for k in CHECKPOINT_PARTS if k not in state] if isinstance(state, dict) \
+        else list(CHECKPOINT_PARTS)
+    if lacking or not isinstance(state["model"], dict):
+        raise DamagedFile(path, f"it holds a {type(state).__name__} without "
+                                f"{' and '.join(lacking) or 'a model'}, not a specforge "
+                                "checkpoint (the model's weights, the optimizer's state and "
+                                "the loop's)")
+    if "sha256" in state and state["sha256"] != checkpoint_digest(state):
+        raise DamagedFile(path, "its contents do not match the sha256 they were saved with "
+                                "(the file changed after it was written)")
+    try:
+        state["loop"] = json.loads(state["loop"])
+    except (TypeError, ValueError) as exc:
+        raise DamagedFile(path, f"its loop state is not JSON ({exc})") from None
+    check_loop_state(state["loop"], path)
+    return state

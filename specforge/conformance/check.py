@@ -53,6 +53,8 @@ class Row:
     tolerance: float
     floor: float | None = None
     decisive: tuple[str, ...] = ()
+    #: after N steps: the most the tolerance could be, whatever the floor
+    ceiling: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -166,11 +168,10 @@ def conform(program: Program, pipeline: Any, backends: Sequence[str], steps: int
                                      rtol * (scale + GROUP_SHARE * group))
 
     def after_steps(q: str, scale: float, group: float) -> float:
-        return max(tolerance.steps_rtol * (scale + GROUP_SHARE * group),
-                   tolerance.chaos_factor * floors[q])
+        return tolerance.after_steps(scale, group, floors[q])
 
     report.rows += compare_phase("after N steps", finals, backends, reference, after_steps,
-                                 floors)
+                                 floors, tolerance.steps_ceiling)
     return report
 
 
@@ -209,7 +210,8 @@ def _group(quantity: str) -> str:
 
 def compare_phase(phase: str, results: Mapping[str, Quantities], backends: Sequence[str],
                   reference: bool, tolerance_of: Callable[[str, float, float], float],
-                  floors: Mapping[str, float] | None = None) -> list[Row]:
+                  floors: Mapping[str, float] | None = None,
+                  ceiling_of: Callable[[float, float], float] | None = None) -> list[Row]:
     """A row per quantity: each backend against the first, and against the reference.
 
     After N steps (``floors`` given) the backends against each other decide: a float64 run
@@ -228,9 +230,11 @@ def compare_phase(phase: str, results: Mapping[str, Quantities], backends: Seque
                           for b in backends})
         scale = magnitude(value)
         cross = tuple(p for p in pairs if not p.endswith(f" vs {REFERENCE}"))
-        rows.append(Row(phase, q, pairs, tolerance_of(q, scale, groups[_group(q)]),
+        group = groups[_group(q)]
+        rows.append(Row(phase, q, pairs, tolerance_of(q, scale, group),
                         None if floors is None else floors[q],
-                        cross if floors is not None and cross else tuple(pairs)))
+                        cross if floors is not None and cross else tuple(pairs),
+                        None if ceiling_of is None else ceiling_of(scale, group)))
     return rows
 
 

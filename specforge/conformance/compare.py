@@ -13,7 +13,9 @@ reference value (or of the first backend's, without the reference). Tolerances:
   The run's own sensitivity is measured: each backend trains again with its initial
   weights and every batch's pixels all moved by one float32 ulp (about 1e-7 relative), and
   the largest difference that makes, over the backends, is the *chaos floor*. The tolerance
-  is ``max(rtol * (scale + GROUP_SHARE * group scale), chaos_factor * floor)``.
+  is ``max(rtol * (scale + GROUP_SHARE * group scale), chaos_factor * floor)``, but never
+  more than the ceiling ``steps_ceiling_rtol * (scale + GROUP_SHARE * group scale)``: a
+  floor inflated by a broken perturbed run cannot let any difference pass.
 """
 
 from __future__ import annotations
@@ -38,6 +40,23 @@ class Tolerance:
     steps_rtol: float = 1e-5
     #: the N-step difference may be this multiple of the chaos floor
     chaos_factor: float = 10.0
+    #: ... but never more than this, relative to the scale, whatever the floor: beyond twice
+    #: its scale any two values of a quantity would pass, signs included. (The seed's model
+    #: after 50 steps at lr 1e-3 is chaotic: its largest N-step difference is 0.62 of that
+    #: scale; the tests' short digits runs bound their tolerances far tighter.)
+    steps_ceiling_rtol: float = 2.0
+
+    def steps_ceiling(self, scale: float, group: float) -> float:
+        """The most the N-step tolerance of a quantity of ``scale`` (in a group of
+        ``group``) can be, whatever its chaos floor."""
+        return self.steps_ceiling_rtol * (scale + GROUP_SHARE * group)
+
+    def after_steps(self, scale: float, group: float, floor: float) -> float:
+        """The N-step tolerance: the rounding allowance or ``chaos_factor`` times the chaos
+        floor, whichever is larger, up to the ceiling."""
+        allowance = max(self.steps_rtol * (scale + GROUP_SHARE * group),
+                        self.chaos_factor * floor)
+        return min(allowance, self.steps_ceiling(scale, group))
 
 
 @dataclass(frozen=True)

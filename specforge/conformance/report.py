@@ -93,7 +93,7 @@ def report_json(report: Report) -> dict[str, Any]:
         "devices": report.devices, "notes": report.notes,
         "tolerance": asdict(report.tolerance),
         "rows": [{"phase": r.phase, "quantity": r.quantity, "tolerance": r.tolerance,
-                  "floor": r.floor, "passed": r.passed, "off": r.off,
+                  "floor": r.floor, "ceiling": r.ceiling, "passed": r.passed, "off": r.off,
                   "decided_by": list(r.decisive),
                   "pairs": {p: {"max_abs": d.max_abs, "max_rel": d.max_rel}
                             for p, d in r.pairs.items()}} for r in report.rows],

@@ -79,7 +79,16 @@ def read_batch(raw: bytes, origin: str) -> tuple[np.ndarray, np.ndarray]:
                         f"{exc})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{origin}: not a CIFAR-10 batch (no data/labels)")
-    data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
+    data = batch[b"data"]
+    try:  # a ragged nested list cannot even become an array
+        labels = np.asarray(batch[b"labels"])
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{origin}: the labels are not a list of integers ({exc})") from None
+    # integers only: floats would be truncated, and huge ints or None become objects
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise DataError(f"{origin}: the labels must be a flat list of integers 0..9, got "
+                        f"{labels.dtype} values of shape {labels.shape}")
+    labels = labels.astype(np.int64)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or \
             data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{origin}: expected uint8 data (N, 3072) and N labels, got "

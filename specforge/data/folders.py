@@ -71,7 +71,8 @@ def decode(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
             if image.size != (width, height):
                 image = image.resize((width, height), image_module.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
+    # a DecompressionBombError is Pillow's refusal of an image of too many pixels
+    except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
     return array.reshape(shape)
 
@@ -105,7 +106,7 @@ def _check_modes(paths: list[Path], channels: int) -> None:
         try:
             with image_module.open(path) as image:
                 mode = "gray" if image.mode in ("1", "L", "I;16", "I", "F", "LA") else "color"
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         first.setdefault(mode, path)
     if len(first) > 1:

@@ -47,6 +47,17 @@ data:
 `{REPLACE_TAG}` before a mapping makes it replace the base's in any case. `--set` overrides
 apply after `extends:`, and `specforge resolve` prints the result."""
 
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and every spec writer) does:
+    `1e-3` is a float, not the text YAML 1.1 makes of an exponent without a dot."""
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 #: Longest whole number written, in characters (Python refuses to read 4,300 digits).
 MAX_NUMBER_CHARS = 100
 
@@ -245,7 +256,7 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document, returning its data and where each node came from."""
     remember_source(file, text)
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=SpecLoader))
     except yaml.MarkedYAMLError as exc:
         raise SpecError([_yaml_problem(exc, file)]) from None
     except yaml.reader.ReaderError as exc:
@@ -295,7 +306,7 @@ def _too_deep(text: str, file: str) -> Location:
                yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
     closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
     try:
-        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        for token in yaml.scan(text, Loader=SpecLoader):
             depth += isinstance(token, opening) - isinstance(token, closing)
             if depth > MAX_DEPTH:
                 mark = token.start_mark
@@ -438,7 +449,7 @@ def _apply_one(spec: LoadedSpec, raw: str) -> None:
 def _override_value(text: str, where: Location) -> Any:
     """An override's value, read by the same rules as a spec file's values."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=SpecLoader)
     except yaml.YAMLError as exc:
         raise SpecError([Problem(f"cannot parse the value: {' '.join(str(exc).split())}",
                                  where)]) from None
