@@ -241,6 +241,24 @@ def _reads_input(start: int, before: int, size: int, kernel: int, dilation: int)
     return first < kernel and start + first * dilation < before + size
 
 
+def pad_value(attrs: Attrs) -> dict[str, Any]:
+    """``{"pad_value": v}`` where the node has one (constant padding), else ``{}``."""
+    return {"pad_value": attrs["pad_value"]} if "pad_value" in attrs else {}
+
+
+#: Pool options at the value that leaves them out of a backend's recipe.
+POOL_DEFAULTS = {"dilation": (1, 1), "ceil_mode": False, "count_include_pad": False}
+
+
+def pool_options(attrs: Attrs) -> dict[str, Any]:
+    """A pool's attrs for a backend's constructor: the window and pads, and only the
+    options that differ from their defaults."""
+    options = {"pool": attrs["pool"], "strides": attrs["strides"], "pads": attrs["pads"]}
+    options.update((k, attrs[k]) for k, default in POOL_DEFAULTS.items()
+                   if attrs.get(k, default) != default)
+    return {**options, **pad_value(attrs)}
+
+
 @op("global_avg_pool2d")
 def global_avg_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Mean over height and width: (H, W, C) -> (C,)."""
