@@ -1,7 +1,8 @@
-"""The numpy reference against onnxruntime (float32: its CPU AveragePool has no float64), op by op, for the options whose meaning is
+"""The numpy reference against onnxruntime, op by op, for the options whose meaning is
 ONNX's: pools' ceil_mode, dilation and count_include_pad, constant pad values, `same_lower`
 (SAME_LOWER), hard_sigmoid's alpha and beta, and the depthwise kernel's layout. Each case
-is one spec layer and a one-node (or pad-then-op) ONNX model built with onnx.helper."""
+is one spec layer and a one-node (or pad-then-op) ONNX model built with onnx.helper, run in
+float32 (onnxruntime's CPU AveragePool has no float64)."""
 
 from __future__ import annotations
 

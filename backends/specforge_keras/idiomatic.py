@@ -29,12 +29,12 @@ from specforge.idiomatic import (
     with_imports,
 )
 from specforge.ir.graph import Node, identifier_names
-from specforge.ir.ops import same_pads
+from specforge.ir.ops import POOL_DEFAULTS, pad_value, same_pads
 from specforge.ir.program import Program
-from specforge.scriptgen import copied, used
+from specforge.scriptgen import copied, layer_parts, used
 
 HERE = Path(__file__).parent
-LAYERS = HERE / "layers.py"
+LAYERS, RANDOMNESS = HERE / "layers.py", HERE / "randomness.py"
 #: activations Keras names by a string with specforge's meaning (gelu: exact in both)
 NAMED = {"relu", "relu6", "selu", "gelu", "silu", "sigmoid", "hard_sigmoid", "tanh",
          "softplus", "softsign", "softmax"}
@@ -61,6 +61,8 @@ def activation_arg(node: Node | None) -> str | None:
     if node is None or node.op != "activation":
         return None
     fn, a = node.attrs["fn"], node.attrs
+    if fn == "hard_sigmoid" and (a["alpha"], a["beta"]) != (1 / 6, 0.5):
+        return None  # Keras's "hard_sigmoid" is alpha 1/6, beta 0.5 only
     if (fn == "elu" and a.get("alpha") == 1.0) or fn in STRING:
         return STRING.get(fn, fn)
     return None
@@ -72,11 +74,17 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     a, op = node.attrs, node.op
     named: dict[str, Any] = {"activation": activation} if activation else {}
     named["name"] = name
+    if op == "conv2d" and max(a["strides"]) > 1 and max(a["dilation"]) > 1:
+        # Keras refuses strides with dilation: specforge's Conv2D runs it at stride 1 and
+        # keeps every stride-th output
+        keys = ("filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode", "bias")
+        return [], call("Conv2D", **{k: a[k] for k in keys}, **pad_value(a), **named)
     if op == "conv2d":
         padding = _padding(node, in_shape, a["kernel"], a["strides"], a["dilation"])
         before = []
         if padding is None or (padding == "same" and a["pad_mode"] != "zeros"):
-            before, padding = [_pad_layer(a["pads"], a["pad_mode"], name)], "valid"
+            before = [_pad_layer(a["pads"], a["pad_mode"], name, a.get("pad_value", 0.0))]
+            padding = "valid"
         options: dict[str, Any] = {}
         if pair(a["strides"]) != 1:
             options["strides"] = pair(a["strides"])
@@ -95,10 +103,13 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
                                                        {"use_bias": False}), **named)
     if op in ("max_pool2d", "avg_pool2d"):
         padding = _padding(node, in_shape, a["pool"], a["strides"])
-        if padding is None:  # pads Keras's words cannot say: specforge's own pooling layer
+        options = {k: a[k] for k, default in POOL_DEFAULTS.items()
+                   if a.get(k, default) != default}
+        if padding is None or options or "pad_value" in a:
+            # pads or options Keras's pooling cannot say: specforge's own pooling layer
             cls = "MaxPool2D" if op == "max_pool2d" else "AvgPool2D"
             return [], call(cls, tuple(a["pool"]), tuple(a["strides"]), tuple(a["pads"]),
-                             name=name)
+                             **options, **pad_value(a), name=name)
         cls = "layers.MaxPooling2D" if op == "max_pool2d" else "layers.AveragePooling2D"
         options = {} if tuple(a["strides"]) == tuple(a["pool"]) else {"strides": pair(
             a["strides"])}
@@ -106,7 +117,7 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
             options["padding"] = "same"
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
-        return [], _pad_layer(a["pads"], a["mode"], name, suffix="")
+        return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         cls = "GlobalAveragePooling2D" if op == "global_avg_pool2d" else "GlobalMaxPooling2D"
         return [], f"layers.{cls}(name={literal(name)})"
@@ -130,6 +141,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
             return [], call("layers.ELU", alpha=a["alpha"], name=name)
         if fn == "gelu_tanh":
             return [], f"layers.Activation(gelu_tanh, name={literal(name)})"
+        if fn == "hard_sigmoid" and (a["alpha"], a["beta"]) != (1 / 6, 0.5):
+            slope = f"lambda x: ops.clip({a['alpha']!r} * x + {a['beta']!r}, 0.0, 1.0)"
+            return [], f"layers.Activation({slope}, name={literal(name)})"
         return [], call("layers.Activation", STRING.get(fn, fn), name=name)
     if op == "add":
         return [], f"layers.Add(name={literal(name)})"
@@ -138,11 +152,14 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     raise ValueError(f"no Keras layer for op {op!r}")
 
 
-def _pad_layer(pads: Any, mode: str, name: str, suffix: str = "_pad") -> str:
+def _pad_layer(pads: Any, mode: str, name: str, value: float = 0.0,
+               suffix: str = "_pad") -> str:
     top, bottom, left, right = pads
     if mode == "zeros":
         return f"layers.ZeroPadding2D((({top}, {bottom}), ({left}, {right})), " \
                f"name={literal(name + suffix)})"
+    if mode == "constant":  # ZeroPadding2D pads with zeros only
+        return call("Pad2D", tuple(pads), mode, value, name=name + suffix)
     return call("Pad2D", tuple(pads), mode, name=name + suffix)
 
 
@@ -252,9 +269,9 @@ def _assigned(target: str, layer: str, operand: str) -> list[str]:
 
 def _helpers(calls: list[str]) -> str:
     """specforge's own Keras layers that the model uses (padding Keras's words cannot say)."""
-    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D")
+    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D", "Conv2D")
               if any(c.startswith(f"{cls}(") for c in calls)]
-    return copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
+    return copied(layer_parts(LAYERS, RANDOMNESS, used(LAYERS, wanted))) if wanted else ""
 
 
 def augment_layers(aug: Any, shape: tuple[int, ...]) -> list[str]:

@@ -87,7 +87,7 @@ class Pool2D(keras.layers.Layer):
         extra = [ceil_extension(size, before, after, k, s, d, self.ceil_mode)
                  for size, before, after, k, s, d in zip(
                      x.shape[1:3], (top, left), (bottom, right), self.pool, self.strides,
-                     self.dilation)]
+                     self.dilation, strict=True)]
         x = pad_nhwc(x, self.pads, "zeros", value)
         return pad_nhwc(x, (0, extra[0], 0, extra[1]), "zeros", beyond)
 

@@ -240,8 +240,24 @@ class Activation(nn.Module):
         if fn == "softplus":
             return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
         if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return torch.clamp(self.alpha * x + self.beta, 0, 1)
+            return hard_sigmoid(x, self.alpha, self.beta)
         return _ELEMENTWISE[fn](x)
+
+
+def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
+    return torch.clamp(alpha * x + beta, 0, 1)
+
+
+class HardSigmoid(nn.Module):
+    """hard_sigmoid with any alpha and beta (IR `activation`)."""
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hard_sigmoid(x, self.alpha, self.beta)
 
 
 _ELEMENTWISE = {
