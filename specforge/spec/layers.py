@@ -85,7 +85,8 @@ Padding = Annotated[
 PaddingMode = Literal["zeros", "constant", "reflect", "replicate"]
 PadValue = Annotated[float | None, Field(
     None, allow_inf_nan=False,
-    description="padding_mode constant only: the value every padded pixel holds (default 0).")]
+    description="With the padding mode `constant` only: the value every padded pixel holds "
+                "(default 0).")]
 
 
 def check_pad_value(mode: str, pad_value: float | None) -> None:
