@@ -179,18 +179,13 @@ def layer_parts(layers: Path, randomness: Path, names: list[str]
                 ) -> list[tuple[ModuleType | Path, list[str]]]:
     """What a script copies for a backend's layers ``names`` (from its ``layers`` file): with
     specforge's dropout, its generator too, the node's key (:mod:`specforge.ir.randomness`)
-    and the backend's masks on the device (its ``randomness`` file); with a pool, the IR's
-    rule for the cells ceil_mode adds (:func:`specforge.ir.ops.ceil_extension`)."""
-    from specforge.ir import ops
+    and the backend's masks on the device (its ``randomness`` file)."""
+    if "Dropout" not in names:
+        return [(layers, names)]
     from specforge.ir import randomness as reference
 
-    parts: list[tuple[ModuleType | Path, list[str]]] = []
-    if any(name.lower() == "pool2d" for name in names):
-        parts.append((ops, used(ops, ["ceil_extension"])))
-    if "Dropout" in names:
-        parts += [(reference, used(reference, ["node_key", "as_int32"])),
-                  (randomness, used(randomness, ["dropout_mask"]))]
-    return [*parts, (layers, names)]
+    return [(reference, used(reference, ["node_key", "as_int32"])),
+            (randomness, used(randomness, ["dropout_mask"])), (layers, names)]
 
 
 def constants(parts: list[tuple[ModuleType, list[str]]]) -> str:

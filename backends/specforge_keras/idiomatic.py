@@ -29,12 +29,12 @@ from specforge.idiomatic import (
     with_imports,
 )
 from specforge.ir.graph import Node, identifier_names
-from specforge.ir.ops import POOL_DEFAULTS, pad_value, same_pads
+from specforge.ir.ops import pad_value, pool_options, same_pads
 from specforge.ir.program import Program
-from specforge.scriptgen import copied, layer_parts, used
+from specforge.scriptgen import copied, used
 
 HERE = Path(__file__).parent
-LAYERS, RANDOMNESS = HERE / "layers.py", HERE / "randomness.py"
+LAYERS = HERE / "layers.py"
 #: activations Keras names by a string with specforge's meaning (gelu: exact in both)
 NAMED = {"relu", "relu6", "selu", "gelu", "silu", "sigmoid", "hard_sigmoid", "tanh",
          "softplus", "softsign", "softmax"}
@@ -103,13 +103,12 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
                                                        {"use_bias": False}), **named)
     if op in ("max_pool2d", "avg_pool2d"):
         padding = _padding(node, in_shape, a["pool"], a["strides"])
-        options = {k: a[k] for k, default in POOL_DEFAULTS.items()
-                   if a.get(k, default) != default}
-        if padding is None or options or "pad_value" in a:
+        options = pool_options(a, in_shape)
+        if padding is None or len(options) > 3:
             # pads or options Keras's pooling cannot say: specforge's own pooling layer
             cls = "MaxPool2D" if op == "max_pool2d" else "AvgPool2D"
-            return [], call(cls, tuple(a["pool"]), tuple(a["strides"]), tuple(a["pads"]),
-                             **options, **pad_value(a), name=name)
+            window = [tuple(options.pop(k)) for k in ("pool", "strides", "pads")]
+            return [], call(cls, *window, **options, name=name)
         cls = "layers.MaxPooling2D" if op == "max_pool2d" else "layers.AveragePooling2D"
         options = {} if tuple(a["strides"]) == tuple(a["pool"]) else {"strides": pair(
             a["strides"])}
@@ -271,7 +270,7 @@ def _helpers(calls: list[str]) -> str:
     """specforge's own Keras layers that the model uses (padding Keras's words cannot say)."""
     wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D", "Conv2D")
               if any(c.startswith(f"{cls}(") for c in calls)]
-    return copied(layer_parts(LAYERS, RANDOMNESS, used(LAYERS, wanted))) if wanted else ""
+    return copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
 
 
 def augment_layers(aug: Any, shape: tuple[int, ...]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from specforge.ir.ops import ceil_extension
 from specforge.ir.randomness import as_int32, node_key
 from specforge_keras.randomness import dropout_mask
 
@@ -74,22 +73,19 @@ class Pad2D(keras.layers.Layer):
 
 
 class Pool2D(keras.layers.Layer):
-    """What both pools share: the window, the pads and the cells ceil_mode adds."""
+    """What both pools share: the window, the pads and the cells ceil_mode adds
+    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
-    def __init__(self, pool, strides, pads, dilation=(1, 1), ceil_mode=False, **kwargs):
+    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
         super().__init__(**kwargs)
         self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.ceil_mode = tuple(dilation), ceil_mode
+        self.dilation, self.extra = tuple(dilation), tuple(extra)
 
     def padded(self, x, value, beyond):
-        """``x`` with its pads holding ``value`` and the ceil_mode cells ``beyond``."""
-        top, bottom, left, right = self.pads
-        extra = [ceil_extension(size, before, after, k, s, d, self.ceil_mode)
-                 for size, before, after, k, s, d in zip(
-                     x.shape[1:3], (top, left), (bottom, right), self.pool, self.strides,
-                     self.dilation, strict=True)]
+        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
+        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
         x = pad_nhwc(x, self.pads, "zeros", value)
-        return pad_nhwc(x, (0, extra[0], 0, extra[1]), "zeros", beyond)
+        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
 
     def cells(self, x):
         """One strided slice per window cell: cell (a, b) of every window at once (Keras's
@@ -105,9 +101,9 @@ class MaxPool2D(Pool2D):
     """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
     `max_pool2d`)."""
 
-    def __init__(self, pool, strides, pads, dilation=(1, 1), ceil_mode=False, pad_value=None,
+    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None,
                  **kwargs):
-        super().__init__(pool, strides, pads, dilation, ceil_mode, **kwargs)
+        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
         self.pad_value = float("-inf") if pad_value is None else pad_value
 
     def call(self, x):
@@ -124,14 +120,14 @@ class AvgPool2D(Pool2D):
     """Average pooling whose divisor counts the padded cells only with ``count_include_pad``
     (then they add ``pad_value``) (IR `avg_pool2d`)."""
 
-    def __init__(self, pool, strides, pads, dilation=(1, 1), ceil_mode=False,
+    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0),
                  count_include_pad=False, pad_value=0.0, **kwargs):
-        super().__init__(pool, strides, pads, dilation, ceil_mode, **kwargs)
+        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
         self.count_include_pad, self.pad_value = count_include_pad, pad_value
 
     def call(self, x):
         mean = self.window_mean(self.padded(x, self.pad_value, 0.0))
-        if not any(self.pads) and not self.ceil_mode:
+        if not any(self.pads) and not any(self.extra):
             return mean
         ones = ops.ones((1, x.shape[1], x.shape[2], 1), dtype=x.dtype)
         share = self.window_mean(self.padded(ones, float(self.count_include_pad), 0.0))

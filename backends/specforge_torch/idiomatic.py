@@ -33,10 +33,10 @@ from specforge.idiomatic import (
 from specforge.ir.graph import Graph, Node, identifier_names
 from specforge.ir.ops import pool_options
 from specforge.ir.program import Program
-from specforge.scriptgen import copied, layer_parts, used
+from specforge.scriptgen import copied, used
 
 HERE = Path(__file__).parent
-LAYERS, RANDOMNESS = HERE / "layers.py", HERE / "randomness.py"
+LAYERS = HERE / "layers.py"
 #: specforge's own modules an idiomatic script may need, where torch's cannot say the IR's
 HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid")
 PAD_MODULES = {"zeros": "nn.ZeroPad2d", "reflect": "nn.ReflectionPad2d",
@@ -94,7 +94,7 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         return [(call("nn.Linear", in_shape[-1], a["units"],
                        **({} if a["bias"] else {"bias": False})), "")]
     if op in ("max_pool2d", "avg_pool2d"):
-        return _pool(op, a)
+        return _pool(op, a, in_shape)
     if op == "pad2d":
         return [(_pad_module(pads, a["mode"], a.get("pad_value", 0.0)), "")]
     if op in ("global_avg_pool2d", "global_max_pool2d"):
@@ -121,7 +121,7 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
     raise ValueError(f"no torch module for op {op!r}")
 
 
-def _pool(op: str, a: Any) -> list[tuple[str, str]]:
+def _pool(op: str, a: Any, in_shape: tuple[int, ...]) -> list[tuple[str, str]]:
     """torch's pooling module, after a pad module where torch's own padding cannot say the
     IR's pads; specforge's own module where torch's cannot say the rest either."""
     pool, pads, value = a["pool"], a["pads"], a.get("pad_value")
@@ -131,7 +131,8 @@ def _pool(op: str, a: Any) -> list[tuple[str, str]]:
         "stride": pair(a["strides"])}
     if pair(a["dilation"]) != 1:
         if op == "avg_pool2d":
-            return [(call("AvgPool2d", **pool_options(a)), "torch's AvgPool2d has no dilation")]
+            return [(call("AvgPool2d", **pool_options(a, in_shape)),
+                     "torch's AvgPool2d has no dilation")]
         options["dilation"] = pair(a["dilation"])
     if a["ceil_mode"]:
         options["ceil_mode"] = True
@@ -145,7 +146,7 @@ def _pool(op: str, a: Any) -> list[tuple[str, str]]:
     if a["ceil_mode"] or (op == "avg_pool2d" and not a["count_include_pad"]):
         # after a pad module torch could start a last window in the right padding, or
         # count the padded cells: specforge's module
-        return [(call(cls.removeprefix("nn."), **pool_options(a)),
+        return [(call(cls.removeprefix("nn."), **pool_options(a, in_shape)),
                  "uneven pads with ceil_mode" if a["ceil_mode"] else
                  "padded cells left out of the divisor")]
     if op == "max_pool2d" and value is None:  # torch pads symmetrically, at most half the window
@@ -256,7 +257,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     wanted = [name for name in HELPERS if name in constructors]
     # what torch's modules cannot say (e.g. asymmetric pads left out of an average's
     # divisor): specforge's own module
-    helpers = copied(layer_parts(LAYERS, RANDOMNESS, used(LAYERS, wanted))) if wanted else ""
+    helpers = copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
     context = common_context(program)
     context["load_data"] = data_code(program, "torch")
     spec = program.spec

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specforge.ir.ops import ceil_extension
 from specforge.ir.randomness import as_int32, node_key
 from specforge_torch.randomness import dropout_mask
 
@@ -51,24 +50,21 @@ class Conv2d(nn.Conv2d):
 
 
 class Pool2d(nn.Module):
-    """What both pools share: the window, the pads and the cells ceil_mode adds."""
+    """What both pools share: the window, the pads and the cells ceil_mode adds
+    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
     def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
                  pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                 ceil_mode: bool = False) -> None:
+                 extra: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.ceil_mode = tuple(dilation), ceil_mode
+        self.dilation, self.extra = tuple(dilation), tuple(extra)
 
     def padded(self, x: torch.Tensor, value: float, beyond: float) -> torch.Tensor:
-        """``x`` with its pads holding ``value`` and the ceil_mode cells ``beyond``."""
-        top, bottom, left, right = self.pads
-        extra = [ceil_extension(size, before, after, k, s, d, self.ceil_mode)
-                 for size, before, after, k, s, d in zip(
-                     x.shape[2:], (top, left), (bottom, right), self.pool, self.strides,
-                     self.dilation, strict=True)]
+        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
+        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
         x = pad_nchw(x, self.pads, "zeros", value)
-        return pad_nchw(x, (0, extra[0], 0, extra[1]), "zeros", beyond)
+        return pad_nchw(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
 
     def window_sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over each (dilated) window of an already padded input."""
@@ -92,8 +88,8 @@ class MaxPool2d(Pool2d):
 
     def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
                  pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                 ceil_mode: bool = False, pad_value: float | None = None) -> None:
-        super().__init__(pool, strides, pads, dilation, ceil_mode)
+                 extra: tuple[int, int] = (0, 0), pad_value: float | None = None) -> None:
+        super().__init__(pool, strides, pads, dilation, extra)
         self.pad_value = float("-inf") if pad_value is None else pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,13 +103,13 @@ class AvgPool2d(Pool2d):
 
     def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
                  pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                 ceil_mode: bool = False, count_include_pad: bool = False,
+                 extra: tuple[int, int] = (0, 0), count_include_pad: bool = False,
                  pad_value: float = 0.0) -> None:
-        super().__init__(pool, strides, pads, dilation, ceil_mode)
+        super().__init__(pool, strides, pads, dilation, extra)
         self.count_include_pad, self.pad_value = count_include_pad, pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not any(self.pads) and not self.ceil_mode and self.dilation == (1, 1):
+        if not any(self.pads) and not any(self.extra) and self.dilation == (1, 1):
             return F.avg_pool2d(x, self.pool, self.strides)
         summed = self.window_sum(self.padded(x, self.pad_value, 0.0))
         ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)

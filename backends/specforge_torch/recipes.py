@@ -22,7 +22,7 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "nn.Linear", [in_shape[-1], a["units"]], {"bias": a["bias"]}
     if op in ("max_pool2d", "avg_pool2d"):
         cls = "MaxPool2d" if op == "max_pool2d" else "AvgPool2d"
-        return cls, [], pool_options(a)
+        return cls, [], pool_options(a, in_shape)
     if op == "pad2d":
         return "Pad2d", [a["pads"], a["mode"]], pad_value(a)
     if op in ("global_avg_pool2d", "global_max_pool2d"):

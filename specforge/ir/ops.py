@@ -247,15 +247,19 @@ def pad_value(attrs: Attrs) -> dict[str, Any]:
 
 
 #: Pool options at the value that leaves them out of a backend's recipe.
-POOL_DEFAULTS = {"dilation": (1, 1), "ceil_mode": False, "count_include_pad": False}
+POOL_DEFAULTS = {"dilation": (1, 1), "count_include_pad": False}
 
 
-def pool_options(attrs: Attrs) -> dict[str, Any]:
-    """A pool's attrs for a backend's constructor: the window and pads, and only the
-    options that differ from their defaults."""
+def pool_options(attrs: Attrs, in_shape: Shape) -> dict[str, Any]:
+    """A pool's arguments for a backend's constructor: the window and pads, the options
+    that differ from their defaults, and for ``ceil_mode`` the cells it adds at the bottom
+    and the right (``extra``), so that a backend pads and then pools without a rule of its
+    own."""
     options = {"pool": attrs["pool"], "strides": attrs["strides"], "pads": attrs["pads"]}
     options.update((k, attrs[k]) for k, default in POOL_DEFAULTS.items()
                    if attrs.get(k, default) != default)
+    if attrs["ceil_mode"]:
+        options["extra"] = pool_extension(attrs, in_shape)
     return {**options, **pad_value(attrs)}
 
 
