@@ -111,8 +111,9 @@ class UsageError(Exception):
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
-def pad_nchw(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros",
-             value: float = 0.0) -> torch.Tensor:
+def pad_nchw(
+    x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros", value: float = 0.0
+) -> torch.Tensor:
     """Pad (top, bottom, left, right) with zeros or constant (``value``), reflect (no edge
     repeat) or replicate."""
     top, bottom, left, right = pads
@@ -147,9 +148,14 @@ class Pool2d(nn.Module):
     """What both pools share: the window, the pads and the cells ceil_mode adds
     (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
-    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                 extra: tuple[int, int] = (0, 0)) -> None:
+    def __init__(
+        self,
+        pool: tuple[int, int],
+        strides: tuple[int, int],
+        pads: tuple[int, int, int, int],
+        dilation: tuple[int, int] = (1, 1),
+        extra: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__()
         self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
         self.dilation, self.extra = tuple(dilation), tuple(extra)
@@ -172,17 +178,31 @@ class Pool2d(nn.Module):
         (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
         oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
         ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
-        return [x[:, :, a * dh:a * dh + (oh - 1) * sh + 1:sh,
-                  b * dw:b * dw + (ow - 1) * sw + 1:sw] for a in range(kh) for b in range(kw)]
+        return [
+            x[
+                :,
+                :,
+                a * dh : a * dh + (oh - 1) * sh + 1 : sh,
+                b * dw : b * dw + (ow - 1) * sw + 1 : sw,
+            ]
+            for a in range(kh)
+            for b in range(kw)
+        ]
 
 
 class MaxPool2d(Pool2d):
     """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
     `max_pool2d`)."""
 
-    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[int, int, int, int], dilation: tuple[int, int] = (1, 1),
-                 extra: tuple[int, int] = (0, 0), pad_value: float | None = None) -> None:
+    def __init__(
+        self,
+        pool: tuple[int, int],
+        strides: tuple[int, int],
+        pads: tuple[int, int, int, int],
+        dilation: tuple[int, int] = (1, 1),
+        extra: tuple[int, int] = (0, 0),
+        pad_value: float | None = None,
+    ) -> None:
         super().__init__(pool, strides, pads, dilation, extra)
         self.pad_value = float("-inf") if pad_value is None else pad_value
 

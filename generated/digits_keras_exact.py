@@ -243,13 +243,31 @@ class Conv2D(keras.layers.Conv2D):
     with dilation: then the conv runs at stride 1 and every stride-th output is kept, the
     same numbers."""
 
-    def __init__(self, filters, kernel, strides, dilation, groups, pads, pad_mode, bias,
-                 pad_value=0.0, **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel,
+        strides,
+        dilation,
+        groups,
+        pads,
+        pad_mode,
+        bias,
+        pad_value=0.0,
+        **kwargs,
+    ):
         strides, dilation = tuple(strides), tuple(dilation)
         self.subsample = strides if max(strides) > 1 and max(dilation) > 1 else (1, 1)
-        super().__init__(filters, kernel, strides=(1, 1) if self.subsample != (1, 1) else
-                         strides, padding="valid", dilation_rate=dilation, groups=groups,
-                         use_bias=bias, **kwargs)
+        super().__init__(
+            filters,
+            kernel,
+            strides=(1, 1) if self.subsample != (1, 1) else strides,
+            padding="valid",
+            dilation_rate=dilation,
+            groups=groups,
+            use_bias=bias,
+            **kwargs,
+        )
         self.pads, self.pad_mode, self.pad_value = tuple(pads), pad_mode, pad_value
 
     def call(self, x):
@@ -260,8 +278,12 @@ class Conv2D(keras.layers.Conv2D):
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         top, bottom, left, right = self.pads
-        grown = (n, None if h is None else h + top + bottom,
-                 None if w is None else w + left + right, c)
+        grown = (
+            n,
+            None if h is None else h + top + bottom,
+            None if w is None else w + left + right,
+            c,
+        )
         n, h, w, f = super().compute_output_shape(grown)
         sh, sw = self.subsample
         return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
@@ -288,16 +310,20 @@ class Pool2D(keras.layers.Layer):
         (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
         oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
         ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [x[:, a * dh:a * dh + (oh - 1) * sh + 1:sh,
-                  b * dw:b * dw + (ow - 1) * sw + 1:sw] for a in range(kh) for b in range(kw)]
+        return [
+            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
+            for a in range(kh)
+            for b in range(kw)
+        ]
 
 
 class MaxPool2D(Pool2D):
     """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
     `max_pool2d`)."""
 
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None,
-                 **kwargs):
+    def __init__(
+        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
+    ):
         super().__init__(pool, strides, pads, dilation, extra, **kwargs)
         self.pad_value = float("-inf") if pad_value is None else pad_value
 

@@ -51,16 +51,20 @@ class Pool2D(keras.layers.Layer):
         (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
         oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
         ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [x[:, a * dh:a * dh + (oh - 1) * sh + 1:sh,
-                  b * dw:b * dw + (ow - 1) * sw + 1:sw] for a in range(kh) for b in range(kw)]
+        return [
+            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
+            for a in range(kh)
+            for b in range(kw)
+        ]
 
 
 class MaxPool2D(Pool2D):
     """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
     `max_pool2d`)."""
 
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None,
-                 **kwargs):
+    def __init__(
+        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
+    ):
         super().__init__(pool, strides, pads, dilation, extra, **kwargs)
         self.pad_value = float("-inf") if pad_value is None else pad_value
 
