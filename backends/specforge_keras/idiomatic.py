@@ -239,7 +239,10 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
     for node, _, _, _ in layers_:
         for i in node.inputs:
             readers.setdefault(i, []).append(node.name)
-    value = {program.graph.input.name: "x"}
+    # `x` carries a value to the next layer only: an input read by several layers stays
+    # `inputs`, or a branch passing its value on in `x` would overwrite it
+    source = program.graph.input.name
+    value = {source: "x" if len(readers.get(source, [])) <= 1 else "inputs"}
     lines: list[str] = []
     for k, (node, before, layer_text, last) in enumerate(layers_):
         args = [value[i] for i in node.inputs]
