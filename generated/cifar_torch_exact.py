@@ -111,13 +111,15 @@ class TrainingDiverged(UsageError):
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
-def pad_nchw(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros",
-             value: float = 0.0) -> torch.Tensor:
-    """Pad (top, bottom, left, right) with zeros, reflect (no edge repeat) or replicate."""
+def pad_nchw(
+    x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros", value: float = 0.0
+) -> torch.Tensor:
+    """Pad (top, bottom, left, right) with zeros or constant (``value``), reflect (no edge
+    repeat) or replicate."""
     top, bottom, left, right = pads
     if not any(pads):
         return x
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return F.pad(x, (left, right, top, bottom), mode="constant", value=value)
     return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
 
@@ -127,31 +129,86 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
                  strides: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool) -> None:
+                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool,
+                 pad_value: float = 0.0) -> None:
         top, bottom, left, right = pads
         # torch pads symmetrically with zeros by itself; anything else is padded first
         self.symmetric = pad_mode == "zeros" and top == bottom and left == right
         super().__init__(in_channels, filters, kernel, strides,
                          (top, left) if self.symmetric else 0, dilation, groups, bias)
-        self.pads, self.pad_mode = pads, pad_mode
+        self.pads, self.pad_mode, self.pad_value = pads, pad_mode, pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.symmetric:
-            x = pad_nchw(x, self.pads, self.pad_mode)
+            x = pad_nchw(x, self.pads, self.pad_mode, self.pad_value)
         return super().forward(x)
 
 
-class MaxPool2d(nn.Module):
-    """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
+class Pool2d(nn.Module):
+    """What both pools share: the window, the pads and the cells ceil_mode adds
+    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
-    def __init__(self, pool: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[int, int, int, int]) -> None:
+    def __init__(
+        self,
+        pool: tuple[int, int],
+        strides: tuple[int, int],
+        pads: tuple[int, int, int, int],
+        dilation: tuple[int, int] = (1, 1),
+        extra: tuple[int, int] = (0, 0),
+    ) -> None:
         super().__init__()
-        self.pool, self.strides, self.pads = pool, strides, pads
+        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
+        self.dilation, self.extra = tuple(dilation), tuple(extra)
+
+    def padded(self, x: torch.Tensor, value: float, beyond: float) -> torch.Tensor:
+        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
+        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
+        x = pad_nchw(x, self.pads, "zeros", value)
+        return pad_nchw(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
+
+    def window_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over each (dilated) window of an already padded input."""
+        if self.dilation == (1, 1):
+            return F.avg_pool2d(x, self.pool, self.strides, divisor_override=1)
+        cells = self.cells(x)
+        return sum(cells[1:], cells[0])
+
+    def cells(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One strided slice per window cell: cell (a, b) of every window at once."""
+        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
+        oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+        ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+        return [
+            x[
+                :,
+                :,
+                a * dh : a * dh + (oh - 1) * sh + 1 : sh,
+                b * dw : b * dw + (ow - 1) * sw + 1 : sw,
+            ]
+            for a in range(kh)
+            for b in range(kw)
+        ]
+
+
+class MaxPool2d(Pool2d):
+    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
+    `max_pool2d`)."""
+
+    def __init__(
+        self,
+        pool: tuple[int, int],
+        strides: tuple[int, int],
+        pads: tuple[int, int, int, int],
+        dilation: tuple[int, int] = (1, 1),
+        extra: tuple[int, int] = (0, 0),
+        pad_value: float | None = None,
+    ) -> None:
+        super().__init__(pool, strides, pads, dilation, extra)
+        self.pad_value = float("-inf") if pad_value is None else pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_nchw(x, self.pads, "zeros", value=float("-inf"))
-        return F.max_pool2d(x, self.pool, self.strides)
+        x = self.padded(x, self.pad_value, float("-inf"))
+        return F.max_pool2d(x, self.pool, self.strides, dilation=self.dilation)
 
 
 class FlattenHWC(nn.Module):
@@ -166,9 +223,10 @@ class FlattenHWC(nn.Module):
 class Activation(nn.Module):
     """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
 
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0) -> None:
+    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
+                 beta: float = 0.5) -> None:
         super().__init__()
-        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self.fn
@@ -186,7 +244,14 @@ class Activation(nn.Module):
             return torch.softmax(x, dim=1)
         if fn == "softplus":
             return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
+        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
+            return hard_sigmoid(x, self.alpha, self.beta)
         return _ELEMENTWISE[fn](x)
+
+
+def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
+    return torch.clamp(alpha * x + beta, 0, 1)
 
 
 _ELEMENTWISE = {

@@ -93,13 +93,14 @@ class TrainingDiverged(UsageError):
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
 def pad_nhwc(x, pads, mode="zeros", value=0.0):
-    """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
-    replicate (repeat the edge; built from slices, since TensorFlow has no `edge` pad)."""
+    """Pad (top, bottom, left, right): zeros or constant (``value``), reflect (no edge
+    repeat) or replicate (repeat the edge; built from slices, since TensorFlow has no `edge`
+    pad)."""
     top, bottom, left, right = pads
     if not any(pads):
         return x
     widths = [[0, 0], [top, bottom], [left, right], [0, 0]]
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return ops.pad(x, widths, mode="constant", constant_values=value)
     if mode == "reflect":
         return ops.pad(x, widths, mode="reflect")
@@ -110,34 +111,65 @@ def pad_nhwc(x, pads, mode="zeros", value=0.0):
 
 
 class Conv2D(keras.layers.Conv2D):
-    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`)."""
+    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`). Keras refuses strides
+    with dilation: then the conv runs at stride 1 and every stride-th output is kept, the
+    same numbers."""
 
-    def __init__(self, filters, kernel, strides, dilation, groups, pads, pad_mode, bias,
-                 **kwargs):
-        super().__init__(filters, kernel, strides=strides, padding="valid",
-                         dilation_rate=dilation, groups=groups, use_bias=bias, **kwargs)
-        self.pads, self.pad_mode = tuple(pads), pad_mode
+    def __init__(
+        self,
+        filters,
+        kernel,
+        strides,
+        dilation,
+        groups,
+        pads,
+        pad_mode,
+        bias,
+        pad_value=0.0,
+        **kwargs,
+    ):
+        strides, dilation = tuple(strides), tuple(dilation)
+        self.subsample = strides if max(strides) > 1 and max(dilation) > 1 else (1, 1)
+        super().__init__(
+            filters,
+            kernel,
+            strides=(1, 1) if self.subsample != (1, 1) else strides,
+            padding="valid",
+            dilation_rate=dilation,
+            groups=groups,
+            use_bias=bias,
+            **kwargs,
+        )
+        self.pads, self.pad_mode, self.pad_value = tuple(pads), pad_mode, pad_value
 
     def call(self, x):
-        return super().call(pad_nhwc(x, self.pads, self.pad_mode))
+        y = super().call(pad_nhwc(x, self.pads, self.pad_mode, self.pad_value))
+        sh, sw = self.subsample
+        return y[:, ::sh, ::sw] if sh > 1 or sw > 1 else y
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         top, bottom, left, right = self.pads
-        grown = (n, None if h is None else h + top + bottom,
-                 None if w is None else w + left + right, c)
-        return super().compute_output_shape(grown)
+        grown = (
+            n,
+            None if h is None else h + top + bottom,
+            None if w is None else w + left + right,
+            c,
+        )
+        n, h, w, f = super().compute_output_shape(grown)
+        sh, sw = self.subsample
+        return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
 
 
 class Pad2D(keras.layers.Layer):
     """Explicit padding as a layer (IR `pad2d`)."""
 
-    def __init__(self, pads, mode, **kwargs):
+    def __init__(self, pads, mode, pad_value=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.pads, self.mode = tuple(pads), mode
+        self.pads, self.mode, self.pad_value = tuple(pads), mode, pad_value
 
     def call(self, x):
-        return pad_nhwc(x, self.pads, self.mode)
+        return pad_nhwc(x, self.pads, self.mode, self.pad_value)
 
 
 class BatchNorm(keras.layers.Layer):
@@ -185,9 +217,9 @@ class BatchNorm(keras.layers.Layer):
 class Activation(keras.layers.Layer):
     """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
 
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, **kwargs):
+    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
         super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
 
     def call(self, x):
         fn = self.fn
@@ -203,6 +235,8 @@ class Activation(keras.layers.Layer):
             return ops.gelu(x, approximate=True)
         if fn == "softmax":
             return ops.softmax(x, axis=-1)
+        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
+            return ops.clip(self.alpha * x + self.beta, 0, 1)
         return getattr(ops, _ELEMENTWISE[fn])(x)
 
 

@@ -97,13 +97,15 @@ class TrainingDiverged(UsageError):
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
 
-def pad_nchw(x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros",
-             value: float = 0.0) -> torch.Tensor:
-    """Pad (top, bottom, left, right) with zeros, reflect (no edge repeat) or replicate."""
+def pad_nchw(
+    x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros", value: float = 0.0
+) -> torch.Tensor:
+    """Pad (top, bottom, left, right) with zeros or constant (``value``), reflect (no edge
+    repeat) or replicate."""
     top, bottom, left, right = pads
     if not any(pads):
         return x
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return F.pad(x, (left, right, top, bottom), mode="constant", value=value)
     return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
 
@@ -113,17 +115,18 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
                  strides: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool) -> None:
+                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool,
+                 pad_value: float = 0.0) -> None:
         top, bottom, left, right = pads
         # torch pads symmetrically with zeros by itself; anything else is padded first
         self.symmetric = pad_mode == "zeros" and top == bottom and left == right
         super().__init__(in_channels, filters, kernel, strides,
                          (top, left) if self.symmetric else 0, dilation, groups, bias)
-        self.pads, self.pad_mode = pads, pad_mode
+        self.pads, self.pad_mode, self.pad_value = pads, pad_mode, pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.symmetric:
-            x = pad_nchw(x, self.pads, self.pad_mode)
+            x = pad_nchw(x, self.pads, self.pad_mode, self.pad_value)
         return super().forward(x)
 
 
@@ -187,9 +190,10 @@ def _data_parallel() -> bool:
 class Activation(nn.Module):
     """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
 
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0) -> None:
+    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
+                 beta: float = 0.5) -> None:
         super().__init__()
-        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self.fn
@@ -207,7 +211,14 @@ class Activation(nn.Module):
             return torch.softmax(x, dim=1)
         if fn == "softplus":
             return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
+        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
+            return hard_sigmoid(x, self.alpha, self.beta)
         return _ELEMENTWISE[fn](x)
+
+
+def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
+    return torch.clamp(alpha * x + beta, 0, 1)
 
 
 _ELEMENTWISE = {
@@ -241,12 +252,13 @@ class GlobalPool(nn.Module):
 class Pad2d(nn.Module):
     """Explicit padding as a layer (IR `pad2d`)."""
 
-    def __init__(self, pads: tuple[int, int, int, int], mode: str) -> None:
+    def __init__(self, pads: tuple[int, int, int, int], mode: str,
+                 pad_value: float = 0.0) -> None:
         super().__init__()
-        self.pads, self.mode = pads, mode
+        self.pads, self.mode, self.pad_value = pads, mode, pad_value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_nchw(x, self.pads, self.mode)
+        return pad_nchw(x, self.pads, self.mode, self.pad_value)
 
 
 # --- 3. The model ---------------------------------------------------------------------------

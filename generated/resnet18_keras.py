@@ -13,13 +13,14 @@ from keras import layers, ops
 
 
 def pad_nhwc(x, pads, mode="zeros", value=0.0):
-    """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
-    replicate (repeat the edge; built from slices, since TensorFlow has no `edge` pad)."""
+    """Pad (top, bottom, left, right): zeros or constant (``value``), reflect (no edge
+    repeat) or replicate (repeat the edge; built from slices, since TensorFlow has no `edge`
+    pad)."""
     top, bottom, left, right = pads
     if not any(pads):
         return x
     widths = [[0, 0], [top, bottom], [left, right], [0, 0]]
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return ops.pad(x, widths, mode="constant", constant_values=value)
     if mode == "reflect":
         return ops.pad(x, widths, mode="reflect")
@@ -29,16 +30,52 @@ def pad_nhwc(x, pads, mode="zeros", value=0.0):
     return ops.concatenate(cols, axis=2) if left or right else x
 
 
-class MaxPool2D(keras.layers.Layer):
-    """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
+class Pool2D(keras.layers.Layer):
+    """What both pools share: the window, the pads and the cells ceil_mode adds
+    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
-    def __init__(self, pool, strides, pads, **kwargs):
+    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
         super().__init__(**kwargs)
         self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
+        self.dilation, self.extra = tuple(dilation), tuple(extra)
+
+    def padded(self, x, value, beyond):
+        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
+        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
+        x = pad_nhwc(x, self.pads, "zeros", value)
+        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
+
+    def cells(self, x):
+        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
+        pools have no dilation)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
+        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+        return [
+            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
+            for a in range(kh)
+            for b in range(kw)
+        ]
+
+
+class MaxPool2D(Pool2D):
+    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
+    `max_pool2d`)."""
+
+    def __init__(
+        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
+    ):
+        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
+        self.pad_value = float("-inf") if pad_value is None else pad_value
 
     def call(self, x):
-        x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
-        return ops.max_pool(x, self.pool, self.strides, padding="valid")
+        x = self.padded(x, self.pad_value, float("-inf"))
+        if self.dilation == (1, 1):
+            return ops.max_pool(x, self.pool, self.strides, padding="valid")
+        out = None
+        for cell in self.cells(x):
+            out = cell if out is None else ops.maximum(out, cell)
+        return out
 
 
 class BatchNorm(layers.BatchNormalization):

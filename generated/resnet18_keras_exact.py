@@ -93,13 +93,14 @@ class TrainingDiverged(UsageError):
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
 def pad_nhwc(x, pads, mode="zeros", value=0.0):
-    """Pad (top, bottom, left, right): zeros (or ``value``), reflect (no edge repeat) or
-    replicate (repeat the edge; built from slices, since TensorFlow has no `edge` pad)."""
+    """Pad (top, bottom, left, right): zeros or constant (``value``), reflect (no edge
+    repeat) or replicate (repeat the edge; built from slices, since TensorFlow has no `edge`
+    pad)."""
     top, bottom, left, right = pads
     if not any(pads):
         return x
     widths = [[0, 0], [top, bottom], [left, right], [0, 0]]
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return ops.pad(x, widths, mode="constant", constant_values=value)
     if mode == "reflect":
         return ops.pad(x, widths, mode="reflect")
@@ -110,35 +111,102 @@ def pad_nhwc(x, pads, mode="zeros", value=0.0):
 
 
 class Conv2D(keras.layers.Conv2D):
-    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`)."""
+    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`). Keras refuses strides
+    with dilation: then the conv runs at stride 1 and every stride-th output is kept, the
+    same numbers."""
 
-    def __init__(self, filters, kernel, strides, dilation, groups, pads, pad_mode, bias,
-                 **kwargs):
-        super().__init__(filters, kernel, strides=strides, padding="valid",
-                         dilation_rate=dilation, groups=groups, use_bias=bias, **kwargs)
-        self.pads, self.pad_mode = tuple(pads), pad_mode
+    def __init__(
+        self,
+        filters,
+        kernel,
+        strides,
+        dilation,
+        groups,
+        pads,
+        pad_mode,
+        bias,
+        pad_value=0.0,
+        **kwargs,
+    ):
+        strides, dilation = tuple(strides), tuple(dilation)
+        self.subsample = strides if max(strides) > 1 and max(dilation) > 1 else (1, 1)
+        super().__init__(
+            filters,
+            kernel,
+            strides=(1, 1) if self.subsample != (1, 1) else strides,
+            padding="valid",
+            dilation_rate=dilation,
+            groups=groups,
+            use_bias=bias,
+            **kwargs,
+        )
+        self.pads, self.pad_mode, self.pad_value = tuple(pads), pad_mode, pad_value
 
     def call(self, x):
-        return super().call(pad_nhwc(x, self.pads, self.pad_mode))
+        y = super().call(pad_nhwc(x, self.pads, self.pad_mode, self.pad_value))
+        sh, sw = self.subsample
+        return y[:, ::sh, ::sw] if sh > 1 or sw > 1 else y
 
     def compute_output_shape(self, input_shape):
         n, h, w, c = input_shape
         top, bottom, left, right = self.pads
-        grown = (n, None if h is None else h + top + bottom,
-                 None if w is None else w + left + right, c)
-        return super().compute_output_shape(grown)
+        grown = (
+            n,
+            None if h is None else h + top + bottom,
+            None if w is None else w + left + right,
+            c,
+        )
+        n, h, w, f = super().compute_output_shape(grown)
+        sh, sw = self.subsample
+        return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
 
 
-class MaxPool2D(keras.layers.Layer):
-    """Max pooling whose padded cells never win (-inf) (IR `max_pool2d`)."""
+class Pool2D(keras.layers.Layer):
+    """What both pools share: the window, the pads and the cells ceil_mode adds
+    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
 
-    def __init__(self, pool, strides, pads, **kwargs):
+    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
         super().__init__(**kwargs)
         self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
+        self.dilation, self.extra = tuple(dilation), tuple(extra)
+
+    def padded(self, x, value, beyond):
+        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
+        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
+        x = pad_nhwc(x, self.pads, "zeros", value)
+        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
+
+    def cells(self, x):
+        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
+        pools have no dilation)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
+        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+        return [
+            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
+            for a in range(kh)
+            for b in range(kw)
+        ]
+
+
+class MaxPool2D(Pool2D):
+    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
+    `max_pool2d`)."""
+
+    def __init__(
+        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
+    ):
+        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
+        self.pad_value = float("-inf") if pad_value is None else pad_value
 
     def call(self, x):
-        x = pad_nhwc(x, self.pads, "zeros", value=float("-inf"))
-        return ops.max_pool(x, self.pool, self.strides, padding="valid")
+        x = self.padded(x, self.pad_value, float("-inf"))
+        if self.dilation == (1, 1):
+            return ops.max_pool(x, self.pool, self.strides, padding="valid")
+        out = None
+        for cell in self.cells(x):
+            out = cell if out is None else ops.maximum(out, cell)
+        return out
 
 
 class BatchNorm(keras.layers.Layer):
@@ -186,9 +254,9 @@ class BatchNorm(keras.layers.Layer):
 class Activation(keras.layers.Layer):
     """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
 
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, **kwargs):
+    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
         super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha = fn, negative_slope, alpha
+        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
 
     def call(self, x):
         fn = self.fn
@@ -204,6 +272,8 @@ class Activation(keras.layers.Layer):
             return ops.gelu(x, approximate=True)
         if fn == "softmax":
             return ops.softmax(x, axis=-1)
+        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
+            return ops.clip(self.alpha * x + self.beta, 0, 1)
         return getattr(ops, _ELEMENTWISE[fn])(x)
 
 

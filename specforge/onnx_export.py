@@ -33,11 +33,12 @@ from specforge import __version__
 from specforge.ir.graph import Graph, Node
 from specforge.ir.program import Program
 
-#: The ONNX opset of every exported model (onnxruntime supports it fully; torch.onnx's
-#: default). Gelu has no operator before opset 20: it is written out with Erf / Tanh.
-OPSET = 17
-#: The IR version that opset 17 came with, so that older runtimes read the file too.
-IR_VERSION = 8
+#: The ONNX opset of every exported model (onnxruntime supports it fully): the first with
+#: AveragePool's dilations. Gelu has no operator before opset 20: it is written out with
+#: Erf / Tanh.
+OPSET = 19
+#: The IR version that opset 19 came with, so that older runtimes read the file too.
+IR_VERSION = 9
 #: Names of the graph's input and output.
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 #: The input and output's first dimension: any batch size.
@@ -136,13 +137,14 @@ def onnx_pads(pads: tuple[int, int, int, int]) -> list[int]:
 
 
 #: specforge's pad modes as ONNX Pad's modes.
-PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge"}
+PAD_MODES = {"zeros": "constant", "constant": "constant", "reflect": "reflect",
+             "replicate": "edge"}
 
 
 def spatial_pad(ctx: OpContext, x: str, pads: tuple[int, int, int, int], mode: str,
                 attr: str, value: float = 0.0) -> str:
-    """``x`` (NCHW) padded by a Pad node (mode zeros: with ``value``); ``x`` itself when
-    every pad is 0."""
+    """``x`` (NCHW) padded by a Pad node (modes zeros and constant: with ``value``); ``x``
+    itself when every pad is 0."""
     if mode not in PAD_MODES:
         raise unsupported(ctx.node, attr, mode, ", ".join(PAD_MODES))
     if not any(pads):
@@ -150,13 +152,13 @@ def spatial_pad(ctx: OpContext, x: str, pads: tuple[int, int, int, int], mode: s
     top, bottom, left, right = pads
     inputs = [x, ctx.builder.constant(f"{ctx.node.name}.pads",
                                       [0, 0, top, left, 0, 0, bottom, right], np.int64)]
-    if mode == "zeros" and value != 0:
+    if PAD_MODES[mode] == "constant" and value != 0:
         inputs.append(ctx.builder.constant(f"{ctx.node.name}.pad_value", value))
     return ctx.add("Pad", inputs, "pad", mode=PAD_MODES[mode])
 
 
 @exports("conv2d", "filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode",
-         "bias")
+         "pad_value", "bias")
 def export_conv2d(ctx: OpContext) -> str:
     a = ctx.node.attrs
     kernel = ctx.params["kernel"].transpose(3, 2, 0, 1)  # (kh, kw, C/g, F) -> (F, C/g, kh, kw)
@@ -166,7 +168,8 @@ def export_conv2d(ctx: OpContext) -> str:
     pads = a["pads"]
     x = ctx.inputs[0]
     if a["pad_mode"] != "zeros":  # Conv pads with zeros only: the other modes pad first
-        x, pads = spatial_pad(ctx, x, pads, a["pad_mode"], "pad_mode"), (0, 0, 0, 0)
+        x = spatial_pad(ctx, x, pads, a["pad_mode"], "pad_mode", a.get("pad_value", 0.0))
+        pads = (0, 0, 0, 0)
     inputs = [x, ctx.constant("kernel", kernel)]
     if a["bias"]:
         inputs.append(ctx.constant("bias", ctx.params["bias"]))
@@ -174,28 +177,43 @@ def export_conv2d(ctx: OpContext) -> str:
                    dilations=list(a["dilation"]), group=a["groups"], pads=onnx_pads(pads))
 
 
-@exports("pad2d", "pads", "mode")
+@exports("pad2d", "pads", "mode", "pad_value")
 def export_pad2d(ctx: OpContext) -> str:
     a = ctx.node.attrs
-    out = spatial_pad(ctx, ctx.inputs[0], a["pads"], a["mode"], "mode")
+    out = spatial_pad(ctx, ctx.inputs[0], a["pads"], a["mode"], "mode", a.get("pad_value", 0.0))
     return out if out != ctx.inputs[0] else ctx.add("Identity", [out])
 
 
-@exports("max_pool2d", "pool", "strides", "pads")
+def _pool(ctx: OpContext, op_type: str, padded_value: float | None, **attrs: Any) -> str:
+    """A pool over ``ctx``'s input. ``padded_value``: the value padded cells hold (None:
+    the pool's own padding); then the input is padded with it first, since ONNX's pools
+    pad with nothing that takes part in a max or (by default) an average."""
+    a = ctx.node.attrs
+    x, pads = ctx.inputs[0], a["pads"]
+    if padded_value is not None and any(pads):
+        if a["ceil_mode"]:  # ceil_mode's last window is measured from the unpadded edge
+            raise unsupported(ctx.node, "pad_value", padded_value,
+                              "a pad value without ceil_mode")
+        x, pads = spatial_pad(ctx, x, pads, "constant", "pad_value", padded_value), (0,) * 4
+    return ctx.add(op_type, [x], kernel_shape=list(a["pool"]), strides=list(a["strides"]),
+                   dilations=list(a["dilation"]), pads=onnx_pads(pads),
+                   ceil_mode=int(a["ceil_mode"]), **attrs)
+
+
+@exports("max_pool2d", "pool", "strides", "pads", "dilation", "ceil_mode", "pad_value")
 def export_max_pool2d(ctx: OpContext) -> str:
-    # ONNX's MaxPool never lets a padded cell win, as specforge's -inf padding
-    a = ctx.node.attrs
-    return ctx.add("MaxPool", ctx.inputs, kernel_shape=list(a["pool"]),
-                   strides=list(a["strides"]), pads=onnx_pads(a["pads"]), ceil_mode=0)
+    # ONNX's MaxPool never lets a padded cell win, as specforge's default -inf padding
+    return _pool(ctx, "MaxPool", ctx.node.attrs.get("pad_value"))
 
 
-@exports("avg_pool2d", "pool", "strides", "pads")
+@exports("avg_pool2d", "pool", "strides", "pads", "dilation", "ceil_mode", "count_include_pad",
+         "pad_value")
 def export_avg_pool2d(ctx: OpContext) -> str:
-    # padded cells are in neither the sum nor the divisor: count_include_pad=0
+    # count_include_pad: padded cells (zeros) in the divisor; another value is padded first
     a = ctx.node.attrs
-    return ctx.add("AveragePool", ctx.inputs, kernel_shape=list(a["pool"]),
-                   strides=list(a["strides"]), pads=onnx_pads(a["pads"]), ceil_mode=0,
-                   count_include_pad=0)
+    value = a.get("pad_value")
+    return _pool(ctx, "AveragePool", value if value else None,
+                 count_include_pad=int(a["count_include_pad"]))
 
 
 def _global_pool(ctx: OpContext, op_type: str) -> str:
@@ -266,7 +284,8 @@ def export_concat(ctx: OpContext) -> str:
 # --- activations -------------------------------------------------------------------------
 #: Attributes each activation function reads besides ``fn``.
 ACTIVATION_ATTRS: dict[str, frozenset[str]] = {"leaky_relu": frozenset({"negative_slope"}),
-                                               "elu": frozenset({"alpha"})}
+                                               "elu": frozenset({"alpha"}),
+                                               "hard_sigmoid": frozenset({"alpha", "beta"})}
 #: selu's constants, as ops.ACTIVATION_FORMULAS writes them (ONNX's defaults are float32).
 SELU_ALPHA, SELU_GAMMA = 1.6732632423543772, 1.0507009873554805
 
@@ -311,7 +330,9 @@ ACTIVATION_EXPORTS: dict[str, Callable[[OpContext, str], str]] = {
     "gelu_tanh": _gelu_tanh,
     "silu": lambda ctx, x: ctx.add("Mul", [x, ctx.add("Sigmoid", [x], "sigmoid")]),
     "sigmoid": _single("Sigmoid"),
-    "hard_sigmoid": _single("HardSigmoid", alpha=1 / 6, beta=0.5),  # relu6(x + 3) / 6
+    "hard_sigmoid": lambda ctx, x: ctx.add("HardSigmoid", [x],
+                                           alpha=float(ctx.node.attrs["alpha"]),
+                                           beta=float(ctx.node.attrs["beta"])),
     "hard_swish": _single("HardSwish"),  # x * relu6(x + 3) / 6: ONNX's own constants
     "tanh": _single("Tanh"),
     "softplus": _single("Softplus"),
@@ -320,7 +341,7 @@ ACTIVATION_EXPORTS: dict[str, Callable[[OpContext, str], str]] = {
 }
 
 
-@exports("activation", "fn", "negative_slope", "alpha")
+@exports("activation", "fn", "negative_slope", "alpha", "beta")
 def export_activation(ctx: OpContext) -> str:
     a = ctx.node.attrs
     fn = a["fn"]

@@ -184,6 +184,19 @@ def test_every_layer_case_gives_the_reference_output(case, backend, tmp_path):
     check_same_model(compile_text(case.spec_text(), f"<case {case.name}>"), backend, tmp_path)
 
 
+def test_a_branch_that_passes_its_value_on_keeps_the_input_for_the_next_branch(tmp_path):
+    """Keras's functional script hands a value to the next layer in `x`: the model's input,
+    read by two branches, must not be `x` then (the option matrix found this)."""
+    pytest.importorskip("keras")
+    layers = [{"type": "conv2d", "filters": 2, "kernel": 3, "name": "a", "inputs": "input",
+               "activation": {"fn": "leaky_relu", "negative_slope": 0.3}},
+              {"type": "conv2d", "filters": 2, "kernel": 3, "name": "b", "inputs": "input"},
+              {"type": "concat", "inputs": ["a", "b"]}, {"type": "flatten"},
+              {"type": "dense", "units": 2}]
+    case = Case("input-read-twice", layers)
+    check_same_model(compile_text(case.spec_text(), "<input read twice>"), "keras", tmp_path)
+
+
 # --- 3. same update rule: one step from the same weights on the same batch -------------------
 
 class Stop(Exception):

@@ -79,11 +79,24 @@ def test_suite_covers_every_op_and_option():
             kernels = {a["kernel"][0] % 2 for a in convs
                        if a["pad_mode"] == mode and a["strides"] == (stride, stride)}
             assert kernels == {0, 1}, (mode, stride)  # odd and even kernels
-    assert {n.attrs["mode"] for n in nodes if n.op == "pad2d"} >= {"replicate"}
+    assert {a["pad_mode"] for a in convs} == {"zeros", "constant", "reflect", "replicate"}
+    assert {n.attrs["mode"] for n in nodes if n.op == "pad2d"} >= {"replicate", "constant"}
+    # same_lower: its odd pixel before, with constant padding
+    assert any(a["pad_mode"] == "constant" and a["pads"][0] > a["pads"][1] for a in convs)
+    for groups in ({1}, {6}):  # a conv and a depthwise conv with strides and dilation
+        assert any(a["groups"] in groups and max(a["strides"]) > 1 and max(a["dilation"]) > 1
+                   for a in convs), groups
     for pool in ("max_pool2d", "avg_pool2d"):
         attrs = [n.attrs for n in nodes if n.op == pool]
         assert any(any(a["pads"]) for a in attrs) and any(not any(a["pads"]) for a in attrs)
         assert {a["strides"][0] for a in attrs} == {1, 2}
+        for option in ("ceil_mode", "pad_value"):
+            assert any(a.get(option) for a in attrs), (pool, option)
+        assert any(max(a["dilation"]) > 1 for a in attrs), pool
+    assert {n.attrs["count_include_pad"] for n in nodes if n.op == "avg_pool2d"} == {
+        True, False}
+    assert any(n.attrs.get("fn") == "hard_sigmoid" and n.attrs["alpha"] != 1 / 6
+               for n in nodes)
     bn = [n.attrs for n in nodes if n.op == "batch_norm"]
     assert {(a["scale"], a["center"]) for a in bn} == {(True, True), (False, False)}
     assert {n.attrs["spatial"] for n in nodes if n.op == "dropout"} == {True, False}

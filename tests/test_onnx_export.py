@@ -162,8 +162,9 @@ def _with_attrs(program: Program, op: str, **changes: Any) -> Program:
 
 
 @pytest.mark.parametrize(("op", "changes", "phrase"), [
-    ("conv2d", {"pad_value": 1.0}, "attribute 'pad_value' has no ONNX export"),
-    ("max_pool2d", {"ceil_mode": True}, "attribute 'ceil_mode' has no ONNX export"),
+    ("conv2d", {"fill": 1.0}, "attribute 'fill' has no ONNX export"),
+    ("max_pool2d", {"pad_value": 1.0, "ceil_mode": True, "pads": (1, 1, 1, 1)},
+     "pad_value=1.0 has no ONNX export (supported: a pad value without ceil_mode)"),
     ("conv2d", {"pad_mode": "circular"}, "pad_mode='circular' has no ONNX export"),
     ("activation", {"fn": "mish"}, "fn='mish' has no ONNX export"),
     ("activation", {"alpha": 0.5}, "(activation relu): attribute 'alpha'"),

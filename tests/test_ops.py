@@ -153,7 +153,8 @@ def test_add_of_different_shapes_in_a_spec(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
 def test_pool_larger_than_input(op: str) -> None:
-    attrs = {"pool": (3, 3), "strides": (1, 1), "pads": (0, 0, 0, 0)}
+    attrs = {"pool": (3, 3), "strides": (1, 1), "dilation": (1, 1), "pads": (0, 0, 0, 0),
+             "ceil_mode": False, "count_include_pad": False}
     with pytest.raises(ShapeError, match=rf"{op} window of 3 is larger than the padded "
                                          r"input height 2") as info:
         OPS[op].infer(attrs, [(2, 5, 1)])

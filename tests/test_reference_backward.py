@@ -147,6 +147,7 @@ ACTIVATION_CASES = {
     "silu": ("silu", ()),
     "sigmoid": ("sigmoid", ()),
     "hard_sigmoid": ("hard_sigmoid", (-3, 3)),
+    "hard_sigmoid_onnx": ("hard_sigmoid, alpha: 0.2, beta: 0.4", (-2, 3)),
     "hard_swish": ("hard_swish", (-3, 3)),
     "tanh": ("tanh", ()),
     "softplus": ("softplus", ()),
@@ -192,6 +193,11 @@ def _conv_cases() -> dict[str, str]:
             f" padding_mode: {mode}")
         cases[f"{mode}-groups2-dilation2-s2"] = (
             f"kernel: 3, groups: 2, dilation: 2, strides: 2, padding: 2, padding_mode: {mode}")
+    cases["constant-same-lower-s2"] = (
+        "kernel: 2, strides: 2, padding: same_lower, padding_mode: constant, pad_value: 0.7")
+    cases["constant-explicit-dilation2"] = (
+        "kernel: 3, dilation: 2, padding: {top: 2, bottom: 0, left: 1, right: 1},"
+        " padding_mode: constant, pad_value: -1.5")
     cases["valid-s2"] = "kernel: 3, strides: 2"
     cases["groups2-valid"] = "kernel: 2, groups: 2"
     cases["no-bias"] = "kernel: 3, padding: same, bias: false"
@@ -256,7 +262,18 @@ for _op in ("max_pool2d", "avg_pool2d"):
         " right: 1}}")
 POOL_CASES["global_avg_pool2d"] = "{type: global_avg_pool2d}"
 POOL_CASES["global_max_pool2d"] = "{type: global_max_pool2d}"
-for _mode in ("zeros", "reflect", "replicate"):
+for _op in ("max_pool2d", "avg_pool2d"):  # the options from ONNX, alone and together
+    _options = {"ceil": "ceil_mode: true", "dilation": "dilation: [2, 1]",
+                "pad-value": "pad_value: 0.4", "all": "ceil_mode: true, dilation: 2,"
+                                                      " pad_value: -0.3"}
+    for _label, _option in _options.items():
+        POOL_CASES[f"{_op}-{_label}"] = (f"{{type: {_op}, pool: 3, strides: 2, padding: 1,"
+                                         f" {_option}}}")
+    POOL_CASES[f"{_op}-same-lower"] = f"{{type: {_op}, pool: 2, strides: 1, padding: same_lower}}"
+POOL_CASES["avg_pool2d-ceil-count-include-pad"] = (
+    "{type: avg_pool2d, pool: [3, 2], strides: 2, padding: [1, 0], ceil_mode: true,"
+    " count_include_pad: true}")
+for _mode in ("zeros", "reflect", "replicate", "constant"):
     POOL_CASES[f"pad2d-{_mode}"] = ("{type: pad2d, padding: {top: 2, bottom: 0, left: 1,"
                                     f" right: 3}}, mode: {_mode}}}")
     POOL_CASES[f"pad2d-{_mode}-symmetric"] = f"{{type: pad2d, padding: 1, mode: {_mode}}}"

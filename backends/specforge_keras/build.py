@@ -43,7 +43,7 @@ def model_lines(graph: Graph) -> list[str]:
             continue
         name = names[node.name]
         assert IDENTIFIER.match(name)  # names are validated; this guards the template
-        cls, args, kwargs = layer_recipe(node)
+        cls, args, kwargs = layer_recipe(node, graph[node.inputs[0]].shape)
         arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         arguments.append(f"name={name!r}")
         inputs = [variables[i] for i in node.inputs]
@@ -62,7 +62,7 @@ def model_lines(graph: Graph) -> list[str]:
 def layer_names(graph: Graph) -> list[str]:
     """What the script copies from layers.py: the classes of the graph's layers defined
     there, and what they use."""
-    classes = {layer_recipe(n)[0] for n in graph if n.op != "input"}
+    classes = {layer_recipe(n, graph[n.inputs[0]].shape)[0] for n in graph if n.op != "input"}
     return used(LAYERS, sorted(classes & set(top_level_names(LAYERS))))
 
 

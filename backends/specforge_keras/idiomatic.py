@@ -29,7 +29,7 @@ from specforge.idiomatic import (
     with_imports,
 )
 from specforge.ir.graph import Node, identifier_names
-from specforge.ir.ops import same_pads
+from specforge.ir.ops import pad_value, pool_options, same_pads
 from specforge.ir.program import Program
 from specforge.scriptgen import copied, used
 
@@ -61,6 +61,8 @@ def activation_arg(node: Node | None) -> str | None:
     if node is None or node.op != "activation":
         return None
     fn, a = node.attrs["fn"], node.attrs
+    if fn == "hard_sigmoid" and (a["alpha"], a["beta"]) != (1 / 6, 0.5):
+        return None  # Keras's "hard_sigmoid" is alpha 1/6, beta 0.5 only
     if (fn == "elu" and a.get("alpha") == 1.0) or fn in STRING:
         return STRING.get(fn, fn)
     return None
@@ -72,11 +74,17 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     a, op = node.attrs, node.op
     named: dict[str, Any] = {"activation": activation} if activation else {}
     named["name"] = name
+    if op == "conv2d" and max(a["strides"]) > 1 and max(a["dilation"]) > 1:
+        # Keras refuses strides with dilation: specforge's Conv2D runs it at stride 1 and
+        # keeps every stride-th output
+        keys = ("filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode", "bias")
+        return [], call("Conv2D", **{k: a[k] for k in keys}, **pad_value(a), **named)
     if op == "conv2d":
         padding = _padding(node, in_shape, a["kernel"], a["strides"], a["dilation"])
         before = []
         if padding is None or (padding == "same" and a["pad_mode"] != "zeros"):
-            before, padding = [_pad_layer(a["pads"], a["pad_mode"], name)], "valid"
+            before = [_pad_layer(a["pads"], a["pad_mode"], name, a.get("pad_value", 0.0))]
+            padding = "valid"
         options: dict[str, Any] = {}
         if pair(a["strides"]) != 1:
             options["strides"] = pair(a["strides"])
@@ -95,10 +103,12 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
                                                        {"use_bias": False}), **named)
     if op in ("max_pool2d", "avg_pool2d"):
         padding = _padding(node, in_shape, a["pool"], a["strides"])
-        if padding is None:  # pads Keras's words cannot say: specforge's own pooling layer
+        options = pool_options(a, in_shape)
+        if padding is None or len(options) > 3:
+            # pads or options Keras's pooling cannot say: specforge's own pooling layer
             cls = "MaxPool2D" if op == "max_pool2d" else "AvgPool2D"
-            return [], call(cls, tuple(a["pool"]), tuple(a["strides"]), tuple(a["pads"]),
-                             name=name)
+            window = [tuple(options.pop(k)) for k in ("pool", "strides", "pads")]
+            return [], call(cls, *window, **options, name=name)
         cls = "layers.MaxPooling2D" if op == "max_pool2d" else "layers.AveragePooling2D"
         options = {} if tuple(a["strides"]) == tuple(a["pool"]) else {"strides": pair(
             a["strides"])}
@@ -106,7 +116,7 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
             options["padding"] = "same"
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
-        return [], _pad_layer(a["pads"], a["mode"], name, suffix="")
+        return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         cls = "GlobalAveragePooling2D" if op == "global_avg_pool2d" else "GlobalMaxPooling2D"
         return [], f"layers.{cls}(name={literal(name)})"
@@ -130,6 +140,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
             return [], call("layers.ELU", alpha=a["alpha"], name=name)
         if fn == "gelu_tanh":
             return [], f"layers.Activation(gelu_tanh, name={literal(name)})"
+        if fn == "hard_sigmoid" and (a["alpha"], a["beta"]) != (1 / 6, 0.5):
+            slope = f"lambda x: ops.clip({a['alpha']!r} * x + {a['beta']!r}, 0.0, 1.0)"
+            return [], f"layers.Activation({slope}, name={literal(name)})"
         return [], call("layers.Activation", STRING.get(fn, fn), name=name)
     if op == "add":
         return [], f"layers.Add(name={literal(name)})"
@@ -138,11 +151,14 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     raise ValueError(f"no Keras layer for op {op!r}")
 
 
-def _pad_layer(pads: Any, mode: str, name: str, suffix: str = "_pad") -> str:
+def _pad_layer(pads: Any, mode: str, name: str, value: float = 0.0,
+               suffix: str = "_pad") -> str:
     top, bottom, left, right = pads
     if mode == "zeros":
         return f"layers.ZeroPadding2D((({top}, {bottom}), ({left}, {right})), " \
                f"name={literal(name + suffix)})"
+    if mode == "constant":  # ZeroPadding2D pads with zeros only
+        return call("Pad2D", tuple(pads), mode, value, name=name + suffix)
     return call("Pad2D", tuple(pads), mode, name=name + suffix)
 
 
@@ -223,7 +239,10 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
     for node, _, _, _ in layers_:
         for i in node.inputs:
             readers.setdefault(i, []).append(node.name)
-    value = {program.graph.input.name: "x"}
+    # `x` carries a value to the next layer only: an input read by several layers stays
+    # `inputs`, or a branch passing its value on in `x` would overwrite it
+    source = program.graph.input.name
+    value = {source: "x" if len(readers.get(source, [])) <= 1 else "inputs"}
     lines: list[str] = []
     for k, (node, before, layer_text, last) in enumerate(layers_):
         args = [value[i] for i in node.inputs]
@@ -252,7 +271,7 @@ def _assigned(target: str, layer: str, operand: str) -> list[str]:
 
 def _helpers(calls: list[str]) -> str:
     """specforge's own Keras layers that the model uses (padding Keras's words cannot say)."""
-    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D")
+    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D", "Conv2D")
               if any(c.startswith(f"{cls}(") for c in calls)]
     return copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
 

@@ -20,8 +20,8 @@ from specforge_keras import layers as L
 from specforge_keras.recipes import layer_recipe
 
 
-def layer_for(node: Node, name: str) -> keras.layers.Layer:
-    cls, args, kwargs = layer_recipe(node)
+def layer_for(node: Node, name: str, in_shape: tuple[int, ...]) -> keras.layers.Layer:
+    cls, args, kwargs = layer_recipe(node, in_shape)
     factory = getattr(keras.layers, cls.rpartition(".")[2]) if cls.startswith("keras.") \
         else getattr(L, cls)
     return factory(*args, **kwargs, name=name)
@@ -43,7 +43,7 @@ def build_model(graph: Graph,
         args = [values[i] for i in node.inputs]
         make = replacements.get(node.op)
         layer = make(node, names[node.name]) if make else \
-            layer_for(node, names[node.name])
+            layer_for(node, names[node.name], graph[node.inputs[0]].shape)
         values[node.name] = layer(args if node.op in ("add", "concat") else args[0])
     return keras.Model(inputs, values[graph.output], name="specforge_model")
 

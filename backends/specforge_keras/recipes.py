@@ -5,22 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from specforge.ir.graph import Node
+from specforge.ir.ops import pad_value, pool_options
 
 
-def layer_recipe(node: Node) -> tuple[str, list[Any], dict[str, Any]]:
-    """How to make a node's layer: (class, positional args, keyword args). Both the model
-    builder here and the script builder use this, so the two cannot drift apart."""
+def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any], dict[str, Any]]:
+    """How to make a node's layer (whose first input has ``in_shape``): (class, positional
+    args, keyword args). Both the model builder here and the script builder use this, so the
+    two cannot drift apart."""
     a, op = node.attrs, node.op
     if op == "conv2d":
         keys = ("filters", "kernel", "strides", "dilation", "groups", "pads", "pad_mode", "bias")
-        return "Conv2D", [], {k: a[k] for k in keys}
+        return "Conv2D", [], {**{k: a[k] for k in keys}, **pad_value(a)}
     if op == "dense":
         return "keras.layers.Dense", [a["units"]], {"use_bias": a["bias"]}
     if op in ("max_pool2d", "avg_pool2d"):
         cls = "MaxPool2D" if op == "max_pool2d" else "AvgPool2D"
-        return cls, [], {"pool": a["pool"], "strides": a["strides"], "pads": a["pads"]}
+        return cls, [], pool_options(a, in_shape)
     if op == "pad2d":
-        return "Pad2D", [a["pads"], a["mode"]], {}
+        return "Pad2D", [a["pads"], a["mode"]], pad_value(a)
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         return "GlobalPool", ["avg" if op == "global_avg_pool2d" else "max"], {}
     if op == "flatten":  # NHWC: already height, width, channel order

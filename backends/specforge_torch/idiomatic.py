@@ -31,11 +31,14 @@ from specforge.idiomatic import (
     with_imports,
 )
 from specforge.ir.graph import Graph, Node, identifier_names
+from specforge.ir.ops import pool_options
 from specforge.ir.program import Program
-from specforge.scriptgen import copied
+from specforge.scriptgen import copied, used
 
 HERE = Path(__file__).parent
 LAYERS = HERE / "layers.py"
+#: specforge's own modules an idiomatic script may need, where torch's cannot say the IR's
+HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid")
 PAD_MODULES = {"zeros": "nn.ZeroPad2d", "reflect": "nn.ReflectionPad2d",
                "replicate": "nn.ReplicationPad2d"}
 #: activation -> torch module (the functional form is the same call on ``x``)
@@ -56,6 +59,12 @@ def _torch_pads(pads: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return left, right, top, bottom
 
 
+def _pad_module(pads: tuple[int, int, int, int], mode: str, value: float = 0.0) -> str:
+    if mode == "constant":
+        return call("nn.ConstantPad2d", _torch_pads(pads), value)
+    return call(PAD_MODULES[mode], _torch_pads(pads))
+
+
 def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]:
     """The torch modules (constructor, comment) that compute ``node``, in order."""
     a, op = node.attrs, node.op
@@ -64,12 +73,13 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
     if op == "conv2d":
         options: dict[str, Any] = {}
         before = []
-        if any(pads) and symmetric:
+        if any(pads) and symmetric and a["pad_mode"] != "constant":
             options["padding"] = pair((pads[0], pads[2]))
             if a["pad_mode"] != "zeros":
                 options["padding_mode"] = a["pad_mode"]
         elif any(pads):  # torch pads both sides alike; specforge's `same` puts the odd one after
-            before = [(call(PAD_MODULES[a["pad_mode"]], _torch_pads(pads)),
+            before = [(_pad_module(pads, a["pad_mode"], a.get("pad_value", 0.0)),
+                       "constant padding" if symmetric else
                        "uneven padding: the odd pixel after, as specforge's `same`")]
         for key, name, default in (("strides", "stride", 1), ("dilation", "dilation", 1)):
             if pair(a[key]) != default:
@@ -84,9 +94,9 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         return [(call("nn.Linear", in_shape[-1], a["units"],
                        **({} if a["bias"] else {"bias": False})), "")]
     if op in ("max_pool2d", "avg_pool2d"):
-        return _pool(op, a["pool"], a["strides"], pads)
+        return _pool(op, a, in_shape)
     if op == "pad2d":
-        return [(call(PAD_MODULES[a["mode"]], _torch_pads(pads)), "")]
+        return [(_pad_module(pads, a["mode"], a.get("pad_value", 0.0)), "")]
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         pool = "nn.AdaptiveAvgPool2d(1)" if op == "global_avg_pool2d" else "nn.AdaptiveMaxPool2d(1)"
         return [(pool, ""), ("nn.Flatten()", "")]
@@ -104,26 +114,46 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
             return [(call("nn.LeakyReLU", a["negative_slope"]), "")]
         if fn == "elu":
             return [(call("nn.ELU", a["alpha"]), "")]
+        if fn == "hard_sigmoid" and (a["alpha"], a["beta"]) != (1 / 6, 0.5):
+            return [(call("HardSigmoid", a["alpha"], a["beta"]),
+                     "nn.Hardsigmoid has alpha 1/6 and beta 0.5 only")]
         return [(ACTIVATIONS[fn], "")]
     raise ValueError(f"no torch module for op {op!r}")
 
 
-def _pool(op: str, pool: tuple[int, int], strides: tuple[int, int],
-          pads: tuple[int, int, int, int]) -> list[tuple[str, str]]:
-    stride = {} if tuple(strides) == tuple(pool) else {"stride": pair(strides)}
+def _pool(op: str, a: Any, in_shape: tuple[int, ...]) -> list[tuple[str, str]]:
+    """torch's pooling module, after a pad module where torch's own padding cannot say the
+    IR's pads; specforge's own module where torch's cannot say the rest either."""
+    pool, pads, value = a["pool"], a["pads"], a.get("pad_value")
     top, bottom, left, right = pads
-    fits = top == bottom and left == right and top <= pool[0] // 2 and left <= pool[1] // 2
     cls = "nn.MaxPool2d" if op == "max_pool2d" else "nn.AvgPool2d"
+    options: dict[str, Any] = {} if tuple(a["strides"]) == tuple(pool) else {
+        "stride": pair(a["strides"])}
+    if pair(a["dilation"]) != 1:
+        if op == "avg_pool2d":
+            return [(call("AvgPool2d", **pool_options(a, in_shape)),
+                     "torch's AvgPool2d has no dilation")]
+        options["dilation"] = pair(a["dilation"])
+    if a["ceil_mode"]:
+        options["ceil_mode"] = True
     if not any(pads):
-        return [(call(cls, pair(pool), **stride), "")]
-    if fits:
-        extra = {} if op == "max_pool2d" else {"count_include_pad": False}
-        return [(call(cls, pair(pool), **stride, padding=pair((top, left)), **extra), "")]
-    if op == "max_pool2d":  # torch pads symmetrically, at most half the window
+        return [(call(cls, pair(pool), **options), "")]
+    fits = top == bottom and left == right and top <= pool[0] // 2 and left <= pool[1] // 2
+    if fits and (value is None if op == "max_pool2d" else value in (None, 0.0)):
+        if op == "avg_pool2d" and not a["count_include_pad"]:
+            options["count_include_pad"] = False
+        return [(call(cls, pair(pool), **options, padding=pair((top, left))), "")]
+    if a["ceil_mode"] or (op == "avg_pool2d" and not a["count_include_pad"]):
+        # after a pad module torch could start a last window in the right padding, or
+        # count the padded cells: specforge's module
+        return [(call(cls.removeprefix("nn."), **pool_options(a, in_shape)),
+                 "uneven pads with ceil_mode" if a["ceil_mode"] else
+                 "padded cells left out of the divisor")]
+    if op == "max_pool2d" and value is None:  # torch pads symmetrically, at most half the window
         return [(f"nn.ConstantPad2d({_torch_pads(pads)!r}, float('-inf'))",
-                 "padded cells never win"), (call(cls, pair(pool), **stride), "")]
-    return [(call("AvgPool2d", tuple(pool), tuple(strides), tuple(pads)),
-             "padded cells left out of the divisor")]
+                 "padded cells never win"), (call(cls, pair(pool), **options), "")]
+    return [(_pad_module(pads, "constant", value or 0.0), "padded cells hold pad_value"),
+            (call(cls, pair(pool), **options), "")]
 
 
 def _batch_norm(a: Any, in_shape: tuple[int, ...]) -> str:
@@ -227,13 +257,13 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         raise UsageError("the idiomatic torch script trains in one process; for torchrun "
                          "and DDP build with --style exact --distributed")
     graph = program.graph
-    used = {module.split("(")[0] for _, _, module, _ in named_modules(graph)}
+    constructors = {module.split("(")[0] for _, _, module, _ in named_modules(graph)}
     chain = is_chain(graph)
     init, forward = ([], []) if chain else module_class_lines(graph)
-    helpers = ""
-    if "AvgPool2d" in used:  # asymmetric pads left out of the divisor: specforge's module
-        helpers = copied([(LAYERS, ["pad_nchw", "AvgPool2d"])]).replace(
-            "_PAD_MODES[mode]", 'mode.replace("zeros", "constant")')
+    wanted = [name for name in HELPERS if name in constructors]
+    # what torch's modules cannot say (e.g. asymmetric pads left out of an average's
+    # divisor): specforge's own module
+    helpers = copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
     context = common_context(program)
     context["load_data"] = data_code(program, "torch")
     spec = program.spec
@@ -241,7 +271,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     context.update(
         framework="PyTorch",
         chain=chain, sequential=sequential_lines(graph) if chain else [], init=init,
-        forward=forward, flatten_hwc="FlattenHWC" in used, helpers=helpers,
+        forward=forward, flatten_hwc="FlattenHWC" in constructors, helpers=helpers,
         input_shape=tuple(graph.input.shape), augment=augment,
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),

@@ -56,6 +56,9 @@ class Case:
         return yaml.safe_dump(spec, sort_keys=False)
 
 
+SGD_MOMENTUM = {"type": "sgd", "learning_rate": 0.01, "momentum": 0.9}
+
+
 def _conv(filters: int = 4, kernel: Any = 3, **options: Any) -> dict[str, Any]:
     return {"type": "conv2d", "filters": filters, "kernel": kernel, **options}
 
@@ -73,6 +76,20 @@ def _padding_cases() -> list[Case]:
         _conv(kernel=[2, 3], padding={"top": 2, "bottom": 0, "left": 1, "right": 3},
               padding_mode="reflect", activation="tanh"),
         {"type": "pad2d", "padding": [1, 2], "mode": "replicate"}, *HEAD]))
+    cases.append(Case("padding-constant-same-lower", [
+        _conv(kernel=2, padding="same_lower", padding_mode="constant", pad_value=0.5,
+              activation="tanh"),
+        {"type": "depthwise_conv2d", "kernel": 3, "strides": 2, "padding": "same_lower",
+         "padding_mode": "constant", "pad_value": -1.0},
+        {"type": "pad2d", "padding": {"top": 0, "bottom": 1, "left": 2, "right": 0},
+         "mode": "constant", "pad_value": 0.25}, *HEAD]))
+    # Keras refuses strides with dilation in its own conv layers; hard_sigmoid with ONNX's
+    # alpha (its kinks at -2 and 3 are inside the conv's outputs at this pixel scale)
+    cases.append(Case("conv-strides-with-dilation-hard-sigmoid-alpha-beta", [
+        _conv(6, 3, strides=2, dilation=2, padding="same", activation="relu"),
+        {"type": "depthwise_conv2d", "kernel": 2, "strides": [2, 1], "dilation": [1, 2],
+         "padding": 1, "activation": {"fn": "hard_sigmoid", "alpha": 0.2, "beta": 0.4}},
+        *HEAD], pixel_scale=0.05, optimizer=SGD_MOMENTUM))
     cases.append(Case("conv-dilation-groups-depthwise", [
         _conv(8, 3, dilation=2, padding="same", activation="relu"),
         _conv(8, 3, groups=2, padding="valid", activation="elu"),
@@ -88,13 +105,25 @@ def _pooling_cases() -> list[Case]:
             cases.append(Case(f"{kind}-{padding}-p{pool}-s{stride}", [
                 _conv(activation="relu", padding="same"),
                 {"type": kind, "pool": pool, "strides": stride, "padding": padding}, *HEAD]))
+    relu = _conv(activation="relu", padding="same")
+    cases += [
+        Case("max_pool2d-ceil-dilation-pad-value", [
+            relu, {"type": "max_pool2d", "pool": 3, "strides": 2, "dilation": 2, "padding": 1,
+                   "ceil_mode": True},
+            {"type": "max_pool2d", "pool": 2, "strides": 1, "padding": "same_lower",
+             "pad_value": 0.5}, *HEAD]),
+        Case("avg_pool2d-ceil-count-include-pad-dilation-pad-value", [
+            relu, {"type": "avg_pool2d", "pool": 3, "strides": 2, "padding": 1,
+                   "ceil_mode": True, "count_include_pad": True},
+            {"type": "avg_pool2d", "pool": 2, "strides": 1, "dilation": 2,
+             "padding": [1, 0], "pad_value": 0.25}, *HEAD]),
+    ]
     for kind in ("global_avg_pool2d", "global_max_pool2d"):
         cases.append(Case(kind, [_conv(8, activation="relu"), {"type": kind},
                                  {"type": "dense", "units": 4}]))
     return cases
 
 
-SGD_MOMENTUM = {"type": "sgd", "learning_rate": 0.01, "momentum": 0.9}
 ACTIVATIONS = ["linear", "relu", "relu6", {"fn": "leaky_relu", "negative_slope": 0.2},
                {"fn": "elu", "alpha": 0.7}, "selu", "gelu", "gelu_tanh", "silu", "sigmoid",
                "hard_sigmoid", "hard_swish", "tanh", "softplus", "softsign", "softmax"]

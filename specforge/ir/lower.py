@@ -27,11 +27,12 @@ def resolve_pads(padding: Any, in_shape: Shape, kernel: tuple[int, int],
     """Explicit (top, bottom, left, right) pads for any padding a spec may write."""
     if padding == "valid":
         return (0, 0, 0, 0)
-    if padding == "same":
+    if padding in ("same", "same_lower"):
         if len(in_shape) != 3:
             return (0, 0, 0, 0)  # the op's own shape check reports the real problem
-        top, bottom = same_pads(in_shape[0], kernel[0], strides[0], dilation[0])
-        left, right = same_pads(in_shape[1], kernel[1], strides[1], dilation[1])
+        lower = padding == "same_lower"
+        top, bottom = same_pads(in_shape[0], kernel[0], strides[0], dilation[0], lower)
+        left, right = same_pads(in_shape[1], kernel[1], strides[1], dilation[1], lower)
         return (top, bottom, left, right)
     if isinstance(padding, int):
         return (padding,) * 4
@@ -49,6 +50,32 @@ def activation_attrs(config: L.ActivationConfig | str) -> dict[str, Any]:
         attrs["negative_slope"] = 0.01 if config.negative_slope is None else config.negative_slope
     if config.fn == "elu":
         attrs["alpha"] = 1.0 if config.alpha is None else config.alpha
+    if config.fn == "hard_sigmoid":
+        attrs["alpha"] = 1 / 6 if config.alpha is None else config.alpha
+        attrs["beta"] = 0.5 if config.beta is None else config.beta
+    return attrs
+
+
+def pad_attrs(mode_key: str, mode: str, pad_value: float | None) -> dict[str, Any]:
+    """The padding mode, and the constant mode's value (0 when the spec gives none)."""
+    if mode != "constant":
+        return {mode_key: mode}
+    return {mode_key: mode, "pad_value": 0.0 if pad_value is None else float(pad_value)}
+
+
+def pool_attrs(layer: L.Pool2D, in_shape: Shape) -> dict[str, Any]:
+    """A pooling layer's attrs, every option explicit."""
+    pool, dilation = pair(layer.pool), pair(layer.dilation)
+    strides = pair(layer.strides) if layer.strides is not None else pool
+    attrs: dict[str, Any] = {
+        "pool": pool, "strides": strides, "dilation": dilation,
+        "pads": resolve_pads(layer.padding, in_shape, pool, strides, dilation),
+        "ceil_mode": layer.ceil_mode}
+    if isinstance(layer, L.AvgPool2D):
+        attrs["count_include_pad"] = bool(layer.count_include_pad or
+                                          layer.pad_value is not None)
+    if layer.pad_value is not None:
+        attrs["pad_value"] = float(layer.pad_value)
     return attrs
 
 
@@ -65,17 +92,14 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
             "filters": filters, "kernel": kernel, "strides": strides, "dilation": dilation,
             "groups": groups, "pads": resolve_pads(layer.padding, in_shape, kernel, strides,
                                                    dilation),
-            "pad_mode": layer.padding_mode, "bias": layer.bias})
+            **pad_attrs("pad_mode", layer.padding_mode, layer.pad_value), "bias": layer.bias})
     elif isinstance(layer, L.Dense):
         main = ("dense", {"units": layer.units, "bias": layer.bias})
     elif isinstance(layer, L.Pool2D):
-        pool = pair(layer.pool)
-        strides = pair(layer.strides) if layer.strides is not None else pool
-        main = (canonical_type(layer), {"pool": pool, "strides": strides,
-                       "pads": resolve_pads(layer.padding, in_shape, pool, strides)})
+        main = (canonical_type(layer), pool_attrs(layer, in_shape))
     elif isinstance(layer, L.Pad2D):
         main = ("pad2d", {"pads": resolve_pads(layer.padding, in_shape, (1, 1), (1, 1)),
-                          "mode": layer.mode})
+                          **pad_attrs("mode", layer.mode, layer.pad_value)})
     elif isinstance(layer, L.BatchNorm):
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})

@@ -4,8 +4,10 @@ This is the one place where an op's semantics are defined. Backends translate th
 the numpy reference implements them; neither adds meaning of its own. FLOPs count a
 multiply-add as 2 and an element-wise operation as 1, per sample.
 
-Neutral parameter layouts: conv kernel ``(kh, kw, in_channels / groups, filters)``, dense
-kernel ``(in_features, units)``, vectors ``(channels,)``.
+Neutral parameter layouts: conv kernel ``(kh, kw, in_channels / groups, filters)`` (a
+depthwise conv is the conv with ``groups = C``: kernel ``(kh, kw, 1, C * m)``, output channel
+``c * m + j`` is input channel ``c``'s ``j``-th filter), dense kernel ``(in_features,
+units)``, vectors ``(channels,)``.
 """
 
 from __future__ import annotations
@@ -66,30 +68,58 @@ def _image(op_name: str, shape: Shape) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def same_pads(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """Pads (before, after) that make ``out = ceil(size / stride)``; the odd pixel goes after."""
+def same_pads(size: int, kernel: int, stride: int, dilation: int = 1,
+              lower: bool = False) -> tuple[int, int]:
+    """Pads (before, after) that make ``out = ceil(size / stride)``; the odd pixel goes after
+    (`same`, ONNX's SAME_UPPER), or before with ``lower`` (`same_lower`, ONNX's SAME_LOWER)."""
     out = -(-size // stride)
     effective = (kernel - 1) * dilation + 1
     total = max((out - 1) * stride + effective - size, 0)
-    return total // 2, total - total // 2
+    small, big = total // 2, total - total // 2
+    return (big, small) if lower else (small, big)
 
 
 def window_output(size: int, before: int, after: int, kernel: int, stride: int,
-                  dilation: int = 1) -> int:
-    """Output length of a sliding window: floor((size + pads - effective) / stride) + 1."""
+                  dilation: int = 1, ceil_mode: bool = False) -> int:
+    """Output length of a sliding window: floor((size + pads - effective) / stride) + 1, or
+    with ``ceil_mode`` ceil instead of floor, less a last window that would start in the
+    right padding or beyond (ONNX's and torch's rule)."""
     effective = (kernel - 1) * dilation + 1
-    return (size + before + after - effective) // stride + 1
+    span = size + before + after - effective
+    if not ceil_mode or span < 0:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + before else out
+
+
+def ceil_extension(size: int, before: int, after: int, kernel: int, stride: int,
+                   dilation: int = 1, ceil_mode: bool = False) -> int:
+    """Cells a ``ceil_mode`` pool's last window reaches past the padded input (at the end):
+    they belong to no window's maximum and to no average's sum or divisor."""
+    out = window_output(size, before, after, kernel, stride, dilation, ceil_mode)
+    effective = (kernel - 1) * dilation + 1
+    return max((out - 1) * stride + effective - (size + before + after), 0)
+
+
+def pool_extension(attrs: Attrs, shape: Shape) -> tuple[int, int]:
+    """(bottom, right) cells a pool's ``ceil_mode`` adds past its padded input."""
+    h, w = shape[0], shape[1]
+    top, bottom, left, right = attrs["pads"]
+    (ph, pw), (sh, sw), (dh, dw) = attrs["pool"], attrs["strides"], attrs["dilation"]
+    return (ceil_extension(h, top, bottom, ph, sh, dh, attrs["ceil_mode"]),
+            ceil_extension(w, left, right, pw, sw, dw, attrs["ceil_mode"]))
 
 
 def _windowed(op_name: str, shape: Shape, kernel: tuple[int, int], strides: tuple[int, int],
-              dilation: tuple[int, int], pads: Pads) -> tuple[int, int]:
+              dilation: tuple[int, int], pads: Pads, ceil_mode: bool = False
+              ) -> tuple[int, int]:
     h, w, _ = _image(op_name, shape)
     out = []
     for axis, size, before, after, k, s, d in (("height", h, pads[0], pads[1], kernel[0],
                                                strides[0], dilation[0]),
                                               ("width", w, pads[2], pads[3], kernel[1],
                                                strides[1], dilation[1])):
-        n = window_output(size, before, after, k, s, d)
+        n = window_output(size, before, after, k, s, d, ceil_mode)
         if n < 1:
             effective = (k - 1) * d + 1
             raise ShapeError(
@@ -113,9 +143,12 @@ def conv2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
 
     ``y[i, j, f] = bias[f] + sum_{a, b, c} x_pad[i*sh + a*dh, j*sw + b*dw, g*Cg + c] *
     kernel[a, b, c, f]``, where group ``g = f // (filters / groups)`` and ``x_pad`` is the
-    input padded by ``pads`` (top, bottom, left, right) with ``pad_mode``: zeros, reflect
+    input padded by ``pads`` (top, bottom, left, right) with ``pad_mode``: zeros, constant
+    (every padded cell holds ``pad_value``, an attr present only with this mode), reflect
     (mirror without repeating the edge) or replicate (repeat the edge).
     Kernel layout ``(kh, kw, in_channels / groups, filters)``; init glorot_uniform, bias zeros.
+    A depthwise conv is ``groups = C`` with ``filters = C * m``: kernel ``(kh, kw, 1, C * m)``,
+    output channel ``c * m + j`` is input channel ``c`` convolved with filter ``j``.
     """
     h, w, c = _image("conv2d", shapes[0])
     groups, filters = attrs["groups"], attrs["filters"]
@@ -144,8 +177,8 @@ def _check_reflect_pads(attrs: Attrs, h: int, w: int) -> None:
 
 @op("pad2d")
 def pad2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
-    """Spatial padding by ``pads`` (top, bottom, left, right) with ``mode`` zeros, reflect
-    or replicate, as conv2d's ``pad_mode``."""
+    """Spatial padding by ``pads`` (top, bottom, left, right) with ``mode`` zeros, constant
+    (with ``pad_value``), reflect or replicate, as conv2d's ``pad_mode``."""
     h, w, c = _image("pad2d", shapes[0])
     _check_reflect_pads(attrs, h, w)
     top, bottom, left, right = attrs["pads"]
@@ -154,32 +187,80 @@ def pad2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
 
 @op("max_pool2d")
 def max_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
-    """Maximum over each ``pool`` window, moved by ``strides``. Padded cells are -inf: they
-    never win (a window always holds at least one real cell)."""
-    oh, ow = _windowed("max_pool2d", shapes[0], attrs["pool"], attrs["strides"], (1, 1),
-                       attrs["pads"])
-    _check_pool_pads("max_pool2d", attrs)
-    c = shapes[0][2]
-    return OpResult((oh, ow, c), (), oh * ow * c * attrs["pool"][0] * attrs["pool"][1])
+    """Maximum over each window. Padded cells never win (they are -inf), unless the attr
+    ``pad_value`` is present: then they hold that value and take part like any cell.
+
+    Window: ``pool``, ``strides``, ``dilation`` (window cell ``(a, b)`` of output ``(i, j)``
+    reads ``x_pad[i*sh + a*dh, j*sw + b*dw]``), ``pads`` (top, bottom, left, right) and
+    ``ceil_mode``: the output length is ``floor((n + pads - effective) / s) + 1`` with
+    ``effective = (pool - 1) * dilation + 1``; with ``ceil_mode`` ceil instead of floor,
+    less a last window that would start in the right padding (ONNX's and torch's rule).
+    Cells such a last window reaches past the padded input take part in nothing.
+    """
+    return _pool("max_pool2d", attrs, shapes)
 
 
 @op("avg_pool2d")
 def avg_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
-    """Mean over each ``pool`` window, moved by ``strides``. Padded cells are excluded from
-    both the sum and the divisor (Keras's `same`; torch's ``count_include_pad=False``)."""
-    oh, ow = _windowed("avg_pool2d", shapes[0], attrs["pool"], attrs["strides"], (1, 1),
-                       attrs["pads"])
-    _check_pool_pads("avg_pool2d", attrs)
+    """Mean over each window; the window, ``pads`` and ``ceil_mode`` as in max_pool2d.
+    ``count_include_pad`` false (specforge's default, as ONNX's and Keras's `same`; torch's
+    default is true): padded cells are in neither the sum nor the divisor. True: they count
+    in the divisor and add ``pad_value`` (an attr present only then; 0 when absent) to the
+    sum. Cells past the padded input (ceil_mode) are never counted."""
+    return _pool("avg_pool2d", attrs, shapes)
+
+
+def _pool(op_name: str, attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    oh, ow = _windowed(op_name, shapes[0], attrs["pool"], attrs["strides"], attrs["dilation"],
+                       attrs["pads"], attrs["ceil_mode"])
+    _check_pool_pads(op_name, attrs, shapes[0])
     c = shapes[0][2]
     return OpResult((oh, ow, c), (), oh * ow * c * attrs["pool"][0] * attrs["pool"][1])
 
 
-def _check_pool_pads(op_name: str, attrs: Attrs) -> None:
+def _check_pool_pads(op_name: str, attrs: Attrs, shape: Shape) -> None:
     top, bottom, left, right = attrs["pads"]
     ph, pw = attrs["pool"]
     if max(top, bottom) >= ph or max(left, right) >= pw:
         raise ShapeError(f"{op_name} pads {attrs['pads']} must each be smaller than the pool "
                          f"{attrs['pool']}, or a window could hold only padding")
+    for axis, size, before, after, k, s, d in (
+            ("height", shape[0], top, bottom, ph, attrs["strides"][0], attrs["dilation"][0]),
+            ("width", shape[1], left, right, pw, attrs["strides"][1], attrs["dilation"][1])):
+        if d > 1 and not all(_reads_input(i * s, before, size, k, d) for i in range(
+                window_output(size, before, after, k, s, d, attrs["ceil_mode"]))):
+            raise ShapeError(f"{op_name}: a window of dilation {d} along the {axis} skips "
+                             f"every input cell (input {size}, pads {before}+{after})",
+                             "use a smaller dilation or less padding")
+
+
+def _reads_input(start: int, before: int, size: int, kernel: int, dilation: int) -> bool:
+    """Whether the dilated window starting at padded position ``start`` reads an input cell
+    (positions ``before`` to ``before + size - 1``), not only padding."""
+    first = max(-(-(before - start) // dilation), 0)  # first cell at or after the input
+    return first < kernel and start + first * dilation < before + size
+
+
+def pad_value(attrs: Attrs) -> dict[str, Any]:
+    """``{"pad_value": v}`` where the node has one (constant padding), else ``{}``."""
+    return {"pad_value": attrs["pad_value"]} if "pad_value" in attrs else {}
+
+
+#: Pool options at the value that leaves them out of a backend's recipe.
+POOL_DEFAULTS = {"dilation": (1, 1), "count_include_pad": False}
+
+
+def pool_options(attrs: Attrs, in_shape: Shape) -> dict[str, Any]:
+    """A pool's arguments for a backend's constructor: the window and pads, the options
+    that differ from their defaults, and for ``ceil_mode`` the cells it adds at the bottom
+    and the right (``extra``), so that a backend pads and then pools without a rule of its
+    own."""
+    options = {"pool": attrs["pool"], "strides": attrs["strides"], "pads": attrs["pads"]}
+    options.update((k, attrs[k]) for k, default in POOL_DEFAULTS.items()
+                   if attrs.get(k, default) != default)
+    if attrs["ceil_mode"]:
+        options["extra"] = pool_extension(attrs, in_shape)
+    return {**options, **pad_value(attrs)}
 
 
 @op("global_avg_pool2d")
@@ -260,7 +341,8 @@ ACTIVATION_FORMULAS = {
     "gelu_tanh": "x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2",
     "silu": "x * sigmoid(x)",
     "sigmoid": "1 / (1 + exp(-x))",
-    "hard_sigmoid": "relu6(x + 3) / 6",
+    "hard_sigmoid": "max(0, min(1, alpha * x + beta)); alpha 1/6 and beta 0.5 by default "
+                    "(= relu6(x + 3) / 6; ONNX's defaults are 0.2 and 0.5)",
     "hard_swish": "x * relu6(x + 3) / 6",
     "tanh": "tanh(x)",
     "softplus": "log(1 + exp(x))",
@@ -272,7 +354,8 @@ ACTIVATION_FORMULAS = {
 @op("activation")
 def activation(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Element-wise function ``fn`` (softmax: over the last axis); see ACTIVATION_FORMULAS.
-    ``negative_slope`` (leaky_relu) and ``alpha`` (elu) are always explicit."""
+    ``negative_slope`` (leaky_relu), ``alpha`` (elu) and ``alpha``, ``beta`` (hard_sigmoid)
+    are always explicit."""
     return OpResult(shapes[0], (), _numel(shapes[0]))
 
 

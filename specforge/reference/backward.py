@@ -14,7 +14,17 @@ from math import pi, sqrt
 import numpy as np
 
 from specforge.ir.graph import Graph, Node
-from specforge.reference.forward import ACTIVATIONS, batch_statistics, erf_elementwise, pad, windows
+from specforge.reference.forward import (
+    ACTIVATIONS,
+    batch_statistics,
+    erf_elementwise,
+    pad,
+    pool_counts,
+    pool_padded,
+    pool_pads,
+    pool_windows,
+    windows,
+)
 
 Array = np.ndarray
 Grads = tuple[list[Array], dict[str, Array]]
@@ -29,7 +39,7 @@ def unpad(g: Array, shape: tuple[int, ...], pads: tuple[int, int, int, int],
     top, bottom, left, right = pads
     for axis, (before, after) in ((1, (top, bottom)), (2, (left, right))):
         n = shape[axis]
-        if mode == "zeros":  # padded cells are constants: their gradient goes nowhere
+        if mode in ("zeros", "constant"):  # padded cells are constants: no gradient
             g = np.take(g, np.arange(before, before + n), axis=axis)
             continue
         # np.pad of the positions says which input cell each padded cell copies
@@ -61,7 +71,7 @@ def unwindow(g: Array, padded_shape: tuple[int, ...], kernel: tuple[int, int],
 def conv2d(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
            training: bool) -> Grads:
     a = node.attrs
-    x = pad(xs[0], a["pads"], a["pad_mode"])
+    x = pad(xs[0], a["pads"], a["pad_mode"], a.get("pad_value", 0.0))
     patches = windows(x, a["kernel"], a["strides"], a["dilation"])  # (N, OH, OW, kh, kw, C)
     kernel = w["kernel"]
     groups, c = a["groups"], x.shape[-1]
@@ -83,28 +93,27 @@ def conv2d(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Arr
 def max_pool2d(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
                training: bool) -> Grads:
     a = node.attrs
-    x = pad(xs[0], a["pads"], value=-np.inf)
-    patches = windows(x, a["pool"], a["strides"])            # (N, OH, OW, ph, pw, C)
+    x = pool_padded(xs[0], a, a.get("pad_value", -np.inf), -np.inf)
+    patches = pool_windows(x, a)                             # (N, OH, OW, ph, pw, C)
     n, oh, ow, ph, pw, c = patches.shape
     flat = patches.reshape(n, oh, ow, ph * pw, c)
     # the gradient goes to the first maximum of each window (ties have measure zero)
     winner = flat.argmax(axis=3)[:, :, :, None, :] == np.arange(ph * pw)[None, None, None,
                                                                          :, None]
     g_patches = (winner * gy[:, :, :, None, :]).reshape(patches.shape)
-    g_x = unwindow(g_patches, x.shape, a["pool"], a["strides"])
-    return [unpad(g_x, xs[0].shape, a["pads"])], {}
+    g_x = unwindow(g_patches, x.shape, a["pool"], a["strides"], a["dilation"])
+    return [unpad(g_x, xs[0].shape, pool_pads(a, xs[0]))], {}
 
 
 def avg_pool2d(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
                training: bool) -> Grads:
     a = node.attrs
-    ones = np.ones((1, *xs[0].shape[1:3], 1))
-    count = windows(pad(ones, a["pads"]), a["pool"], a["strides"]).sum(axis=(3, 4))
-    share = (gy / count)[:, :, :, None, None, :]
+    share = (gy / pool_counts(a, xs[0]))[:, :, :, None, None, :]
     g_patches = np.broadcast_to(share, (*gy.shape[:3], *a["pool"], gy.shape[3]))
-    padded_shape = pad(xs[0][:1], a["pads"]).shape
-    g_x = unwindow(g_patches, (len(gy), *padded_shape[1:]), a["pool"], a["strides"])
-    return [unpad(g_x, xs[0].shape, a["pads"])], {}
+    padded_shape = pool_padded(xs[0][:1], a, 0.0, 0.0).shape
+    g_x = unwindow(g_patches, (len(gy), *padded_shape[1:]), a["pool"], a["strides"],
+                   a["dilation"])
+    return [unpad(g_x, xs[0].shape, pool_pads(a, xs[0]))], {}
 
 
 def batch_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
@@ -144,7 +153,8 @@ DERIVATIVES: dict[str, Callable[[Array, Mapping], Array]] = {
     "gelu_tanh": lambda x, a: _gelu_tanh_derivative(x),
     "silu": lambda x, a: _sigmoid(x) * (1 + x * (1 - _sigmoid(x))),
     "sigmoid": lambda x, a: _sigmoid(x) * (1 - _sigmoid(x)),
-    "hard_sigmoid": lambda x, a: ((x > -3) & (x < 3)) / 6.0,
+    "hard_sigmoid": lambda x, a: np.where(
+        (a["alpha"] * x + a["beta"] > 0) & (a["alpha"] * x + a["beta"] < 1), a["alpha"], 0.0),
     "hard_swish": lambda x, a: np.where(x >= 3, 1.0, np.where(x > -3, (2 * x + 3) / 6, 0.0)),
     "tanh": lambda x, a: 1 - np.tanh(x) ** 2,
     "softplus": lambda x, a: _sigmoid(x),

@@ -9,17 +9,18 @@ from typing import Any
 import numpy as np
 
 from specforge.ir.graph import Graph, Node
+from specforge.ir.ops import pool_extension
 
 Array = np.ndarray
 
 
 def pad(x: Array, pads: tuple[int, int, int, int], mode: str = "zeros",
         value: float = 0.0) -> Array:
-    """(N, H, W, C) padded (top, bottom, left, right): zeros, reflect (edge not repeated)
-    or replicate (edge repeated)."""
+    """(N, H, W, C) padded (top, bottom, left, right): zeros or constant (``value``), reflect
+    (edge not repeated) or replicate (edge repeated)."""
     top, bottom, left, right = pads
     widths = ((0, 0), (top, bottom), (left, right), (0, 0))
-    if mode == "zeros":
+    if mode in ("zeros", "constant"):
         return np.pad(x, widths, mode="constant", constant_values=value)
     return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
 
@@ -38,7 +39,7 @@ def windows(x: Array, kernel: tuple[int, int], strides: tuple[int, int],
 
 def conv2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
     a = node.attrs
-    x = pad(xs[0], a["pads"], a["pad_mode"])
+    x = pad(xs[0], a["pads"], a["pad_mode"], a.get("pad_value", 0.0))
     patches = windows(x, a["kernel"], a["strides"], a["dilation"])  # (N, OH, OW, kh, kw, C)
     kernel = w["kernel"]                                             # (kh, kw, C/g, F)
     groups, c = a["groups"], x.shape[-1]
@@ -49,18 +50,41 @@ def conv2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) 
     return y + w["bias"] if a["bias"] else y
 
 
+def pool_pads(a: Mapping[str, Any], x: Array) -> tuple[int, int, int, int]:
+    """A pool's pads with the cells its ceil_mode adds at the bottom and right."""
+    bottom, right = pool_extension(a, x.shape[1:3])
+    top, below, left, beside = a["pads"]
+    return top, below + bottom, left, beside + right
+
+
+def pool_padded(x: Array, a: Mapping[str, Any], pad_value: float, beyond: float) -> Array:
+    """``x`` padded for a pool: its pads hold ``pad_value``, the ceil_mode cells ``beyond``."""
+    bottom, right = pool_extension(a, x.shape[1:3])
+    return pad(pad(x, a["pads"], value=pad_value), (0, bottom, 0, right), value=beyond)
+
+
+def pool_windows(x: Array, a: Mapping[str, Any]) -> Array:
+    """(N, OH, OW, ph, pw, C): every window of a pool's padded input."""
+    return windows(x, a["pool"], a["strides"], a["dilation"])
+
+
 def max_pool2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
     a = node.attrs
-    x = pad(xs[0], a["pads"], value=-np.inf)
-    return windows(x, a["pool"], a["strides"]).max(axis=(3, 4))
+    x = pool_padded(xs[0], a, a.get("pad_value", -np.inf), -np.inf)
+    return pool_windows(x, a).max(axis=(3, 4))
+
+
+def pool_counts(a: Mapping[str, Any], x: Array) -> Array:
+    """(1, OH, OW, 1): how many cells each window of an average pool divides by."""
+    counted = pool_padded(np.ones((1, *x.shape[1:3], 1)), a,
+                          1.0 if a["count_include_pad"] else 0.0, 0.0)
+    return pool_windows(counted, a).sum(axis=(3, 4))
 
 
 def avg_pool2d(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
     a = node.attrs
-    summed = windows(pad(xs[0], a["pads"]), a["pool"], a["strides"]).sum(axis=(3, 4))
-    ones = np.ones((1, *xs[0].shape[1:3], 1))
-    count = windows(pad(ones, a["pads"]), a["pool"], a["strides"]).sum(axis=(3, 4))
-    return summed / count  # padded cells are in neither the sum nor the count
+    summed = pool_windows(pool_padded(xs[0], a, a.get("pad_value", 0.0), 0.0), a)
+    return summed.sum(axis=(3, 4)) / pool_counts(a, xs[0])
 
 
 def batch_statistics(x: Array, w: Mapping[str, Array], training: bool
@@ -102,7 +126,7 @@ ACTIVATIONS: dict[str, Callable[[Array, Mapping[str, Any]], Array]] = {
     "gelu_tanh": lambda x, a: x * (1 + np.tanh(sqrt(2 / np.pi) * (x + 0.044715 * x**3))) / 2,
     "silu": lambda x, a: x / (1 + np.exp(-x)),
     "sigmoid": lambda x, a: 1 / (1 + np.exp(-x)),
-    "hard_sigmoid": lambda x, a: np.clip(x + 3, 0, 6) / 6,
+    "hard_sigmoid": lambda x, a: np.clip(a["alpha"] * x + a["beta"], 0, 1),
     "hard_swish": lambda x, a: x * np.clip(x + 3, 0, 6) / 6,
     "tanh": lambda x, a: np.tanh(x),
     "softplus": lambda x, a: np.logaddexp(0, x),
@@ -115,7 +139,8 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
-    "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"]),
+    "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
+                                     n.attrs.get("pad_value", 0.0)),
     "global_avg_pool2d": lambda n, xs, w, t: xs[0].mean(axis=(1, 2)),
     "global_max_pool2d": lambda n, xs, w, t: xs[0].max(axis=(1, 2)),
     "flatten": lambda n, xs, w, t: xs[0].reshape(len(xs[0]), -1),  # NHWC: H, W, C order

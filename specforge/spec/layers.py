@@ -44,16 +44,27 @@ class ActivationConfig(SpecModel):
     fn: ActivationName = Field(description="Which function; see the IR `activation` op.")
     negative_slope: float | None = Field(
         None, description="leaky_relu only: slope for x < 0 (default 0.01).")
-    alpha: float | None = Field(None, gt=0, description="elu only: scale of the negative "
-                                                        "part (default 1.0).")
+    alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "elu: scale of the negative part (default 1.0); hard_sigmoid: the slope (default "
+        "1/6, so that hard_sigmoid is relu6(x + 3) / 6; ONNX's default is 0.2)."))
+    beta: float | None = Field(None, allow_inf_nan=False, description=(
+        "hard_sigmoid only: the offset, max(0, min(1, alpha * x + beta)) (default 0.5)."))
 
     @model_validator(mode="after")
     def _params_match_fn(self) -> ActivationConfig:
-        if self.negative_slope is not None and self.fn != "leaky_relu":
-            raise ValueError(f"negative_slope applies to leaky_relu, not {self.fn}")
-        if self.alpha is not None and self.fn != "elu":
-            raise ValueError(f"alpha applies to elu, not {self.fn}")
+        check_activation_params(self.fn, self.negative_slope, self.alpha, self.beta)
         return self
+
+
+def check_activation_params(fn: str, negative_slope: float | None, alpha: float | None,
+                            beta: float | None) -> None:
+    """Each activation parameter belongs to its functions only."""
+    if negative_slope is not None and fn != "leaky_relu":
+        raise ValueError(f"negative_slope applies to leaky_relu, not {fn}")
+    if alpha is not None and fn not in ("elu", "hard_sigmoid"):
+        raise ValueError(f"alpha applies to elu and hard_sigmoid, not {fn}")
+    if beta is not None and fn != "hard_sigmoid":
+        raise ValueError(f"beta applies to hard_sigmoid, not {fn}")
 
 
 Activation = Annotated[
@@ -72,12 +83,25 @@ class PerSidePadding(SpecModel):
 
 
 Padding = Annotated[
-    Literal["valid", "same"] | Pad | Annotated[tuple[Pad, Pad], FromList] | PerSidePadding,
-    Field(description="`valid` (none), `same` (output = ceil(input / stride), extra pixel "
-                      "after), an int for every side, `[height, width]` for both sides of "
-                      "each, or `{top, bottom, left, right}`."),
+    Literal["valid", "same", "same_lower"] | Pad | Annotated[tuple[Pad, Pad], FromList]
+    | PerSidePadding,
+    Field(description="`valid` (none), `same` (output = ceil(input / stride), an odd extra "
+                      "pixel after: ONNX's SAME_UPPER), `same_lower` (the same, the odd "
+                      "pixel before: ONNX's SAME_LOWER), an int for every side, "
+                      "`[height, width]` for both sides of each, or `{top, bottom, left, "
+                      "right}`."),
 ]
-PaddingMode = Literal["zeros", "reflect", "replicate"]
+PaddingMode = Literal["zeros", "constant", "reflect", "replicate"]
+PadValue = Annotated[float | None, Field(
+    None, allow_inf_nan=False,
+    description="With the padding mode `constant` only: the value every padded pixel holds "
+                "(default 0).")]
+
+
+def check_pad_value(mode: str, pad_value: float | None) -> None:
+    """``pad_value`` belongs to the constant padding mode only."""
+    if pad_value is not None and mode != "constant":
+        raise ValueError(f"pad_value applies to padding mode constant, not {mode}")
 
 
 class LayerBase(SpecModel):
@@ -102,8 +126,14 @@ class Conv2D(LayerBase):
                                         "input channels and filters.")
     padding: Padding = "valid"
     padding_mode: PaddingMode = Field("zeros", description="What the padded pixels hold.")
+    pad_value: PadValue = None
     bias: bool = True
     activation: Activation | None = None
+
+    @model_validator(mode="after")
+    def _pad_value_with_constant(self) -> Conv2D:
+        check_pad_value(self.padding_mode, self.pad_value)
+        return self
 
 
 class DepthwiseConv2D(LayerBase):
@@ -116,8 +146,14 @@ class DepthwiseConv2D(LayerBase):
     dilation: PairOrInt = 1
     padding: Padding = "valid"
     padding_mode: PaddingMode = "zeros"
+    pad_value: PadValue = None
     bias: bool = True
     activation: Activation | None = None
+
+    @model_validator(mode="after")
+    def _pad_value_with_constant(self) -> DepthwiseConv2D:
+        check_pad_value(self.padding_mode, self.pad_value)
+        return self
 
 
 class Pad2D(LayerBase):
@@ -126,6 +162,12 @@ class Pad2D(LayerBase):
     type: Literal["pad2d", "zero_padding2d"]
     padding: Pad | Annotated[tuple[Pad, Pad], FromList] | PerSidePadding = 1
     mode: PaddingMode = "zeros"
+    pad_value: PadValue = None
+
+    @model_validator(mode="after")
+    def _pad_value_with_constant(self) -> Pad2D:
+        check_pad_value(self.mode, self.pad_value)
+        return self
 
 
 class Pool2D(LayerBase):
@@ -133,8 +175,17 @@ class Pool2D(LayerBase):
 
     pool: PairOrInt = Field(2, description="Window size: int or [height, width].")
     strides: PairOrInt | None = Field(None, description="Default: the window size.")
+    dilation: PairOrInt = Field(1, description="Spacing of the window's cells.")
     padding: Padding = Field("valid", description="As for conv2d. Padded cells never win a "
-                                                  "max and never count in an average.")
+                                                  "max and never count in an average, "
+                                                  "unless pad_value or count_include_pad "
+                                                  "says otherwise.")
+    ceil_mode: bool = Field(False, description=(
+        "Output length by ceil instead of floor: a last, partial window, unless it would "
+        "start in the right padding (ONNX's and torch's ceil_mode)."))
+    pad_value: float | None = Field(None, allow_inf_nan=False, description=(
+        "The value padded cells hold; they then take part in the max (in the average, "
+        "counted). Default: none, padded cells are left out."))
 
 
 class MaxPool2D(Pool2D):
@@ -144,9 +195,19 @@ class MaxPool2D(Pool2D):
 
 
 class AvgPool2D(Pool2D):
-    """Mean over each window; padded cells are not counted."""
+    """Mean over each window; padded cells are not counted unless count_include_pad."""
 
     type: Literal["avg_pool2d", "average_pooling2d"]
+    count_include_pad: bool | None = Field(None, description=(
+        "Whether padded cells count in the divisor (adding 0, or pad_value, to the sum). "
+        "Default false (as ONNX; torch's default is true), true when pad_value is given."))
+
+    @model_validator(mode="after")
+    def _pad_value_counts(self) -> AvgPool2D:
+        if self.pad_value is not None and self.count_include_pad is False:
+            raise ValueError("pad_value makes padded cells count in the average: leave out "
+                             "count_include_pad: false, or pad_value")
+        return self
 
 
 class GlobalAvgPool2D(LayerBase):
@@ -202,11 +263,17 @@ class ActivationLayer(LayerBase):
     type: Literal["activation"]
     fn: ActivationName
     negative_slope: float | None = None
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, allow_inf_nan=False)
+    beta: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _params_match_fn(self) -> ActivationLayer:
+        check_activation_params(self.fn, self.negative_slope, self.alpha, self.beta)
+        return self
 
     def config(self) -> ActivationConfig:
         return ActivationConfig(fn=self.fn, negative_slope=self.negative_slope,
-                                alpha=self.alpha)
+                                alpha=self.alpha, beta=self.beta)
 
 
 class Merge(LayerBase):
