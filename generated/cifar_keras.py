@@ -82,15 +82,15 @@ def main() -> None:
     model = build_model()
     if args.weights:
         load_weights(model, args.weights)
-    model.compile(
-        optimizer=Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-07),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    optimizer = Adam(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-07)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
     (x, y), val = splits["train"], splits["validation"]
     passes = (np.random.permutation(len(y)) for _ in itertools.count())
     batches = ((x[b], y[b]) for p in passes for b in np.array_split(p, range(32, len(y), 32)))
     model.fit(batches, steps_per_epoch=1000, epochs=args.epochs, validation_data=val, verbose=2)
+    if not np.isfinite(model.history.history["loss"][-1]):  # the loss diverged
+        print("error: the loss became", model.history.history["loss"][-1])
+        raise SystemExit(2)
     print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)

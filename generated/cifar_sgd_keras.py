@@ -136,6 +136,9 @@ def main() -> None:
         callbacks=[Schedule(steps)],
         verbose=2,
     )
+    if not np.isfinite(model.history.history["loss"][-1]):  # the loss diverged
+        print("error: the loss became", model.history.history["loss"][-1])
+        raise SystemExit(2)
     print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)

@@ -79,6 +79,9 @@ def main() -> None:
     )
     (x, y), val = splits["train"], splits["validation"]
     model.fit(x, y, batch_size=32, epochs=args.epochs, validation_data=val, verbose=2)
+    if not np.isfinite(model.history.history["loss"][-1]):  # the loss diverged
+        print("error: the loss became", model.history.history["loss"][-1])
+        raise SystemExit(2)
     print("test:", model.evaluate(*splits["test"], verbose=0, return_dict=True))
     if args.save:
         model.save_weights(args.save)

@@ -38,8 +38,7 @@ def build_model() -> nn.Module:
     return nn.Sequential(layers)
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """specforge's neutral weights, `{node}.kernel` (kh, kw, in, out) or (in, out), ..."""
+def load_weights(model: nn.Module, path: Path) -> None:  # specforge's neutral layout
     state = {}
     with np.load(path, allow_pickle=False) as arrays:
         for key in arrays.files:
@@ -114,14 +113,16 @@ def main() -> None:
     )
     splits = {k: (x.to(device), y.to(device)) for k, (x, y) in load_data(args.data_dir).items()}
     loader = DataLoader(TensorDataset(*splits["train"]), 32, shuffle=True)
-    steps = len(loader)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # pass after pass
     for epoch in range(1, args.epochs + 1):
         model.train()
         losses = []
-        for x, y in itertools.islice(batches, steps):
+        for x, y in itertools.islice(batches, len(loader)):
             losses.append(train_step(model, optimizer, x, y))
         shown = {"loss": torch.stack(losses).mean().item()}
+        if not np.isfinite(shown["loss"]):  # diverged: stop with exit code 2, as specforge run
+            print(f"error: the loss became {shown['loss']} in epoch {epoch}")
+            raise SystemExit(2)
         shown |= {f"val_{k}": v for k, v in evaluate(model, *splits["validation"]).items()}
         print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     tested = evaluate(model, *splits["test"])

@@ -231,6 +231,9 @@ def main() -> None:
     x, y = splits["train"]
     steps = math.ceil(len(y) / len(y))
     model.fit(x, y, batch_size=len(y), epochs=args.epochs, callbacks=[Schedule(steps)], verbose=2)
+    if not np.isfinite(model.history.history["loss"][-1]):  # the loss diverged
+        print("error: the loss became", model.history.history["loss"][-1])
+        raise SystemExit(2)
     if args.save:
         model.save_weights(args.save)
 

@@ -81,6 +81,9 @@ def main() -> None:
     )
     x, y = splits["train"]
     model.fit(x, y, batch_size=len(y), epochs=args.epochs, verbose=2)
+    if not np.isfinite(model.history.history["loss"][-1]):  # the loss diverged
+        print("error: the loss became", model.history.history["loss"][-1])
+        raise SystemExit(2)
     if args.save:
         model.save_weights(args.save)
 

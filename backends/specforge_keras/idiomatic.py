@@ -404,6 +404,9 @@ def compile_lines(program: Program) -> list[str]:
     one = f"model.compile({', '.join(parts)})"
     if len(one) <= 96:
         return [one]
+    named = f"model.compile({', '.join(['optimizer=optimizer', *parts[1:]])})"
+    if len(named) <= 96 and len(parts[0]) <= 96:  # the optimizer on a line of its own
+        return [f"optimizer = {parts[0][len('optimizer='):]}", named]
     if 8 + len(", ".join(parts)) <= 100:
         return ["model.compile(", f"    {', '.join(parts)}", ")"]
     lines = ["model.compile(", *(f"    {p}," for p in parts), ")"]
@@ -450,12 +453,16 @@ def fit_lines(program: Program) -> list[str]:
         lines.append(f"steps = {steps}")
         parts.append("callbacks=[Schedule(steps)]")
     parts.append("verbose=2")  # a line an epoch
+    # a loss that is not finite ends the script with exit code 2, as `specforge run`
+    loss = 'model.history.history["loss"][-1]'
+    stop = [f"if not np.isfinite({loss}):  # the loss diverged",
+            f'    print("error: the loss became", {loss})', "    raise SystemExit(2)"]
     one = f"model.fit({', '.join(parts)})"
     if len(one) <= 96:
-        return [*lines, one]
+        return [*lines, one, *stop]
     if 8 + len(", ".join(parts)) <= 100:
-        return [*lines, "model.fit(", f"    {', '.join(parts)}", ")"]
-    return [*lines, "model.fit(", *(f"    {p}," for p in parts), ")"]
+        return [*lines, "model.fit(", f"    {', '.join(parts)}", ")", *stop]
+    return [*lines, "model.fit(", *(f"    {p}," for p in parts), ")", *stop]
 
 
 def label_code(program: Program) -> str:
