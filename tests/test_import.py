@@ -526,12 +526,12 @@ def test_an_nhwc_graph_as_keras_exporters_write_it(tmp_path):
 # --- ONNX: what cannot be expressed, and hostile files -------------------------------------------
 
 def onnx_model(nodes: list[Any], initializers: list[Any], shape: list[int],
-               output: str = "y") -> Any:
+               output: str = "y", opset: int = 17) -> Any:
     helper = onnx.helper
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)], initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def conv_weight(name: str = "w") -> Any:
