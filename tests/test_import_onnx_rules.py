@@ -155,13 +155,20 @@ def test_a_reflect_pad_before_a_conv_is_its_padding(tmp_path):
     assert layer["padding_mode"] == "reflect"
 
 
+@pytest.mark.parametrize("value", [0.5, 0.0])
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
-def test_a_constant_pad_before_a_pool_is_its_pad_value(tmp_path, op):
+def test_a_constant_pad_before_a_pool_is_its_pad_value(tmp_path, op, value):
     pool = helper.make_node(op, ["q"], ["a"], name="pool", kernel_shape=[2, 2], strides=[1, 1])
     path = padded_model(tmp_path / "m.onnx", "constant", [0, 0, 1, 1, 0, 0, 0, 1], pool,
-                        value=0.5)
-    assert assert_imports_exactly(path, tmp_path)[0] in ("max_pool2d", "avg_pool2d")
-    assert import_model(path).layers[0]["pad_value"] == 0.5
+                        value=value)
+    assert assert_imports_exactly(path, tmp_path) == [
+        "max_pool2d" if op == "MaxPool" else "avg_pool2d", "flatten"]
+    layer = import_model(path).layers[0]
+    assert layer["padding"] == {"top": 1, "bottom": 0, "left": 1, "right": 1}
+    if op == "MaxPool" or value:  # zeros in an average: counted, nothing added to the sum
+        assert layer["pad_value"] == value
+    else:
+        assert layer["count_include_pad"] is True and "pad_value" not in layer
 
 
 def test_a_constant_pad_before_a_ceil_mode_pool_of_another_size_stays_a_layer(tmp_path):
