@@ -2,8 +2,12 @@
 
 Graphs as `torch.onnx.export` and the Keras exporters write them: NCHW images (or NHWC ones
 transposed to NCHW first), torch's CHW flatten order, Gemm or MatMul + Add for dense layers,
-Clip(0, 6) for relu6, explicit pads. Every ONNX value is tracked as the spec layer that
-computes it and the *layout* in which ONNX sees that layer's channels-last tensor:
+Clip(0, 6) for relu6, explicit pads, GELU written out element-wise (see
+:mod:`specforge.importers.onnx_patterns`). A Pad read by one Conv or pool alone becomes that
+layer's padding (mode, value), as a person writes it and as specforge's exporter writes the
+padding modes ONNX's Conv lacks; ONNX's float32 attributes read as the shortest decimal that
+rounds to them. Every ONNX value is tracked as the spec layer that computes it and the
+*layout* in which ONNX sees that layer's channels-last tensor:
 
 - ``nchw`` / ``nhwc``: an image, ONNX axes (N, C, H, W) or (N, H, W, C);
 - ``flat``: a vector in the spec's order (height, width, channel for a flattened image);
