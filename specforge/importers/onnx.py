@@ -2,8 +2,12 @@
 
 Graphs as `torch.onnx.export` and the Keras exporters write them: NCHW images (or NHWC ones
 transposed to NCHW first), torch's CHW flatten order, Gemm or MatMul + Add for dense layers,
-Clip(0, 6) for relu6, explicit pads. Every ONNX value is tracked as the spec layer that
-computes it and the *layout* in which ONNX sees that layer's channels-last tensor:
+Clip(0, 6) for relu6, explicit pads, GELU written out element-wise (see
+:mod:`specforge.importers.onnx_patterns`). A Pad read by one Conv or pool alone becomes that
+layer's padding (mode, value), as a person writes it and as specforge's exporter writes the
+padding modes ONNX's Conv lacks; ONNX's float32 attributes read as the shortest decimal that
+rounds to them. Every ONNX value is tracked as the spec layer that computes it and the
+*layout* in which ONNX sees that layer's channels-last tensor:
 
 - ``nchw`` / ``nhwc``: an image, ONNX axes (N, C, H, W) or (N, H, W, C);
 - ``flat``: a vector in the spec's order (height, width, channel for a flattened image);
@@ -32,6 +36,7 @@ from specforge.importers import (
     layer,
     needs_package,
 )
+from specforge.importers.onnx_patterns import Gelu, find_gelus
 from specforge.importers.onnx_safety import UnsafeModel, load_checked, tensor_array
 from specforge.ir.ops import same_pads, window_output
 
@@ -110,8 +115,12 @@ class _Translator:
         self.constants: dict[str, Any] = {t.name: t for t in self.graph.initializer}
         self.arrays: dict[str, np.ndarray] = {}
         self.layers: dict[str, dict[str, Any]] = {}
+        self.pad_layers: dict[str, PadLayer] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
+        #: GELUs written out element-wise, by their output; the nodes inside them
+        self.gelus = find_gelus(self.graph, self._read_tensor, self.uses)
+        self.inside_gelus = {n for g in self.gelus.values() for n in g.nodes} - set(self.gelus)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.opset = opset
         producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
@@ -167,7 +176,12 @@ class _Translator:
         if node.domain not in ("", "ai.onnx"):
             self._fail(node, f"op {node.domain}.{node.op_type} of a custom domain")
             return
+        if outputs and outputs[0] in self.inside_gelus:
+            return  # computed as part of the GELU its last node becomes
         try:
+            if outputs and outputs[0] in self.gelus:
+                self.values[outputs[0]] = self._gelu(node, self.gelus[outputs[0]])
+                return
             if any(i in self.values and self.values[i] is None for i in node.input if i):
                 raise _Skip
             if node.op_type == "Shape" and node.input[0] in self.values:
@@ -187,6 +201,20 @@ class _Translator:
             self._mark_unknown(outputs)  # an earlier op failed; its problem is reported
         except _NotExpressible as exc:
             self._fail(node, str(exc))
+
+    def _gelu(self, node: Any, gelu: Gelu) -> Value:
+        """The activation a GELU pattern ending at ``node`` computes from its x."""
+        value = self.value_of(gelu.x)
+        fusable = self.uses[gelu.x] == gelu.x_reads and value.layer != "input"
+        return _emit_activation(self, node, value, {"fn": gelu.fn}, fusable)
+
+    def _read_tensor(self, tensor: Any) -> np.ndarray:
+        """A tensor's array, or an empty one where the safe reader refuses it (the op that
+        reads it says why)."""
+        try:
+            return tensor_array(tensor, self.folder)
+        except UnsafeModel:
+            return np.zeros(0, np.float32)
 
     def _shape_of(self, node: Any) -> np.ndarray:
         """What a Shape op computes (batch 1), for reshapes written as shape arithmetic."""
@@ -219,12 +247,25 @@ class _Translator:
                 raise _NotExpressible(str(exc)) from None
         return self.arrays[name]
 
+    def scalar(self, name: str) -> float:
+        """A constant input holding one number (a scalar or a 1-element tensor), as written
+        (see :func:`float32_value`)."""
+        array = self.constant(name)
+        if array.size != 1:
+            raise _NotExpressible(f"input {name!r} of shape {list(array.shape)}: one number "
+                                  "expected")
+        return float32_value(array.reshape(-1)[0])
+
     def optional_constant(self, node: Any, index: int) -> np.ndarray | None:
         return self.constant(node.input[index]) if len(node.input) > index and \
             node.input[index] else None
 
     def value(self, node: Any, index: int = 0) -> Value:
-        name = node.input[index]
+        """The layer computing ``node``'s input ``index``."""
+        return self.value_of(node.input[index])
+
+    def value_of(self, name: str) -> Value:
+        """The layer computing the ONNX value ``name``."""
         found = self.values.get(name)
         if found is None:
             if name in self.values:
@@ -244,6 +285,11 @@ class _Translator:
             self.out.weights[f"{name}.{param}"] = np.asarray(value, np.float32)
         return name
 
+    def drop_layer(self, name: str) -> None:
+        """Take back layer ``name`` (only its one reader read it: that reader takes it in)."""
+        self.out.layers.remove(self.layers.pop(name))
+        self.pad_layers.pop(name, None)
+
     def single_use(self, node: Any, value: Value) -> bool:
         """Whether ``node`` is the only reader of its first input (so it may be fused)."""
         return self.uses[node.input[0]] == 1 and value.layer != "input"
@@ -254,9 +300,27 @@ class _Skip(Exception):
 
 
 def _attrs(node: Any) -> dict[str, Any]:
+    """The node's attributes; floats as written (see :func:`float32_value`)."""
     import onnx
 
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.FLOAT:
+            attrs[a.name] = float32_value(a.f)
+        elif a.type == onnx.AttributeProto.FLOATS:
+            attrs[a.name] = [float32_value(v) for v in a.floats]
+    return attrs
+
+
+def float32_value(value: Any) -> float:
+    """An ONNX float (float32) as the shortest decimal that rounds to it: 0.2, not the
+    0.20000000298023224 it holds, so that a spec reads as its author wrote it."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
+
+
+def _text(value: str | bytes) -> str:
+    """A string attribute (onnx gives bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _pair_or_int(values: tuple[int, int]) -> int | list[int]:
@@ -271,34 +335,72 @@ def _image(t: _Translator, node: Any, what: str) -> Value:
     return value
 
 
-def _window(node: Any, attrs: dict[str, Any], value: Value, kernel: tuple[int, int],
-            strides: tuple[int, int], dilation: tuple[int, int]
-            ) -> tuple[Any, tuple[int, int]]:
-    """The spec's padding for an ONNX window op, and the output height and width."""
-    h, w, _ = value.shape
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+def _onnx_pads(attrs: dict[str, Any], shape: tuple[int, ...], kernel: tuple[int, int],
+               strides: tuple[int, int], dilation: tuple[int, int]
+               ) -> tuple[int, int, int, int]:
+    """A window op's own pads as specforge's (top, bottom, left, right)."""
+    h, w, _ = shape
+    auto = _text(attrs.get("auto_pad", "NOTSET"))
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        top, bottom = same_pads(h, kernel[0], strides[0], dilation[0])
-        left, right = same_pads(w, kernel[1], strides[1], dilation[1])
-        if auto == "SAME_LOWER":
-            top, bottom, left, right = bottom, top, right, left
+        lower = auto == "SAME_LOWER"
+        top, bottom = same_pads(h, kernel[0], strides[0], dilation[0], lower)
+        left, right = same_pads(w, kernel[1], strides[1], dilation[1], lower)
     elif auto == "VALID":
         top = bottom = left = right = 0
     else:
         top, left, bottom, right = (list(attrs.get("pads", [0, 0, 0, 0])) + [0] * 4)[:4]
     if min(top, bottom, left, right) < 0:
         raise _NotExpressible(f"negative pads {[top, left, bottom, right]}")
-    out = (window_output(h, top, bottom, kernel[0], strides[0], dilation[0]),
-           window_output(w, left, right, kernel[1], strides[1], dilation[1]))
-    same = (*same_pads(h, kernel[0], strides[0], dilation[0]),
-            *same_pads(w, kernel[1], strides[1], dilation[1]))
-    if auto == "SAME_UPPER" or ((top, bottom, left, right) == same and (top, left) != (
-            bottom, right)):  # uneven pads are `same` as people write it
-        return "same", out
+    return top, bottom, left, right
+
+
+def _padding_field(pads: tuple[int, int, int, int], shape: tuple[int, ...],
+                   kernel: tuple[int, int], strides: tuple[int, int],
+                   dilation: tuple[int, int], auto: str = "NOTSET") -> Any:
+    """``pads`` as a person writes a layer's padding: `same` (`same_lower`) where they are
+    its pads and ONNX said so or they are uneven, else an int, a pair or per side; None for
+    none."""
+    h, w, _ = shape
+    for name, lower, onnx_name in (("same", False, "SAME_UPPER"),
+                                   ("same_lower", True, "SAME_LOWER")):
+        same = (*same_pads(h, kernel[0], strides[0], dilation[0], lower),
+                *same_pads(w, kernel[1], strides[1], dilation[1], lower))
+        if pads == same and (auto == onnx_name or (pads[0], pads[2]) != (pads[1], pads[3])):
+            return name  # uneven pads are `same` as people write it
+    top, bottom, left, right = pads
     if top == bottom and left == right:
-        return (None if top == left == 0 else _pair_or_int((top, left))), out
-    return {"top": top, "bottom": bottom, "left": left, "right": right}, out
+        return None if top == left == 0 else _pair_or_int((top, left))
+    return {"top": top, "bottom": bottom, "left": left, "right": right}
+
+
+def _output_size(shape: tuple[int, ...], pads: tuple[int, int, int, int],
+                 kernel: tuple[int, int], strides: tuple[int, int],
+                 dilation: tuple[int, int], ceil_mode: bool = False) -> tuple[int, int]:
+    """A window op's output height and width."""
+    return (window_output(shape[0], pads[0], pads[1], kernel[0], strides[0], dilation[0],
+                          ceil_mode),
+            window_output(shape[1], pads[2], pads[3], kernel[1], strides[1], dilation[1],
+                          ceil_mode))
+
+
+@dataclass(frozen=True)
+class PadLayer:
+    """A Pad op's `pad2d` layer, which a conv or pool reading it alone takes in as its own
+    padding (as people write it, and as the exporter writes the padding modes Conv lacks)."""
+
+    source: Value  # what the Pad pads
+    output: str  # the Pad's ONNX output
+    pads: tuple[int, int, int, int]  # top, bottom, left, right
+    mode: str  # zeros (a constant 0), constant, reflect or replicate
+    value: float  # what constant padding holds (0 for zeros)
+
+
+def _pad_before(t: _Translator, node: Any, value: Value) -> PadLayer | None:
+    """The pad2d layer that ``node`` alone reads (as its first input), if there is one."""
+    pad = t.pad_layers.get(value.layer)
+    if pad is None or pad.output != node.input[0] or t.uses[pad.output] != 1:
+        return None
+    return pad
 
 
 def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -307,11 +409,25 @@ def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     bias = t.optional_constant(node, 2)
     filters, per_group, kh, kw = weight.shape
     groups = int(attrs.get("group", 1))
-    channels = value.shape[2]
     strides = tuple(attrs.get("strides", [1, 1]))
     dilation = tuple(attrs.get("dilations", [1, 1]))
-    padding, (oh, ow) = _window(node, attrs, value, (kh, kw), strides, dilation)
+    pads = _onnx_pads(attrs, value.shape, (kh, kw), strides, dilation)
+    auto = _text(attrs.get("auto_pad", "NOTSET"))
+    pad_fields: dict[str, Any] = {}
+    pad = _pad_before(t, node, value)
+    if pad is not None and (pad.mode == "zeros" or not any(pads)):
+        # Conv's own pads are zeros: outside a reflect (constant) Pad they would not be
+        t.drop_layer(value.layer)
+        value, auto = pad.source, "NOTSET"
+        pads = tuple(a + b for a, b in zip(pads, pad.pads, strict=True))  # type: ignore
+        if pad.mode != "zeros":
+            pad_fields["padding_mode"] = pad.mode
+        if pad.mode == "constant":
+            pad_fields["pad_value"] = pad.value
     fields: dict[str, Any] = {}
+    channels = value.shape[2]
+    padding = _padding_field(pads, value.shape, (kh, kw), strides, dilation, auto)
+    oh, ow = _output_size(value.shape, pads, (kh, kw), strides, dilation)
     if groups == channels and groups > 1 and per_group == 1:
         type_ = "depthwise_conv2d"
         fields["kernel"] = _pair_or_int((kh, kw))
@@ -327,7 +443,7 @@ def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if dilation != (1, 1):
         fields["dilation"] = _pair_or_int(dilation)
     if padding is not None:
-        fields["padding"] = padding
+        fields.update(padding=padding, **pad_fields)
     weights = {"kernel": weight.transpose(2, 3, 1, 0)}
     if bias is None:
         fields["bias"] = False
@@ -445,13 +561,18 @@ def _activation(fn: str | Callable[[dict[str, Any]], dict[str, Any]]
     return translate
 
 
-def _emit_activation(t: _Translator, node: Any, value: Value, config: dict[str, Any]
-                    ) -> Value:
+def _emit_activation(t: _Translator, node: Any, value: Value, config: dict[str, Any],
+                     fusable: bool | None = None) -> Value:
+    """``config``'s activation of ``value``: the `activation` field of the layer computing
+    ``value`` where it may be (``fusable``: nothing else reads ``value``; by default, when
+    ``node`` is its only reader), an `activation` layer otherwise."""
     if value.layout == "chw" and config["fn"] == "softmax":
         raise _NotExpressible("softmax over a CHW-flattened image")
     producer = t.layers.get(value.layer)
+    if fusable is None:
+        fusable = t.single_use(node, value)
     if (producer is not None and producer["type"] in FUSES_ACTIVATION
-            and "activation" not in producer and t.single_use(node, value)):
+            and "activation" not in producer and fusable):
         producer["activation"] = config["fn"] if len(config) == 1 else config
         return value
     name = t.add(node, "activation", [value], **config)
@@ -475,25 +596,31 @@ def _selu(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hard_sigmoid(attrs: dict[str, Any]) -> dict[str, Any]:
-    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
-    if not (np.isclose(alpha, 1 / 6, atol=1e-6) and np.isclose(beta, 0.5)):
-        raise _NotExpressible(f"alpha={alpha:g}, beta={beta:g}: specforge's hard_sigmoid is "
-                              "relu6(x + 3) / 6 (alpha 1/6, beta 0.5)")
-    return {"fn": "hard_sigmoid"}
+    """max(0, min(1, alpha x + beta)); ONNX's default alpha is 0.2, specforge's 1/6."""
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    if alpha <= 0:
+        raise _NotExpressible(f"alpha={alpha:g}: specforge's hard_sigmoid rises (alpha > 0)")
+    config: dict[str, Any] = {"fn": "hard_sigmoid"}
+    if np.float32(alpha) != np.float32(1 / 6):  # 1/6 as float32: specforge's default
+        config["alpha"] = alpha
+    if beta != 0.5:
+        config["beta"] = beta
+    return config
 
 
 def _gelu(attrs: dict[str, Any]) -> dict[str, Any]:
-    approximate = attrs.get("approximate", b"none")
-    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    approximate = _text(attrs.get("approximate", "none"))
+    if approximate not in ("none", "tanh"):
+        raise _NotExpressible(f"approximate={approximate!r} (none or tanh)")
     return {"fn": "gelu_tanh" if approximate == "tanh" else "gelu"}
 
 
 def _clip(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     low, high = attrs.get("min"), attrs.get("max")
     if len(node.input) > 1 and node.input[1]:
-        low = float(t.constant(node.input[1]))
+        low = t.scalar(node.input[1])
     if len(node.input) > 2 and node.input[2]:
-        high = float(t.constant(node.input[2]))
+        high = t.scalar(node.input[2])
     if low == 0 and high == 6:
         fn = "relu6"
     elif low == 0 and (high is None or high == np.inf or high >= np.finfo(np.float32).max):
@@ -530,6 +657,7 @@ def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     for x, gated in (values, values[::-1]):
         gate = t.layers.get(gated.layer)
         if (gate is not None and gate["type"] == "activation" and gate["fn"] in GATED
+                and not gate.keys() - {"type", "name", "inputs", "fn"}  # hard_sigmoid's own
                 and gate["inputs"] == [x.layer] and gated.layout == x.layout
                 and t.uses[node.input[values.index(gated)]] == 1):
             gate["fn"] = GATED[gate["fn"]]
@@ -542,7 +670,7 @@ def _dropout(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     value = t.value(node)
     rate = float(attrs.get("ratio", 0.5))
     if len(node.input) > 1 and node.input[1]:
-        rate = float(t.constant(node.input[1]))
+        rate = t.scalar(node.input[1])
     name = t.add(node, "dropout", [value], rate=rate)
     return Value(name, value.shape, value.layout, value.chw)
 
@@ -556,23 +684,40 @@ def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any]], Value]:
         value = _image(t, node, node.op_type)
         kernel = tuple(attrs["kernel_shape"])
         strides = tuple(attrs.get("strides", [1, 1]))
-        if tuple(attrs.get("dilations", [1, 1])) != (1, 1):
-            raise _NotExpressible(f"dilations {attrs['dilations']} (1 only)")
+        dilation = tuple(attrs.get("dilations", [1, 1]))
         if attrs.get("storage_order", 0):
             raise _NotExpressible("storage_order=1")
-        padding, out = _window(node, attrs, value, kernel, strides, (1, 1))
-        if attrs.get("ceil_mode", 0):
-            raise _NotExpressible("ceil_mode=1 (floor only)")
-        if type_ == "avg_pool2d" and attrs.get("count_include_pad", 0) and padding is not None:
-            raise _NotExpressible("count_include_pad=1 with padding: specforge's average "
-                                  "leaves padded cells out")
+        ceil_mode = bool(attrs.get("ceil_mode", 0))
+        pads = _onnx_pads(attrs, value.shape, kernel, strides, dilation)
+        auto = _text(attrs.get("auto_pad", "NOTSET"))
+        window = (kernel, strides, dilation)
+        counted = type_ == "avg_pool2d" and bool(attrs.get("count_include_pad", 0))
+        pad_value: float | None = None
+        pad = _pad_before(t, node, value)
+        if (pad is not None and pad.mode in ("zeros", "constant") and not any(pads)
+                and _output_size(pad.source.shape, pad.pads, *window, ceil_mode)
+                == _output_size(value.shape, pads, *window, ceil_mode)):
+            # the Pad's cells take part in the pool: its pad_value (counted, in an average)
+            t.drop_layer(value.layer)
+            value, pads, auto, counted = pad.source, pad.pads, "NOTSET", True
+            pad_value = pad.value if type_ == "max_pool2d" or pad.value else None
         fields: dict[str, Any] = {}
         if kernel != (2, 2):
             fields["pool"] = _pair_or_int(kernel)
         if strides != kernel:
             fields["strides"] = _pair_or_int(strides)
+        if dilation != (1, 1):
+            fields["dilation"] = _pair_or_int(dilation)
+        padding = _padding_field(pads, value.shape, *window, auto)
         if padding is not None:
             fields["padding"] = padding
+        if ceil_mode:
+            fields["ceil_mode"] = True
+        if pad_value is not None:
+            fields["pad_value"] = pad_value
+        elif counted and any(pads):  # without padding, nothing to count
+            fields["count_include_pad"] = True
+        out = _output_size(value.shape, pads, *window, ceil_mode)
         name = t.add(node, type_, [value], **fields)
         return Value(name, (*out, value.shape[2]), "nchw")
     return translate
@@ -660,20 +805,21 @@ def _concat(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     return Value(name, (*first.shape[:-1], sum(v.shape[-1] for v in values)), first.layout)
 
 
+#: ONNX Pad's modes as specforge's (a constant other than 0 is `constant`).
+PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate"}
+
+
 def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     value = t.value(node)
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _text(attrs.get("mode", "constant"))
     pads = attrs.get("pads")
     if pads is None:
         pads = t.constant(node.input[1]).tolist()
-    if len(node.input) > 2 and node.input[2] and float(t.constant(node.input[2])) != 0:
-        raise _NotExpressible("a constant other than 0")
+    constant = t.scalar(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
     if len(node.input) > 3 and node.input[3]:
         raise _NotExpressible("the axes input")
     spatial = {"nchw": (2, 3), "nhwc": (1, 2)}.get(value.layout)
-    modes = {"constant": "zeros", "reflect": "reflect", "edge": "replicate"}
-    if spatial is None or len(pads) != 8 or mode not in modes:
+    if spatial is None or len(pads) != 8 or mode not in PAD_MODES:
         raise _NotExpressible(f"mode {mode!r} with pads {pads} on ONNX shape "
                               f"{list(value.onnx_shape)}")
     hy, wx = spatial
@@ -684,9 +830,14 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if top == bottom and left == right:
         padding = _pair_or_int((top, left))
     fields: dict[str, Any] = {} if padding == 1 else {"padding": padding}
-    if modes[mode] != "zeros":
-        fields["mode"] = modes[mode]
+    spec_mode = "constant" if mode == "constant" and constant != 0 else PAD_MODES[mode]
+    if spec_mode != "zeros":
+        fields["mode"] = spec_mode
+    if spec_mode == "constant":
+        fields["pad_value"] = constant
     name = t.add(node, "pad2d", [value], **fields)
+    t.pad_layers[name] = PadLayer(value, node.output[0], (top, bottom, left, right),
+                                  spec_mode, constant)
     h, w, c = value.shape
     return Value(name, (h + top + bottom, w + left + right, c), value.layout)
 

@@ -1,0 +1,191 @@
+"""ONNX import rules that the round trip (tests/test_round_trip.py) does not reach alone:
+GELU as torch.onnx.export and ONNX's own Gelu op write it, look-alikes refused, and where a
+Pad stays a layer of its own rather than the next layer's padding."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from specforge.compiler import compile_spec
+from specforge.conformance.compare import Tolerance, difference
+from specforge.importers import ImportRefused, import_model
+from specforge.importers.write import write_import
+from specforge.reference.forward import reference_forward
+from specforge.weights import load_weights
+from tests.test_import import (
+    assert_matches,
+    export_torch,
+    images,
+    imported,
+    onnx_model,
+    torch_output,
+)
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+helper = onnx.helper
+
+
+def constant(name: str, value: Any) -> Any:
+    return onnx.numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def kinds(path: Path) -> list[tuple[str, Any]]:
+    """Each imported layer's type and activation (or fn)."""
+    return [(item["type"], item.get("activation", item.get("fn")))
+            for item in import_model(path).layers]
+
+
+# --- GELU ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_torch_gelu_imports_as_one_activation(tmp_path, approximate):
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU(approximate),
+                                 torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    path = export_torch(source, (6, 6, 3), tmp_path / "gelu.onnx", opset_version=17)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"Erf" if approximate == "none" else "Tanh", "Mul", "Add"} <= ops  # written out
+    fn = "gelu" if approximate == "none" else "gelu_tanh"
+    assert kinds(path) == [("conv2d", fn), ("flatten", None), ("dense", None)]
+    spec, _, weights = imported(path, tmp_path)
+    batch = images((6, 6, 3)) * 3  # the tails, where the two approximations part
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+
+
+def conv_then(nodes: list[Any], initializers: list[Any], path: Path, opset: int = 17
+              ) -> Path:
+    """``x`` -> Conv -> ``nodes`` (reading `c`, writing `a`) -> global pool: a model file."""
+    graph = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), *nodes,
+             helper.make_node("GlobalAveragePool", ["a"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    weight = constant("w", np.random.default_rng(0).normal(0, 1, (4, 3, 3, 3)))
+    onnx.save(onnx_model(graph, [weight, *initializers], [1, 3, 6, 6], opset=opset), path)
+    return path
+
+
+@pytest.mark.parametrize("approximate, fn", [("none", "gelu"), ("tanh", "gelu_tanh")])
+def test_onnx_gelu_op_of_opset_20(tmp_path, approximate, fn):
+    node = helper.make_node("Gelu", ["c"], ["a"], name="gelu", approximate=approximate)
+    path = conv_then([node], [], tmp_path / "gelu.onnx", opset=20)
+    assert kinds(path)[0] == ("conv2d", fn)
+
+
+def erf_gelu(sqrt2: float = math.sqrt(2), one: float = 1.0, half: float = 0.5
+             ) -> tuple[list[Any], list[Any]]:
+    """torch's GELU: Div by sqrt 2, Erf, Add 1, Mul x, Mul 0.5 (constants as given)."""
+    nodes = [helper.make_node("Div", ["c", "sqrt2"], ["d"], name="div"),
+             helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["s"], name="plus_one"),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="times_x"),
+             helper.make_node("Mul", ["m", "half"], ["a"], name="half")]
+    return nodes, [constant("sqrt2", sqrt2), constant("one", one), constant("half", half)]
+
+
+def test_the_erf_pattern_by_hand_is_gelu(tmp_path):
+    path = conv_then(*erf_gelu(), tmp_path / "gelu.onnx")
+    assert kinds(path)[0] == ("conv2d", "gelu")
+
+
+@pytest.mark.parametrize("changed", [{"sqrt2": 1.5}, {"one": 2.0}, {"half": 0.25}])
+def test_a_gelu_look_alike_is_refused(tmp_path, changed):
+    path = conv_then(*erf_gelu(**changed), tmp_path / "almost.onnx")
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert any("(Mul): multiplying by a constant" in line or "(Erf)" in line
+               or "(Div)" in line for line in caught.value.lines), caught.value.lines
+
+
+def test_a_gelu_whose_inner_value_is_read_elsewhere_is_not_one(tmp_path):
+    nodes, constants = erf_gelu()
+    nodes[-1] = helper.make_node("Mul", ["m", "half"], ["g"], name="half")
+    nodes.append(helper.make_node("Sum", ["g", "e"], ["a"], name="reads_erf_too"))
+    with pytest.raises(ImportRefused) as caught:
+        import_model(conv_then(nodes, constants, tmp_path / "shared.onnx"))
+    assert any("(Div)" in line for line in caught.value.lines), caught.value.lines
+
+
+# --- a Pad: the next layer's padding, or a layer of its own ---------------------------------------
+
+def padded_model(path: Path, pad_mode: str, pads: list[int], *after: Any,
+                 value: float | None = None) -> Path:
+    """``x`` (1, 3, 4, 4) -> Pad -> ``after`` (reading `q`, writing `a`) -> NHWC flatten."""
+    pad_inputs = ["x", "pads", *(["value"] if value is not None else [])]
+    nodes = [helper.make_node("Pad", pad_inputs, ["q"], name="pad", mode=pad_mode), *after,
+             helper.make_node("Transpose", ["a"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Flatten", ["t"], ["y"], name="flat")]
+    initializers = [onnx.numpy_helper.from_array(np.array(pads, np.int64), "pads"),
+                    constant("w", np.random.default_rng(1).normal(0, 1, (2, 3, 3, 3)))]
+    if value is not None:
+        initializers.append(constant("value", value))
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4]), path)
+    return path
+
+
+def assert_imports_exactly(path: Path, tmp_path: Path) -> list[str]:
+    """The imported spec computes what onnxruntime does; its layer types."""
+    spec, npz = write_import(import_model(path), tmp_path / "imported.yaml")
+    x = np.random.default_rng(2).normal(0, 1, (1, 4, 4, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x.transpose(0, 3, 1, 2)})[0]
+    graph = compile_spec(spec).graph
+    actual = reference_forward(graph, load_weights(npz), x)[graph.output]
+    assert difference(actual, expected).max_rel <= Tolerance().forward_rtol
+    return [item["type"] for item in import_model(path).layers]
+
+
+def test_a_reflect_pad_before_a_conv_that_pads_too_stays_a_layer(tmp_path):
+    conv = helper.make_node("Conv", ["q", "w"], ["a"], name="conv", pads=[1, 1, 1, 1])
+    path = padded_model(tmp_path / "m.onnx", "reflect", [0, 0, 1, 1, 0, 0, 1, 1], conv)
+    assert assert_imports_exactly(path, tmp_path) == ["pad2d", "conv2d", "flatten"]
+
+
+def test_a_reflect_pad_before_a_conv_is_its_padding(tmp_path):
+    conv = helper.make_node("Conv", ["q", "w"], ["a"], name="conv")
+    path = padded_model(tmp_path / "m.onnx", "reflect", [0, 0, 1, 0, 0, 0, 0, 2], conv)
+    assert assert_imports_exactly(path, tmp_path) == ["conv2d", "flatten"]
+    layer = import_model(path).layers[0]
+    assert layer["padding"] == {"top": 1, "bottom": 0, "left": 0, "right": 2}
+    assert layer["padding_mode"] == "reflect"
+
+
+@pytest.mark.parametrize("value", [0.5, 0.0])
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_a_constant_pad_before_a_pool_is_its_pad_value(tmp_path, op, value):
+    pool = helper.make_node(op, ["q"], ["a"], name="pool", kernel_shape=[2, 2], strides=[1, 1])
+    path = padded_model(tmp_path / "m.onnx", "constant", [0, 0, 1, 1, 0, 0, 0, 1], pool,
+                        value=value)
+    assert assert_imports_exactly(path, tmp_path) == [
+        "max_pool2d" if op == "MaxPool" else "avg_pool2d", "flatten"]
+    layer = import_model(path).layers[0]
+    assert layer["padding"] == {"top": 1, "bottom": 0, "left": 1, "right": 1}
+    if op == "MaxPool" or value:  # zeros in an average: counted, nothing added to the sum
+        assert layer["pad_value"] == value
+    else:
+        assert layer["count_include_pad"] is True and "pad_value" not in layer
+
+
+def test_a_constant_pad_before_a_ceil_mode_pool_of_another_size_stays_a_layer(tmp_path):
+    # padded 5 rows, stride 2, ceil: 3 windows; the same pads as the pool's own: 2 (the
+    # last window would start in its padding)
+    pool = helper.make_node("MaxPool", ["q"], ["a"], name="pool", kernel_shape=[2, 2],
+                            strides=[2, 2], ceil_mode=1)
+    path = padded_model(tmp_path / "m.onnx", "constant", [0, 0, 0, 0, 0, 0, 1, 1], pool,
+                        value=0.5)
+    assert assert_imports_exactly(path, tmp_path) == ["pad2d", "max_pool2d", "flatten"]
+
+
+def test_a_pad_read_twice_stays_a_layer(tmp_path):
+    both = [helper.make_node("Conv", ["q", "w"], ["c"], name="conv"),
+            helper.make_node("MaxPool", ["q"], ["m"], name="pool", kernel_shape=[3, 3],
+                             strides=[1, 1]),
+            helper.make_node("Concat", ["c", "m"], ["a"], name="both", axis=1)]
+    path = padded_model(tmp_path / "m.onnx", "edge", [0, 0, 1, 1, 0, 0, 1, 1], *both)
+    assert assert_imports_exactly(path, tmp_path) == ["pad2d", "conv2d", "max_pool2d", "concat",
+                                                      "flatten"]
