@@ -1137,10 +1137,12 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
-        evaluate_batch: Any, batches: Any = None, main: bool = True) -> None:
+        evaluate_batch: Any, batches: Any = None, main: bool = True,
+        device: str = "cpu") -> None:
     """Train, validating every epoch, then report the test metrics. ``batches``: where the
     training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does)."""
+    prints and logs (one of several data-parallel processes does); ``device``: the kind of
+    device that trains (cpu, cuda)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
@@ -1172,7 +1174,9 @@ def main() -> None:
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return keras_evaluate(model, LOSS, x, y)
 
-    run(args, pipeline, train_step, evaluate_batch)
+    devices = keras.distribution.list_devices()  # an accelerator: batches made in workers
+    run(args, pipeline, train_step, evaluate_batch,
+        device="cpu" if all(d.startswith("cpu") for d in devices) else "gpu")
     if args.save:
         model.save_weights(args.save)
 

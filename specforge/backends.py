@@ -97,6 +97,9 @@ class Trainer(ABC):
 
     #: Where it computes, in words ("cpu", "cuda:0 (NVIDIA H100)").
     device: str = "cpu"
+    #: Whether it computes on an accelerator (a GPU): host work on the batches then runs in
+    #: data workers by default (`data.workers: auto`), since no core is busy training.
+    accelerated: bool = False
     #: False in all but one of several data-parallel processes: only that one writes the
     #: run folder and shows progress.
     writes_run_folder: bool = True

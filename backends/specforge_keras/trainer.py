@@ -296,6 +296,8 @@ class KerasTrainer(Trainer):
         self.program = program
         backend = keras.backend.backend()
         self.device = f"{device or 'auto'} (keras on {backend})"
+        self.accelerated = device != "cpu" and any(
+            not d.lower().startswith("cpu") for d in keras.distribution.list_devices())
         #: Keras's DataParallel distribution, when training over several devices
         self.processes = 1
         self.parallel = data_parallel_over_devices() if data_parallel else None

@@ -330,6 +330,7 @@ class TorchTrainer(Trainer):
         #: the processes' last vote on stopping, not read yet (see agree_to_stop)
         self.vote: Callable[[], bool] | None = None
         self.device = str(self.torch_device)
+        self.accelerated = self.torch_device.type != "cpu"
         if self.torch_device.type == "cuda":
             self.device += f" ({torch.cuda.get_device_name(self.torch_device)})"
         if self.ranks is not None:

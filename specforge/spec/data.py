@@ -119,7 +119,8 @@ class Data(SpecModel):
     workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
         "auto", description="Processes that prepare training batches ahead of the step "
         "(decoding, augmentation, normalisation); 0: in the training process, one batch "
-        "after another; `auto`: one per core left over, at most 4. The batches are the "
-        "same whatever the number.")
+        "after another; `auto`: training on a GPU, one per core left over, at most 4; on "
+        "the CPU, 0 (training's threads use every core). The batches are the same "
+        "whatever the number.")
     prefetch: int = Field(2, ge=1, le=64,
                           description="Batches each worker prepares ahead of the step.")
