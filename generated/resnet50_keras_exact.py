@@ -2384,6 +2384,35 @@ def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
 
 
+def where_keras_computes(requested: str | None) -> str:
+    """The device the running Keras backend computes on, in words; a clear error when it
+    is not the ``requested`` one (Keras picks its device itself)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        kind, name = ("cuda" if device.platform == "gpu" else device.platform), \
+            device.device_kind
+    elif backend == "torch":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        name = torch.cuda.get_device_name() if kind == "cuda" else "cpu"
+    else:
+        import tensorflow as tf
+
+        kind = "cuda" if tf.config.list_logical_devices("GPU") else "cpu"
+        name = kind
+    if requested not in (None, "auto") and not requested.startswith(kind):
+        raise UsageError(
+            f"--device {requested}: Keras on {backend} sees no GPU here" if kind == "cpu" else
+            f"--device {requested}: Keras on {backend} computes on the GPU; hide it "
+            "(CUDA_VISIBLE_DEVICES=) to compute on the CPU")
+    return f"{kind} ({name}, keras on {backend})" if name != kind else \
+        f"{kind} (keras on {backend})"
+
+
 # --- 5. Data: source, split, order of batches, augmentation --------------------------------
 
 
@@ -2707,9 +2736,8 @@ def main() -> None:
     def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return keras_evaluate(model, LOSS, x, y)
 
-    devices = keras.distribution.list_devices()  # an accelerator: batches made in workers
-    run(args, pipeline, train_step, evaluate_batch,
-        device="cpu" if all(d.startswith("cpu") for d in devices) else "gpu")
+    # on a GPU, batches are made in data workers (data.workers: auto)
+    run(args, pipeline, train_step, evaluate_batch, device=where_keras_computes(None).split()[0])
     if args.save:
         model.save_weights(args.save)
 

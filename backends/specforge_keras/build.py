@@ -27,6 +27,7 @@ from specforge_keras.recipes import layer_recipe
 
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
+PROBE = HERE / "probe.py"  # read by path, as the others: importing it imports keras
 #: What the script's main() calls; the script copies these and what they use.
 HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate",
            "dropout_layers"]
@@ -77,4 +78,5 @@ def render_script(program: Program, distributed: bool = False) -> str:
                   params=assignment("PARAMETERS", params),
                   layers=copied(layer_parts(LAYERS, RANDOMNESS, layer_names(program.graph))),
                   helpers=copied([(program_module, ["optimizer_slots"]),
-                                  (TRAINER, used(TRAINER, HELPERS, chosen))], chosen))
+                                  (TRAINER, used(TRAINER, HELPERS, chosen)),
+                                  (PROBE, ["where_keras_computes"])], chosen))

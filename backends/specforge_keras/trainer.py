@@ -296,8 +296,6 @@ class KerasTrainer(Trainer):
         self.program = program
         backend = keras.backend.backend()
         self.device = f"{device or 'auto'} (keras on {backend})"
-        self.accelerated = device != "cpu" and any(
-            not d.lower().startswith("cpu") for d in keras.distribution.list_devices())
         #: Keras's DataParallel distribution, when training over several devices
         self.processes = 1
         self.parallel = data_parallel_over_devices() if data_parallel else None
@@ -310,6 +308,10 @@ class KerasTrainer(Trainer):
             self.writes_run_folder = jax.process_index() == 0
         self.model = create_model(program.graph, program.seed, weights)
         self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
+        from specforge_keras.probe import where_keras_computes  # it imports this module
+
+        # asked once the backend is set up (a JAX distribution must be initialised first)
+        self.accelerated = where_keras_computes(None).startswith("cuda")
         self.step_count = 0
         self._train = make_train_step(self.model, program.loss, program.optimizer, self.slots)
         self.dropouts = dropout_layers(self.model)
