@@ -950,23 +950,23 @@ _worker_source: Any = None
 _worker_slots: list[Any] = []
 
 
-def default_workers(device: str = "cuda") -> int:
-    """`data.workers: auto`. Training on a GPU: one worker per core left over by the
-    training process, at most 4 (numpy's batch work is memory-bound beyond that). On the
-    CPU, none: training's own threads already use every core, and a worker competing with
-    them cost more than it saved (bench/data_workers.py, 2 cores: 0.695 of the rate without
-    augmentation with a worker, 0.771 without)."""
-    if device == "cpu":
+def default_workers(accelerated: bool) -> int:
+    """`data.workers: auto`. Training on an accelerator (a GPU): one worker per core left
+    over by the training process, at most 4 (numpy's batch work is memory-bound beyond
+    that). On the CPU, none: training's own threads already use every core, and a worker
+    competing with them costs more than it saves (bench/data_workers.py, 2 cores: 0.746 of
+    the rate without augmentation with a worker, 0.763 without)."""
+    if not accelerated:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
     return max(0, min(4, cores - 1))
 
 
-def resolve_workers(setting: int | str, device: str = "cuda") -> int:
-    """The number of worker processes for the spec's `data.workers` when training on
-    ``device`` (its type: cpu, cuda, ...)."""
-    return default_workers(device) if setting == "auto" else int(setting)
+def resolve_workers(setting: int | str, accelerated: bool) -> int:
+    """The number of worker processes for the spec's `data.workers`, training on an
+    accelerator or not."""
+    return default_workers(accelerated) if setting == "auto" else int(setting)
 
 
 def _start_worker(source: Any, slots: list[Any]) -> None:
@@ -990,8 +990,7 @@ class PrefetchedBatches:
     """A batch source (``.train_batch(step)``) that computes ``source``'s batches of the
     steps after the one asked for in ``workers`` processes, up to ``workers * prefetch``
     ahead, and never past ``end`` (the run's last step + 1). The images come back through
-    shared memory, one slot per batch in flight. ``waited`` counts the seconds the caller
-    spent waiting for a batch that was not ready."""
+    shared memory, one slot per batch in flight."""
 
     def __init__(self, source: Any, workers: int, prefetch: int, end: int) -> None:
         if workers < 1 or prefetch < 1:
@@ -1002,7 +1001,6 @@ class PrefetchedBatches:
         self.slots: list[Any] = []
         self.free: list[int] = []
         self.pending: dict[int, tuple[concurrent.futures.Future[Any], int]] = {}
-        self.waited = 0.0
 
     def train_batch(self, step: int) -> Batch:
         if self.pool is None:  # the first batch, made here, sizes the slots
@@ -1017,7 +1015,6 @@ class PrefetchedBatches:
         if step not in self.pending:  # past `end`: asked for all the same
             self._submit(step)
         future, slot = self.pending.pop(step)
-        started = time.perf_counter()
         try:
             batch, shape, dtype, labels = future.result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -1026,7 +1023,6 @@ class PrefetchedBatches:
                             "the training process") from None
         finally:
             self._release(slot, future)
-        self.waited += time.perf_counter() - started
         if batch is not None:
             return batch
         # a copy: the slot takes another batch while the step may still read these images
@@ -1106,15 +1102,15 @@ def arguments() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
         evaluate_batch: Any, batches: Any = None, main: bool = True,
-        device: str = "cpu") -> None:
+        accelerated: bool = False) -> None:
     """Train, validating every epoch, then report the test metrics. ``batches``: where the
     training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does); ``device``: the kind of
-    device that trains (cpu, cuda)."""
+    prints and logs (one of several data-parallel processes does); ``accelerated``: whether
+    a GPU trains (then `data.workers: auto` uses the spare cores)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
-        workers = resolve_workers(DATA.workers, device)
+        workers = resolve_workers(DATA.workers, accelerated)
         if workers:  # batches prepared ahead in worker processes, as `specforge run` does
             source = PrefetchedBatches(source, workers, DATA.prefetch,
                                        args.epochs * steps_per_epoch)
@@ -1148,7 +1144,7 @@ def main() -> None:
         value, output = steps.evaluate(x, y)
         return value.item(), output.cpu().numpy()
 
-    run(args, pipeline, train_step, evaluate_batch, device=device.type)
+    run(args, pipeline, train_step, evaluate_batch, accelerated=device.type != "cpu")
     if args.save:
         torch.save(model.state_dict(), args.save)
 

@@ -1396,11 +1396,11 @@ def arguments() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
         evaluate_batch: Any, batches: Any = None, main: bool = True,
-        device: str = "cpu") -> None:
+        accelerated: bool = False) -> None:
     """Train, validating every epoch, then report the test metrics. ``batches``: where the
     training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does); ``device``: the kind of
-    device that trains (cpu, cuda)."""
+    prints and logs (one of several data-parallel processes does); ``accelerated``: whether
+    a GPU trains (then `data.workers: auto` uses the spare cores)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
@@ -1433,7 +1433,7 @@ def main() -> None:
         value, output = steps.evaluate(x, y)
         return value.item(), output.cpu().numpy()
 
-    run(args, pipeline, train_step, evaluate_batch, device=device.type)
+    run(args, pipeline, train_step, evaluate_batch, accelerated=device.type != "cpu")
     if args.save:
         torch.save(model.state_dict(), args.save)
 

@@ -2700,11 +2700,11 @@ def arguments() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
         evaluate_batch: Any, batches: Any = None, main: bool = True,
-        device: str = "cpu") -> None:
+        accelerated: bool = False) -> None:
     """Train, validating every epoch, then report the test metrics. ``batches``: where the
     training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does); ``device``: the kind of
-    device that trains (cpu, cuda)."""
+    prints and logs (one of several data-parallel processes does); ``accelerated``: whether
+    a GPU trains (then `data.workers: auto` uses the spare cores)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
@@ -2737,7 +2737,8 @@ def main() -> None:
         return keras_evaluate(model, LOSS, x, y)
 
     # on a GPU, batches are made in data workers (data.workers: auto)
-    run(args, pipeline, train_step, evaluate_batch, device=where_keras_computes(None).split()[0])
+    run(args, pipeline, train_step, evaluate_batch,
+        accelerated=where_keras_computes(None).startswith("cuda"))
     if args.save:
         model.save_weights(args.save)
 

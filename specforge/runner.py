@@ -213,8 +213,7 @@ class Loop:
     def run(self) -> dict[str, float]:
         total = self.epochs * self.steps_per_epoch
         source = self.batches
-        self.batches = prefetched(source, self.pipeline, total,
-                                  "cuda" if self.trainer.accelerated else "cpu")
+        self.batches = prefetched(source, self.pipeline, total, self.trainer.accelerated)
         try:
             self._train(total)
         finally:
@@ -319,13 +318,13 @@ class Loop:
                               self.program.metrics, self.program.loss.classes, limit)
 
 
-def prefetched(source: Any, pipeline: DataPipeline, end: int, device: str) -> Any:
-    """``source`` with its batches prepared ahead in `data.workers` processes (``device``:
-    the kind of device that trains, for `auto`), when it prepares them on the host (a
-    backend's device-side source does its own work)."""
+def prefetched(source: Any, pipeline: DataPipeline, end: int, accelerated: bool) -> Any:
+    """``source`` with its batches prepared ahead in `data.workers` processes (how many
+    `auto` means depends on whether an accelerator trains), when it prepares them on the
+    host (a backend's device-side source does its own work)."""
     if source is not pipeline and not getattr(source, "host_side", False):
         return source
-    workers = resolve_workers(pipeline.data.workers, device)
+    workers = resolve_workers(pipeline.data.workers, accelerated)
     if workers == 0:
         return source
     return PrefetchedBatches(source, workers, pipeline.data.prefetch, end)

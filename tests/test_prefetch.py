@@ -95,8 +95,8 @@ def test_a_worker_that_raises_stops_the_run_with_its_message_and_no_processes_le
 
 def test_the_default_uses_spare_cores_beside_an_accelerator_and_none_beside_cpu_training():
     cores = len(os.sched_getaffinity(0))
-    assert default_workers("cuda") == max(0, min(4, cores - 1))
-    assert default_workers("cpu") == 0  # training's threads use every core (bench/)
+    assert default_workers(accelerated=True) == max(0, min(4, cores - 1))
+    assert default_workers(accelerated=False) == 0  # training's threads use every core
     program = compile_spec(DIGITS)
     assert program.spec.data.workers == "auto" and program.spec.data.prefetch == 2
 

@@ -20,7 +20,6 @@ import concurrent.futures.process
 import multiprocessing
 import os
 import signal
-import time
 from typing import Any
 
 import numpy as np
@@ -34,23 +33,23 @@ _worker_source: Any = None
 _worker_slots: list[Any] = []
 
 
-def default_workers(device: str = "cuda") -> int:
-    """`data.workers: auto`. Training on a GPU: one worker per core left over by the
-    training process, at most 4 (numpy's batch work is memory-bound beyond that). On the
-    CPU, none: training's own threads already use every core, and a worker competing with
-    them cost more than it saved (bench/data_workers.py, 2 cores: 0.695 of the rate without
-    augmentation with a worker, 0.771 without)."""
-    if device == "cpu":
+def default_workers(accelerated: bool) -> int:
+    """`data.workers: auto`. Training on an accelerator (a GPU): one worker per core left
+    over by the training process, at most 4 (numpy's batch work is memory-bound beyond
+    that). On the CPU, none: training's own threads already use every core, and a worker
+    competing with them costs more than it saves (bench/data_workers.py, 2 cores: 0.746 of
+    the rate without augmentation with a worker, 0.763 without)."""
+    if not accelerated:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         (os.cpu_count() or 1)
     return max(0, min(4, cores - 1))
 
 
-def resolve_workers(setting: int | str, device: str = "cuda") -> int:
-    """The number of worker processes for the spec's `data.workers` when training on
-    ``device`` (its type: cpu, cuda, ...)."""
-    return default_workers(device) if setting == "auto" else int(setting)
+def resolve_workers(setting: int | str, accelerated: bool) -> int:
+    """The number of worker processes for the spec's `data.workers`, training on an
+    accelerator or not."""
+    return default_workers(accelerated) if setting == "auto" else int(setting)
 
 
 def _start_worker(source: Any, slots: list[Any]) -> None:
@@ -74,8 +73,7 @@ class PrefetchedBatches:
     """A batch source (``.train_batch(step)``) that computes ``source``'s batches of the
     steps after the one asked for in ``workers`` processes, up to ``workers * prefetch``
     ahead, and never past ``end`` (the run's last step + 1). The images come back through
-    shared memory, one slot per batch in flight. ``waited`` counts the seconds the caller
-    spent waiting for a batch that was not ready."""
+    shared memory, one slot per batch in flight."""
 
     def __init__(self, source: Any, workers: int, prefetch: int, end: int) -> None:
         if workers < 1 or prefetch < 1:
@@ -86,7 +84,6 @@ class PrefetchedBatches:
         self.slots: list[Any] = []
         self.free: list[int] = []
         self.pending: dict[int, tuple[concurrent.futures.Future[Any], int]] = {}
-        self.waited = 0.0
 
     def train_batch(self, step: int) -> Batch:
         if self.pool is None:  # the first batch, made here, sizes the slots
@@ -101,7 +98,6 @@ class PrefetchedBatches:
         if step not in self.pending:  # past `end`: asked for all the same
             self._submit(step)
         future, slot = self.pending.pop(step)
-        started = time.perf_counter()
         try:
             batch, shape, dtype, labels = future.result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -110,7 +106,6 @@ class PrefetchedBatches:
                             "the training process") from None
         finally:
             self._release(slot, future)
-        self.waited += time.perf_counter() - started
         if batch is not None:
             return batch
         # a copy: the slot takes another batch while the step may still read these images
