@@ -995,6 +995,22 @@ def test_flip_comes_before_crop():
     np.testing.assert_array_equal(out[:, :, -1], 0)
 
 
+@pytest.mark.parametrize("fill_mode", ["nearest", "constant", "reflect"])
+def test_sampling_in_chunks_gives_the_bits_of_one_pass(monkeypatch, fill_mode):
+    """Chunks that start and end inside images (37 pixels of 9x10 ones) see each pixel's
+    own image: the same bits as sampling the batch in one chunk."""
+    aug = Augment(rotation=40, width_shift=0.3, height_shift=0.3, zoom=0.3,
+                  fill_mode=fill_mode, fill_value=7)
+    images = images_of((3, 9, 10, 2))
+    params = augment.draw_params(aug, 3, 9, 10, np.random.default_rng(5))
+    monkeypatch.setattr(augment, "CHUNK_PIXELS", 10**9)
+    whole = augment.apply_augmentation(images, params, aug)
+    monkeypatch.setattr(augment, "CHUNK_PIXELS", 37)
+    chunked = augment.apply_augmentation(images, params, aug)
+    assert not np.array_equal(whole, images)
+    assert whole.tobytes() == chunked.tobytes()
+
+
 def test_zero_ranges_draw_identity_parameters():
     params = augment.draw_params(Augment(), 64, 8, 8, np.random.default_rng(0))
     identity = make_params(64)

@@ -96,24 +96,55 @@ def _fold(index: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarr
     return np.clip(index, 0, size - 1), inside
 
 
+#: Pixels sampled at a time. Each step's temporaries (8 bytes x channels x this) then stay
+#: small enough to be reused from the heap and the cache instead of being mapped fresh from
+#: the system on every call: that page faulting was most of the time (a CIFAR batch of 32
+#: took 4 ms in one pass, 1 ms in chunks, with the same bits).
+CHUNK_PIXELS = 4096
+
+
+def _neighbours(coordinate: np.ndarray, size: int, mode: str
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The pixels below and above each coordinate along one axis: (index folded inside,
+    whether it was inside, bilinear weight) for each."""
+    lower = np.floor(coordinate)
+    weight = coordinate - lower
+    index = lower.astype(np.intp)
+    return [(*_fold(index + d, size, mode), w) for d, w in ((0, 1 - weight), (1, weight))]
+
+
+def _sample_pixels(planes: np.ndarray, first: np.ndarray, sy: np.ndarray, sx: np.ndarray,
+                   size: tuple[int, int], mode: str, fill: float) -> np.ndarray:
+    """Bilinear samples of (C, N*H*W) ``planes`` at flat coordinates, as (C, pixels) float64;
+    ``first`` is the flat index of each output pixel's image's first pixel."""
+    height, width = size
+    out = np.zeros((planes.shape[0], sy.size), np.float64)
+    cols = _neighbours(sx, width, mode)
+    for yi, y_in, wgt_y in _neighbours(sy, height, mode):
+        row = first + yi * width
+        for xi, x_in, wgt_x in cols:  # the corners add up in this order, in float64
+            value = planes.take(row + xi, axis=1)
+            if mode == "constant":
+                value = np.where(y_in & x_in, value, fill)
+            out += wgt_y * wgt_x * value
+    return out
+
+
 def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: str,
                     fill: float) -> np.ndarray:
     """Bilinear sampling of (N, H, W, C) float32 images at (N, H, W) coordinates."""
-    n, height, width, _ = images.shape
-    y0, x0 = np.floor(sy), np.floor(sx)
-    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
-    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
-    batch = np.arange(n)[:, None, None]
-    out = np.zeros(images.shape, np.float64)
-    for ddy, wgt_y in ((0, 1 - wy), (1, wy)):
-        yi, y_in = _fold(y0 + ddy, height, mode)
-        for ddx, wgt_x in ((0, 1 - wx), (1, wx)):
-            xi, x_in = _fold(x0 + ddx, width, mode)
-            value = images[batch, yi, xi]
-            if mode == "constant":
-                value = np.where((y_in & x_in)[..., None], value, fill)
-            out += wgt_y * wgt_x * value
-    return out.astype(np.float32)
+    _, height, width, channels = images.shape
+    # Channels first and pixels flat, so that every operation runs along long rows.
+    planes = np.ascontiguousarray(images.reshape(-1, channels).T)
+    sy, sx = sy.ravel(), sx.ravel()
+    out = np.empty((channels, sy.size), np.float32)
+    for start in range(0, sy.size, CHUNK_PIXELS):
+        part = slice(start, start + CHUNK_PIXELS)
+        pixel = np.arange(sy.size, dtype=np.intp)[part]
+        first = pixel - pixel % (height * width)
+        out[:, part] = _sample_pixels(planes, first, sy[part], sx[part], (height, width),
+                                      mode, fill)
+    return np.ascontiguousarray(out.T).reshape(images.shape)
 
 
 def shift_with_zeros(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
@@ -136,11 +167,15 @@ def affine(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
 
 
 def flip_horizontally(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
-    return np.where(params.flip_h[:, None, None, None], images[:, :, ::-1], images)
+    flipped = images.copy()  # only the flipped images move (np.where would copy every pixel)
+    flipped[params.flip_h] = images[params.flip_h, :, ::-1]
+    return flipped
 
 
 def flip_vertically(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
-    return np.where(params.flip_v[:, None, None, None], images[:, ::-1], images)
+    flipped = images.copy()
+    flipped[params.flip_v] = images[params.flip_v, ::-1]
+    return flipped
 
 
 def crop(images: np.ndarray, params: AugmentParams, aug: Any) -> np.ndarray:
