@@ -4,10 +4,10 @@ Run: python bench/data_workers.py [--steps N] [--rounds R] [--images N]. In one 
 
 1. `specforge run -b torch` trains the seed document's CIFAR-10 model (specs/cifar.yaml) on
    CIFAR-sized synthetic images, each run in a fresh process: with the seed's augmentation
-   prepared in one data worker and as `auto` chooses on the CPU (none), against
-   the same run without augmentation (measured before and after each contender). Goal on 2
-   cores: with workers at least 0.82 (perfect overlap would give about 0.86; 0.75 before
-   the workers).
+   as `data.workers: auto` chooses on the CPU (none) and prepared in one data worker,
+   against the same run without augmentation (measured before and after each contender).
+   Goal on 2 cores, for `auto` (the default): at least 0.82 (perfect overlap would give
+   about 0.86; 0.75 before this work). The 1-worker figure is for comparison.
 2. A streamed image folder of 320x256 JPEGs decoded and resized to 224x224 by specforge's
    pipeline in 1 and 2 workers, against a hand-written torch `DataLoader` (PIL, the same
    resize, batches of 32) with the same number of workers. Goals: at least as fast as the

@@ -1125,8 +1125,8 @@ def default_workers(accelerated: bool) -> int:
     """`data.workers: auto`. Training on an accelerator (a GPU): one worker per core left
     over by the training process, at most 4 (numpy's batch work is memory-bound beyond
     that). On the CPU, none: training's own threads already use every core, and a worker
-    competing with them costs more than it saves (bench/data_workers.py, 2 cores: 0.746 of
-    the rate without augmentation with a worker, 0.763 without)."""
+    competing with them costs more than it saves (bench/data_workers.py, 2 cores: 0.820 of
+    the rate without augmentation with a worker, 0.873 without)."""
     if not accelerated:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
