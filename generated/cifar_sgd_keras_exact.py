@@ -99,6 +99,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Callable = Any
 Tensor = Any
 PendingStep = Any
 PROBABILITY_EPSILON = 1e-7
@@ -111,10 +112,6 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """Bad or missing data."""
-
-
-class TrainingDiverged(UsageError):
-    """The loss became NaN or infinite: the spec's settings caused it."""
 
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
@@ -532,13 +529,7 @@ def dropout_layers(model: Any) -> list[Any]:
     return [layer for layer in model._flatten_layers() if hasattr(layer, "set_key")]
 
 
-def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
-                     ) -> tuple[float, np.ndarray]:
-    """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
-    return start_keras_step(step, x, y, lr, t)()
-
-
-def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
+def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: float
                      ) -> PendingStep:
     """Start ``step`` on numpy data; what it returns waits for the loss (a float) and the
     output (numpy). The frameworks dispatch asynchronously, and their results are new
@@ -556,6 +547,38 @@ def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
     output = model(ops.convert_to_tensor(x), training=False)
     value = loss_value(loss, output, ops.convert_to_tensor(y))
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+
+
+class KerasSteps:
+    """The training and evaluation steps of a Keras model in one process, with specforge's
+    update rule in keras.ops: what the training loop (:class:`specforge.runner.TrainingLoop`)
+    asks of a trainer. KerasTrainer and the built script both use it."""
+
+    def __init__(self, model: Any, loss: LossIR, opt: OptimizerIR, seed: int) -> None:
+        self.model, self.loss, self.seed = model, loss, seed
+        self.slots = make_slots(opt, list(model.trainable_variables))
+        self.train = make_train_step(model, loss, opt, self.slots)
+        self.dropouts = dropout_layers(model)
+        #: training steps started: the optimizer's step count (t of the next step, less 1)
+        self.step_count = 0
+
+    def next_step(self) -> np.float32:
+        """Count a step and set dropout's keys for it; its t (the first step's is 1)."""
+        for dropout in self.dropouts:  # keys count steps from 0
+            dropout.set_key(self.seed, self.step_count)
+        self.step_count += 1
+        return np.float32(self.step_count)
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        """Start the next training step; what it returns waits for its loss and logits."""
+        t = self.next_step()
+        return start_keras_step(self.train, x, y, lr, t)
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        return keras_evaluate(self.model, self.loss, x, y)
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        return wanted
 
 
 def where_keras_computes(requested: str | None) -> str:
@@ -1122,6 +1145,13 @@ def averaged(counts: MetricAccumulator, metric: MetricIR) -> float:
 METRIC_VALUES = {"accuracy": accuracy, "precision": averaged, "recall": averaged, "f1": averaged}
 
 
+WARMUP_STEPS = 5
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite (exit code 2: the spec's settings caused it)."""
+
+
 class Tally:
     """The loss (the mean over images, batches weighted by their size) and the metrics of
     an epoch's training steps or of an evaluation, batch by batch."""
@@ -1138,6 +1168,127 @@ class Tally:
 
     def result(self) -> dict[str, float]:
         return {"loss": self.loss_sum / max(self.seen, 1), **self.metrics.result()}
+
+
+@dataclass(frozen=True)
+class StartedStep:
+    """A training step the trainer has started, with what the loop logs once it ends."""
+
+    step: int
+    labels: np.ndarray
+    lr: float
+    results: PendingStep
+    #: Seconds spent getting the batch (preparing it, or waiting for a worker's).
+    data_seconds: float
+
+
+class TrainingLoop:
+    """The steps and epochs of training, as `specforge run` and every exact built script run
+    them (a script copies this class): step s takes batch s of ``batches`` and ``lr_at(s)``;
+    the next step starts before this one's loss is read, so that a GPU computes while the
+    host logs, except across an epoch's end, whose validation needs this step's weights; a
+    loss that is not finite stops training; each epoch's loss and metrics are tallied and
+    the validation split evaluated. What happens after a step, after an epoch and on a stop
+    request is a subclass's (:meth:`step_done`, :meth:`epoch_done`, :meth:`stopped`).
+
+    ``trainer``: ``start_step(x, y, lr)`` starts a step and returns what waits for its loss
+    and logits; ``evaluate_batch(x, y)`` gives a batch's loss and logits; and
+    ``agree_to_stop(wanted)`` whether the data-parallel processes all stop now."""
+
+    def __init__(self, pipeline: DataPipeline, batches: Any, trainer: Any, optimizer: Any,
+                 metrics: Any, classes: int, epochs: int, steps_per_epoch: int,
+                 validation_steps: int | None) -> None:
+        self.pipeline, self.batches, self.trainer = pipeline, batches, trainer
+        self.optimizer, self.metrics, self.classes = optimizer, metrics, classes
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.validation_steps = validation_steps
+        self.tally = Tally(metrics, classes)  # this epoch's
+        self.step = 0  # global optimizer steps done
+        self.stop_requested: str | None = None
+        #: Time in training steps (batch, forward, backward, update), for images/s.
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self.data_seconds = 0.0  # of it, getting batches
+        self.steps_timed = 0
+        self.clock = time.perf_counter()  # when the last step finished
+
+    def train(self) -> None:
+        """Train from step :attr:`step` to the last step of the last epoch."""
+        total = self.epochs * self.steps_per_epoch
+        self.clock = time.perf_counter()
+        started: StartedStep | None = None
+        while self.step < total:
+            started = started or self._start(self.step)
+            # Agreed before the next step starts: data-parallel processes must all start
+            # (and so all-reduce) the same steps.
+            stop = self.trainer.agree_to_stop(self.stop_requested is not None)
+            following = None
+            if not stop and (self.step + 1) % self.steps_per_epoch:
+                following = self._start(self.step + 1)
+            self._finish(started)
+            started = following
+            if self.step % self.steps_per_epoch == 0:
+                self._end_epoch()
+            if stop:
+                self.stopped()
+
+    def _start(self, step: int) -> StartedStep:
+        asked = time.perf_counter()
+        batch = self.batches.train_batch(step)
+        data_seconds = time.perf_counter() - asked
+        lr = lr_at(self.optimizer, step, self.steps_per_epoch)
+        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr),
+                           data_seconds)
+
+    def _finish(self, started: StartedStep) -> None:
+        """Wait for a started step's results and count them in the metrics."""
+        loss, logits = started.results()
+        epoch = started.step // self.steps_per_epoch
+        if not math.isfinite(loss):
+            self.step_done(started, loss, 0.0)
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
+                f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
+        self.tally.add(loss, logits, started.labels)
+        self.step += 1
+        # Steps overlap, so a step's time is the time since the last one finished.
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        self.steps_timed += 1
+        if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
+            self.train_seconds += seconds
+            self.train_images += len(started.labels)
+            self.data_seconds += started.data_seconds
+        self.step_done(started, loss, seconds)
+
+    @property
+    def epoch(self) -> int:
+        """The 0-based epoch of the last step done (at an epoch's end: the one ending)."""
+        return max(self.step - 1, 0) // self.steps_per_epoch
+
+    def _end_epoch(self) -> None:
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
+                                  **self.tally.result()}
+        validation = self.evaluate("validation")
+        record.update({f"val_{k}": v for k, v in validation.items()})
+        self.tally = Tally(self.metrics, self.classes)  # before a checkpoint saves it
+        self.epoch_done(record)
+        self.clock = time.perf_counter()  # evaluation is not training time
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        limit = self.validation_steps if split == "validation" else None
+        return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch, self.metrics,
+                              self.classes, limit)
+
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
+        """After each step (and before stopping on a loss that is not finite)."""
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        """After each epoch: ``record`` holds its loss, metrics and validation results."""
+
+    def stopped(self) -> None:
+        """A stop was asked for (:attr:`stop_requested`) and agreed; the last step is done."""
+        raise KeyboardInterrupt(self.stop_requested)
 
 
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
@@ -1306,13 +1457,38 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
-        evaluate_batch: Any, batches: Any = None, main: bool = True,
-        accelerated: bool = False) -> None:
-    """Train, validating every epoch, then report the test metrics. ``batches``: where the
-    training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does); ``accelerated``: whether
-    a GPU trains (then `data.workers: auto` uses the spare cores)."""
+class ScriptLoop(TrainingLoop):
+    """specforge's training loop (copied above), printing each epoch and logging each step."""
+
+    def __init__(self, log: Any, main: bool, *args: Any) -> None:
+        super().__init__(*args)
+        self.log, self.main = log, main
+        self.timed = (0.0, 0)  # training seconds and images at the last epoch's end
+
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
+        if self.log:
+            epoch = started.step // self.steps_per_epoch + 1
+            self.log.write(json.dumps({"step": started.step, "epoch": epoch,
+                                       "loss": loss, "lr": started.lr}) + "\n")
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        seconds = self.train_seconds - self.timed[0]
+        images = self.train_images - self.timed[1]
+        self.timed = (self.train_seconds, self.train_images)
+        shown = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        if self.main:
+            print(f"epoch {record['epoch']}/{self.epochs}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                  + f"  ({images / max(seconds, 1e-9):,.0f} images/s)", flush=True)
+
+
+def run(args: argparse.Namespace, pipeline: DataPipeline, trainer: Any, batches: Any = None,
+        main: bool = True, accelerated: bool = False) -> None:
+    """Train, validating every epoch, then report the test metrics. ``trainer``: the steps
+    (start_step, evaluate_batch, agree_to_stop); ``batches``: where the training batches
+    come from (default: ``pipeline``); ``main``: whether this process prints and logs (one
+    of several data-parallel processes does); ``accelerated``: whether a GPU trains (then
+    `data.workers: auto` uses the spare cores)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
@@ -1323,9 +1499,9 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
             stack.callback(source.close)
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
             if args.log_steps and main else None
-        train(pipeline, source, train_step, evaluate_batch, args.epochs, steps_per_epoch,
-              log, main)
-    test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
+        ScriptLoop(log, main, pipeline, source, trainer, OPTIMIZER, METRICS, LOSS.classes,
+                   args.epochs, steps_per_epoch, TRAINING.validation_steps).train()
+    test = evaluate_split(pipeline, "test", trainer.evaluate_batch, METRICS, LOSS.classes)
     if main:
         print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())
                           or "no test set"))
@@ -1337,56 +1513,11 @@ def main() -> None:
     keras.utils.set_random_seed(SEED)  # for the program: specforge's dropout draws none
     model = build_model()
     load_initial_weights(model)
-    slots = make_slots(OPTIMIZER, list(model.trainable_variables))
-    step_function = make_train_step(model, LOSS, OPTIMIZER, slots)
-    dropouts = dropout_layers(model)
-
-    def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        for dropout in dropouts:  # specforge's masks: this step's keys
-            dropout.set_key(SEED, step)
-        return keras_train_step(step_function, batch.x, batch.y, lr, step + 1)
-
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        return keras_evaluate(model, LOSS, x, y)
-
+    steps = KerasSteps(model, LOSS, OPTIMIZER, SEED)
     # on a GPU, batches are made in data workers (data.workers: auto)
-    run(args, pipeline, train_step, evaluate_batch,
-        accelerated=where_keras_computes(None).startswith("cuda"))
+    run(args, pipeline, steps, accelerated=where_keras_computes(None).startswith("cuda"))
     if args.save:
         model.save_weights(args.save)
-
-
-def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,
-          epochs: int, steps_per_epoch: int, log: Any, main: bool = True) -> None:
-    """specforge's loop: step s takes batch s of the pass sequence and lr_at(s).
-    ``train_step(batch, lr, step)`` returns the loss and the logits."""
-    step = 0
-    for epoch in range(epochs):
-        tally = Tally(METRICS, LOSS.classes)
-        started, timed = time.perf_counter(), 0
-        for _ in range(steps_per_epoch):
-            batch = batches.train_batch(step)
-            lr = lr_at(OPTIMIZER, step, steps_per_epoch)
-            loss, logits = train_step(batch, lr, step)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch "
-                                       f"{epoch + 1}, learning rate {lr:.3g}); lower the "
-                                       "learning rate or add clip_norm")
-            tally.add(loss, logits, batch.y)
-            if log:
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
-                                      "lr": lr}) + "\n")
-            step += 1
-            if step == 5:  # images/s leaves out the first steps (allocation, tuning)
-                started, timed = time.perf_counter(), tally.seen
-        rate = (tally.seen - timed) / (time.perf_counter() - started)
-        validation = evaluate_split(pipeline, "validation", evaluate_batch, METRICS,
-                                    LOSS.classes, TRAINING.validation_steps)
-        shown = {**tally.result(), **{f"val_{k}": v for k, v in validation.items()}}
-        if main:
-            print(f"epoch {epoch + 1}/{epochs}: "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                  + f"  ({rate:,.0f} images/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ TRAINING = SimpleNamespace(
 OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
 OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
+Callable = Any
 Tensor = Any
 PendingStep = Any
 PROBABILITY_EPSILON = 1e-7
@@ -113,10 +114,6 @@ class UsageError(Exception):
 
 class DataError(UsageError):
     """Bad or missing data."""
-
-
-class TrainingDiverged(UsageError):
-    """The loss became NaN or infinite: the spec's settings caused it."""
 
 
 # --- 2. Layers whose meaning torch's own layers do not have (tensors are NCHW) ------------
@@ -403,6 +400,17 @@ def model_inputs(x: np.ndarray | torch.Tensor, y: np.ndarray, device: torch.devi
     return images.contiguous(memory_format=memory_format), to_device(y, device)
 
 
+def fetch_later(loss: torch.Tensor, logits: torch.Tensor) -> PendingStep:
+    """Start copying a step's loss and logits to the host (see :func:`to_host_later`); what
+    it returns waits for them."""
+    copies = to_host_later(loss.detach(), logits.detach())
+
+    def results() -> tuple[float, np.ndarray]:
+        host_loss, host_logits = copies()
+        return host_loss.item(), host_logits.numpy()
+    return results
+
+
 def cross_entropy(loss: LossIR, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     e = loss.label_smoothing
     if loss.from_logits:
@@ -450,8 +458,9 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, params: list[to
 
 class Steps:
     """The training and evaluation steps of a model in one process, set up as `training:`
-    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
-    TorchTrainer and the built script both use it. Losses and logits stay on the device."""
+    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``:
+    what the training loop (:class:`specforge.runner.TrainingLoop`) asks of a trainer.
+    TorchTrainer and the built script both use it."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
                  loss: LossIR, opt: OptimizerIR, training: Any) -> None:
@@ -468,6 +477,8 @@ class Steps:
         mode = compile_mode(training.compile)
         wrapped = self.wrap(self.model)
         self.forward = torch.compile(wrapped, mode=mode) if mode else wrapped
+        #: training steps started: the next one's number (dropout's keys depend on it)
+        self.step_count = 0
 
     def wrap(self, model: torch.nn.Module) -> Any:
         return model
@@ -499,6 +510,18 @@ class Steps:
             output = forward_pass(self.forward, images, self.autocast)
             return loss_value(self.loss, output, labels), output
 
+    def start_step(self, x: Any, y: np.ndarray, lr: float) -> PendingStep:
+        """Start the next training step; what it returns waits for its loss and logits."""
+        step, self.step_count = self.step_count, self.step_count + 1
+        return fetch_later(*self.train(x, y, lr, step))
+
+    def evaluate_batch(self, x: Any, y: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, output = self.evaluate(x, y)
+        return loss.item(), output.cpu().numpy()
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        return wanted
+
 
 def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
               ) -> torch.Tensor:
@@ -510,6 +533,23 @@ def to_device(array: Any, device: torch.device, dtype: torch.dtype | None = None
     if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def to_host_later(*tensors: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """Start copying ``tensors`` to the host; what it returns waits for those copies (for the
+    work queued before them, not after) and gives the host's tensors. From a GPU the copies
+    go to pinned memory, queued behind the work that computes them, before any later work
+    can overwrite them (as CUDA graphs do to their outputs)."""
+    if not tensors[0].is_cuda:
+        return lambda: tensors
+    copies = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> tuple[torch.Tensor, ...]:
+        copied.synchronize()
+        return copies
+    return wait
 
 
 def to_torch_layout(op: str, param: str, value: np.ndarray) -> np.ndarray:
@@ -1063,6 +1103,13 @@ def averaged(counts: MetricAccumulator, metric: MetricIR) -> float:
 METRIC_VALUES = {"accuracy": accuracy, "precision": averaged, "recall": averaged, "f1": averaged}
 
 
+WARMUP_STEPS = 5
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite (exit code 2: the spec's settings caused it)."""
+
+
 class Tally:
     """The loss (the mean over images, batches weighted by their size) and the metrics of
     an epoch's training steps or of an evaluation, batch by batch."""
@@ -1079,6 +1126,127 @@ class Tally:
 
     def result(self) -> dict[str, float]:
         return {"loss": self.loss_sum / max(self.seen, 1), **self.metrics.result()}
+
+
+@dataclass(frozen=True)
+class StartedStep:
+    """A training step the trainer has started, with what the loop logs once it ends."""
+
+    step: int
+    labels: np.ndarray
+    lr: float
+    results: PendingStep
+    #: Seconds spent getting the batch (preparing it, or waiting for a worker's).
+    data_seconds: float
+
+
+class TrainingLoop:
+    """The steps and epochs of training, as `specforge run` and every exact built script run
+    them (a script copies this class): step s takes batch s of ``batches`` and ``lr_at(s)``;
+    the next step starts before this one's loss is read, so that a GPU computes while the
+    host logs, except across an epoch's end, whose validation needs this step's weights; a
+    loss that is not finite stops training; each epoch's loss and metrics are tallied and
+    the validation split evaluated. What happens after a step, after an epoch and on a stop
+    request is a subclass's (:meth:`step_done`, :meth:`epoch_done`, :meth:`stopped`).
+
+    ``trainer``: ``start_step(x, y, lr)`` starts a step and returns what waits for its loss
+    and logits; ``evaluate_batch(x, y)`` gives a batch's loss and logits; and
+    ``agree_to_stop(wanted)`` whether the data-parallel processes all stop now."""
+
+    def __init__(self, pipeline: DataPipeline, batches: Any, trainer: Any, optimizer: Any,
+                 metrics: Any, classes: int, epochs: int, steps_per_epoch: int,
+                 validation_steps: int | None) -> None:
+        self.pipeline, self.batches, self.trainer = pipeline, batches, trainer
+        self.optimizer, self.metrics, self.classes = optimizer, metrics, classes
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.validation_steps = validation_steps
+        self.tally = Tally(metrics, classes)  # this epoch's
+        self.step = 0  # global optimizer steps done
+        self.stop_requested: str | None = None
+        #: Time in training steps (batch, forward, backward, update), for images/s.
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self.data_seconds = 0.0  # of it, getting batches
+        self.steps_timed = 0
+        self.clock = time.perf_counter()  # when the last step finished
+
+    def train(self) -> None:
+        """Train from step :attr:`step` to the last step of the last epoch."""
+        total = self.epochs * self.steps_per_epoch
+        self.clock = time.perf_counter()
+        started: StartedStep | None = None
+        while self.step < total:
+            started = started or self._start(self.step)
+            # Agreed before the next step starts: data-parallel processes must all start
+            # (and so all-reduce) the same steps.
+            stop = self.trainer.agree_to_stop(self.stop_requested is not None)
+            following = None
+            if not stop and (self.step + 1) % self.steps_per_epoch:
+                following = self._start(self.step + 1)
+            self._finish(started)
+            started = following
+            if self.step % self.steps_per_epoch == 0:
+                self._end_epoch()
+            if stop:
+                self.stopped()
+
+    def _start(self, step: int) -> StartedStep:
+        asked = time.perf_counter()
+        batch = self.batches.train_batch(step)
+        data_seconds = time.perf_counter() - asked
+        lr = lr_at(self.optimizer, step, self.steps_per_epoch)
+        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr),
+                           data_seconds)
+
+    def _finish(self, started: StartedStep) -> None:
+        """Wait for a started step's results and count them in the metrics."""
+        loss, logits = started.results()
+        epoch = started.step // self.steps_per_epoch
+        if not math.isfinite(loss):
+            self.step_done(started, loss, 0.0)
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
+                f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
+        self.tally.add(loss, logits, started.labels)
+        self.step += 1
+        # Steps overlap, so a step's time is the time since the last one finished.
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        self.steps_timed += 1
+        if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
+            self.train_seconds += seconds
+            self.train_images += len(started.labels)
+            self.data_seconds += started.data_seconds
+        self.step_done(started, loss, seconds)
+
+    @property
+    def epoch(self) -> int:
+        """The 0-based epoch of the last step done (at an epoch's end: the one ending)."""
+        return max(self.step - 1, 0) // self.steps_per_epoch
+
+    def _end_epoch(self) -> None:
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
+                                  **self.tally.result()}
+        validation = self.evaluate("validation")
+        record.update({f"val_{k}": v for k, v in validation.items()})
+        self.tally = Tally(self.metrics, self.classes)  # before a checkpoint saves it
+        self.epoch_done(record)
+        self.clock = time.perf_counter()  # evaluation is not training time
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        limit = self.validation_steps if split == "validation" else None
+        return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch, self.metrics,
+                              self.classes, limit)
+
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
+        """After each step (and before stopping on a loss that is not finite)."""
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        """After each epoch: ``record`` holds its loss, metrics and validation results."""
+
+    def stopped(self) -> None:
+        """A stop was asked for (:attr:`stop_requested`) and agreed; the last step is done."""
+        raise KeyboardInterrupt(self.stop_requested)
 
 
 def evaluate_split(pipeline: Any, split: str, evaluate_batch: Any, metrics: Any,
@@ -1247,13 +1415,38 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
-        evaluate_batch: Any, batches: Any = None, main: bool = True,
-        accelerated: bool = False) -> None:
-    """Train, validating every epoch, then report the test metrics. ``batches``: where the
-    training batches come from (default: ``pipeline``); ``main``: whether this process
-    prints and logs (one of several data-parallel processes does); ``accelerated``: whether
-    a GPU trains (then `data.workers: auto` uses the spare cores)."""
+class ScriptLoop(TrainingLoop):
+    """specforge's training loop (copied above), printing each epoch and logging each step."""
+
+    def __init__(self, log: Any, main: bool, *args: Any) -> None:
+        super().__init__(*args)
+        self.log, self.main = log, main
+        self.timed = (0.0, 0)  # training seconds and images at the last epoch's end
+
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
+        if self.log:
+            epoch = started.step // self.steps_per_epoch + 1
+            self.log.write(json.dumps({"step": started.step, "epoch": epoch,
+                                       "loss": loss, "lr": started.lr}) + "\n")
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        seconds = self.train_seconds - self.timed[0]
+        images = self.train_images - self.timed[1]
+        self.timed = (self.train_seconds, self.train_images)
+        shown = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        if self.main:
+            print(f"epoch {record['epoch']}/{self.epochs}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                  + f"  ({images / max(seconds, 1e-9):,.0f} images/s)", flush=True)
+
+
+def run(args: argparse.Namespace, pipeline: DataPipeline, trainer: Any, batches: Any = None,
+        main: bool = True, accelerated: bool = False) -> None:
+    """Train, validating every epoch, then report the test metrics. ``trainer``: the steps
+    (start_step, evaluate_batch, agree_to_stop); ``batches``: where the training batches
+    come from (default: ``pipeline``); ``main``: whether this process prints and logs (one
+    of several data-parallel processes does); ``accelerated``: whether a GPU trains (then
+    `data.workers: auto` uses the spare cores)."""
     steps_per_epoch = args.steps_per_epoch or pipeline.batches_per_pass
     source = batches or pipeline
     with contextlib.ExitStack() as stack:
@@ -1264,9 +1457,9 @@ def run(args: argparse.Namespace, pipeline: DataPipeline, train_step: Any,
             stack.callback(source.close)
         log = stack.enter_context(open(args.log_steps, "w", encoding="utf-8")) \
             if args.log_steps and main else None
-        train(pipeline, source, train_step, evaluate_batch, args.epochs, steps_per_epoch,
-              log, main)
-    test = evaluate_split(pipeline, "test", evaluate_batch, METRICS, LOSS.classes)
+        ScriptLoop(log, main, pipeline, source, trainer, OPTIMIZER, METRICS, LOSS.classes,
+                   args.epochs, steps_per_epoch, TRAINING.validation_steps).train()
+    test = evaluate_split(pipeline, "test", trainer.evaluate_batch, METRICS, LOSS.classes)
     if main:
         print("test: " + ("  ".join(f"{k} {v:.4f}" for k, v in test.items())
                           or "no test set"))
@@ -1282,51 +1475,9 @@ def main() -> None:
     load_initial_weights(model)
     # the model on the device, the optimizer, training.precision, .channels_last, .compile
     steps = Steps(model, device, SEED, LOSS, OPTIMIZER, TRAINING)
-
-    def train_step(batch: Batch, lr: float, step: int) -> tuple[float, np.ndarray]:
-        value, output = steps.train(batch.x, batch.y, lr, step)
-        return value.item(), output.cpu().numpy()
-
-    def evaluate_batch(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        value, output = steps.evaluate(x, y)
-        return value.item(), output.cpu().numpy()
-
-    run(args, pipeline, train_step, evaluate_batch, accelerated=device.type != "cpu")
+    run(args, pipeline, steps, accelerated=device.type != "cpu")
     if args.save:
         torch.save(model.state_dict(), args.save)
-
-
-def train(pipeline: DataPipeline, batches: Any, train_step: Any, evaluate_batch: Any,
-          epochs: int, steps_per_epoch: int, log: Any, main: bool = True) -> None:
-    """specforge's loop: step s takes batch s of the pass sequence and lr_at(s).
-    ``train_step(batch, lr, step)`` returns the loss and the logits."""
-    step = 0
-    for epoch in range(epochs):
-        tally = Tally(METRICS, LOSS.classes)
-        started, timed = time.perf_counter(), 0
-        for _ in range(steps_per_epoch):
-            batch = batches.train_batch(step)
-            lr = lr_at(OPTIMIZER, step, steps_per_epoch)
-            loss, logits = train_step(batch, lr, step)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch "
-                                       f"{epoch + 1}, learning rate {lr:.3g}); lower the "
-                                       "learning rate or add clip_norm")
-            tally.add(loss, logits, batch.y)
-            if log:
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "loss": loss,
-                                      "lr": lr}) + "\n")
-            step += 1
-            if step == 5:  # images/s leaves out the first steps (allocation, tuning)
-                started, timed = time.perf_counter(), tally.seen
-        rate = (tally.seen - timed) / (time.perf_counter() - started)
-        validation = evaluate_split(pipeline, "validation", evaluate_batch, METRICS,
-                                    LOSS.classes, TRAINING.validation_steps)
-        shown = {**tally.result(), **{f"val_{k}": v for k, v in validation.items()}}
-        if main:
-            print(f"epoch {epoch + 1}/{epochs}: "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                  + f"  ({rate:,.0f} images/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -148,22 +148,28 @@ class StartedStep:
     data_seconds: float
 
 
-class Loop:
-    """The epochs and steps of one run; its state is what a checkpoint must hold."""
+class TrainingLoop:
+    """The steps and epochs of training, as `specforge run` and every exact built script run
+    them (a script copies this class): step s takes batch s of ``batches`` and ``lr_at(s)``;
+    the next step starts before this one's loss is read, so that a GPU computes while the
+    host logs, except across an epoch's end, whose validation needs this step's weights; a
+    loss that is not finite stops training; each epoch's loss and metrics are tallied and
+    the validation split evaluated. What happens after a step, after an epoch and on a stop
+    request is a subclass's (:meth:`step_done`, :meth:`epoch_done`, :meth:`stopped`).
 
-    def __init__(self, program: Program, pipeline: DataPipeline, trainer: Trainer,
-                 folder: RunFolder, options: RunOptions) -> None:
-        self.program, self.pipeline, self.trainer = program, pipeline, trainer
-        self.folder, self.options = folder, options
-        training = program.spec.training
-        self.epochs = training.epochs
-        self.steps_per_epoch = pipeline.steps_per_epoch(training.steps_per_epoch)
-        #: where training batches come from (during :meth:`run`, ahead in data workers)
-        self.batches = trainer.batch_source(pipeline)
-        self.validation_steps = training.validation_steps
-        self.tally = Tally(program.metrics, program.loss.classes)  # this epoch's
-        self.step = 0           # global optimizer steps done
-        self.history: list[dict[str, Any]] = []
+    ``trainer``: ``start_step(x, y, lr)`` starts a step and returns what waits for its loss
+    and logits; ``evaluate_batch(x, y)`` gives a batch's loss and logits; and
+    ``agree_to_stop(wanted)`` whether the data-parallel processes all stop now."""
+
+    def __init__(self, pipeline: DataPipeline, batches: Any, trainer: Any, optimizer: Any,
+                 metrics: Any, classes: int, epochs: int, steps_per_epoch: int,
+                 validation_steps: int | None) -> None:
+        self.pipeline, self.batches, self.trainer = pipeline, batches, trainer
+        self.optimizer, self.metrics, self.classes = optimizer, metrics, classes
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.validation_steps = validation_steps
+        self.tally = Tally(metrics, classes)  # this epoch's
+        self.step = 0  # global optimizer steps done
         self.stop_requested: str | None = None
         #: Time in training steps (batch, forward, backward, update), for images/s.
         self.train_seconds = 0.0
@@ -171,6 +177,100 @@ class Loop:
         self.data_seconds = 0.0  # of it, getting batches
         self.steps_timed = 0
         self.clock = time.perf_counter()  # when the last step finished
+
+    def train(self) -> None:
+        """Train from step :attr:`step` to the last step of the last epoch."""
+        total = self.epochs * self.steps_per_epoch
+        self.clock = time.perf_counter()
+        started: StartedStep | None = None
+        while self.step < total:
+            started = started or self._start(self.step)
+            # Agreed before the next step starts: data-parallel processes must all start
+            # (and so all-reduce) the same steps.
+            stop = self.trainer.agree_to_stop(self.stop_requested is not None)
+            following = None
+            if not stop and (self.step + 1) % self.steps_per_epoch:
+                following = self._start(self.step + 1)
+            self._finish(started)
+            started = following
+            if self.step % self.steps_per_epoch == 0:
+                self._end_epoch()
+            if stop:
+                self.stopped()
+
+    def _start(self, step: int) -> StartedStep:
+        asked = time.perf_counter()
+        batch = self.batches.train_batch(step)
+        data_seconds = time.perf_counter() - asked
+        lr = lr_at(self.optimizer, step, self.steps_per_epoch)
+        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr),
+                           data_seconds)
+
+    def _finish(self, started: StartedStep) -> None:
+        """Wait for a started step's results and count them in the metrics."""
+        loss, logits = started.results()
+        epoch = started.step // self.steps_per_epoch
+        if not math.isfinite(loss):
+            self.step_done(started, loss, 0.0)
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
+                f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
+        self.tally.add(loss, logits, started.labels)
+        self.step += 1
+        # Steps overlap, so a step's time is the time since the last one finished.
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        self.steps_timed += 1
+        if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
+            self.train_seconds += seconds
+            self.train_images += len(started.labels)
+            self.data_seconds += started.data_seconds
+        self.step_done(started, loss, seconds)
+
+    @property
+    def epoch(self) -> int:
+        """The 0-based epoch of the last step done (at an epoch's end: the one ending)."""
+        return max(self.step - 1, 0) // self.steps_per_epoch
+
+    def _end_epoch(self) -> None:
+        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
+                                  **self.tally.result()}
+        validation = self.evaluate("validation")
+        record.update({f"val_{k}": v for k, v in validation.items()})
+        self.tally = Tally(self.metrics, self.classes)  # before a checkpoint saves it
+        self.epoch_done(record)
+        self.clock = time.perf_counter()  # evaluation is not training time
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        limit = self.validation_steps if split == "validation" else None
+        return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch, self.metrics,
+                              self.classes, limit)
+
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
+        """After each step (and before stopping on a loss that is not finite)."""
+
+    def epoch_done(self, record: dict[str, Any]) -> None:
+        """After each epoch: ``record`` holds its loss, metrics and validation results."""
+
+    def stopped(self) -> None:
+        """A stop was asked for (:attr:`stop_requested`) and agreed; the last step is done."""
+        raise KeyboardInterrupt(self.stop_requested)
+
+
+class Loop(TrainingLoop):
+    """The training loop of `specforge run`: a run folder's logs, progress output,
+    checkpoints and resume; its state is what a checkpoint must hold."""
+
+    def __init__(self, program: Program, pipeline: DataPipeline, trainer: Trainer,
+                 folder: RunFolder, options: RunOptions) -> None:
+        training = program.spec.training
+        super().__init__(pipeline, trainer.batch_source(pipeline), trainer, program.optimizer,
+                         program.metrics, program.loss.classes, training.epochs,
+                         pipeline.steps_per_epoch(training.steps_per_epoch),
+                         training.validation_steps)
+        self.program, self.folder, self.options = program, folder, options
+        self.history: list[dict[str, Any]] = []
+        self.progress: Any = None  # while training
 
     # --- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -215,7 +315,8 @@ class Loop:
         source = self.batches
         self.batches = prefetched(source, self.pipeline, total, self.trainer.accelerated)
         try:
-            self._train(total)
+            with self.folder.progress(self.options, total, self.step) as self.progress:
+                self.train()
         finally:
             if isinstance(self.batches, PrefetchedBatches):
                 self.batches.close()  # now: no worker outlives the loop, whatever stopped it
@@ -229,79 +330,18 @@ class Loop:
             save_weights(self.folder.path / "weights.npz", self.trainer.export_weights())
         return test
 
-    def _train(self, total: int) -> None:
-        with self.folder.progress(self.options, total, self.step) as progress:
-            self.clock = time.perf_counter()
-            started: StartedStep | None = None
-            while self.step < total:
-                started = started or self._start(self.step)
-                # Agreed before the next step starts: data-parallel processes must all start
-                # (and so all-reduce) the same steps.
-                stop = self.trainer.agree_to_stop(self.stop_requested is not None)
-                # The next step starts before this one's loss is read, so that a GPU computes
-                # while the host logs; not across an epoch's end, whose evaluation and
-                # checkpoint need this step's weights.
-                following = None
-                if not stop and (self.step + 1) % self.steps_per_epoch:
-                    following = self._start(self.step + 1)
-                self._finish(started, progress)
-                started = following
-                if self.step % self.steps_per_epoch == 0:
-                    self._end_epoch(progress)
-                if stop:
-                    self.stop_requested = self.stop_requested or "another process's signal"
-                    self.checkpoint()
-                    raise Interrupted(f"stopped by {self.stop_requested} after step "
-                                      f"{self.step}; checkpoint written to "
-                                      f"{self.folder.checkpoint}; continue with --resume "
-                                      f"{self.folder.path}")
-
-    def _start(self, step: int) -> StartedStep:
-        asked = time.perf_counter()
-        batch = self.batches.train_batch(step)
-        data_seconds = time.perf_counter() - asked
-        lr = lr_at(self.program.optimizer, step, self.steps_per_epoch)
-        return StartedStep(step, batch.y, lr, self.trainer.start_step(batch.x, batch.y, lr),
-                           data_seconds)
-
-    def _finish(self, started: StartedStep, progress: Any) -> None:
-        """Wait for a started step's results; log them and count them in the metrics."""
-        loss, logits = started.results()
+    def step_done(self, started: StartedStep, loss: float, seconds: float) -> None:
         epoch = started.step // self.steps_per_epoch
-        if not math.isfinite(loss):
-            self.folder.log_step(started.step, epoch, loss, started.lr)
-            raise TrainingDiverged(
-                f"the loss became {loss} at step {started.step} (epoch {epoch + 1}, "
-                f"learning rate {started.lr:.3g}); lower the learning rate or add clip_norm")
-        self.tally.add(loss, logits, started.labels)
         self.folder.log_step(started.step, epoch, loss, started.lr)
-        self.step += 1
-        # Steps overlap, so a step's time is the time since the last one finished.
-        now = time.perf_counter()
-        seconds, self.clock = now - self.clock, now
-        self.steps_timed += 1
-        if self.steps_timed > WARMUP_STEPS:  # first steps allocate and tune: not throughput
-            self.train_seconds += seconds
-            self.train_images += len(started.labels)
-            self.data_seconds += started.data_seconds
-        progress.advance(len(started.labels), seconds, epoch,
-                         self.tally.loss_sum / self.tally.seen, self.tally.metrics,
-                         started.data_seconds)
+        if math.isfinite(loss):
+            self.progress.advance(len(started.labels), seconds, epoch,
+                                  self.tally.loss_sum / self.tally.seen, self.tally.metrics,
+                                  started.data_seconds)
 
-    @property
-    def epoch(self) -> int:
-        """The 0-based epoch of the last step done (at an epoch's end: the one ending)."""
-        return max(self.step - 1, 0) // self.steps_per_epoch
-
-    def _end_epoch(self, progress: Any) -> None:
-        record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step,
-                                  **self.tally.result()}
-        validation = self.evaluate("validation")
-        record.update({f"val_{k}": v for k, v in validation.items()})
+    def epoch_done(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self.tally = Tally(self.program.metrics, self.program.loss.classes)
         self.folder.log_epoch(record, self.history, self.options)
-        progress.epoch_done(record)
+        self.progress.epoch_done(record)
         due = (self.epoch + 1) % self.program.spec.training.checkpoint_every == 0 or \
             self.step == self.epochs * self.steps_per_epoch
         if due:
@@ -310,12 +350,13 @@ class Loop:
             if not due:  # stopped here: as resumable as a run stopped by a signal
                 self.checkpoint()
             raise Pruned(f"stopped after epoch {record['epoch']} (step {self.step})")
-        self.clock = time.perf_counter()  # evaluation is not training time
 
-    def evaluate(self, split: str) -> dict[str, float]:
-        limit = self.validation_steps if split == "validation" else None
-        return evaluate_split(self.pipeline, split, self.trainer.evaluate_batch,
-                              self.program.metrics, self.program.loss.classes, limit)
+    def stopped(self) -> None:
+        self.stop_requested = self.stop_requested or "another process's signal"
+        self.checkpoint()
+        raise Interrupted(f"stopped by {self.stop_requested} after step {self.step}; "
+                          f"checkpoint written to {self.folder.checkpoint}; continue with "
+                          f"--resume {self.folder.path}")
 
 
 def prefetched(source: Any, pipeline: DataPipeline, end: int, accelerated: bool) -> Any:

@@ -50,7 +50,7 @@ def shared(program: Program) -> str:
         *([(augment, ["AugmentParams", "draw_params", "apply_augmentation"])]
           if augmented else []),
         (program_module, ["lr_at"]), (metrics, ["MetricAccumulator"]),
-        (runner, ["Tally", "evaluate_split"]),
+        (runner, ["Tally", "evaluate_split", "TrainingLoop"]),
         *([(prefetch, ["PrefetchedBatches", "resolve_workers"])] if prefetches(program)
           else [])]
     return copied([(m, used(m, names, chosen)) for m, names in roots], chosen)

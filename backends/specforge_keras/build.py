@@ -29,8 +29,7 @@ HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
 PROBE = HERE / "probe.py"  # read by path, as the others: importing it imports keras
 #: What the script's main() calls; the script copies these and what they use.
-HELPERS = ["make_slots", "make_train_step", "keras_train_step", "keras_evaluate",
-           "dropout_layers"]
+HELPERS = ["KerasSteps"]
 RANDOMNESS = HERE / "randomness.py"
 
 

@@ -233,13 +233,7 @@ def dropout_layers(model: Any) -> list[Any]:
     return [layer for layer in model._flatten_layers() if hasattr(layer, "set_key")]
 
 
-def keras_train_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
-                     ) -> tuple[float, np.ndarray]:
-    """Run ``step`` on numpy data; the loss as a float and the output as numpy."""
-    return start_keras_step(step, x, y, lr, t)()
-
-
-def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: int
+def start_keras_step(step: Any, x: np.ndarray, y: np.ndarray, lr: float, t: float
                      ) -> PendingStep:
     """Start ``step`` on numpy data; what it returns waits for the loss (a float) and the
     output (numpy). The frameworks dispatch asynchronously, and their results are new
@@ -257,6 +251,38 @@ def keras_evaluate(model: Any, loss: LossIR, x: np.ndarray, y: np.ndarray
     output = model(ops.convert_to_tensor(x), training=False)
     value = loss_value(loss, output, ops.convert_to_tensor(y))
     return float(ops.convert_to_numpy(value)), np.asarray(ops.convert_to_numpy(output))
+
+
+class KerasSteps:
+    """The training and evaluation steps of a Keras model in one process, with specforge's
+    update rule in keras.ops: what the training loop (:class:`specforge.runner.TrainingLoop`)
+    asks of a trainer. KerasTrainer and the built script both use it."""
+
+    def __init__(self, model: Any, loss: LossIR, opt: OptimizerIR, seed: int) -> None:
+        self.model, self.loss, self.seed = model, loss, seed
+        self.slots = make_slots(opt, list(model.trainable_variables))
+        self.train = make_train_step(model, loss, opt, self.slots)
+        self.dropouts = dropout_layers(model)
+        #: training steps started: the optimizer's step count (t of the next step, less 1)
+        self.step_count = 0
+
+    def next_step(self) -> np.float32:
+        """Count a step and set dropout's keys for it; its t (the first step's is 1)."""
+        for dropout in self.dropouts:  # keys count steps from 0
+            dropout.set_key(self.seed, self.step_count)
+        self.step_count += 1
+        return np.float32(self.step_count)
+
+    def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
+        """Start the next training step; what it returns waits for its loss and logits."""
+        t = self.next_step()
+        return start_keras_step(self.train, x, y, lr, t)
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        return keras_evaluate(self.model, self.loss, x, y)
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        return wanted
 
 
 #: Keras's own variables for several processes (machines): `keras.distribution.initialize`
@@ -307,26 +333,21 @@ class KerasTrainer(Trainer):
             self.processes = jax.process_count()
             self.writes_run_folder = jax.process_index() == 0
         self.model = create_model(program.graph, program.seed, weights)
-        self.slots = make_slots(program.optimizer, list(self.model.trainable_variables))
+        self.steps = KerasSteps(self.model, program.loss, program.optimizer, program.seed)
+        self.slots = self.steps.slots
         from specforge_keras.probe import where_keras_computes  # it imports this module
 
         # asked once the backend is set up (a JAX distribution must be initialised first)
         self.accelerated = where_keras_computes(None).startswith("cuda")
-        self.step_count = 0
-        self._train = make_train_step(self.model, program.loss, program.optimizer, self.slots)
-        self.dropouts = dropout_layers(self.model)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         return self.start_step(x, y, lr)()
 
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
-        for dropout in self.dropouts:  # this step's keys (steps count from 0 there)
-            dropout.set_key(self.program.seed, self.step_count)
-        self.step_count += 1
         if self.parallel is None:
-            return start_keras_step(self._train, x, y, lr, self.step_count)
-        value, output = self._train(self._split(x), self._split(y), np.float32(lr),
-                                    np.float32(self.step_count))
+            return self.steps.start_step(x, y, lr)
+        t = self.steps.next_step()
+        value, output = self.steps.train(self._split(x), self._split(y), np.float32(lr), t)
         # read at once: gathering the output across processes is a collective
         result = float(np.asarray(value)), self._whole(output)
         return lambda: result
@@ -357,7 +378,7 @@ class KerasTrainer(Trainer):
                                               self.parallel.get_data_layout(batch.shape))
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        return keras_evaluate(self.model, self.program.loss, x, y)
+        return self.steps.evaluate_batch(x, y)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         output = self.model(ops.convert_to_tensor(x), training=False)
@@ -374,7 +395,7 @@ class KerasTrainer(Trainer):
     def save_checkpoint(self, path: Path, loop_state: Mapping[str, Any]) -> None:
         if not self.writes_run_folder:  # another process holds the same (replicated) state
             return
-        tag = f"{self.step_count:09d}"
+        tag = f"{self.steps.step_count:09d}"
         weights = path.with_name(f"checkpoint-{tag}.weights.h5")
         state = path.with_name(f"checkpoint-{tag}.state.npz")
         with atomic_path(weights) as tmp:  # named *.weights.h5, as save_weights insists
@@ -385,7 +406,7 @@ class KerasTrainer(Trainer):
         # non-trainable variable here, so that a resumed run draws the same masks.
         arrays.update({f"state_{i}": ops.convert_to_numpy(v)
                        for i, v in enumerate(self.model.non_trainable_variables)})
-        save_arrays(state, {"step_count": np.int64(self.step_count), **arrays})
+        save_arrays(state, {"step_count": np.int64(self.steps.step_count), **arrays})
         # the pointer holds each file's sha256: replaced or damaged files are refused
         pointer = {"weights": weights.name, "state": state.name, "loop": loop_state,
                    "sha256": {name: file_sha256(path.with_name(name))
@@ -420,7 +441,7 @@ class KerasTrainer(Trainer):
                                                 f"weights ({type(exc).__name__}: {exc})") from None
         state = load_arrays(files["state"])
         try:
-            self.step_count = int(state["step_count"])
+            self.steps.step_count = int(state["step_count"])
             for i, group in enumerate(self.slots):
                 for k, s in enumerate(group):
                     s.assign(state[f"slot_{i}_{k}"])

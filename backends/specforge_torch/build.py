@@ -43,13 +43,13 @@ def torch_helpers(program: Program, distributed: bool) -> str:
     chosen = kinds(program)
     steps = ["Steps"] + (["ShardedSteps"] if distributed else [])
     parts: list[tuple[ModuleType | Path, list[str]]] = [
-        (TRAINER, used(TRAINER, steps, chosen)), (TRANSFER, ["to_device"]),
+        (TRAINER, used(TRAINER, steps, chosen)), (TRANSFER, ["to_device", "to_host_later"]),
         (MODEL, ["to_torch_layout"])]
     if distributed:
         parts.append((pipeline, ["shard"]))
         parts.append((DISTRIBUTED, used(DISTRIBUTED, [
             "ranks_from_environment", "join", "leave", "ShardedBatches", "all_sum",
-            "gather_rows"])))
+            "gather_rows", "any_rank"])))
     return copied(parts, chosen)
 
 

@@ -207,8 +207,9 @@ def whole_batch(loss: torch.Tensor, output: torch.Tensor, size: int, ranks: Rank
 
 class Steps:
     """The training and evaluation steps of a model in one process, set up as `training:`
-    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``.
-    TorchTrainer and the built script both use it. Losses and logits stay on the device."""
+    asks (memory format, autocast, torch.compile), with torch's optimizer for ``opt``:
+    what the training loop (:class:`specforge.runner.TrainingLoop`) asks of a trainer.
+    TorchTrainer and the built script both use it."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, seed: int,
                  loss: LossIR, opt: OptimizerIR, training: Any) -> None:
@@ -225,6 +226,8 @@ class Steps:
         mode = compile_mode(training.compile)
         wrapped = self.wrap(self.model)
         self.forward = torch.compile(wrapped, mode=mode) if mode else wrapped
+        #: training steps started: the next one's number (dropout's keys depend on it)
+        self.step_count = 0
 
     def wrap(self, model: torch.nn.Module) -> Any:
         return model
@@ -256,6 +259,18 @@ class Steps:
             output = forward_pass(self.forward, images, self.autocast)
             return loss_value(self.loss, output, labels), output
 
+    def start_step(self, x: Any, y: np.ndarray, lr: float) -> PendingStep:
+        """Start the next training step; what it returns waits for its loss and logits."""
+        step, self.step_count = self.step_count, self.step_count + 1
+        return fetch_later(*self.train(x, y, lr, step))
+
+    def evaluate_batch(self, x: Any, y: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, output = self.evaluate(x, y)
+        return loss.item(), output.cpu().numpy()
+
+    def agree_to_stop(self, wanted: bool) -> bool:
+        return wanted
+
 
 class ShardedSteps(Steps):
     """The steps of one of torchrun's processes, the model wrapped in DDP: each process
@@ -264,6 +279,8 @@ class ShardedSteps(Steps):
 
     def __init__(self, ranks: Ranks, *args: Any) -> None:
         self.ranks = ranks
+        #: the processes' last vote on stopping, not read yet (see agree_to_stop)
+        self.vote: Callable[[], bool] | None = None
         super().__init__(*args)
 
     def wrap(self, model: torch.nn.Module) -> Any:
@@ -297,6 +314,12 @@ class ShardedSteps(Steps):
         value, output = super().evaluate(x[part], y[part])
         return whole_batch(value, output, len(y), self.ranks)
 
+    def agree_to_stop(self, wanted: bool) -> bool:
+        """The answer is the last step's vote, and this step's is sent off: reading it at
+        once would wait for the step queued before it. A stop comes a step later."""
+        last, self.vote = self.vote, any_rank(wanted, self.torch_device)
+        return last is not None and last()
+
     def leave(self) -> None:
         """Drop DDP, then leave the process group with the others (:func:`leave`). A DDP
         left for the interpreter's exit keeps the group alive past its destruction, and its
@@ -327,8 +350,6 @@ class TorchTrainer(Trainer):
         if self.ranks is not None:
             self.torch_device = join(self.ranks, self.torch_device)
             self.writes_run_folder = self.ranks.rank == 0
-        #: the processes' last vote on stopping, not read yet (see agree_to_stop)
-        self.vote: Callable[[], bool] | None = None
         self.device = str(self.torch_device)
         self.accelerated = self.torch_device.type != "cpu"
         if self.torch_device.type == "cuda":
@@ -341,8 +362,6 @@ class TorchTrainer(Trainer):
         self.steps = Steps(*setup) if self.ranks is None else ShardedSteps(self.ranks, *setup)
         self.model: SpecModule = model
         self.params, self.optimizer = self.steps.params, self.steps.optimizer
-        #: training steps started: the next one's number (dropout's keys depend on it)
-        self.step_count = 0
 
     def batch_source(self, pipeline: Any) -> Any:
         from specforge_torch.device_data import DeviceBatches, fits_on_device
@@ -367,25 +386,18 @@ class TorchTrainer(Trainer):
     def start_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> PendingStep:
         """Under torchrun ``x`` is this process's shard (see :class:`ShardedBatches`); the
         loss and logits are the whole batch's, gathered from every process."""
-        step, self.step_count = self.step_count, self.step_count + 1
-        return fetch_later(*self.steps.train(x, y, lr, step))
+        return self.steps.start_step(x, y, lr)
 
     def agree_to_stop(self, wanted: bool) -> bool:
-        """Under DDP the answer is the last step's vote, and this step's is sent off: reading
-        it at once would wait for the step queued before it. A stop comes a step later."""
-        if self.ranks is None:
-            return wanted
-        last, self.vote = self.vote, any_rank(wanted, self.torch_device)
-        return last is not None and last()
+        return self.steps.agree_to_stop(wanted)
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Under torchrun each process evaluates its shard of the batch."""
+        return self.steps.evaluate_batch(x, y)
 
     def close(self) -> None:
         if isinstance(self.steps, ShardedSteps):
             self.steps.leave()
-
-    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """Under torchrun each process evaluates its shard of the batch."""
-        loss, output = self.steps.evaluate(x, y)
-        return loss.item(), output.cpu().numpy()
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -406,7 +418,8 @@ class TorchTrainer(Trainer):
         if self.ranks is not None and self.ranks.rank != 0:
             return  # every process holds the same state; rank 0 writes it
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "steps": self.step_count, "processes": self.ranks.world if self.ranks else 1,
+                 "steps": self.steps.step_count,
+                 "processes": self.ranks.world if self.ranks else 1,
                  "loop": json.dumps(loop_state)}
         state["sha256"] = checkpoint_digest(state)
         with atomic_path(path) as tmp:
@@ -431,7 +444,7 @@ class TorchTrainer(Trainer):
             raise UsageError(f"{path} was written by {saved} process(es); resume it with "
                              f"as many (--nproc-per-node), not {world}")
         loop = state["loop"]
-        self.step_count = int(state.get("steps", loop.get("step", 0)))
+        self.steps.step_count = int(state.get("steps", loop.get("step", 0)))
         return loop
 
 
