@@ -184,47 +184,6 @@ def _data_parallel() -> bool:
         distributed.get_world_size() > 1
 
 
-class Activation(nn.Module):
-    """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
-
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
-                 beta: float = 0.5) -> None:
-        super().__init__()
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return F.leaky_relu(x, self.negative_slope)
-        if fn == "elu":
-            return F.elu(x, self.alpha)
-        if fn == "gelu":
-            return F.gelu(x)
-        if fn == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if fn == "softmax":
-            return torch.softmax(x, dim=1)
-        if fn == "softplus":
-            return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return hard_sigmoid(x, self.alpha, self.beta)
-        return _ELEMENTWISE[fn](x)
-
-
-def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
-    return torch.clamp(alpha * x + beta, 0, 1)
-
-
-_ELEMENTWISE = {
-    "relu": torch.relu, "relu6": F.relu6, "selu": torch.selu, "silu": F.silu,
-    "sigmoid": torch.sigmoid, "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish,
-    "tanh": torch.tanh, "softsign": F.softsign,
-}
-
-
 class Add(nn.Module):
     """Element-wise sum (IR `add`)."""
 
@@ -272,345 +231,270 @@ class Model(nn.Module):
         # 'bn_Conv1': output (112, 112, 32)
         self.bn_Conv1 = BatchNorm(32, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'Conv1_relu': output (112, 112, 32)
-        self.Conv1_relu = Activation('relu6')
+        self.Conv1_relu = nn.ReLU6()
         # 'expanded_conv.depthwise': output (112, 112, 32)
-        self.expanded_conv_depthwise = Conv2d(
-            32, 32, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=32, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.expanded_conv_depthwise = nn.Conv2d(
+            32, 32, (3, 3), stride=(1, 1), padding=(1, 1), groups=32, bias=False,
         )
         # 'expanded_conv.depthwise_BN': output (112, 112, 32)
         self.expanded_conv_depthwise_BN = BatchNorm(
             32, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'expanded_conv.depthwise_relu': output (112, 112, 32)
-        self.expanded_conv_depthwise_relu = Activation('relu6')
+        self.expanded_conv_depthwise_relu = nn.ReLU6()
         # 'expanded_conv.project': output (112, 112, 16)
-        self.expanded_conv_project = Conv2d(
-            32, 16, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.expanded_conv_project = nn.Conv2d(
+            32, 16, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'expanded_conv.project_BN': output (112, 112, 16)
         self.expanded_conv_project_BN = BatchNorm(
             16, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_1.expand': output (112, 112, 96)
-        self.block_1_expand = Conv2d(
-            16, 96, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_1_expand = nn.Conv2d(16, 96, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_1.expand_BN': output (112, 112, 96)
         self.block_1_expand_BN = BatchNorm(96, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_1.expand_relu': output (112, 112, 96)
-        self.block_1_expand_relu = Activation('relu6')
+        self.block_1_expand_relu = nn.ReLU6()
         # 'block_1.pad': output (113, 113, 96)
         self.block_1_pad = Pad2d((0, 1, 0, 1), 'zeros')
         # 'block_1.depthwise': output (56, 56, 96)
-        self.block_1_depthwise = Conv2d(
-            96, 96, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=96, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_1_depthwise = nn.Conv2d(
+            96, 96, (3, 3), stride=(2, 2), padding=(0, 0), groups=96, bias=False,
         )
         # 'block_1.depthwise_BN': output (56, 56, 96)
         self.block_1_depthwise_BN = BatchNorm(
             96, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_1.depthwise_relu': output (56, 56, 96)
-        self.block_1_depthwise_relu = Activation('relu6')
+        self.block_1_depthwise_relu = nn.ReLU6()
         # 'block_1.project': output (56, 56, 24)
-        self.block_1_project = Conv2d(
-            96, 24, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_1_project = nn.Conv2d(96, 24, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_1.project_BN': output (56, 56, 24)
         self.block_1_project_BN = BatchNorm(24, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_2.expand': output (56, 56, 144)
-        self.block_2_expand = Conv2d(
-            24, 144, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_2_expand = nn.Conv2d(24, 144, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_2.expand_BN': output (56, 56, 144)
         self.block_2_expand_BN = BatchNorm(144, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_2.expand_relu': output (56, 56, 144)
-        self.block_2_expand_relu = Activation('relu6')
+        self.block_2_expand_relu = nn.ReLU6()
         # 'block_2.depthwise': output (56, 56, 144)
-        self.block_2_depthwise = Conv2d(
-            144, 144, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=144, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_2_depthwise = nn.Conv2d(
+            144, 144, (3, 3), stride=(1, 1), padding=(1, 1), groups=144, bias=False,
         )
         # 'block_2.depthwise_BN': output (56, 56, 144)
         self.block_2_depthwise_BN = BatchNorm(
             144, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_2.depthwise_relu': output (56, 56, 144)
-        self.block_2_depthwise_relu = Activation('relu6')
+        self.block_2_depthwise_relu = nn.ReLU6()
         # 'block_2.project': output (56, 56, 24)
-        self.block_2_project = Conv2d(
-            144, 24, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_2_project = nn.Conv2d(144, 24, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_2.project_BN': output (56, 56, 24)
         self.block_2_project_BN = BatchNorm(24, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_2.add': output (56, 56, 24)
         self.block_2_add = Add()
         # 'block_3.expand': output (56, 56, 144)
-        self.block_3_expand = Conv2d(
-            24, 144, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_3_expand = nn.Conv2d(24, 144, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_3.expand_BN': output (56, 56, 144)
         self.block_3_expand_BN = BatchNorm(144, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_3.expand_relu': output (56, 56, 144)
-        self.block_3_expand_relu = Activation('relu6')
+        self.block_3_expand_relu = nn.ReLU6()
         # 'block_3.pad': output (57, 57, 144)
         self.block_3_pad = Pad2d((0, 1, 0, 1), 'zeros')
         # 'block_3.depthwise': output (28, 28, 144)
-        self.block_3_depthwise = Conv2d(
-            144, 144, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=144, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_3_depthwise = nn.Conv2d(
+            144, 144, (3, 3), stride=(2, 2), padding=(0, 0), groups=144, bias=False,
         )
         # 'block_3.depthwise_BN': output (28, 28, 144)
         self.block_3_depthwise_BN = BatchNorm(
             144, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_3.depthwise_relu': output (28, 28, 144)
-        self.block_3_depthwise_relu = Activation('relu6')
+        self.block_3_depthwise_relu = nn.ReLU6()
         # 'block_3.project': output (28, 28, 32)
-        self.block_3_project = Conv2d(
-            144, 32, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_3_project = nn.Conv2d(144, 32, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_3.project_BN': output (28, 28, 32)
         self.block_3_project_BN = BatchNorm(32, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_4.expand': output (28, 28, 192)
-        self.block_4_expand = Conv2d(
-            32, 192, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_4_expand = nn.Conv2d(32, 192, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_4.expand_BN': output (28, 28, 192)
         self.block_4_expand_BN = BatchNorm(192, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_4.expand_relu': output (28, 28, 192)
-        self.block_4_expand_relu = Activation('relu6')
+        self.block_4_expand_relu = nn.ReLU6()
         # 'block_4.depthwise': output (28, 28, 192)
-        self.block_4_depthwise = Conv2d(
-            192, 192, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=192, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_4_depthwise = nn.Conv2d(
+            192, 192, (3, 3), stride=(1, 1), padding=(1, 1), groups=192, bias=False,
         )
         # 'block_4.depthwise_BN': output (28, 28, 192)
         self.block_4_depthwise_BN = BatchNorm(
             192, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_4.depthwise_relu': output (28, 28, 192)
-        self.block_4_depthwise_relu = Activation('relu6')
+        self.block_4_depthwise_relu = nn.ReLU6()
         # 'block_4.project': output (28, 28, 32)
-        self.block_4_project = Conv2d(
-            192, 32, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_4_project = nn.Conv2d(192, 32, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_4.project_BN': output (28, 28, 32)
         self.block_4_project_BN = BatchNorm(32, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_4.add': output (28, 28, 32)
         self.block_4_add = Add()
         # 'block_5.expand': output (28, 28, 192)
-        self.block_5_expand = Conv2d(
-            32, 192, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_5_expand = nn.Conv2d(32, 192, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_5.expand_BN': output (28, 28, 192)
         self.block_5_expand_BN = BatchNorm(192, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_5.expand_relu': output (28, 28, 192)
-        self.block_5_expand_relu = Activation('relu6')
+        self.block_5_expand_relu = nn.ReLU6()
         # 'block_5.depthwise': output (28, 28, 192)
-        self.block_5_depthwise = Conv2d(
-            192, 192, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=192, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_5_depthwise = nn.Conv2d(
+            192, 192, (3, 3), stride=(1, 1), padding=(1, 1), groups=192, bias=False,
         )
         # 'block_5.depthwise_BN': output (28, 28, 192)
         self.block_5_depthwise_BN = BatchNorm(
             192, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_5.depthwise_relu': output (28, 28, 192)
-        self.block_5_depthwise_relu = Activation('relu6')
+        self.block_5_depthwise_relu = nn.ReLU6()
         # 'block_5.project': output (28, 28, 32)
-        self.block_5_project = Conv2d(
-            192, 32, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_5_project = nn.Conv2d(192, 32, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_5.project_BN': output (28, 28, 32)
         self.block_5_project_BN = BatchNorm(32, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_5.add': output (28, 28, 32)
         self.block_5_add = Add()
         # 'block_6.expand': output (28, 28, 192)
-        self.block_6_expand = Conv2d(
-            32, 192, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_6_expand = nn.Conv2d(32, 192, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_6.expand_BN': output (28, 28, 192)
         self.block_6_expand_BN = BatchNorm(192, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_6.expand_relu': output (28, 28, 192)
-        self.block_6_expand_relu = Activation('relu6')
+        self.block_6_expand_relu = nn.ReLU6()
         # 'block_6.pad': output (29, 29, 192)
         self.block_6_pad = Pad2d((0, 1, 0, 1), 'zeros')
         # 'block_6.depthwise': output (14, 14, 192)
-        self.block_6_depthwise = Conv2d(
-            192, 192, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=192, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_6_depthwise = nn.Conv2d(
+            192, 192, (3, 3), stride=(2, 2), padding=(0, 0), groups=192, bias=False,
         )
         # 'block_6.depthwise_BN': output (14, 14, 192)
         self.block_6_depthwise_BN = BatchNorm(
             192, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_6.depthwise_relu': output (14, 14, 192)
-        self.block_6_depthwise_relu = Activation('relu6')
+        self.block_6_depthwise_relu = nn.ReLU6()
         # 'block_6.project': output (14, 14, 64)
-        self.block_6_project = Conv2d(
-            192, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_6_project = nn.Conv2d(192, 64, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_6.project_BN': output (14, 14, 64)
         self.block_6_project_BN = BatchNorm(64, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_7.expand': output (14, 14, 384)
-        self.block_7_expand = Conv2d(
-            64, 384, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_7_expand = nn.Conv2d(64, 384, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_7.expand_BN': output (14, 14, 384)
         self.block_7_expand_BN = BatchNorm(384, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_7.expand_relu': output (14, 14, 384)
-        self.block_7_expand_relu = Activation('relu6')
+        self.block_7_expand_relu = nn.ReLU6()
         # 'block_7.depthwise': output (14, 14, 384)
-        self.block_7_depthwise = Conv2d(
-            384, 384, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=384, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_7_depthwise = nn.Conv2d(
+            384, 384, (3, 3), stride=(1, 1), padding=(1, 1), groups=384, bias=False,
         )
         # 'block_7.depthwise_BN': output (14, 14, 384)
         self.block_7_depthwise_BN = BatchNorm(
             384, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_7.depthwise_relu': output (14, 14, 384)
-        self.block_7_depthwise_relu = Activation('relu6')
+        self.block_7_depthwise_relu = nn.ReLU6()
         # 'block_7.project': output (14, 14, 64)
-        self.block_7_project = Conv2d(
-            384, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_7_project = nn.Conv2d(384, 64, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_7.project_BN': output (14, 14, 64)
         self.block_7_project_BN = BatchNorm(64, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_7.add': output (14, 14, 64)
         self.block_7_add = Add()
         # 'block_8.expand': output (14, 14, 384)
-        self.block_8_expand = Conv2d(
-            64, 384, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_8_expand = nn.Conv2d(64, 384, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_8.expand_BN': output (14, 14, 384)
         self.block_8_expand_BN = BatchNorm(384, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_8.expand_relu': output (14, 14, 384)
-        self.block_8_expand_relu = Activation('relu6')
+        self.block_8_expand_relu = nn.ReLU6()
         # 'block_8.depthwise': output (14, 14, 384)
-        self.block_8_depthwise = Conv2d(
-            384, 384, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=384, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_8_depthwise = nn.Conv2d(
+            384, 384, (3, 3), stride=(1, 1), padding=(1, 1), groups=384, bias=False,
         )
         # 'block_8.depthwise_BN': output (14, 14, 384)
         self.block_8_depthwise_BN = BatchNorm(
             384, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_8.depthwise_relu': output (14, 14, 384)
-        self.block_8_depthwise_relu = Activation('relu6')
+        self.block_8_depthwise_relu = nn.ReLU6()
         # 'block_8.project': output (14, 14, 64)
-        self.block_8_project = Conv2d(
-            384, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_8_project = nn.Conv2d(384, 64, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_8.project_BN': output (14, 14, 64)
         self.block_8_project_BN = BatchNorm(64, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_8.add': output (14, 14, 64)
         self.block_8_add = Add()
         # 'block_9.expand': output (14, 14, 384)
-        self.block_9_expand = Conv2d(
-            64, 384, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_9_expand = nn.Conv2d(64, 384, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_9.expand_BN': output (14, 14, 384)
         self.block_9_expand_BN = BatchNorm(384, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_9.expand_relu': output (14, 14, 384)
-        self.block_9_expand_relu = Activation('relu6')
+        self.block_9_expand_relu = nn.ReLU6()
         # 'block_9.depthwise': output (14, 14, 384)
-        self.block_9_depthwise = Conv2d(
-            384, 384, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=384, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_9_depthwise = nn.Conv2d(
+            384, 384, (3, 3), stride=(1, 1), padding=(1, 1), groups=384, bias=False,
         )
         # 'block_9.depthwise_BN': output (14, 14, 384)
         self.block_9_depthwise_BN = BatchNorm(
             384, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_9.depthwise_relu': output (14, 14, 384)
-        self.block_9_depthwise_relu = Activation('relu6')
+        self.block_9_depthwise_relu = nn.ReLU6()
         # 'block_9.project': output (14, 14, 64)
-        self.block_9_project = Conv2d(
-            384, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_9_project = nn.Conv2d(384, 64, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_9.project_BN': output (14, 14, 64)
         self.block_9_project_BN = BatchNorm(64, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'block_9.add': output (14, 14, 64)
         self.block_9_add = Add()
         # 'block_10.expand': output (14, 14, 384)
-        self.block_10_expand = Conv2d(
-            64, 384, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_10_expand = nn.Conv2d(64, 384, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_10.expand_BN': output (14, 14, 384)
         self.block_10_expand_BN = BatchNorm(
             384, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_10.expand_relu': output (14, 14, 384)
-        self.block_10_expand_relu = Activation('relu6')
+        self.block_10_expand_relu = nn.ReLU6()
         # 'block_10.depthwise': output (14, 14, 384)
-        self.block_10_depthwise = Conv2d(
-            384, 384, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=384, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_10_depthwise = nn.Conv2d(
+            384, 384, (3, 3), stride=(1, 1), padding=(1, 1), groups=384, bias=False,
         )
         # 'block_10.depthwise_BN': output (14, 14, 384)
         self.block_10_depthwise_BN = BatchNorm(
             384, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_10.depthwise_relu': output (14, 14, 384)
-        self.block_10_depthwise_relu = Activation('relu6')
+        self.block_10_depthwise_relu = nn.ReLU6()
         # 'block_10.project': output (14, 14, 96)
-        self.block_10_project = Conv2d(
-            384, 96, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_10_project = nn.Conv2d(
+            384, 96, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_10.project_BN': output (14, 14, 96)
         self.block_10_project_BN = BatchNorm(
             96, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_11.expand': output (14, 14, 576)
-        self.block_11_expand = Conv2d(
-            96, 576, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_11_expand = nn.Conv2d(96, 576, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_11.expand_BN': output (14, 14, 576)
         self.block_11_expand_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_11.expand_relu': output (14, 14, 576)
-        self.block_11_expand_relu = Activation('relu6')
+        self.block_11_expand_relu = nn.ReLU6()
         # 'block_11.depthwise': output (14, 14, 576)
-        self.block_11_depthwise = Conv2d(
-            576, 576, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=576, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_11_depthwise = nn.Conv2d(
+            576, 576, (3, 3), stride=(1, 1), padding=(1, 1), groups=576, bias=False,
         )
         # 'block_11.depthwise_BN': output (14, 14, 576)
         self.block_11_depthwise_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_11.depthwise_relu': output (14, 14, 576)
-        self.block_11_depthwise_relu = Activation('relu6')
+        self.block_11_depthwise_relu = nn.ReLU6()
         # 'block_11.project': output (14, 14, 96)
-        self.block_11_project = Conv2d(
-            576, 96, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_11_project = nn.Conv2d(
+            576, 96, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_11.project_BN': output (14, 14, 96)
         self.block_11_project_BN = BatchNorm(
@@ -619,31 +503,26 @@ class Model(nn.Module):
         # 'block_11.add': output (14, 14, 96)
         self.block_11_add = Add()
         # 'block_12.expand': output (14, 14, 576)
-        self.block_12_expand = Conv2d(
-            96, 576, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_12_expand = nn.Conv2d(96, 576, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_12.expand_BN': output (14, 14, 576)
         self.block_12_expand_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_12.expand_relu': output (14, 14, 576)
-        self.block_12_expand_relu = Activation('relu6')
+        self.block_12_expand_relu = nn.ReLU6()
         # 'block_12.depthwise': output (14, 14, 576)
-        self.block_12_depthwise = Conv2d(
-            576, 576, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=576, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_12_depthwise = nn.Conv2d(
+            576, 576, (3, 3), stride=(1, 1), padding=(1, 1), groups=576, bias=False,
         )
         # 'block_12.depthwise_BN': output (14, 14, 576)
         self.block_12_depthwise_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_12.depthwise_relu': output (14, 14, 576)
-        self.block_12_depthwise_relu = Activation('relu6')
+        self.block_12_depthwise_relu = nn.ReLU6()
         # 'block_12.project': output (14, 14, 96)
-        self.block_12_project = Conv2d(
-            576, 96, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_12_project = nn.Conv2d(
+            576, 96, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_12.project_BN': output (14, 14, 96)
         self.block_12_project_BN = BatchNorm(
@@ -652,64 +531,56 @@ class Model(nn.Module):
         # 'block_12.add': output (14, 14, 96)
         self.block_12_add = Add()
         # 'block_13.expand': output (14, 14, 576)
-        self.block_13_expand = Conv2d(
-            96, 576, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.block_13_expand = nn.Conv2d(96, 576, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'block_13.expand_BN': output (14, 14, 576)
         self.block_13_expand_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_13.expand_relu': output (14, 14, 576)
-        self.block_13_expand_relu = Activation('relu6')
+        self.block_13_expand_relu = nn.ReLU6()
         # 'block_13.pad': output (15, 15, 576)
         self.block_13_pad = Pad2d((0, 1, 0, 1), 'zeros')
         # 'block_13.depthwise': output (7, 7, 576)
-        self.block_13_depthwise = Conv2d(
-            576, 576, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=576, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_13_depthwise = nn.Conv2d(
+            576, 576, (3, 3), stride=(2, 2), padding=(0, 0), groups=576, bias=False,
         )
         # 'block_13.depthwise_BN': output (7, 7, 576)
         self.block_13_depthwise_BN = BatchNorm(
             576, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_13.depthwise_relu': output (7, 7, 576)
-        self.block_13_depthwise_relu = Activation('relu6')
+        self.block_13_depthwise_relu = nn.ReLU6()
         # 'block_13.project': output (7, 7, 160)
-        self.block_13_project = Conv2d(
-            576, 160, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_13_project = nn.Conv2d(
+            576, 160, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_13.project_BN': output (7, 7, 160)
         self.block_13_project_BN = BatchNorm(
             160, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_14.expand': output (7, 7, 960)
-        self.block_14_expand = Conv2d(
-            160, 960, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_14_expand = nn.Conv2d(
+            160, 960, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_14.expand_BN': output (7, 7, 960)
         self.block_14_expand_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_14.expand_relu': output (7, 7, 960)
-        self.block_14_expand_relu = Activation('relu6')
+        self.block_14_expand_relu = nn.ReLU6()
         # 'block_14.depthwise': output (7, 7, 960)
-        self.block_14_depthwise = Conv2d(
-            960, 960, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=960, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_14_depthwise = nn.Conv2d(
+            960, 960, (3, 3), stride=(1, 1), padding=(1, 1), groups=960, bias=False,
         )
         # 'block_14.depthwise_BN': output (7, 7, 960)
         self.block_14_depthwise_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_14.depthwise_relu': output (7, 7, 960)
-        self.block_14_depthwise_relu = Activation('relu6')
+        self.block_14_depthwise_relu = nn.ReLU6()
         # 'block_14.project': output (7, 7, 160)
-        self.block_14_project = Conv2d(
-            960, 160, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_14_project = nn.Conv2d(
+            960, 160, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_14.project_BN': output (7, 7, 160)
         self.block_14_project_BN = BatchNorm(
@@ -718,31 +589,28 @@ class Model(nn.Module):
         # 'block_14.add': output (7, 7, 160)
         self.block_14_add = Add()
         # 'block_15.expand': output (7, 7, 960)
-        self.block_15_expand = Conv2d(
-            160, 960, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_15_expand = nn.Conv2d(
+            160, 960, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_15.expand_BN': output (7, 7, 960)
         self.block_15_expand_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_15.expand_relu': output (7, 7, 960)
-        self.block_15_expand_relu = Activation('relu6')
+        self.block_15_expand_relu = nn.ReLU6()
         # 'block_15.depthwise': output (7, 7, 960)
-        self.block_15_depthwise = Conv2d(
-            960, 960, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=960, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_15_depthwise = nn.Conv2d(
+            960, 960, (3, 3), stride=(1, 1), padding=(1, 1), groups=960, bias=False,
         )
         # 'block_15.depthwise_BN': output (7, 7, 960)
         self.block_15_depthwise_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_15.depthwise_relu': output (7, 7, 960)
-        self.block_15_depthwise_relu = Activation('relu6')
+        self.block_15_depthwise_relu = nn.ReLU6()
         # 'block_15.project': output (7, 7, 160)
-        self.block_15_project = Conv2d(
-            960, 160, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_15_project = nn.Conv2d(
+            960, 160, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_15.project_BN': output (7, 7, 160)
         self.block_15_project_BN = BatchNorm(
@@ -751,45 +619,39 @@ class Model(nn.Module):
         # 'block_15.add': output (7, 7, 160)
         self.block_15_add = Add()
         # 'block_16.expand': output (7, 7, 960)
-        self.block_16_expand = Conv2d(
-            160, 960, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_16_expand = nn.Conv2d(
+            160, 960, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_16.expand_BN': output (7, 7, 960)
         self.block_16_expand_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_16.expand_relu': output (7, 7, 960)
-        self.block_16_expand_relu = Activation('relu6')
+        self.block_16_expand_relu = nn.ReLU6()
         # 'block_16.depthwise': output (7, 7, 960)
-        self.block_16_depthwise = Conv2d(
-            960, 960, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=960, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
+        self.block_16_depthwise = nn.Conv2d(
+            960, 960, (3, 3), stride=(1, 1), padding=(1, 1), groups=960, bias=False,
         )
         # 'block_16.depthwise_BN': output (7, 7, 960)
         self.block_16_depthwise_BN = BatchNorm(
             960, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'block_16.depthwise_relu': output (7, 7, 960)
-        self.block_16_depthwise_relu = Activation('relu6')
+        self.block_16_depthwise_relu = nn.ReLU6()
         # 'block_16.project': output (7, 7, 320)
-        self.block_16_project = Conv2d(
-            960, 320, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.block_16_project = nn.Conv2d(
+            960, 320, (1, 1), stride=(1, 1), padding=(0, 0), bias=False,
         )
         # 'block_16.project_BN': output (7, 7, 320)
         self.block_16_project_BN = BatchNorm(
             320, decay=0.999, epsilon=0.001, scale=True, center=True,
         )
         # 'Conv_1': output (7, 7, 1280)
-        self.Conv_1 = Conv2d(
-            320, 1280, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
-        )
+        self.Conv_1 = nn.Conv2d(320, 1280, (1, 1), stride=(1, 1), padding=(0, 0), bias=False)
         # 'Conv_1_bn': output (7, 7, 1280)
         self.Conv_1_bn = BatchNorm(1280, decay=0.999, epsilon=0.001, scale=True, center=True)
         # 'out_relu': output (7, 7, 1280)
-        self.out_relu = Activation('relu6')
+        self.out_relu = nn.ReLU6()
         # 'global_average_pooling2d': output (1280,)
         self.global_average_pooling2d = GlobalPool('avg')
         # 'predictions': output (1000,)

@@ -107,26 +107,6 @@ def pad_nchw(
     return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
 
 
-class Conv2d(nn.Conv2d):
-    """Conv2d with explicit per-side pads and pad mode (IR `conv2d`)."""
-
-    def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
-                 strides: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool,
-                 pad_value: float = 0.0) -> None:
-        top, bottom, left, right = pads
-        # torch pads symmetrically with zeros by itself; anything else is padded first
-        self.symmetric = pad_mode == "zeros" and top == bottom and left == right
-        super().__init__(in_channels, filters, kernel, strides,
-                         (top, left) if self.symmetric else 0, dilation, groups, bias)
-        self.pads, self.pad_mode, self.pad_value = pads, pad_mode, pad_value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.symmetric:
-            x = pad_nchw(x, self.pads, self.pad_mode, self.pad_value)
-        return super().forward(x)
-
-
 class Pool2d(nn.Module):
     """What both pools share: the window, the pads and the cells ceil_mode adds
     (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
@@ -251,47 +231,6 @@ def _data_parallel() -> bool:
         distributed.get_world_size() > 1
 
 
-class Activation(nn.Module):
-    """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
-
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
-                 beta: float = 0.5) -> None:
-        super().__init__()
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return F.leaky_relu(x, self.negative_slope)
-        if fn == "elu":
-            return F.elu(x, self.alpha)
-        if fn == "gelu":
-            return F.gelu(x)
-        if fn == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if fn == "softmax":
-            return torch.softmax(x, dim=1)
-        if fn == "softplus":
-            return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return hard_sigmoid(x, self.alpha, self.beta)
-        return _ELEMENTWISE[fn](x)
-
-
-def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
-    return torch.clamp(alpha * x + beta, 0, 1)
-
-
-_ELEMENTWISE = {
-    "relu": torch.relu, "relu6": F.relu6, "selu": torch.selu, "silu": F.silu,
-    "sigmoid": torch.sigmoid, "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish,
-    "tanh": torch.tanh, "softsign": F.softsign,
-}
-
-
 class Add(nn.Module):
     """Element-wise sum (IR `add`)."""
 
@@ -320,76 +259,54 @@ class Model(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         # 'conv1': output (112, 112, 64)
-        self.conv1 = Conv2d(
-            3, 64, kernel=(7, 7), strides=(2, 2), dilation=(1, 1), groups=1, pads=(3, 3, 3, 3),
-            pad_mode='zeros', bias=False,
-        )
+        self.conv1 = nn.Conv2d(3, 64, (7, 7), stride=(2, 2), padding=(3, 3), bias=False)
         # 'bn1': output (112, 112, 64)
         self.bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'relu': output (112, 112, 64)
-        self.relu = Activation('relu')
+        self.relu = nn.ReLU()
         # 'maxpool': output (56, 56, 64)
         self.maxpool = MaxPool2d(pool=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1))
         # 'layer1.0.conv1': output (56, 56, 64)
-        self.layer1_0_conv1 = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer1_0_conv1 = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer1.0.bn1': output (56, 56, 64)
         self.layer1_0_bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer1.0.relu1': output (56, 56, 64)
-        self.layer1_0_relu1 = Activation('relu')
+        self.layer1_0_relu1 = nn.ReLU()
         # 'layer1.0.conv2': output (56, 56, 64)
-        self.layer1_0_conv2 = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer1_0_conv2 = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer1.0.bn2': output (56, 56, 64)
         self.layer1_0_bn2 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer1.0.add': output (56, 56, 64)
         self.layer1_0_add = Add()
         # 'layer1.0.relu2': output (56, 56, 64)
-        self.layer1_0_relu2 = Activation('relu')
+        self.layer1_0_relu2 = nn.ReLU()
         # 'layer1.1.conv1': output (56, 56, 64)
-        self.layer1_1_conv1 = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer1_1_conv1 = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer1.1.bn1': output (56, 56, 64)
         self.layer1_1_bn1 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer1.1.relu1': output (56, 56, 64)
-        self.layer1_1_relu1 = Activation('relu')
+        self.layer1_1_relu1 = nn.ReLU()
         # 'layer1.1.conv2': output (56, 56, 64)
-        self.layer1_1_conv2 = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer1_1_conv2 = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer1.1.bn2': output (56, 56, 64)
         self.layer1_1_bn2 = BatchNorm(64, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer1.1.add': output (56, 56, 64)
         self.layer1_1_add = Add()
         # 'layer1.1.relu2': output (56, 56, 64)
-        self.layer1_1_relu2 = Activation('relu')
+        self.layer1_1_relu2 = nn.ReLU()
         # 'layer2_0.conv1': output (28, 28, 128)
-        self.layer2_0_conv1 = Conv2d(
-            64, 128, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer2_0_conv1 = nn.Conv2d(64, 128, (3, 3), stride=(2, 2), padding=(1, 1), bias=False)
         # 'layer2_0.bn1': output (28, 28, 128)
         self.layer2_0_bn1 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer2_0.relu1': output (28, 28, 128)
-        self.layer2_0_relu1 = Activation('relu')
+        self.layer2_0_relu1 = nn.ReLU()
         # 'layer2_0.conv2': output (28, 28, 128)
-        self.layer2_0_conv2 = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer2_0_conv2 = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer2_0.bn2': output (28, 28, 128)
         self.layer2_0_bn2 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer2_0.downsample': output (28, 28, 128)
-        self.layer2_0_downsample = Conv2d(
-            64, 128, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.layer2_0_downsample = nn.Conv2d(
+            64, 128, (1, 1), stride=(2, 2), padding=(0, 0), bias=False,
         )
         # 'layer2_0.downsample_bn': output (28, 28, 128)
         self.layer2_0_downsample_bn = BatchNorm(
@@ -398,47 +315,34 @@ class Model(nn.Module):
         # 'layer2_0.add': output (28, 28, 128)
         self.layer2_0_add = Add()
         # 'layer2_0.relu2': output (28, 28, 128)
-        self.layer2_0_relu2 = Activation('relu')
+        self.layer2_0_relu2 = nn.ReLU()
         # 'layer2_1.conv1': output (28, 28, 128)
-        self.layer2_1_conv1 = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer2_1_conv1 = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer2_1.bn1': output (28, 28, 128)
         self.layer2_1_bn1 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer2_1.relu1': output (28, 28, 128)
-        self.layer2_1_relu1 = Activation('relu')
+        self.layer2_1_relu1 = nn.ReLU()
         # 'layer2_1.conv2': output (28, 28, 128)
-        self.layer2_1_conv2 = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer2_1_conv2 = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer2_1.bn2': output (28, 28, 128)
         self.layer2_1_bn2 = BatchNorm(128, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer2_1.add': output (28, 28, 128)
         self.layer2_1_add = Add()
         # 'layer2_1.relu2': output (28, 28, 128)
-        self.layer2_1_relu2 = Activation('relu')
+        self.layer2_1_relu2 = nn.ReLU()
         # 'layer3_0.conv1': output (14, 14, 256)
-        self.layer3_0_conv1 = Conv2d(
-            128, 256, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer3_0_conv1 = nn.Conv2d(128, 256, (3, 3), stride=(2, 2), padding=(1, 1), bias=False)
         # 'layer3_0.bn1': output (14, 14, 256)
         self.layer3_0_bn1 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer3_0.relu1': output (14, 14, 256)
-        self.layer3_0_relu1 = Activation('relu')
+        self.layer3_0_relu1 = nn.ReLU()
         # 'layer3_0.conv2': output (14, 14, 256)
-        self.layer3_0_conv2 = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer3_0_conv2 = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer3_0.bn2': output (14, 14, 256)
         self.layer3_0_bn2 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer3_0.downsample': output (14, 14, 256)
-        self.layer3_0_downsample = Conv2d(
-            128, 256, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.layer3_0_downsample = nn.Conv2d(
+            128, 256, (1, 1), stride=(2, 2), padding=(0, 0), bias=False,
         )
         # 'layer3_0.downsample_bn': output (14, 14, 256)
         self.layer3_0_downsample_bn = BatchNorm(
@@ -447,47 +351,34 @@ class Model(nn.Module):
         # 'layer3_0.add': output (14, 14, 256)
         self.layer3_0_add = Add()
         # 'layer3_0.relu2': output (14, 14, 256)
-        self.layer3_0_relu2 = Activation('relu')
+        self.layer3_0_relu2 = nn.ReLU()
         # 'layer3_1.conv1': output (14, 14, 256)
-        self.layer3_1_conv1 = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer3_1_conv1 = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer3_1.bn1': output (14, 14, 256)
         self.layer3_1_bn1 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer3_1.relu1': output (14, 14, 256)
-        self.layer3_1_relu1 = Activation('relu')
+        self.layer3_1_relu1 = nn.ReLU()
         # 'layer3_1.conv2': output (14, 14, 256)
-        self.layer3_1_conv2 = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer3_1_conv2 = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer3_1.bn2': output (14, 14, 256)
         self.layer3_1_bn2 = BatchNorm(256, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer3_1.add': output (14, 14, 256)
         self.layer3_1_add = Add()
         # 'layer3_1.relu2': output (14, 14, 256)
-        self.layer3_1_relu2 = Activation('relu')
+        self.layer3_1_relu2 = nn.ReLU()
         # 'layer4_0.conv1': output (7, 7, 512)
-        self.layer4_0_conv1 = Conv2d(
-            256, 512, kernel=(3, 3), strides=(2, 2), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer4_0_conv1 = nn.Conv2d(256, 512, (3, 3), stride=(2, 2), padding=(1, 1), bias=False)
         # 'layer4_0.bn1': output (7, 7, 512)
         self.layer4_0_bn1 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer4_0.relu1': output (7, 7, 512)
-        self.layer4_0_relu1 = Activation('relu')
+        self.layer4_0_relu1 = nn.ReLU()
         # 'layer4_0.conv2': output (7, 7, 512)
-        self.layer4_0_conv2 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer4_0_conv2 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer4_0.bn2': output (7, 7, 512)
         self.layer4_0_bn2 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer4_0.downsample': output (7, 7, 512)
-        self.layer4_0_downsample = Conv2d(
-            256, 512, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=False,
+        self.layer4_0_downsample = nn.Conv2d(
+            256, 512, (1, 1), stride=(2, 2), padding=(0, 0), bias=False,
         )
         # 'layer4_0.downsample_bn': output (7, 7, 512)
         self.layer4_0_downsample_bn = BatchNorm(
@@ -496,27 +387,21 @@ class Model(nn.Module):
         # 'layer4_0.add': output (7, 7, 512)
         self.layer4_0_add = Add()
         # 'layer4_0.relu2': output (7, 7, 512)
-        self.layer4_0_relu2 = Activation('relu')
+        self.layer4_0_relu2 = nn.ReLU()
         # 'layer4_1.conv1': output (7, 7, 512)
-        self.layer4_1_conv1 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer4_1_conv1 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer4_1.bn1': output (7, 7, 512)
         self.layer4_1_bn1 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer4_1.relu1': output (7, 7, 512)
-        self.layer4_1_relu1 = Activation('relu')
+        self.layer4_1_relu1 = nn.ReLU()
         # 'layer4_1.conv2': output (7, 7, 512)
-        self.layer4_1_conv2 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=False,
-        )
+        self.layer4_1_conv2 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1), bias=False)
         # 'layer4_1.bn2': output (7, 7, 512)
         self.layer4_1_bn2 = BatchNorm(512, decay=0.9, epsilon=1e-05, scale=True, center=True)
         # 'layer4_1.add': output (7, 7, 512)
         self.layer4_1_add = Add()
         # 'layer4_1.relu2': output (7, 7, 512)
-        self.layer4_1_relu2 = Activation('relu')
+        self.layer4_1_relu2 = nn.ReLU()
         # 'avgpool': output (512,)
         self.avgpool = GlobalPool('avg')
         # 'fc': output (1000,)

@@ -107,93 +107,6 @@ def pad_nchw(
     return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
 
 
-class Conv2d(nn.Conv2d):
-    """Conv2d with explicit per-side pads and pad mode (IR `conv2d`)."""
-
-    def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
-                 strides: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool,
-                 pad_value: float = 0.0) -> None:
-        top, bottom, left, right = pads
-        # torch pads symmetrically with zeros by itself; anything else is padded first
-        self.symmetric = pad_mode == "zeros" and top == bottom and left == right
-        super().__init__(in_channels, filters, kernel, strides,
-                         (top, left) if self.symmetric else 0, dilation, groups, bias)
-        self.pads, self.pad_mode, self.pad_value = pads, pad_mode, pad_value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.symmetric:
-            x = pad_nchw(x, self.pads, self.pad_mode, self.pad_value)
-        return super().forward(x)
-
-
-class Pool2d(nn.Module):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(
-        self,
-        pool: tuple[int, int],
-        strides: tuple[int, int],
-        pads: tuple[int, int, int, int],
-        dilation: tuple[int, int] = (1, 1),
-        extra: tuple[int, int] = (0, 0),
-    ) -> None:
-        super().__init__()
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x: torch.Tensor, value: float, beyond: float) -> torch.Tensor:
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nchw(x, self.pads, "zeros", value)
-        return pad_nchw(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def window_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over each (dilated) window of an already padded input."""
-        if self.dilation == (1, 1):
-            return F.avg_pool2d(x, self.pool, self.strides, divisor_override=1)
-        cells = self.cells(x)
-        return sum(cells[1:], cells[0])
-
-    def cells(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """One strided slice per window cell: cell (a, b) of every window at once."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[
-                :,
-                :,
-                a * dh : a * dh + (oh - 1) * sh + 1 : sh,
-                b * dw : b * dw + (ow - 1) * sw + 1 : sw,
-            ]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2d(Pool2d):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self,
-        pool: tuple[int, int],
-        strides: tuple[int, int],
-        pads: tuple[int, int, int, int],
-        dilation: tuple[int, int] = (1, 1),
-        extra: tuple[int, int] = (0, 0),
-        pad_value: float | None = None,
-    ) -> None:
-        super().__init__(pool, strides, pads, dilation, extra)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.padded(x, self.pad_value, float("-inf"))
-        return F.max_pool2d(x, self.pool, self.strides, dilation=self.dilation)
-
-
 class BatchNorm(nn.Module):
     """running = decay * running + (1 - decay) * batch statistic; unbiased running variance
     (IR `batch_norm`). torch's momentum is the weight of the new value: 1 - decay."""
@@ -251,47 +164,6 @@ def _data_parallel() -> bool:
         distributed.get_world_size() > 1
 
 
-class Activation(nn.Module):
-    """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
-
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
-                 beta: float = 0.5) -> None:
-        super().__init__()
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return F.leaky_relu(x, self.negative_slope)
-        if fn == "elu":
-            return F.elu(x, self.alpha)
-        if fn == "gelu":
-            return F.gelu(x)
-        if fn == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if fn == "softmax":
-            return torch.softmax(x, dim=1)
-        if fn == "softplus":
-            return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return hard_sigmoid(x, self.alpha, self.beta)
-        return _ELEMENTWISE[fn](x)
-
-
-def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
-    return torch.clamp(alpha * x + beta, 0, 1)
-
-
-_ELEMENTWISE = {
-    "relu": torch.relu, "relu6": F.relu6, "selu": torch.selu, "silu": F.silu,
-    "sigmoid": torch.sigmoid, "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish,
-    "tanh": torch.tanh, "softsign": F.softsign,
-}
-
-
 class Add(nn.Module):
     """Element-wise sum (IR `add`)."""
 
@@ -334,54 +206,39 @@ class Model(nn.Module):
         # 'conv1_pad': output (230, 230, 3)
         self.conv1_pad = Pad2d((3, 3, 3, 3), 'zeros')
         # 'conv1_conv': output (112, 112, 64)
-        self.conv1_conv = Conv2d(
-            3, 64, kernel=(7, 7), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv1_conv = nn.Conv2d(3, 64, (7, 7), stride=(2, 2), padding=(0, 0))
         # 'conv1_bn': output (112, 112, 64)
         self.conv1_bn = BatchNorm(64, decay=0.99, epsilon=1.001e-05, scale=True, center=True)
         # 'conv1_relu': output (112, 112, 64)
-        self.conv1_relu = Activation('relu')
+        self.conv1_relu = nn.ReLU()
         # 'pool1_pad': output (114, 114, 64)
         self.pool1_pad = Pad2d((1, 1, 1, 1), 'zeros')
         # 'pool1_pool': output (56, 56, 64)
-        self.pool1_pool = MaxPool2d(pool=(3, 3), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.pool1_pool = nn.MaxPool2d((3, 3), stride=(2, 2))
         # 'conv2_block1.c0_conv': output (56, 56, 256)
-        self.conv2_block1_c0_conv = Conv2d(
-            64, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block1_c0_conv = nn.Conv2d(64, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block1.c0_bn': output (56, 56, 256)
         self.conv2_block1_c0_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block1.c1_conv': output (56, 56, 64)
-        self.conv2_block1_c1_conv = Conv2d(
-            64, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block1_c1_conv = nn.Conv2d(64, 64, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block1.c1_bn': output (56, 56, 64)
         self.conv2_block1_c1_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block1.c1_relu': output (56, 56, 64)
-        self.conv2_block1_c1_relu = Activation('relu')
+        self.conv2_block1_c1_relu = nn.ReLU()
         # 'conv2_block1.c2_conv': output (56, 56, 64)
-        self.conv2_block1_c2_conv = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block1_c2_conv = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv2_block1.c2_bn': output (56, 56, 64)
         self.conv2_block1_c2_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block1.c2_relu': output (56, 56, 64)
-        self.conv2_block1_c2_relu = Activation('relu')
+        self.conv2_block1_c2_relu = nn.ReLU()
         # 'conv2_block1.c3_conv': output (56, 56, 256)
-        self.conv2_block1_c3_conv = Conv2d(
-            64, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block1_c3_conv = nn.Conv2d(64, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block1.c3_bn': output (56, 56, 256)
         self.conv2_block1_c3_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -389,34 +246,25 @@ class Model(nn.Module):
         # 'conv2_block1.add': output (56, 56, 256)
         self.conv2_block1_add = Add()
         # 'conv2_block1.out': output (56, 56, 256)
-        self.conv2_block1_out = Activation('relu')
+        self.conv2_block1_out = nn.ReLU()
         # 'conv2_block2.c1_conv': output (56, 56, 64)
-        self.conv2_block2_c1_conv = Conv2d(
-            256, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block2_c1_conv = nn.Conv2d(256, 64, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block2.c1_bn': output (56, 56, 64)
         self.conv2_block2_c1_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block2.c1_relu': output (56, 56, 64)
-        self.conv2_block2_c1_relu = Activation('relu')
+        self.conv2_block2_c1_relu = nn.ReLU()
         # 'conv2_block2.c2_conv': output (56, 56, 64)
-        self.conv2_block2_c2_conv = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block2_c2_conv = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv2_block2.c2_bn': output (56, 56, 64)
         self.conv2_block2_c2_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block2.c2_relu': output (56, 56, 64)
-        self.conv2_block2_c2_relu = Activation('relu')
+        self.conv2_block2_c2_relu = nn.ReLU()
         # 'conv2_block2.c3_conv': output (56, 56, 256)
-        self.conv2_block2_c3_conv = Conv2d(
-            64, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block2_c3_conv = nn.Conv2d(64, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block2.c3_bn': output (56, 56, 256)
         self.conv2_block2_c3_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -424,34 +272,25 @@ class Model(nn.Module):
         # 'conv2_block2.add': output (56, 56, 256)
         self.conv2_block2_add = Add()
         # 'conv2_block2.out': output (56, 56, 256)
-        self.conv2_block2_out = Activation('relu')
+        self.conv2_block2_out = nn.ReLU()
         # 'conv2_block3.c1_conv': output (56, 56, 64)
-        self.conv2_block3_c1_conv = Conv2d(
-            256, 64, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block3_c1_conv = nn.Conv2d(256, 64, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block3.c1_bn': output (56, 56, 64)
         self.conv2_block3_c1_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block3.c1_relu': output (56, 56, 64)
-        self.conv2_block3_c1_relu = Activation('relu')
+        self.conv2_block3_c1_relu = nn.ReLU()
         # 'conv2_block3.c2_conv': output (56, 56, 64)
-        self.conv2_block3_c2_conv = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block3_c2_conv = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv2_block3.c2_bn': output (56, 56, 64)
         self.conv2_block3_c2_bn = BatchNorm(
             64, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv2_block3.c2_relu': output (56, 56, 64)
-        self.conv2_block3_c2_relu = Activation('relu')
+        self.conv2_block3_c2_relu = nn.ReLU()
         # 'conv2_block3.c3_conv': output (56, 56, 256)
-        self.conv2_block3_c3_conv = Conv2d(
-            64, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv2_block3_c3_conv = nn.Conv2d(64, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv2_block3.c3_bn': output (56, 56, 256)
         self.conv2_block3_c3_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -459,43 +298,31 @@ class Model(nn.Module):
         # 'conv2_block3.add': output (56, 56, 256)
         self.conv2_block3_add = Add()
         # 'conv2_block3.out': output (56, 56, 256)
-        self.conv2_block3_out = Activation('relu')
+        self.conv2_block3_out = nn.ReLU()
         # 'conv3_block1.c0_conv': output (28, 28, 512)
-        self.conv3_block1_c0_conv = Conv2d(
-            256, 512, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block1_c0_conv = nn.Conv2d(256, 512, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv3_block1.c0_bn': output (28, 28, 512)
         self.conv3_block1_c0_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block1.c1_conv': output (28, 28, 128)
-        self.conv3_block1_c1_conv = Conv2d(
-            256, 128, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block1_c1_conv = nn.Conv2d(256, 128, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv3_block1.c1_bn': output (28, 28, 128)
         self.conv3_block1_c1_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block1.c1_relu': output (28, 28, 128)
-        self.conv3_block1_c1_relu = Activation('relu')
+        self.conv3_block1_c1_relu = nn.ReLU()
         # 'conv3_block1.c2_conv': output (28, 28, 128)
-        self.conv3_block1_c2_conv = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block1_c2_conv = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv3_block1.c2_bn': output (28, 28, 128)
         self.conv3_block1_c2_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block1.c2_relu': output (28, 28, 128)
-        self.conv3_block1_c2_relu = Activation('relu')
+        self.conv3_block1_c2_relu = nn.ReLU()
         # 'conv3_block1.c3_conv': output (28, 28, 512)
-        self.conv3_block1_c3_conv = Conv2d(
-            128, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block1_c3_conv = nn.Conv2d(128, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block1.c3_bn': output (28, 28, 512)
         self.conv3_block1_c3_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -503,34 +330,25 @@ class Model(nn.Module):
         # 'conv3_block1.add': output (28, 28, 512)
         self.conv3_block1_add = Add()
         # 'conv3_block1.out': output (28, 28, 512)
-        self.conv3_block1_out = Activation('relu')
+        self.conv3_block1_out = nn.ReLU()
         # 'conv3_block2.c1_conv': output (28, 28, 128)
-        self.conv3_block2_c1_conv = Conv2d(
-            512, 128, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block2_c1_conv = nn.Conv2d(512, 128, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block2.c1_bn': output (28, 28, 128)
         self.conv3_block2_c1_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block2.c1_relu': output (28, 28, 128)
-        self.conv3_block2_c1_relu = Activation('relu')
+        self.conv3_block2_c1_relu = nn.ReLU()
         # 'conv3_block2.c2_conv': output (28, 28, 128)
-        self.conv3_block2_c2_conv = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block2_c2_conv = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv3_block2.c2_bn': output (28, 28, 128)
         self.conv3_block2_c2_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block2.c2_relu': output (28, 28, 128)
-        self.conv3_block2_c2_relu = Activation('relu')
+        self.conv3_block2_c2_relu = nn.ReLU()
         # 'conv3_block2.c3_conv': output (28, 28, 512)
-        self.conv3_block2_c3_conv = Conv2d(
-            128, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block2_c3_conv = nn.Conv2d(128, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block2.c3_bn': output (28, 28, 512)
         self.conv3_block2_c3_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -538,34 +356,25 @@ class Model(nn.Module):
         # 'conv3_block2.add': output (28, 28, 512)
         self.conv3_block2_add = Add()
         # 'conv3_block2.out': output (28, 28, 512)
-        self.conv3_block2_out = Activation('relu')
+        self.conv3_block2_out = nn.ReLU()
         # 'conv3_block3.c1_conv': output (28, 28, 128)
-        self.conv3_block3_c1_conv = Conv2d(
-            512, 128, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block3_c1_conv = nn.Conv2d(512, 128, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block3.c1_bn': output (28, 28, 128)
         self.conv3_block3_c1_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block3.c1_relu': output (28, 28, 128)
-        self.conv3_block3_c1_relu = Activation('relu')
+        self.conv3_block3_c1_relu = nn.ReLU()
         # 'conv3_block3.c2_conv': output (28, 28, 128)
-        self.conv3_block3_c2_conv = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block3_c2_conv = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv3_block3.c2_bn': output (28, 28, 128)
         self.conv3_block3_c2_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block3.c2_relu': output (28, 28, 128)
-        self.conv3_block3_c2_relu = Activation('relu')
+        self.conv3_block3_c2_relu = nn.ReLU()
         # 'conv3_block3.c3_conv': output (28, 28, 512)
-        self.conv3_block3_c3_conv = Conv2d(
-            128, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block3_c3_conv = nn.Conv2d(128, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block3.c3_bn': output (28, 28, 512)
         self.conv3_block3_c3_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -573,34 +382,25 @@ class Model(nn.Module):
         # 'conv3_block3.add': output (28, 28, 512)
         self.conv3_block3_add = Add()
         # 'conv3_block3.out': output (28, 28, 512)
-        self.conv3_block3_out = Activation('relu')
+        self.conv3_block3_out = nn.ReLU()
         # 'conv3_block4.c1_conv': output (28, 28, 128)
-        self.conv3_block4_c1_conv = Conv2d(
-            512, 128, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block4_c1_conv = nn.Conv2d(512, 128, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block4.c1_bn': output (28, 28, 128)
         self.conv3_block4_c1_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block4.c1_relu': output (28, 28, 128)
-        self.conv3_block4_c1_relu = Activation('relu')
+        self.conv3_block4_c1_relu = nn.ReLU()
         # 'conv3_block4.c2_conv': output (28, 28, 128)
-        self.conv3_block4_c2_conv = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block4_c2_conv = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv3_block4.c2_bn': output (28, 28, 128)
         self.conv3_block4_c2_bn = BatchNorm(
             128, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv3_block4.c2_relu': output (28, 28, 128)
-        self.conv3_block4_c2_relu = Activation('relu')
+        self.conv3_block4_c2_relu = nn.ReLU()
         # 'conv3_block4.c3_conv': output (28, 28, 512)
-        self.conv3_block4_c3_conv = Conv2d(
-            128, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv3_block4_c3_conv = nn.Conv2d(128, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv3_block4.c3_bn': output (28, 28, 512)
         self.conv3_block4_c3_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -608,43 +408,31 @@ class Model(nn.Module):
         # 'conv3_block4.add': output (28, 28, 512)
         self.conv3_block4_add = Add()
         # 'conv3_block4.out': output (28, 28, 512)
-        self.conv3_block4_out = Activation('relu')
+        self.conv3_block4_out = nn.ReLU()
         # 'conv4_block1.c0_conv': output (14, 14, 1024)
-        self.conv4_block1_c0_conv = Conv2d(
-            512, 1024, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block1_c0_conv = nn.Conv2d(512, 1024, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv4_block1.c0_bn': output (14, 14, 1024)
         self.conv4_block1_c0_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block1.c1_conv': output (14, 14, 256)
-        self.conv4_block1_c1_conv = Conv2d(
-            512, 256, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block1_c1_conv = nn.Conv2d(512, 256, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv4_block1.c1_bn': output (14, 14, 256)
         self.conv4_block1_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block1.c1_relu': output (14, 14, 256)
-        self.conv4_block1_c1_relu = Activation('relu')
+        self.conv4_block1_c1_relu = nn.ReLU()
         # 'conv4_block1.c2_conv': output (14, 14, 256)
-        self.conv4_block1_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block1_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block1.c2_bn': output (14, 14, 256)
         self.conv4_block1_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block1.c2_relu': output (14, 14, 256)
-        self.conv4_block1_c2_relu = Activation('relu')
+        self.conv4_block1_c2_relu = nn.ReLU()
         # 'conv4_block1.c3_conv': output (14, 14, 1024)
-        self.conv4_block1_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block1_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block1.c3_bn': output (14, 14, 1024)
         self.conv4_block1_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -652,34 +440,25 @@ class Model(nn.Module):
         # 'conv4_block1.add': output (14, 14, 1024)
         self.conv4_block1_add = Add()
         # 'conv4_block1.out': output (14, 14, 1024)
-        self.conv4_block1_out = Activation('relu')
+        self.conv4_block1_out = nn.ReLU()
         # 'conv4_block2.c1_conv': output (14, 14, 256)
-        self.conv4_block2_c1_conv = Conv2d(
-            1024, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block2_c1_conv = nn.Conv2d(1024, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block2.c1_bn': output (14, 14, 256)
         self.conv4_block2_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block2.c1_relu': output (14, 14, 256)
-        self.conv4_block2_c1_relu = Activation('relu')
+        self.conv4_block2_c1_relu = nn.ReLU()
         # 'conv4_block2.c2_conv': output (14, 14, 256)
-        self.conv4_block2_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block2_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block2.c2_bn': output (14, 14, 256)
         self.conv4_block2_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block2.c2_relu': output (14, 14, 256)
-        self.conv4_block2_c2_relu = Activation('relu')
+        self.conv4_block2_c2_relu = nn.ReLU()
         # 'conv4_block2.c3_conv': output (14, 14, 1024)
-        self.conv4_block2_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block2_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block2.c3_bn': output (14, 14, 1024)
         self.conv4_block2_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -687,34 +466,25 @@ class Model(nn.Module):
         # 'conv4_block2.add': output (14, 14, 1024)
         self.conv4_block2_add = Add()
         # 'conv4_block2.out': output (14, 14, 1024)
-        self.conv4_block2_out = Activation('relu')
+        self.conv4_block2_out = nn.ReLU()
         # 'conv4_block3.c1_conv': output (14, 14, 256)
-        self.conv4_block3_c1_conv = Conv2d(
-            1024, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block3_c1_conv = nn.Conv2d(1024, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block3.c1_bn': output (14, 14, 256)
         self.conv4_block3_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block3.c1_relu': output (14, 14, 256)
-        self.conv4_block3_c1_relu = Activation('relu')
+        self.conv4_block3_c1_relu = nn.ReLU()
         # 'conv4_block3.c2_conv': output (14, 14, 256)
-        self.conv4_block3_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block3_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block3.c2_bn': output (14, 14, 256)
         self.conv4_block3_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block3.c2_relu': output (14, 14, 256)
-        self.conv4_block3_c2_relu = Activation('relu')
+        self.conv4_block3_c2_relu = nn.ReLU()
         # 'conv4_block3.c3_conv': output (14, 14, 1024)
-        self.conv4_block3_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block3_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block3.c3_bn': output (14, 14, 1024)
         self.conv4_block3_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -722,34 +492,25 @@ class Model(nn.Module):
         # 'conv4_block3.add': output (14, 14, 1024)
         self.conv4_block3_add = Add()
         # 'conv4_block3.out': output (14, 14, 1024)
-        self.conv4_block3_out = Activation('relu')
+        self.conv4_block3_out = nn.ReLU()
         # 'conv4_block4.c1_conv': output (14, 14, 256)
-        self.conv4_block4_c1_conv = Conv2d(
-            1024, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block4_c1_conv = nn.Conv2d(1024, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block4.c1_bn': output (14, 14, 256)
         self.conv4_block4_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block4.c1_relu': output (14, 14, 256)
-        self.conv4_block4_c1_relu = Activation('relu')
+        self.conv4_block4_c1_relu = nn.ReLU()
         # 'conv4_block4.c2_conv': output (14, 14, 256)
-        self.conv4_block4_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block4_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block4.c2_bn': output (14, 14, 256)
         self.conv4_block4_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block4.c2_relu': output (14, 14, 256)
-        self.conv4_block4_c2_relu = Activation('relu')
+        self.conv4_block4_c2_relu = nn.ReLU()
         # 'conv4_block4.c3_conv': output (14, 14, 1024)
-        self.conv4_block4_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block4_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block4.c3_bn': output (14, 14, 1024)
         self.conv4_block4_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -757,34 +518,25 @@ class Model(nn.Module):
         # 'conv4_block4.add': output (14, 14, 1024)
         self.conv4_block4_add = Add()
         # 'conv4_block4.out': output (14, 14, 1024)
-        self.conv4_block4_out = Activation('relu')
+        self.conv4_block4_out = nn.ReLU()
         # 'conv4_block5.c1_conv': output (14, 14, 256)
-        self.conv4_block5_c1_conv = Conv2d(
-            1024, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block5_c1_conv = nn.Conv2d(1024, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block5.c1_bn': output (14, 14, 256)
         self.conv4_block5_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block5.c1_relu': output (14, 14, 256)
-        self.conv4_block5_c1_relu = Activation('relu')
+        self.conv4_block5_c1_relu = nn.ReLU()
         # 'conv4_block5.c2_conv': output (14, 14, 256)
-        self.conv4_block5_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block5_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block5.c2_bn': output (14, 14, 256)
         self.conv4_block5_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block5.c2_relu': output (14, 14, 256)
-        self.conv4_block5_c2_relu = Activation('relu')
+        self.conv4_block5_c2_relu = nn.ReLU()
         # 'conv4_block5.c3_conv': output (14, 14, 1024)
-        self.conv4_block5_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block5_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block5.c3_bn': output (14, 14, 1024)
         self.conv4_block5_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -792,34 +544,25 @@ class Model(nn.Module):
         # 'conv4_block5.add': output (14, 14, 1024)
         self.conv4_block5_add = Add()
         # 'conv4_block5.out': output (14, 14, 1024)
-        self.conv4_block5_out = Activation('relu')
+        self.conv4_block5_out = nn.ReLU()
         # 'conv4_block6.c1_conv': output (14, 14, 256)
-        self.conv4_block6_c1_conv = Conv2d(
-            1024, 256, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block6_c1_conv = nn.Conv2d(1024, 256, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block6.c1_bn': output (14, 14, 256)
         self.conv4_block6_c1_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block6.c1_relu': output (14, 14, 256)
-        self.conv4_block6_c1_relu = Activation('relu')
+        self.conv4_block6_c1_relu = nn.ReLU()
         # 'conv4_block6.c2_conv': output (14, 14, 256)
-        self.conv4_block6_c2_conv = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block6_c2_conv = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv4_block6.c2_bn': output (14, 14, 256)
         self.conv4_block6_c2_bn = BatchNorm(
             256, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv4_block6.c2_relu': output (14, 14, 256)
-        self.conv4_block6_c2_relu = Activation('relu')
+        self.conv4_block6_c2_relu = nn.ReLU()
         # 'conv4_block6.c3_conv': output (14, 14, 1024)
-        self.conv4_block6_c3_conv = Conv2d(
-            256, 1024, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv4_block6_c3_conv = nn.Conv2d(256, 1024, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv4_block6.c3_bn': output (14, 14, 1024)
         self.conv4_block6_c3_bn = BatchNorm(
             1024, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -827,43 +570,31 @@ class Model(nn.Module):
         # 'conv4_block6.add': output (14, 14, 1024)
         self.conv4_block6_add = Add()
         # 'conv4_block6.out': output (14, 14, 1024)
-        self.conv4_block6_out = Activation('relu')
+        self.conv4_block6_out = nn.ReLU()
         # 'conv5_block1.c0_conv': output (7, 7, 2048)
-        self.conv5_block1_c0_conv = Conv2d(
-            1024, 2048, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block1_c0_conv = nn.Conv2d(1024, 2048, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv5_block1.c0_bn': output (7, 7, 2048)
         self.conv5_block1_c0_bn = BatchNorm(
             2048, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block1.c1_conv': output (7, 7, 512)
-        self.conv5_block1_c1_conv = Conv2d(
-            1024, 512, kernel=(1, 1), strides=(2, 2), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block1_c1_conv = nn.Conv2d(1024, 512, (1, 1), stride=(2, 2), padding=(0, 0))
         # 'conv5_block1.c1_bn': output (7, 7, 512)
         self.conv5_block1_c1_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block1.c1_relu': output (7, 7, 512)
-        self.conv5_block1_c1_relu = Activation('relu')
+        self.conv5_block1_c1_relu = nn.ReLU()
         # 'conv5_block1.c2_conv': output (7, 7, 512)
-        self.conv5_block1_c2_conv = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block1_c2_conv = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv5_block1.c2_bn': output (7, 7, 512)
         self.conv5_block1_c2_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block1.c2_relu': output (7, 7, 512)
-        self.conv5_block1_c2_relu = Activation('relu')
+        self.conv5_block1_c2_relu = nn.ReLU()
         # 'conv5_block1.c3_conv': output (7, 7, 2048)
-        self.conv5_block1_c3_conv = Conv2d(
-            512, 2048, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block1_c3_conv = nn.Conv2d(512, 2048, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv5_block1.c3_bn': output (7, 7, 2048)
         self.conv5_block1_c3_bn = BatchNorm(
             2048, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -871,34 +602,25 @@ class Model(nn.Module):
         # 'conv5_block1.add': output (7, 7, 2048)
         self.conv5_block1_add = Add()
         # 'conv5_block1.out': output (7, 7, 2048)
-        self.conv5_block1_out = Activation('relu')
+        self.conv5_block1_out = nn.ReLU()
         # 'conv5_block2.c1_conv': output (7, 7, 512)
-        self.conv5_block2_c1_conv = Conv2d(
-            2048, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block2_c1_conv = nn.Conv2d(2048, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv5_block2.c1_bn': output (7, 7, 512)
         self.conv5_block2_c1_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block2.c1_relu': output (7, 7, 512)
-        self.conv5_block2_c1_relu = Activation('relu')
+        self.conv5_block2_c1_relu = nn.ReLU()
         # 'conv5_block2.c2_conv': output (7, 7, 512)
-        self.conv5_block2_c2_conv = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block2_c2_conv = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv5_block2.c2_bn': output (7, 7, 512)
         self.conv5_block2_c2_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block2.c2_relu': output (7, 7, 512)
-        self.conv5_block2_c2_relu = Activation('relu')
+        self.conv5_block2_c2_relu = nn.ReLU()
         # 'conv5_block2.c3_conv': output (7, 7, 2048)
-        self.conv5_block2_c3_conv = Conv2d(
-            512, 2048, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block2_c3_conv = nn.Conv2d(512, 2048, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv5_block2.c3_bn': output (7, 7, 2048)
         self.conv5_block2_c3_bn = BatchNorm(
             2048, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -906,34 +628,25 @@ class Model(nn.Module):
         # 'conv5_block2.add': output (7, 7, 2048)
         self.conv5_block2_add = Add()
         # 'conv5_block2.out': output (7, 7, 2048)
-        self.conv5_block2_out = Activation('relu')
+        self.conv5_block2_out = nn.ReLU()
         # 'conv5_block3.c1_conv': output (7, 7, 512)
-        self.conv5_block3_c1_conv = Conv2d(
-            2048, 512, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block3_c1_conv = nn.Conv2d(2048, 512, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv5_block3.c1_bn': output (7, 7, 512)
         self.conv5_block3_c1_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block3.c1_relu': output (7, 7, 512)
-        self.conv5_block3_c1_relu = Activation('relu')
+        self.conv5_block3_c1_relu = nn.ReLU()
         # 'conv5_block3.c2_conv': output (7, 7, 512)
-        self.conv5_block3_c2_conv = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block3_c2_conv = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'conv5_block3.c2_bn': output (7, 7, 512)
         self.conv5_block3_c2_bn = BatchNorm(
             512, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
         )
         # 'conv5_block3.c2_relu': output (7, 7, 512)
-        self.conv5_block3_c2_relu = Activation('relu')
+        self.conv5_block3_c2_relu = nn.ReLU()
         # 'conv5_block3.c3_conv': output (7, 7, 2048)
-        self.conv5_block3_c3_conv = Conv2d(
-            512, 2048, kernel=(1, 1), strides=(1, 1), dilation=(1, 1), groups=1, pads=(0, 0, 0, 0),
-            pad_mode='zeros', bias=True,
-        )
+        self.conv5_block3_c3_conv = nn.Conv2d(512, 2048, (1, 1), stride=(1, 1), padding=(0, 0))
         # 'conv5_block3.c3_bn': output (7, 7, 2048)
         self.conv5_block3_c3_bn = BatchNorm(
             2048, decay=0.99, epsilon=1.001e-05, scale=True, center=True,
@@ -941,7 +654,7 @@ class Model(nn.Module):
         # 'conv5_block3.add': output (7, 7, 2048)
         self.conv5_block3_add = Add()
         # 'conv5_block3.out': output (7, 7, 2048)
-        self.conv5_block3_out = Activation('relu')
+        self.conv5_block3_out = nn.ReLU()
         # 'avg_pool': output (2048,)
         self.avg_pool = GlobalPool('avg')
         # 'predictions': output (1000,)

@@ -204,109 +204,6 @@ def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
     return mask.permute(0, 3, 1, 2) if mask.dim() == 4 else mask
 
 
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
-
-
-def pad_nchw(
-    x: torch.Tensor, pads: tuple[int, int, int, int], mode: str = "zeros", value: float = 0.0
-) -> torch.Tensor:
-    """Pad (top, bottom, left, right) with zeros or constant (``value``), reflect (no edge
-    repeat) or replicate."""
-    top, bottom, left, right = pads
-    if not any(pads):
-        return x
-    if mode in ("zeros", "constant"):
-        return F.pad(x, (left, right, top, bottom), mode="constant", value=value)
-    return F.pad(x, (left, right, top, bottom), mode=_PAD_MODES[mode])
-
-
-class Conv2d(nn.Conv2d):
-    """Conv2d with explicit per-side pads and pad mode (IR `conv2d`)."""
-
-    def __init__(self, in_channels: int, filters: int, kernel: tuple[int, int],
-                 strides: tuple[int, int], dilation: tuple[int, int], groups: int,
-                 pads: tuple[int, int, int, int], pad_mode: str, bias: bool,
-                 pad_value: float = 0.0) -> None:
-        top, bottom, left, right = pads
-        # torch pads symmetrically with zeros by itself; anything else is padded first
-        self.symmetric = pad_mode == "zeros" and top == bottom and left == right
-        super().__init__(in_channels, filters, kernel, strides,
-                         (top, left) if self.symmetric else 0, dilation, groups, bias)
-        self.pads, self.pad_mode, self.pad_value = pads, pad_mode, pad_value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.symmetric:
-            x = pad_nchw(x, self.pads, self.pad_mode, self.pad_value)
-        return super().forward(x)
-
-
-class Pool2d(nn.Module):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(
-        self,
-        pool: tuple[int, int],
-        strides: tuple[int, int],
-        pads: tuple[int, int, int, int],
-        dilation: tuple[int, int] = (1, 1),
-        extra: tuple[int, int] = (0, 0),
-    ) -> None:
-        super().__init__()
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x: torch.Tensor, value: float, beyond: float) -> torch.Tensor:
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nchw(x, self.pads, "zeros", value)
-        return pad_nchw(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def window_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum over each (dilated) window of an already padded input."""
-        if self.dilation == (1, 1):
-            return F.avg_pool2d(x, self.pool, self.strides, divisor_override=1)
-        cells = self.cells(x)
-        return sum(cells[1:], cells[0])
-
-    def cells(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """One strided slice per window cell: cell (a, b) of every window at once."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[
-                :,
-                :,
-                a * dh : a * dh + (oh - 1) * sh + 1 : sh,
-                b * dw : b * dw + (ow - 1) * sw + 1 : sw,
-            ]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2d(Pool2d):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self,
-        pool: tuple[int, int],
-        strides: tuple[int, int],
-        pads: tuple[int, int, int, int],
-        dilation: tuple[int, int] = (1, 1),
-        extra: tuple[int, int] = (0, 0),
-        pad_value: float | None = None,
-    ) -> None:
-        super().__init__(pool, strides, pads, dilation, extra)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.padded(x, self.pad_value, float("-inf"))
-        return F.max_pool2d(x, self.pool, self.strides, dilation=self.dilation)
-
-
 class FlattenHWC(nn.Module):
     """Flatten in (height, width, channel) order, the IR's order (IR `flatten`)."""
 
@@ -344,47 +241,6 @@ class Dropout(nn.Module):
         return x * mask
 
 
-class Activation(nn.Module):
-    """Element-wise activation `fn` (softmax over the channel axis) (IR `activation`)."""
-
-    def __init__(self, fn: str, negative_slope: float = 0.01, alpha: float = 1.0,
-                 beta: float = 0.5) -> None:
-        super().__init__()
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return F.leaky_relu(x, self.negative_slope)
-        if fn == "elu":
-            return F.elu(x, self.alpha)
-        if fn == "gelu":
-            return F.gelu(x)
-        if fn == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if fn == "softmax":
-            return torch.softmax(x, dim=1)
-        if fn == "softplus":
-            return F.softplus(x)  # log(1 + exp(x)); x itself above 20 (error < 3e-9)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return hard_sigmoid(x, self.alpha, self.beta)
-        return _ELEMENTWISE[fn](x)
-
-
-def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """max(0, min(1, alpha * x + beta)); torch's F.hardsigmoid is alpha 1/6, beta 0.5."""
-    return torch.clamp(alpha * x + beta, 0, 1)
-
-
-_ELEMENTWISE = {
-    "relu": torch.relu, "relu6": F.relu6, "selu": torch.selu, "silu": F.silu,
-    "sigmoid": torch.sigmoid, "hard_sigmoid": F.hardsigmoid, "hard_swish": F.hardswish,
-    "tanh": torch.tanh, "softsign": F.softsign,
-}
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 class Model(nn.Module):
     """Input (N, C, H, W) float32; output the logits."""
@@ -392,118 +248,79 @@ class Model(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         # 'stage1.conv.0': output (224, 224, 64)
-        self.stage1_conv_0 = Conv2d(
-            3, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage1_conv_0 = nn.Conv2d(3, 64, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage1.conv.0.relu': output (224, 224, 64)
-        self.stage1_conv_0_relu = Activation('relu')
+        self.stage1_conv_0_relu = nn.ReLU()
         # 'stage1.conv.1': output (224, 224, 64)
-        self.stage1_conv_1 = Conv2d(
-            64, 64, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage1_conv_1 = nn.Conv2d(64, 64, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage1.conv.1.relu': output (224, 224, 64)
-        self.stage1_conv_1_relu = Activation('relu')
+        self.stage1_conv_1_relu = nn.ReLU()
         # 'stage1.pool': output (112, 112, 64)
-        self.stage1_pool = MaxPool2d(pool=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.stage1_pool = nn.MaxPool2d((2, 2), stride=(2, 2))
         # 'stage2.conv.0': output (112, 112, 128)
-        self.stage2_conv_0 = Conv2d(
-            64, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage2_conv_0 = nn.Conv2d(64, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage2.conv.0.relu': output (112, 112, 128)
-        self.stage2_conv_0_relu = Activation('relu')
+        self.stage2_conv_0_relu = nn.ReLU()
         # 'stage2.conv.1': output (112, 112, 128)
-        self.stage2_conv_1 = Conv2d(
-            128, 128, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage2_conv_1 = nn.Conv2d(128, 128, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage2.conv.1.relu': output (112, 112, 128)
-        self.stage2_conv_1_relu = Activation('relu')
+        self.stage2_conv_1_relu = nn.ReLU()
         # 'stage2.pool': output (56, 56, 128)
-        self.stage2_pool = MaxPool2d(pool=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.stage2_pool = nn.MaxPool2d((2, 2), stride=(2, 2))
         # 'stage3.conv.0': output (56, 56, 256)
-        self.stage3_conv_0 = Conv2d(
-            128, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage3_conv_0 = nn.Conv2d(128, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage3.conv.0.relu': output (56, 56, 256)
-        self.stage3_conv_0_relu = Activation('relu')
+        self.stage3_conv_0_relu = nn.ReLU()
         # 'stage3.conv.1': output (56, 56, 256)
-        self.stage3_conv_1 = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage3_conv_1 = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage3.conv.1.relu': output (56, 56, 256)
-        self.stage3_conv_1_relu = Activation('relu')
+        self.stage3_conv_1_relu = nn.ReLU()
         # 'stage3.conv.2': output (56, 56, 256)
-        self.stage3_conv_2 = Conv2d(
-            256, 256, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage3_conv_2 = nn.Conv2d(256, 256, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage3.conv.2.relu': output (56, 56, 256)
-        self.stage3_conv_2_relu = Activation('relu')
+        self.stage3_conv_2_relu = nn.ReLU()
         # 'stage3.pool': output (28, 28, 256)
-        self.stage3_pool = MaxPool2d(pool=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.stage3_pool = nn.MaxPool2d((2, 2), stride=(2, 2))
         # 'stage4.conv.0': output (28, 28, 512)
-        self.stage4_conv_0 = Conv2d(
-            256, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage4_conv_0 = nn.Conv2d(256, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage4.conv.0.relu': output (28, 28, 512)
-        self.stage4_conv_0_relu = Activation('relu')
+        self.stage4_conv_0_relu = nn.ReLU()
         # 'stage4.conv.1': output (28, 28, 512)
-        self.stage4_conv_1 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage4_conv_1 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage4.conv.1.relu': output (28, 28, 512)
-        self.stage4_conv_1_relu = Activation('relu')
+        self.stage4_conv_1_relu = nn.ReLU()
         # 'stage4.conv.2': output (28, 28, 512)
-        self.stage4_conv_2 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage4_conv_2 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage4.conv.2.relu': output (28, 28, 512)
-        self.stage4_conv_2_relu = Activation('relu')
+        self.stage4_conv_2_relu = nn.ReLU()
         # 'stage4.pool': output (14, 14, 512)
-        self.stage4_pool = MaxPool2d(pool=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.stage4_pool = nn.MaxPool2d((2, 2), stride=(2, 2))
         # 'stage5.conv.0': output (14, 14, 512)
-        self.stage5_conv_0 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage5_conv_0 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage5.conv.0.relu': output (14, 14, 512)
-        self.stage5_conv_0_relu = Activation('relu')
+        self.stage5_conv_0_relu = nn.ReLU()
         # 'stage5.conv.1': output (14, 14, 512)
-        self.stage5_conv_1 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage5_conv_1 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage5.conv.1.relu': output (14, 14, 512)
-        self.stage5_conv_1_relu = Activation('relu')
+        self.stage5_conv_1_relu = nn.ReLU()
         # 'stage5.conv.2': output (14, 14, 512)
-        self.stage5_conv_2 = Conv2d(
-            512, 512, kernel=(3, 3), strides=(1, 1), dilation=(1, 1), groups=1, pads=(1, 1, 1, 1),
-            pad_mode='zeros', bias=True,
-        )
+        self.stage5_conv_2 = nn.Conv2d(512, 512, (3, 3), stride=(1, 1), padding=(1, 1))
         # 'stage5.conv.2.relu': output (14, 14, 512)
-        self.stage5_conv_2_relu = Activation('relu')
+        self.stage5_conv_2_relu = nn.ReLU()
         # 'stage5.pool': output (7, 7, 512)
-        self.stage5_pool = MaxPool2d(pool=(2, 2), strides=(2, 2), pads=(0, 0, 0, 0))
+        self.stage5_pool = nn.MaxPool2d((2, 2), stride=(2, 2))
         # 'flatten_1': output (25088,)
         self.flatten_1 = FlattenHWC()
         # 'fc1': output (4096,)
         self.fc1 = nn.Linear(25088, 4096, bias=True)
         # 'fc1.relu': output (4096,)
-        self.fc1_relu = Activation('relu')
+        self.fc1_relu = nn.ReLU()
         # 'dropout_1': output (4096,)
         self.dropout_1 = Dropout(0.5, False, (4096,), 'dropout_1')
         # 'fc2': output (4096,)
         self.fc2 = nn.Linear(4096, 4096, bias=True)
         # 'fc2.relu': output (4096,)
-        self.fc2_relu = Activation('relu')
+        self.fc2_relu = nn.ReLU()
         # 'dropout_2': output (4096,)
         self.dropout_2 = Dropout(0.5, False, (4096,), 'dropout_2')
         # 'predictions': output (1000,)

@@ -21,13 +21,15 @@ import pytest
 import yaml
 
 from specforge.compiler import compile_spec
+from specforge.ir.graph import Node
 from specforge.weights import initial_weights, load_weights
 from tests.conftest import ROOT, SPECS
 
 torch = pytest.importorskip("torch")
 
-from specforge_torch import TorchBackend, load_model  # noqa: E402 - needs torch present
-from specforge_torch.model import create_model, export_weights  # noqa: E402
+from specforge_torch import TorchBackend, layers, load_model  # noqa: E402 - needs torch
+from specforge_torch.model import create_model, export_weights, module_for  # noqa: E402
+from specforge_torch.recipes import TORCH_ACTIVATIONS  # noqa: E402
 
 from tests.processes import (  # noqa: E402
     ENV,
@@ -670,3 +672,59 @@ def test_idiomatic_digits_script_alone_reaches_the_runs_accuracy(digits_run):
 
 def test_both_styles_run_alone_on_image_folders(tmp_path):
     check_both_styles_alone_on_image_folders("torch", tmp_path)
+
+
+# --- torch's own modules where they compute what specforge's layers do -----------------------
+def _forward_and_gradient(module: Any, x: Any) -> tuple[Any, Any]:
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return y.detach(), x.grad
+
+
+def _test_input() -> Any:
+    x = torch.randn(3, 5, 9, 8, generator=torch.Generator().manual_seed(0)) * 4
+    x[0, 0, 0, :3] = torch.tensor([0.0, 6.0, -0.0])  # the kinks of relu, relu6 and others
+    return x
+
+
+ACTIVATION_ATTRS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 1.3},
+                    "hard_sigmoid": {"alpha": 1 / 6, "beta": 0.5}}
+
+
+@pytest.mark.parametrize("fn", sorted({*TORCH_ACTIVATIONS, "hard_sigmoid"}))
+def test_torch_activation_modules_give_specforge_layers_bits(fn):
+    """The recipe's torch module gives the bits of specforge's Activation layer, forward and
+    backward (the model and built scripts use it in its place)."""
+    attrs = {"fn": fn, **ACTIVATION_ATTRS.get(fn, {})}
+    node = Node("a", "activation", ("x",), attrs, (9, 8, 5))
+    module = module_for(node, (9, 8, 5))
+    assert type(module).__module__.startswith("torch.nn")
+    own = layers.Activation(fn, **ACTIVATION_ATTRS.get(fn, {}))
+    for mine, theirs in zip(_forward_and_gradient(own, _test_input()),
+                            _forward_and_gradient(module, _test_input()), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize(("op", "attrs"), [
+    ("conv2d", {"pads": (1, 1, 1, 1)}), ("conv2d", {"pads": (2, 2, 0, 0), "strides": (2, 1)}),
+    ("conv2d", {"pads": (2, 2, 2, 2), "dilation": (2, 2), "bias": False}),
+    ("max_pool2d", {}), ("max_pool2d", {"pool": (3, 3), "strides": (1, 2), "dilation": (2, 1)}),
+])
+def test_torch_conv_and_pool_modules_give_specforge_layers_bits(op, attrs):
+    if op == "conv2d":
+        a = {"filters": 4, "kernel": (3, 3), "strides": (1, 1), "dilation": (1, 1),
+             "groups": 1, "pad_mode": "zeros", "bias": True, **attrs}
+        module = module_for(Node("c", op, ("x",), a, (1, 1, 4)), (9, 8, 5))
+        own = layers.Conv2d(5, 4, a["kernel"], a["strides"], a["dilation"], 1, a["pads"],
+                            "zeros", a["bias"])
+        own.load_state_dict(module.state_dict())
+    else:
+        a = {"pool": (2, 2), "strides": (2, 2), "dilation": (1, 1), "pads": (0, 0, 0, 0),
+             "ceil_mode": False, **attrs}
+        module = module_for(Node("p", op, ("x",), a, (1, 1, 5)), (9, 8, 5))
+        own = layers.MaxPool2d(a["pool"], a["strides"], a["pads"], a["dilation"])
+    assert type(module).__module__.startswith("torch.nn")
+    for mine, theirs in zip(_forward_and_gradient(own, _test_input()),
+                            _forward_and_gradient(module, _test_input()), strict=True):
+        assert torch.equal(mine, theirs)
