@@ -115,154 +115,7 @@ class DataError(UsageError):
 
 
 # --- 2. Layers whose meaning Keras's own layers do not have (tensors are NHWC) -------------
-def pad_nhwc(x, pads, mode="zeros", value=0.0):
-    """Pad (top, bottom, left, right): zeros or constant (``value``), reflect (no edge
-    repeat) or replicate (repeat the edge; built from slices, since TensorFlow has no `edge`
-    pad)."""
-    top, bottom, left, right = pads
-    if not any(pads):
-        return x
-    widths = [[0, 0], [top, bottom], [left, right], [0, 0]]
-    if mode in ("zeros", "constant"):
-        return ops.pad(x, widths, mode="constant", constant_values=value)
-    if mode == "reflect":
-        return ops.pad(x, widths, mode="reflect")
-    rows = [x[:, :1]] * top + [x] + [x[:, -1:]] * bottom
-    x = ops.concatenate(rows, axis=1) if top or bottom else x
-    cols = [x[:, :, :1]] * left + [x] + [x[:, :, -1:]] * right
-    return ops.concatenate(cols, axis=2) if left or right else x
 
-
-class Conv2D(keras.layers.Conv2D):
-    """Conv2D with explicit per-side pads and pad mode (IR `conv2d`). Keras refuses strides
-    with dilation: then the conv runs at stride 1 and every stride-th output is kept, the
-    same numbers."""
-
-    def __init__(
-        self,
-        filters,
-        kernel,
-        strides,
-        dilation,
-        groups,
-        pads,
-        pad_mode,
-        bias,
-        pad_value=0.0,
-        **kwargs,
-    ):
-        strides, dilation = tuple(strides), tuple(dilation)
-        self.subsample = strides if max(strides) > 1 and max(dilation) > 1 else (1, 1)
-        super().__init__(
-            filters,
-            kernel,
-            strides=(1, 1) if self.subsample != (1, 1) else strides,
-            padding="valid",
-            dilation_rate=dilation,
-            groups=groups,
-            use_bias=bias,
-            **kwargs,
-        )
-        self.pads, self.pad_mode, self.pad_value = tuple(pads), pad_mode, pad_value
-
-    def call(self, x):
-        y = super().call(pad_nhwc(x, self.pads, self.pad_mode, self.pad_value))
-        sh, sw = self.subsample
-        return y[:, ::sh, ::sw] if sh > 1 or sw > 1 else y
-
-    def compute_output_shape(self, input_shape):
-        n, h, w, c = input_shape
-        top, bottom, left, right = self.pads
-        grown = (
-            n,
-            None if h is None else h + top + bottom,
-            None if w is None else w + left + right,
-            c,
-        )
-        n, h, w, f = super().compute_output_shape(grown)
-        sh, sw = self.subsample
-        return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
-
-
-class Pool2D(keras.layers.Layer):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x, value, beyond):
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nhwc(x, self.pads, "zeros", value)
-        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def cells(self, x):
-        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
-        pools have no dilation)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2D(Pool2D):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
-    ):
-        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def call(self, x):
-        x = self.padded(x, self.pad_value, float("-inf"))
-        if self.dilation == (1, 1):
-            return ops.max_pool(x, self.pool, self.strides, padding="valid")
-        out = None
-        for cell in self.cells(x):
-            out = cell if out is None else ops.maximum(out, cell)
-        return out
-
-
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
 
 
 # --- 3. The model ---------------------------------------------------------------------------
@@ -270,66 +123,33 @@ def build_model() -> keras.Model:
     """Input (N, H, W, C) float32; output the logits."""
     inputs = keras.Input(shape=(32, 32, 3), name='input')
     # 'conv2d_1': output (30, 30, 32)
-    conv2d_1 = Conv2D(
-        filters=32,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
-        name='conv2d_1',
-    )(inputs)
+    conv2d_1 = keras.layers.Conv2D(32, (3, 3), strides=(1, 1), name='conv2d_1')(inputs)
     # 'conv2d_1.relu': output (30, 30, 32)
-    conv2d_1_relu = Activation('relu', name='conv2d_1_relu')(conv2d_1)
+    conv2d_1_relu = keras.layers.Activation('relu', name='conv2d_1_relu')(conv2d_1)
     # 'max_pool2d_1': output (15, 15, 32)
-    max_pool2d_1 = MaxPool2D(
-        pool=(2, 2),
+    max_pool2d_1 = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='max_pool2d_1',
     )(conv2d_1_relu)
     # 'conv2d_2': output (13, 13, 64)
-    conv2d_2 = Conv2D(
-        filters=64,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
-        name='conv2d_2',
-    )(max_pool2d_1)
+    conv2d_2 = keras.layers.Conv2D(64, (3, 3), strides=(1, 1), name='conv2d_2')(max_pool2d_1)
     # 'conv2d_2.relu': output (13, 13, 64)
-    conv2d_2_relu = Activation('relu', name='conv2d_2_relu')(conv2d_2)
+    conv2d_2_relu = keras.layers.Activation('relu', name='conv2d_2_relu')(conv2d_2)
     # 'max_pool2d_2': output (6, 6, 64)
-    max_pool2d_2 = MaxPool2D(
-        pool=(2, 2),
+    max_pool2d_2 = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='max_pool2d_2',
     )(conv2d_2_relu)
     # 'conv2d_3': output (4, 4, 128)
-    conv2d_3 = Conv2D(
-        filters=128,
-        kernel=(3, 3),
-        strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
-        name='conv2d_3',
-    )(max_pool2d_2)
+    conv2d_3 = keras.layers.Conv2D(128, (3, 3), strides=(1, 1), name='conv2d_3')(max_pool2d_2)
     # 'conv2d_3.relu': output (4, 4, 128)
-    conv2d_3_relu = Activation('relu', name='conv2d_3_relu')(conv2d_3)
+    conv2d_3_relu = keras.layers.Activation('relu', name='conv2d_3_relu')(conv2d_3)
     # 'max_pool2d_3': output (2, 2, 128)
-    max_pool2d_3 = MaxPool2D(
-        pool=(2, 2),
+    max_pool2d_3 = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='max_pool2d_3',
     )(conv2d_3_relu)
     # 'flatten_1': output (512,)
@@ -337,7 +157,7 @@ def build_model() -> keras.Model:
     # 'dense_1': output (128,)
     dense_1 = keras.layers.Dense(128, use_bias=True, name='dense_1')(flatten_1)
     # 'dense_1.relu': output (128,)
-    dense_1_relu = Activation('relu', name='dense_1_relu')(dense_1)
+    dense_1_relu = keras.layers.Activation('relu', name='dense_1_relu')(dense_1)
     # 'dense_2': output (10,)
     dense_2 = keras.layers.Dense(10, use_bias=True, name='dense_2')(dense_1_relu)
     return keras.Model(inputs, dense_2)

@@ -298,54 +298,6 @@ class Conv2D(keras.layers.Conv2D):
         return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
 
 
-class Pool2D(keras.layers.Layer):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x, value, beyond):
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nhwc(x, self.pads, "zeros", value)
-        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def cells(self, x):
-        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
-        pools have no dilation)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2D(Pool2D):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
-    ):
-        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def call(self, x):
-        x = self.padded(x, self.pad_value, float("-inf"))
-        if self.dilation == (1, 1):
-            return ops.max_pool(x, self.pool, self.strides, padding="valid")
-        out = None
-        for cell in self.cells(x):
-            out = cell if out is None else ops.maximum(out, cell)
-        return out
-
-
 class Dropout(keras.layers.Layer):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
@@ -369,39 +321,6 @@ class Dropout(keras.layers.Layer):
         return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
 
 
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 def build_model() -> keras.Model:
     """Input (N, H, W, C) float32; output the logits."""
@@ -419,7 +338,7 @@ def build_model() -> keras.Model:
         name='conv2d_1',
     )(inputs)
     # 'conv2d_1.relu': output (8, 8, 16)
-    conv2d_1_relu = Activation('relu', name='conv2d_1_relu')(conv2d_1)
+    conv2d_1_relu = keras.layers.Activation('relu', name='conv2d_1_relu')(conv2d_1)
     # 'conv2d_2': output (8, 8, 32)
     conv2d_2 = Conv2D(
         filters=32,
@@ -433,12 +352,11 @@ def build_model() -> keras.Model:
         name='conv2d_2',
     )(conv2d_1_relu)
     # 'conv2d_2.relu': output (8, 8, 32)
-    conv2d_2_relu = Activation('relu', name='conv2d_2_relu')(conv2d_2)
+    conv2d_2_relu = keras.layers.Activation('relu', name='conv2d_2_relu')(conv2d_2)
     # 'max_pool2d_1': output (4, 4, 32)
-    max_pool2d_1 = MaxPool2D(
-        pool=(2, 2),
+    max_pool2d_1 = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='max_pool2d_1',
     )(conv2d_2_relu)
     # 'flatten_1': output (512,)
@@ -446,7 +364,7 @@ def build_model() -> keras.Model:
     # 'dense_1': output (64,)
     dense_1 = keras.layers.Dense(64, use_bias=True, name='dense_1')(flatten_1)
     # 'dense_1.relu': output (64,)
-    dense_1_relu = Activation('relu', name='dense_1_relu')(dense_1)
+    dense_1_relu = keras.layers.Activation('relu', name='dense_1_relu')(dense_1)
     # 'dropout_1': output (64,)
     dropout_1 = Dropout(0.2, False, 'dropout_1', name='dropout_1')(dense_1_relu)
     # 'dense_2': output (10,)

@@ -211,39 +211,6 @@ class BatchNorm(keras.layers.Layer):
         return y
 
 
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
-
-
 class GlobalPool(keras.layers.Layer):
     """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
 
@@ -280,7 +247,7 @@ def build_model() -> keras.Model:
         name='bn_Conv1',
     )(Conv1)
     # 'Conv1_relu': output (112, 112, 32)
-    Conv1_relu = Activation('relu6', name='Conv1_relu')(bn_Conv1)
+    Conv1_relu = keras.layers.Activation('relu6', name='Conv1_relu')(bn_Conv1)
     # 'expanded_conv.depthwise': output (112, 112, 32)
     expanded_conv_depthwise = Conv2D(
         filters=32,
@@ -302,20 +269,16 @@ def build_model() -> keras.Model:
         name='expanded_conv_depthwise_BN',
     )(expanded_conv_depthwise)
     # 'expanded_conv.depthwise_relu': output (112, 112, 32)
-    expanded_conv_depthwise_relu = Activation(
+    expanded_conv_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='expanded_conv_depthwise_relu',
     )(expanded_conv_depthwise_BN)
     # 'expanded_conv.project': output (112, 112, 16)
-    expanded_conv_project = Conv2D(
-        filters=16,
-        kernel=(1, 1),
+    expanded_conv_project = keras.layers.Conv2D(
+        16,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='expanded_conv_project',
     )(expanded_conv_depthwise_relu)
     # 'expanded_conv.project_BN': output (112, 112, 16)
@@ -327,15 +290,11 @@ def build_model() -> keras.Model:
         name='expanded_conv_project_BN',
     )(expanded_conv_project)
     # 'block_1.expand': output (112, 112, 96)
-    block_1_expand = Conv2D(
-        filters=96,
-        kernel=(1, 1),
+    block_1_expand = keras.layers.Conv2D(
+        96,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_1_expand',
     )(expanded_conv_project_BN)
     # 'block_1.expand_BN': output (112, 112, 96)
@@ -347,19 +306,19 @@ def build_model() -> keras.Model:
         name='block_1_expand_BN',
     )(block_1_expand)
     # 'block_1.expand_relu': output (112, 112, 96)
-    block_1_expand_relu = Activation('relu6', name='block_1_expand_relu')(block_1_expand_BN)
+    block_1_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_1_expand_relu',
+    )(block_1_expand_BN)
     # 'block_1.pad': output (113, 113, 96)
     block_1_pad = Pad2D((0, 1, 0, 1), 'zeros', name='block_1_pad')(block_1_expand_relu)
     # 'block_1.depthwise': output (56, 56, 96)
-    block_1_depthwise = Conv2D(
-        filters=96,
-        kernel=(3, 3),
+    block_1_depthwise = keras.layers.Conv2D(
+        96,
+        (3, 3),
         strides=(2, 2),
-        dilation=(1, 1),
         groups=96,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_1_depthwise',
     )(block_1_pad)
     # 'block_1.depthwise_BN': output (56, 56, 96)
@@ -371,20 +330,16 @@ def build_model() -> keras.Model:
         name='block_1_depthwise_BN',
     )(block_1_depthwise)
     # 'block_1.depthwise_relu': output (56, 56, 96)
-    block_1_depthwise_relu = Activation(
+    block_1_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_1_depthwise_relu',
     )(block_1_depthwise_BN)
     # 'block_1.project': output (56, 56, 24)
-    block_1_project = Conv2D(
-        filters=24,
-        kernel=(1, 1),
+    block_1_project = keras.layers.Conv2D(
+        24,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_1_project',
     )(block_1_depthwise_relu)
     # 'block_1.project_BN': output (56, 56, 24)
@@ -396,15 +351,11 @@ def build_model() -> keras.Model:
         name='block_1_project_BN',
     )(block_1_project)
     # 'block_2.expand': output (56, 56, 144)
-    block_2_expand = Conv2D(
-        filters=144,
-        kernel=(1, 1),
+    block_2_expand = keras.layers.Conv2D(
+        144,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_2_expand',
     )(block_1_project_BN)
     # 'block_2.expand_BN': output (56, 56, 144)
@@ -416,7 +367,10 @@ def build_model() -> keras.Model:
         name='block_2_expand_BN',
     )(block_2_expand)
     # 'block_2.expand_relu': output (56, 56, 144)
-    block_2_expand_relu = Activation('relu6', name='block_2_expand_relu')(block_2_expand_BN)
+    block_2_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_2_expand_relu',
+    )(block_2_expand_BN)
     # 'block_2.depthwise': output (56, 56, 144)
     block_2_depthwise = Conv2D(
         filters=144,
@@ -438,20 +392,16 @@ def build_model() -> keras.Model:
         name='block_2_depthwise_BN',
     )(block_2_depthwise)
     # 'block_2.depthwise_relu': output (56, 56, 144)
-    block_2_depthwise_relu = Activation(
+    block_2_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_2_depthwise_relu',
     )(block_2_depthwise_BN)
     # 'block_2.project': output (56, 56, 24)
-    block_2_project = Conv2D(
-        filters=24,
-        kernel=(1, 1),
+    block_2_project = keras.layers.Conv2D(
+        24,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_2_project',
     )(block_2_depthwise_relu)
     # 'block_2.project_BN': output (56, 56, 24)
@@ -465,15 +415,11 @@ def build_model() -> keras.Model:
     # 'block_2.add': output (56, 56, 24)
     block_2_add = keras.layers.Add(name='block_2_add')([block_1_project_BN, block_2_project_BN])
     # 'block_3.expand': output (56, 56, 144)
-    block_3_expand = Conv2D(
-        filters=144,
-        kernel=(1, 1),
+    block_3_expand = keras.layers.Conv2D(
+        144,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_3_expand',
     )(block_2_add)
     # 'block_3.expand_BN': output (56, 56, 144)
@@ -485,19 +431,19 @@ def build_model() -> keras.Model:
         name='block_3_expand_BN',
     )(block_3_expand)
     # 'block_3.expand_relu': output (56, 56, 144)
-    block_3_expand_relu = Activation('relu6', name='block_3_expand_relu')(block_3_expand_BN)
+    block_3_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_3_expand_relu',
+    )(block_3_expand_BN)
     # 'block_3.pad': output (57, 57, 144)
     block_3_pad = Pad2D((0, 1, 0, 1), 'zeros', name='block_3_pad')(block_3_expand_relu)
     # 'block_3.depthwise': output (28, 28, 144)
-    block_3_depthwise = Conv2D(
-        filters=144,
-        kernel=(3, 3),
+    block_3_depthwise = keras.layers.Conv2D(
+        144,
+        (3, 3),
         strides=(2, 2),
-        dilation=(1, 1),
         groups=144,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_3_depthwise',
     )(block_3_pad)
     # 'block_3.depthwise_BN': output (28, 28, 144)
@@ -509,20 +455,16 @@ def build_model() -> keras.Model:
         name='block_3_depthwise_BN',
     )(block_3_depthwise)
     # 'block_3.depthwise_relu': output (28, 28, 144)
-    block_3_depthwise_relu = Activation(
+    block_3_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_3_depthwise_relu',
     )(block_3_depthwise_BN)
     # 'block_3.project': output (28, 28, 32)
-    block_3_project = Conv2D(
-        filters=32,
-        kernel=(1, 1),
+    block_3_project = keras.layers.Conv2D(
+        32,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_3_project',
     )(block_3_depthwise_relu)
     # 'block_3.project_BN': output (28, 28, 32)
@@ -534,15 +476,11 @@ def build_model() -> keras.Model:
         name='block_3_project_BN',
     )(block_3_project)
     # 'block_4.expand': output (28, 28, 192)
-    block_4_expand = Conv2D(
-        filters=192,
-        kernel=(1, 1),
+    block_4_expand = keras.layers.Conv2D(
+        192,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_4_expand',
     )(block_3_project_BN)
     # 'block_4.expand_BN': output (28, 28, 192)
@@ -554,7 +492,10 @@ def build_model() -> keras.Model:
         name='block_4_expand_BN',
     )(block_4_expand)
     # 'block_4.expand_relu': output (28, 28, 192)
-    block_4_expand_relu = Activation('relu6', name='block_4_expand_relu')(block_4_expand_BN)
+    block_4_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_4_expand_relu',
+    )(block_4_expand_BN)
     # 'block_4.depthwise': output (28, 28, 192)
     block_4_depthwise = Conv2D(
         filters=192,
@@ -576,20 +517,16 @@ def build_model() -> keras.Model:
         name='block_4_depthwise_BN',
     )(block_4_depthwise)
     # 'block_4.depthwise_relu': output (28, 28, 192)
-    block_4_depthwise_relu = Activation(
+    block_4_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_4_depthwise_relu',
     )(block_4_depthwise_BN)
     # 'block_4.project': output (28, 28, 32)
-    block_4_project = Conv2D(
-        filters=32,
-        kernel=(1, 1),
+    block_4_project = keras.layers.Conv2D(
+        32,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_4_project',
     )(block_4_depthwise_relu)
     # 'block_4.project_BN': output (28, 28, 32)
@@ -603,15 +540,11 @@ def build_model() -> keras.Model:
     # 'block_4.add': output (28, 28, 32)
     block_4_add = keras.layers.Add(name='block_4_add')([block_3_project_BN, block_4_project_BN])
     # 'block_5.expand': output (28, 28, 192)
-    block_5_expand = Conv2D(
-        filters=192,
-        kernel=(1, 1),
+    block_5_expand = keras.layers.Conv2D(
+        192,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_5_expand',
     )(block_4_add)
     # 'block_5.expand_BN': output (28, 28, 192)
@@ -623,7 +556,10 @@ def build_model() -> keras.Model:
         name='block_5_expand_BN',
     )(block_5_expand)
     # 'block_5.expand_relu': output (28, 28, 192)
-    block_5_expand_relu = Activation('relu6', name='block_5_expand_relu')(block_5_expand_BN)
+    block_5_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_5_expand_relu',
+    )(block_5_expand_BN)
     # 'block_5.depthwise': output (28, 28, 192)
     block_5_depthwise = Conv2D(
         filters=192,
@@ -645,20 +581,16 @@ def build_model() -> keras.Model:
         name='block_5_depthwise_BN',
     )(block_5_depthwise)
     # 'block_5.depthwise_relu': output (28, 28, 192)
-    block_5_depthwise_relu = Activation(
+    block_5_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_5_depthwise_relu',
     )(block_5_depthwise_BN)
     # 'block_5.project': output (28, 28, 32)
-    block_5_project = Conv2D(
-        filters=32,
-        kernel=(1, 1),
+    block_5_project = keras.layers.Conv2D(
+        32,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_5_project',
     )(block_5_depthwise_relu)
     # 'block_5.project_BN': output (28, 28, 32)
@@ -672,15 +604,11 @@ def build_model() -> keras.Model:
     # 'block_5.add': output (28, 28, 32)
     block_5_add = keras.layers.Add(name='block_5_add')([block_4_add, block_5_project_BN])
     # 'block_6.expand': output (28, 28, 192)
-    block_6_expand = Conv2D(
-        filters=192,
-        kernel=(1, 1),
+    block_6_expand = keras.layers.Conv2D(
+        192,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_6_expand',
     )(block_5_add)
     # 'block_6.expand_BN': output (28, 28, 192)
@@ -692,19 +620,19 @@ def build_model() -> keras.Model:
         name='block_6_expand_BN',
     )(block_6_expand)
     # 'block_6.expand_relu': output (28, 28, 192)
-    block_6_expand_relu = Activation('relu6', name='block_6_expand_relu')(block_6_expand_BN)
+    block_6_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_6_expand_relu',
+    )(block_6_expand_BN)
     # 'block_6.pad': output (29, 29, 192)
     block_6_pad = Pad2D((0, 1, 0, 1), 'zeros', name='block_6_pad')(block_6_expand_relu)
     # 'block_6.depthwise': output (14, 14, 192)
-    block_6_depthwise = Conv2D(
-        filters=192,
-        kernel=(3, 3),
+    block_6_depthwise = keras.layers.Conv2D(
+        192,
+        (3, 3),
         strides=(2, 2),
-        dilation=(1, 1),
         groups=192,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_6_depthwise',
     )(block_6_pad)
     # 'block_6.depthwise_BN': output (14, 14, 192)
@@ -716,20 +644,16 @@ def build_model() -> keras.Model:
         name='block_6_depthwise_BN',
     )(block_6_depthwise)
     # 'block_6.depthwise_relu': output (14, 14, 192)
-    block_6_depthwise_relu = Activation(
+    block_6_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_6_depthwise_relu',
     )(block_6_depthwise_BN)
     # 'block_6.project': output (14, 14, 64)
-    block_6_project = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    block_6_project = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_6_project',
     )(block_6_depthwise_relu)
     # 'block_6.project_BN': output (14, 14, 64)
@@ -741,15 +665,11 @@ def build_model() -> keras.Model:
         name='block_6_project_BN',
     )(block_6_project)
     # 'block_7.expand': output (14, 14, 384)
-    block_7_expand = Conv2D(
-        filters=384,
-        kernel=(1, 1),
+    block_7_expand = keras.layers.Conv2D(
+        384,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_7_expand',
     )(block_6_project_BN)
     # 'block_7.expand_BN': output (14, 14, 384)
@@ -761,7 +681,10 @@ def build_model() -> keras.Model:
         name='block_7_expand_BN',
     )(block_7_expand)
     # 'block_7.expand_relu': output (14, 14, 384)
-    block_7_expand_relu = Activation('relu6', name='block_7_expand_relu')(block_7_expand_BN)
+    block_7_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_7_expand_relu',
+    )(block_7_expand_BN)
     # 'block_7.depthwise': output (14, 14, 384)
     block_7_depthwise = Conv2D(
         filters=384,
@@ -783,20 +706,16 @@ def build_model() -> keras.Model:
         name='block_7_depthwise_BN',
     )(block_7_depthwise)
     # 'block_7.depthwise_relu': output (14, 14, 384)
-    block_7_depthwise_relu = Activation(
+    block_7_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_7_depthwise_relu',
     )(block_7_depthwise_BN)
     # 'block_7.project': output (14, 14, 64)
-    block_7_project = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    block_7_project = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_7_project',
     )(block_7_depthwise_relu)
     # 'block_7.project_BN': output (14, 14, 64)
@@ -810,15 +729,11 @@ def build_model() -> keras.Model:
     # 'block_7.add': output (14, 14, 64)
     block_7_add = keras.layers.Add(name='block_7_add')([block_6_project_BN, block_7_project_BN])
     # 'block_8.expand': output (14, 14, 384)
-    block_8_expand = Conv2D(
-        filters=384,
-        kernel=(1, 1),
+    block_8_expand = keras.layers.Conv2D(
+        384,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_8_expand',
     )(block_7_add)
     # 'block_8.expand_BN': output (14, 14, 384)
@@ -830,7 +745,10 @@ def build_model() -> keras.Model:
         name='block_8_expand_BN',
     )(block_8_expand)
     # 'block_8.expand_relu': output (14, 14, 384)
-    block_8_expand_relu = Activation('relu6', name='block_8_expand_relu')(block_8_expand_BN)
+    block_8_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_8_expand_relu',
+    )(block_8_expand_BN)
     # 'block_8.depthwise': output (14, 14, 384)
     block_8_depthwise = Conv2D(
         filters=384,
@@ -852,20 +770,16 @@ def build_model() -> keras.Model:
         name='block_8_depthwise_BN',
     )(block_8_depthwise)
     # 'block_8.depthwise_relu': output (14, 14, 384)
-    block_8_depthwise_relu = Activation(
+    block_8_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_8_depthwise_relu',
     )(block_8_depthwise_BN)
     # 'block_8.project': output (14, 14, 64)
-    block_8_project = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    block_8_project = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_8_project',
     )(block_8_depthwise_relu)
     # 'block_8.project_BN': output (14, 14, 64)
@@ -879,15 +793,11 @@ def build_model() -> keras.Model:
     # 'block_8.add': output (14, 14, 64)
     block_8_add = keras.layers.Add(name='block_8_add')([block_7_add, block_8_project_BN])
     # 'block_9.expand': output (14, 14, 384)
-    block_9_expand = Conv2D(
-        filters=384,
-        kernel=(1, 1),
+    block_9_expand = keras.layers.Conv2D(
+        384,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_9_expand',
     )(block_8_add)
     # 'block_9.expand_BN': output (14, 14, 384)
@@ -899,7 +809,10 @@ def build_model() -> keras.Model:
         name='block_9_expand_BN',
     )(block_9_expand)
     # 'block_9.expand_relu': output (14, 14, 384)
-    block_9_expand_relu = Activation('relu6', name='block_9_expand_relu')(block_9_expand_BN)
+    block_9_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_9_expand_relu',
+    )(block_9_expand_BN)
     # 'block_9.depthwise': output (14, 14, 384)
     block_9_depthwise = Conv2D(
         filters=384,
@@ -921,20 +834,16 @@ def build_model() -> keras.Model:
         name='block_9_depthwise_BN',
     )(block_9_depthwise)
     # 'block_9.depthwise_relu': output (14, 14, 384)
-    block_9_depthwise_relu = Activation(
+    block_9_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_9_depthwise_relu',
     )(block_9_depthwise_BN)
     # 'block_9.project': output (14, 14, 64)
-    block_9_project = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    block_9_project = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_9_project',
     )(block_9_depthwise_relu)
     # 'block_9.project_BN': output (14, 14, 64)
@@ -948,15 +857,11 @@ def build_model() -> keras.Model:
     # 'block_9.add': output (14, 14, 64)
     block_9_add = keras.layers.Add(name='block_9_add')([block_8_add, block_9_project_BN])
     # 'block_10.expand': output (14, 14, 384)
-    block_10_expand = Conv2D(
-        filters=384,
-        kernel=(1, 1),
+    block_10_expand = keras.layers.Conv2D(
+        384,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_10_expand',
     )(block_9_add)
     # 'block_10.expand_BN': output (14, 14, 384)
@@ -968,7 +873,10 @@ def build_model() -> keras.Model:
         name='block_10_expand_BN',
     )(block_10_expand)
     # 'block_10.expand_relu': output (14, 14, 384)
-    block_10_expand_relu = Activation('relu6', name='block_10_expand_relu')(block_10_expand_BN)
+    block_10_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_10_expand_relu',
+    )(block_10_expand_BN)
     # 'block_10.depthwise': output (14, 14, 384)
     block_10_depthwise = Conv2D(
         filters=384,
@@ -990,20 +898,16 @@ def build_model() -> keras.Model:
         name='block_10_depthwise_BN',
     )(block_10_depthwise)
     # 'block_10.depthwise_relu': output (14, 14, 384)
-    block_10_depthwise_relu = Activation(
+    block_10_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_10_depthwise_relu',
     )(block_10_depthwise_BN)
     # 'block_10.project': output (14, 14, 96)
-    block_10_project = Conv2D(
-        filters=96,
-        kernel=(1, 1),
+    block_10_project = keras.layers.Conv2D(
+        96,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_10_project',
     )(block_10_depthwise_relu)
     # 'block_10.project_BN': output (14, 14, 96)
@@ -1015,15 +919,11 @@ def build_model() -> keras.Model:
         name='block_10_project_BN',
     )(block_10_project)
     # 'block_11.expand': output (14, 14, 576)
-    block_11_expand = Conv2D(
-        filters=576,
-        kernel=(1, 1),
+    block_11_expand = keras.layers.Conv2D(
+        576,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_11_expand',
     )(block_10_project_BN)
     # 'block_11.expand_BN': output (14, 14, 576)
@@ -1035,7 +935,10 @@ def build_model() -> keras.Model:
         name='block_11_expand_BN',
     )(block_11_expand)
     # 'block_11.expand_relu': output (14, 14, 576)
-    block_11_expand_relu = Activation('relu6', name='block_11_expand_relu')(block_11_expand_BN)
+    block_11_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_11_expand_relu',
+    )(block_11_expand_BN)
     # 'block_11.depthwise': output (14, 14, 576)
     block_11_depthwise = Conv2D(
         filters=576,
@@ -1057,20 +960,16 @@ def build_model() -> keras.Model:
         name='block_11_depthwise_BN',
     )(block_11_depthwise)
     # 'block_11.depthwise_relu': output (14, 14, 576)
-    block_11_depthwise_relu = Activation(
+    block_11_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_11_depthwise_relu',
     )(block_11_depthwise_BN)
     # 'block_11.project': output (14, 14, 96)
-    block_11_project = Conv2D(
-        filters=96,
-        kernel=(1, 1),
+    block_11_project = keras.layers.Conv2D(
+        96,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_11_project',
     )(block_11_depthwise_relu)
     # 'block_11.project_BN': output (14, 14, 96)
@@ -1084,15 +983,11 @@ def build_model() -> keras.Model:
     # 'block_11.add': output (14, 14, 96)
     block_11_add = keras.layers.Add(name='block_11_add')([block_10_project_BN, block_11_project_BN])
     # 'block_12.expand': output (14, 14, 576)
-    block_12_expand = Conv2D(
-        filters=576,
-        kernel=(1, 1),
+    block_12_expand = keras.layers.Conv2D(
+        576,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_12_expand',
     )(block_11_add)
     # 'block_12.expand_BN': output (14, 14, 576)
@@ -1104,7 +999,10 @@ def build_model() -> keras.Model:
         name='block_12_expand_BN',
     )(block_12_expand)
     # 'block_12.expand_relu': output (14, 14, 576)
-    block_12_expand_relu = Activation('relu6', name='block_12_expand_relu')(block_12_expand_BN)
+    block_12_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_12_expand_relu',
+    )(block_12_expand_BN)
     # 'block_12.depthwise': output (14, 14, 576)
     block_12_depthwise = Conv2D(
         filters=576,
@@ -1126,20 +1024,16 @@ def build_model() -> keras.Model:
         name='block_12_depthwise_BN',
     )(block_12_depthwise)
     # 'block_12.depthwise_relu': output (14, 14, 576)
-    block_12_depthwise_relu = Activation(
+    block_12_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_12_depthwise_relu',
     )(block_12_depthwise_BN)
     # 'block_12.project': output (14, 14, 96)
-    block_12_project = Conv2D(
-        filters=96,
-        kernel=(1, 1),
+    block_12_project = keras.layers.Conv2D(
+        96,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_12_project',
     )(block_12_depthwise_relu)
     # 'block_12.project_BN': output (14, 14, 96)
@@ -1153,15 +1047,11 @@ def build_model() -> keras.Model:
     # 'block_12.add': output (14, 14, 96)
     block_12_add = keras.layers.Add(name='block_12_add')([block_11_add, block_12_project_BN])
     # 'block_13.expand': output (14, 14, 576)
-    block_13_expand = Conv2D(
-        filters=576,
-        kernel=(1, 1),
+    block_13_expand = keras.layers.Conv2D(
+        576,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_13_expand',
     )(block_12_add)
     # 'block_13.expand_BN': output (14, 14, 576)
@@ -1173,19 +1063,19 @@ def build_model() -> keras.Model:
         name='block_13_expand_BN',
     )(block_13_expand)
     # 'block_13.expand_relu': output (14, 14, 576)
-    block_13_expand_relu = Activation('relu6', name='block_13_expand_relu')(block_13_expand_BN)
+    block_13_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_13_expand_relu',
+    )(block_13_expand_BN)
     # 'block_13.pad': output (15, 15, 576)
     block_13_pad = Pad2D((0, 1, 0, 1), 'zeros', name='block_13_pad')(block_13_expand_relu)
     # 'block_13.depthwise': output (7, 7, 576)
-    block_13_depthwise = Conv2D(
-        filters=576,
-        kernel=(3, 3),
+    block_13_depthwise = keras.layers.Conv2D(
+        576,
+        (3, 3),
         strides=(2, 2),
-        dilation=(1, 1),
         groups=576,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_13_depthwise',
     )(block_13_pad)
     # 'block_13.depthwise_BN': output (7, 7, 576)
@@ -1197,20 +1087,16 @@ def build_model() -> keras.Model:
         name='block_13_depthwise_BN',
     )(block_13_depthwise)
     # 'block_13.depthwise_relu': output (7, 7, 576)
-    block_13_depthwise_relu = Activation(
+    block_13_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_13_depthwise_relu',
     )(block_13_depthwise_BN)
     # 'block_13.project': output (7, 7, 160)
-    block_13_project = Conv2D(
-        filters=160,
-        kernel=(1, 1),
+    block_13_project = keras.layers.Conv2D(
+        160,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_13_project',
     )(block_13_depthwise_relu)
     # 'block_13.project_BN': output (7, 7, 160)
@@ -1222,15 +1108,11 @@ def build_model() -> keras.Model:
         name='block_13_project_BN',
     )(block_13_project)
     # 'block_14.expand': output (7, 7, 960)
-    block_14_expand = Conv2D(
-        filters=960,
-        kernel=(1, 1),
+    block_14_expand = keras.layers.Conv2D(
+        960,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_14_expand',
     )(block_13_project_BN)
     # 'block_14.expand_BN': output (7, 7, 960)
@@ -1242,7 +1124,10 @@ def build_model() -> keras.Model:
         name='block_14_expand_BN',
     )(block_14_expand)
     # 'block_14.expand_relu': output (7, 7, 960)
-    block_14_expand_relu = Activation('relu6', name='block_14_expand_relu')(block_14_expand_BN)
+    block_14_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_14_expand_relu',
+    )(block_14_expand_BN)
     # 'block_14.depthwise': output (7, 7, 960)
     block_14_depthwise = Conv2D(
         filters=960,
@@ -1264,20 +1149,16 @@ def build_model() -> keras.Model:
         name='block_14_depthwise_BN',
     )(block_14_depthwise)
     # 'block_14.depthwise_relu': output (7, 7, 960)
-    block_14_depthwise_relu = Activation(
+    block_14_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_14_depthwise_relu',
     )(block_14_depthwise_BN)
     # 'block_14.project': output (7, 7, 160)
-    block_14_project = Conv2D(
-        filters=160,
-        kernel=(1, 1),
+    block_14_project = keras.layers.Conv2D(
+        160,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_14_project',
     )(block_14_depthwise_relu)
     # 'block_14.project_BN': output (7, 7, 160)
@@ -1291,15 +1172,11 @@ def build_model() -> keras.Model:
     # 'block_14.add': output (7, 7, 160)
     block_14_add = keras.layers.Add(name='block_14_add')([block_13_project_BN, block_14_project_BN])
     # 'block_15.expand': output (7, 7, 960)
-    block_15_expand = Conv2D(
-        filters=960,
-        kernel=(1, 1),
+    block_15_expand = keras.layers.Conv2D(
+        960,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_15_expand',
     )(block_14_add)
     # 'block_15.expand_BN': output (7, 7, 960)
@@ -1311,7 +1188,10 @@ def build_model() -> keras.Model:
         name='block_15_expand_BN',
     )(block_15_expand)
     # 'block_15.expand_relu': output (7, 7, 960)
-    block_15_expand_relu = Activation('relu6', name='block_15_expand_relu')(block_15_expand_BN)
+    block_15_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_15_expand_relu',
+    )(block_15_expand_BN)
     # 'block_15.depthwise': output (7, 7, 960)
     block_15_depthwise = Conv2D(
         filters=960,
@@ -1333,20 +1213,16 @@ def build_model() -> keras.Model:
         name='block_15_depthwise_BN',
     )(block_15_depthwise)
     # 'block_15.depthwise_relu': output (7, 7, 960)
-    block_15_depthwise_relu = Activation(
+    block_15_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_15_depthwise_relu',
     )(block_15_depthwise_BN)
     # 'block_15.project': output (7, 7, 160)
-    block_15_project = Conv2D(
-        filters=160,
-        kernel=(1, 1),
+    block_15_project = keras.layers.Conv2D(
+        160,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_15_project',
     )(block_15_depthwise_relu)
     # 'block_15.project_BN': output (7, 7, 160)
@@ -1360,15 +1236,11 @@ def build_model() -> keras.Model:
     # 'block_15.add': output (7, 7, 160)
     block_15_add = keras.layers.Add(name='block_15_add')([block_14_add, block_15_project_BN])
     # 'block_16.expand': output (7, 7, 960)
-    block_16_expand = Conv2D(
-        filters=960,
-        kernel=(1, 1),
+    block_16_expand = keras.layers.Conv2D(
+        960,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_16_expand',
     )(block_15_add)
     # 'block_16.expand_BN': output (7, 7, 960)
@@ -1380,7 +1252,10 @@ def build_model() -> keras.Model:
         name='block_16_expand_BN',
     )(block_16_expand)
     # 'block_16.expand_relu': output (7, 7, 960)
-    block_16_expand_relu = Activation('relu6', name='block_16_expand_relu')(block_16_expand_BN)
+    block_16_expand_relu = keras.layers.Activation(
+        'relu6',
+        name='block_16_expand_relu',
+    )(block_16_expand_BN)
     # 'block_16.depthwise': output (7, 7, 960)
     block_16_depthwise = Conv2D(
         filters=960,
@@ -1402,20 +1277,16 @@ def build_model() -> keras.Model:
         name='block_16_depthwise_BN',
     )(block_16_depthwise)
     # 'block_16.depthwise_relu': output (7, 7, 960)
-    block_16_depthwise_relu = Activation(
+    block_16_depthwise_relu = keras.layers.Activation(
         'relu6',
         name='block_16_depthwise_relu',
     )(block_16_depthwise_BN)
     # 'block_16.project': output (7, 7, 320)
-    block_16_project = Conv2D(
-        filters=320,
-        kernel=(1, 1),
+    block_16_project = keras.layers.Conv2D(
+        320,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='block_16_project',
     )(block_16_depthwise_relu)
     # 'block_16.project_BN': output (7, 7, 320)
@@ -1427,15 +1298,11 @@ def build_model() -> keras.Model:
         name='block_16_project_BN',
     )(block_16_project)
     # 'Conv_1': output (7, 7, 1280)
-    Conv_1 = Conv2D(
-        filters=1280,
-        kernel=(1, 1),
+    Conv_1 = keras.layers.Conv2D(
+        1280,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='Conv_1',
     )(block_16_project_BN)
     # 'Conv_1_bn': output (7, 7, 1280)
@@ -1447,7 +1314,7 @@ def build_model() -> keras.Model:
         name='Conv_1_bn',
     )(Conv_1)
     # 'out_relu': output (7, 7, 1280)
-    out_relu = Activation('relu6', name='out_relu')(Conv_1_bn)
+    out_relu = keras.layers.Activation('relu6', name='out_relu')(Conv_1_bn)
     # 'global_average_pooling2d': output (1280,)
     global_average_pooling2d = GlobalPool('avg', name='global_average_pooling2d')(out_relu)
     # 'predictions': output (1000,)

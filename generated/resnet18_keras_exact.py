@@ -248,39 +248,6 @@ class BatchNorm(keras.layers.Layer):
         return y
 
 
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
-
-
 class GlobalPool(keras.layers.Layer):
     """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
 
@@ -311,7 +278,7 @@ def build_model() -> keras.Model:
     # 'bn1': output (112, 112, 64)
     bn1 = BatchNorm(decay=0.9, epsilon=1e-05, scale=True, center=True, name='bn1')(conv1)
     # 'relu': output (112, 112, 64)
-    relu = Activation('relu', name='relu')(bn1)
+    relu = keras.layers.Activation('relu', name='relu')(bn1)
     # 'maxpool': output (56, 56, 64)
     maxpool = MaxPool2D(pool=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1), name='maxpool')(relu)
     # 'layer1.0.conv1': output (56, 56, 64)
@@ -335,7 +302,7 @@ def build_model() -> keras.Model:
         name='layer1_0_bn1',
     )(layer1_0_conv1)
     # 'layer1.0.relu1': output (56, 56, 64)
-    layer1_0_relu1 = Activation('relu', name='layer1_0_relu1')(layer1_0_bn1)
+    layer1_0_relu1 = keras.layers.Activation('relu', name='layer1_0_relu1')(layer1_0_bn1)
     # 'layer1.0.conv2': output (56, 56, 64)
     layer1_0_conv2 = Conv2D(
         filters=64,
@@ -359,7 +326,7 @@ def build_model() -> keras.Model:
     # 'layer1.0.add': output (56, 56, 64)
     layer1_0_add = keras.layers.Add(name='layer1_0_add')([layer1_0_bn2, maxpool])
     # 'layer1.0.relu2': output (56, 56, 64)
-    layer1_0_relu2 = Activation('relu', name='layer1_0_relu2')(layer1_0_add)
+    layer1_0_relu2 = keras.layers.Activation('relu', name='layer1_0_relu2')(layer1_0_add)
     # 'layer1.1.conv1': output (56, 56, 64)
     layer1_1_conv1 = Conv2D(
         filters=64,
@@ -381,7 +348,7 @@ def build_model() -> keras.Model:
         name='layer1_1_bn1',
     )(layer1_1_conv1)
     # 'layer1.1.relu1': output (56, 56, 64)
-    layer1_1_relu1 = Activation('relu', name='layer1_1_relu1')(layer1_1_bn1)
+    layer1_1_relu1 = keras.layers.Activation('relu', name='layer1_1_relu1')(layer1_1_bn1)
     # 'layer1.1.conv2': output (56, 56, 64)
     layer1_1_conv2 = Conv2D(
         filters=64,
@@ -405,7 +372,7 @@ def build_model() -> keras.Model:
     # 'layer1.1.add': output (56, 56, 64)
     layer1_1_add = keras.layers.Add(name='layer1_1_add')([layer1_1_bn2, layer1_0_relu2])
     # 'layer1.1.relu2': output (56, 56, 64)
-    layer1_1_relu2 = Activation('relu', name='layer1_1_relu2')(layer1_1_add)
+    layer1_1_relu2 = keras.layers.Activation('relu', name='layer1_1_relu2')(layer1_1_add)
     # 'layer2_0.conv1': output (28, 28, 128)
     layer2_0_conv1 = Conv2D(
         filters=128,
@@ -427,7 +394,7 @@ def build_model() -> keras.Model:
         name='layer2_0_bn1',
     )(layer2_0_conv1)
     # 'layer2_0.relu1': output (28, 28, 128)
-    layer2_0_relu1 = Activation('relu', name='layer2_0_relu1')(layer2_0_bn1)
+    layer2_0_relu1 = keras.layers.Activation('relu', name='layer2_0_relu1')(layer2_0_bn1)
     # 'layer2_0.conv2': output (28, 28, 128)
     layer2_0_conv2 = Conv2D(
         filters=128,
@@ -449,15 +416,11 @@ def build_model() -> keras.Model:
         name='layer2_0_bn2',
     )(layer2_0_conv2)
     # 'layer2_0.downsample': output (28, 28, 128)
-    layer2_0_downsample = Conv2D(
-        filters=128,
-        kernel=(1, 1),
+    layer2_0_downsample = keras.layers.Conv2D(
+        128,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='layer2_0_downsample',
     )(layer1_1_relu2)
     # 'layer2_0.downsample_bn': output (28, 28, 128)
@@ -471,7 +434,7 @@ def build_model() -> keras.Model:
     # 'layer2_0.add': output (28, 28, 128)
     layer2_0_add = keras.layers.Add(name='layer2_0_add')([layer2_0_bn2, layer2_0_downsample_bn])
     # 'layer2_0.relu2': output (28, 28, 128)
-    layer2_0_relu2 = Activation('relu', name='layer2_0_relu2')(layer2_0_add)
+    layer2_0_relu2 = keras.layers.Activation('relu', name='layer2_0_relu2')(layer2_0_add)
     # 'layer2_1.conv1': output (28, 28, 128)
     layer2_1_conv1 = Conv2D(
         filters=128,
@@ -493,7 +456,7 @@ def build_model() -> keras.Model:
         name='layer2_1_bn1',
     )(layer2_1_conv1)
     # 'layer2_1.relu1': output (28, 28, 128)
-    layer2_1_relu1 = Activation('relu', name='layer2_1_relu1')(layer2_1_bn1)
+    layer2_1_relu1 = keras.layers.Activation('relu', name='layer2_1_relu1')(layer2_1_bn1)
     # 'layer2_1.conv2': output (28, 28, 128)
     layer2_1_conv2 = Conv2D(
         filters=128,
@@ -517,7 +480,7 @@ def build_model() -> keras.Model:
     # 'layer2_1.add': output (28, 28, 128)
     layer2_1_add = keras.layers.Add(name='layer2_1_add')([layer2_1_bn2, layer2_0_relu2])
     # 'layer2_1.relu2': output (28, 28, 128)
-    layer2_1_relu2 = Activation('relu', name='layer2_1_relu2')(layer2_1_add)
+    layer2_1_relu2 = keras.layers.Activation('relu', name='layer2_1_relu2')(layer2_1_add)
     # 'layer3_0.conv1': output (14, 14, 256)
     layer3_0_conv1 = Conv2D(
         filters=256,
@@ -539,7 +502,7 @@ def build_model() -> keras.Model:
         name='layer3_0_bn1',
     )(layer3_0_conv1)
     # 'layer3_0.relu1': output (14, 14, 256)
-    layer3_0_relu1 = Activation('relu', name='layer3_0_relu1')(layer3_0_bn1)
+    layer3_0_relu1 = keras.layers.Activation('relu', name='layer3_0_relu1')(layer3_0_bn1)
     # 'layer3_0.conv2': output (14, 14, 256)
     layer3_0_conv2 = Conv2D(
         filters=256,
@@ -561,15 +524,11 @@ def build_model() -> keras.Model:
         name='layer3_0_bn2',
     )(layer3_0_conv2)
     # 'layer3_0.downsample': output (14, 14, 256)
-    layer3_0_downsample = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    layer3_0_downsample = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='layer3_0_downsample',
     )(layer2_1_relu2)
     # 'layer3_0.downsample_bn': output (14, 14, 256)
@@ -583,7 +542,7 @@ def build_model() -> keras.Model:
     # 'layer3_0.add': output (14, 14, 256)
     layer3_0_add = keras.layers.Add(name='layer3_0_add')([layer3_0_bn2, layer3_0_downsample_bn])
     # 'layer3_0.relu2': output (14, 14, 256)
-    layer3_0_relu2 = Activation('relu', name='layer3_0_relu2')(layer3_0_add)
+    layer3_0_relu2 = keras.layers.Activation('relu', name='layer3_0_relu2')(layer3_0_add)
     # 'layer3_1.conv1': output (14, 14, 256)
     layer3_1_conv1 = Conv2D(
         filters=256,
@@ -605,7 +564,7 @@ def build_model() -> keras.Model:
         name='layer3_1_bn1',
     )(layer3_1_conv1)
     # 'layer3_1.relu1': output (14, 14, 256)
-    layer3_1_relu1 = Activation('relu', name='layer3_1_relu1')(layer3_1_bn1)
+    layer3_1_relu1 = keras.layers.Activation('relu', name='layer3_1_relu1')(layer3_1_bn1)
     # 'layer3_1.conv2': output (14, 14, 256)
     layer3_1_conv2 = Conv2D(
         filters=256,
@@ -629,7 +588,7 @@ def build_model() -> keras.Model:
     # 'layer3_1.add': output (14, 14, 256)
     layer3_1_add = keras.layers.Add(name='layer3_1_add')([layer3_1_bn2, layer3_0_relu2])
     # 'layer3_1.relu2': output (14, 14, 256)
-    layer3_1_relu2 = Activation('relu', name='layer3_1_relu2')(layer3_1_add)
+    layer3_1_relu2 = keras.layers.Activation('relu', name='layer3_1_relu2')(layer3_1_add)
     # 'layer4_0.conv1': output (7, 7, 512)
     layer4_0_conv1 = Conv2D(
         filters=512,
@@ -651,7 +610,7 @@ def build_model() -> keras.Model:
         name='layer4_0_bn1',
     )(layer4_0_conv1)
     # 'layer4_0.relu1': output (7, 7, 512)
-    layer4_0_relu1 = Activation('relu', name='layer4_0_relu1')(layer4_0_bn1)
+    layer4_0_relu1 = keras.layers.Activation('relu', name='layer4_0_relu1')(layer4_0_bn1)
     # 'layer4_0.conv2': output (7, 7, 512)
     layer4_0_conv2 = Conv2D(
         filters=512,
@@ -673,15 +632,11 @@ def build_model() -> keras.Model:
         name='layer4_0_bn2',
     )(layer4_0_conv2)
     # 'layer4_0.downsample': output (7, 7, 512)
-    layer4_0_downsample = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    layer4_0_downsample = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=False,
+        use_bias=False,
         name='layer4_0_downsample',
     )(layer3_1_relu2)
     # 'layer4_0.downsample_bn': output (7, 7, 512)
@@ -695,7 +650,7 @@ def build_model() -> keras.Model:
     # 'layer4_0.add': output (7, 7, 512)
     layer4_0_add = keras.layers.Add(name='layer4_0_add')([layer4_0_bn2, layer4_0_downsample_bn])
     # 'layer4_0.relu2': output (7, 7, 512)
-    layer4_0_relu2 = Activation('relu', name='layer4_0_relu2')(layer4_0_add)
+    layer4_0_relu2 = keras.layers.Activation('relu', name='layer4_0_relu2')(layer4_0_add)
     # 'layer4_1.conv1': output (7, 7, 512)
     layer4_1_conv1 = Conv2D(
         filters=512,
@@ -717,7 +672,7 @@ def build_model() -> keras.Model:
         name='layer4_1_bn1',
     )(layer4_1_conv1)
     # 'layer4_1.relu1': output (7, 7, 512)
-    layer4_1_relu1 = Activation('relu', name='layer4_1_relu1')(layer4_1_bn1)
+    layer4_1_relu1 = keras.layers.Activation('relu', name='layer4_1_relu1')(layer4_1_bn1)
     # 'layer4_1.conv2': output (7, 7, 512)
     layer4_1_conv2 = Conv2D(
         filters=512,
@@ -741,7 +696,7 @@ def build_model() -> keras.Model:
     # 'layer4_1.add': output (7, 7, 512)
     layer4_1_add = keras.layers.Add(name='layer4_1_add')([layer4_1_bn2, layer4_0_relu2])
     # 'layer4_1.relu2': output (7, 7, 512)
-    layer4_1_relu2 = Activation('relu', name='layer4_1_relu2')(layer4_1_add)
+    layer4_1_relu2 = keras.layers.Activation('relu', name='layer4_1_relu2')(layer4_1_add)
     # 'avgpool': output (512,)
     avgpool = GlobalPool('avg', name='avgpool')(layer4_1_relu2)
     # 'fc': output (1000,)

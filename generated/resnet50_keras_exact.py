@@ -169,54 +169,6 @@ class Pad2D(keras.layers.Layer):
         return pad_nhwc(x, self.pads, self.mode, self.pad_value)
 
 
-class Pool2D(keras.layers.Layer):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x, value, beyond):
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nhwc(x, self.pads, "zeros", value)
-        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def cells(self, x):
-        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
-        pools have no dilation)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2D(Pool2D):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
-    ):
-        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def call(self, x):
-        x = self.padded(x, self.pad_value, float("-inf"))
-        if self.dilation == (1, 1):
-            return ops.max_pool(x, self.pool, self.strides, padding="valid")
-        out = None
-        for cell in self.cells(x):
-            out = cell if out is None else ops.maximum(out, cell)
-        return out
-
-
 class BatchNorm(keras.layers.Layer):
     """running = decay * running + (1 - decay) * batch statistic, with the unbiased batch
     variance for the running variance (IR `batch_norm`). Keras's own BatchNormalization
@@ -259,39 +211,6 @@ class BatchNorm(keras.layers.Layer):
         return y
 
 
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
-
-
 class GlobalPool(keras.layers.Layer):
     """Mean or max over height and width (IR `global_avg_pool2d`, `global_max_pool2d`)."""
 
@@ -310,17 +229,7 @@ def build_model() -> keras.Model:
     # 'conv1_pad': output (230, 230, 3)
     conv1_pad = Pad2D((3, 3, 3, 3), 'zeros', name='conv1_pad')(inputs)
     # 'conv1_conv': output (112, 112, 64)
-    conv1_conv = Conv2D(
-        filters=64,
-        kernel=(7, 7),
-        strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
-        name='conv1_conv',
-    )(conv1_pad)
+    conv1_conv = keras.layers.Conv2D(64, (7, 7), strides=(2, 2), name='conv1_conv')(conv1_pad)
     # 'conv1_bn': output (112, 112, 64)
     conv1_bn = BatchNorm(
         decay=0.99,
@@ -330,26 +239,16 @@ def build_model() -> keras.Model:
         name='conv1_bn',
     )(conv1_conv)
     # 'conv1_relu': output (112, 112, 64)
-    conv1_relu = Activation('relu', name='conv1_relu')(conv1_bn)
+    conv1_relu = keras.layers.Activation('relu', name='conv1_relu')(conv1_bn)
     # 'pool1_pad': output (114, 114, 64)
     pool1_pad = Pad2D((1, 1, 1, 1), 'zeros', name='pool1_pad')(conv1_relu)
     # 'pool1_pool': output (56, 56, 64)
-    pool1_pool = MaxPool2D(
-        pool=(3, 3),
-        strides=(2, 2),
-        pads=(0, 0, 0, 0),
-        name='pool1_pool',
-    )(pool1_pad)
+    pool1_pool = keras.layers.MaxPooling2D((3, 3), strides=(2, 2), name='pool1_pool')(pool1_pad)
     # 'conv2_block1.c0_conv': output (56, 56, 256)
-    conv2_block1_c0_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv2_block1_c0_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block1_c0_conv',
     )(pool1_pool)
     # 'conv2_block1.c0_bn': output (56, 56, 256)
@@ -361,15 +260,10 @@ def build_model() -> keras.Model:
         name='conv2_block1_c0_bn',
     )(conv2_block1_c0_conv)
     # 'conv2_block1.c1_conv': output (56, 56, 64)
-    conv2_block1_c1_conv = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    conv2_block1_c1_conv = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block1_c1_conv',
     )(pool1_pool)
     # 'conv2_block1.c1_bn': output (56, 56, 64)
@@ -381,7 +275,10 @@ def build_model() -> keras.Model:
         name='conv2_block1_c1_bn',
     )(conv2_block1_c1_conv)
     # 'conv2_block1.c1_relu': output (56, 56, 64)
-    conv2_block1_c1_relu = Activation('relu', name='conv2_block1_c1_relu')(conv2_block1_c1_bn)
+    conv2_block1_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block1_c1_relu',
+    )(conv2_block1_c1_bn)
     # 'conv2_block1.c2_conv': output (56, 56, 64)
     conv2_block1_c2_conv = Conv2D(
         filters=64,
@@ -403,17 +300,15 @@ def build_model() -> keras.Model:
         name='conv2_block1_c2_bn',
     )(conv2_block1_c2_conv)
     # 'conv2_block1.c2_relu': output (56, 56, 64)
-    conv2_block1_c2_relu = Activation('relu', name='conv2_block1_c2_relu')(conv2_block1_c2_bn)
+    conv2_block1_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block1_c2_relu',
+    )(conv2_block1_c2_bn)
     # 'conv2_block1.c3_conv': output (56, 56, 256)
-    conv2_block1_c3_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv2_block1_c3_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block1_c3_conv',
     )(conv2_block1_c2_relu)
     # 'conv2_block1.c3_bn': output (56, 56, 256)
@@ -429,17 +324,12 @@ def build_model() -> keras.Model:
         name='conv2_block1_add',
     )([conv2_block1_c0_bn, conv2_block1_c3_bn])
     # 'conv2_block1.out': output (56, 56, 256)
-    conv2_block1_out = Activation('relu', name='conv2_block1_out')(conv2_block1_add)
+    conv2_block1_out = keras.layers.Activation('relu', name='conv2_block1_out')(conv2_block1_add)
     # 'conv2_block2.c1_conv': output (56, 56, 64)
-    conv2_block2_c1_conv = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    conv2_block2_c1_conv = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block2_c1_conv',
     )(conv2_block1_out)
     # 'conv2_block2.c1_bn': output (56, 56, 64)
@@ -451,7 +341,10 @@ def build_model() -> keras.Model:
         name='conv2_block2_c1_bn',
     )(conv2_block2_c1_conv)
     # 'conv2_block2.c1_relu': output (56, 56, 64)
-    conv2_block2_c1_relu = Activation('relu', name='conv2_block2_c1_relu')(conv2_block2_c1_bn)
+    conv2_block2_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block2_c1_relu',
+    )(conv2_block2_c1_bn)
     # 'conv2_block2.c2_conv': output (56, 56, 64)
     conv2_block2_c2_conv = Conv2D(
         filters=64,
@@ -473,17 +366,15 @@ def build_model() -> keras.Model:
         name='conv2_block2_c2_bn',
     )(conv2_block2_c2_conv)
     # 'conv2_block2.c2_relu': output (56, 56, 64)
-    conv2_block2_c2_relu = Activation('relu', name='conv2_block2_c2_relu')(conv2_block2_c2_bn)
+    conv2_block2_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block2_c2_relu',
+    )(conv2_block2_c2_bn)
     # 'conv2_block2.c3_conv': output (56, 56, 256)
-    conv2_block2_c3_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv2_block2_c3_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block2_c3_conv',
     )(conv2_block2_c2_relu)
     # 'conv2_block2.c3_bn': output (56, 56, 256)
@@ -499,17 +390,12 @@ def build_model() -> keras.Model:
         name='conv2_block2_add',
     )([conv2_block1_out, conv2_block2_c3_bn])
     # 'conv2_block2.out': output (56, 56, 256)
-    conv2_block2_out = Activation('relu', name='conv2_block2_out')(conv2_block2_add)
+    conv2_block2_out = keras.layers.Activation('relu', name='conv2_block2_out')(conv2_block2_add)
     # 'conv2_block3.c1_conv': output (56, 56, 64)
-    conv2_block3_c1_conv = Conv2D(
-        filters=64,
-        kernel=(1, 1),
+    conv2_block3_c1_conv = keras.layers.Conv2D(
+        64,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block3_c1_conv',
     )(conv2_block2_out)
     # 'conv2_block3.c1_bn': output (56, 56, 64)
@@ -521,7 +407,10 @@ def build_model() -> keras.Model:
         name='conv2_block3_c1_bn',
     )(conv2_block3_c1_conv)
     # 'conv2_block3.c1_relu': output (56, 56, 64)
-    conv2_block3_c1_relu = Activation('relu', name='conv2_block3_c1_relu')(conv2_block3_c1_bn)
+    conv2_block3_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block3_c1_relu',
+    )(conv2_block3_c1_bn)
     # 'conv2_block3.c2_conv': output (56, 56, 64)
     conv2_block3_c2_conv = Conv2D(
         filters=64,
@@ -543,17 +432,15 @@ def build_model() -> keras.Model:
         name='conv2_block3_c2_bn',
     )(conv2_block3_c2_conv)
     # 'conv2_block3.c2_relu': output (56, 56, 64)
-    conv2_block3_c2_relu = Activation('relu', name='conv2_block3_c2_relu')(conv2_block3_c2_bn)
+    conv2_block3_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv2_block3_c2_relu',
+    )(conv2_block3_c2_bn)
     # 'conv2_block3.c3_conv': output (56, 56, 256)
-    conv2_block3_c3_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv2_block3_c3_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv2_block3_c3_conv',
     )(conv2_block3_c2_relu)
     # 'conv2_block3.c3_bn': output (56, 56, 256)
@@ -569,17 +456,12 @@ def build_model() -> keras.Model:
         name='conv2_block3_add',
     )([conv2_block2_out, conv2_block3_c3_bn])
     # 'conv2_block3.out': output (56, 56, 256)
-    conv2_block3_out = Activation('relu', name='conv2_block3_out')(conv2_block3_add)
+    conv2_block3_out = keras.layers.Activation('relu', name='conv2_block3_out')(conv2_block3_add)
     # 'conv3_block1.c0_conv': output (28, 28, 512)
-    conv3_block1_c0_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv3_block1_c0_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block1_c0_conv',
     )(conv2_block3_out)
     # 'conv3_block1.c0_bn': output (28, 28, 512)
@@ -591,15 +473,10 @@ def build_model() -> keras.Model:
         name='conv3_block1_c0_bn',
     )(conv3_block1_c0_conv)
     # 'conv3_block1.c1_conv': output (28, 28, 128)
-    conv3_block1_c1_conv = Conv2D(
-        filters=128,
-        kernel=(1, 1),
+    conv3_block1_c1_conv = keras.layers.Conv2D(
+        128,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block1_c1_conv',
     )(conv2_block3_out)
     # 'conv3_block1.c1_bn': output (28, 28, 128)
@@ -611,7 +488,10 @@ def build_model() -> keras.Model:
         name='conv3_block1_c1_bn',
     )(conv3_block1_c1_conv)
     # 'conv3_block1.c1_relu': output (28, 28, 128)
-    conv3_block1_c1_relu = Activation('relu', name='conv3_block1_c1_relu')(conv3_block1_c1_bn)
+    conv3_block1_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block1_c1_relu',
+    )(conv3_block1_c1_bn)
     # 'conv3_block1.c2_conv': output (28, 28, 128)
     conv3_block1_c2_conv = Conv2D(
         filters=128,
@@ -633,17 +513,15 @@ def build_model() -> keras.Model:
         name='conv3_block1_c2_bn',
     )(conv3_block1_c2_conv)
     # 'conv3_block1.c2_relu': output (28, 28, 128)
-    conv3_block1_c2_relu = Activation('relu', name='conv3_block1_c2_relu')(conv3_block1_c2_bn)
+    conv3_block1_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block1_c2_relu',
+    )(conv3_block1_c2_bn)
     # 'conv3_block1.c3_conv': output (28, 28, 512)
-    conv3_block1_c3_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv3_block1_c3_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block1_c3_conv',
     )(conv3_block1_c2_relu)
     # 'conv3_block1.c3_bn': output (28, 28, 512)
@@ -659,17 +537,12 @@ def build_model() -> keras.Model:
         name='conv3_block1_add',
     )([conv3_block1_c0_bn, conv3_block1_c3_bn])
     # 'conv3_block1.out': output (28, 28, 512)
-    conv3_block1_out = Activation('relu', name='conv3_block1_out')(conv3_block1_add)
+    conv3_block1_out = keras.layers.Activation('relu', name='conv3_block1_out')(conv3_block1_add)
     # 'conv3_block2.c1_conv': output (28, 28, 128)
-    conv3_block2_c1_conv = Conv2D(
-        filters=128,
-        kernel=(1, 1),
+    conv3_block2_c1_conv = keras.layers.Conv2D(
+        128,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block2_c1_conv',
     )(conv3_block1_out)
     # 'conv3_block2.c1_bn': output (28, 28, 128)
@@ -681,7 +554,10 @@ def build_model() -> keras.Model:
         name='conv3_block2_c1_bn',
     )(conv3_block2_c1_conv)
     # 'conv3_block2.c1_relu': output (28, 28, 128)
-    conv3_block2_c1_relu = Activation('relu', name='conv3_block2_c1_relu')(conv3_block2_c1_bn)
+    conv3_block2_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block2_c1_relu',
+    )(conv3_block2_c1_bn)
     # 'conv3_block2.c2_conv': output (28, 28, 128)
     conv3_block2_c2_conv = Conv2D(
         filters=128,
@@ -703,17 +579,15 @@ def build_model() -> keras.Model:
         name='conv3_block2_c2_bn',
     )(conv3_block2_c2_conv)
     # 'conv3_block2.c2_relu': output (28, 28, 128)
-    conv3_block2_c2_relu = Activation('relu', name='conv3_block2_c2_relu')(conv3_block2_c2_bn)
+    conv3_block2_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block2_c2_relu',
+    )(conv3_block2_c2_bn)
     # 'conv3_block2.c3_conv': output (28, 28, 512)
-    conv3_block2_c3_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv3_block2_c3_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block2_c3_conv',
     )(conv3_block2_c2_relu)
     # 'conv3_block2.c3_bn': output (28, 28, 512)
@@ -729,17 +603,12 @@ def build_model() -> keras.Model:
         name='conv3_block2_add',
     )([conv3_block1_out, conv3_block2_c3_bn])
     # 'conv3_block2.out': output (28, 28, 512)
-    conv3_block2_out = Activation('relu', name='conv3_block2_out')(conv3_block2_add)
+    conv3_block2_out = keras.layers.Activation('relu', name='conv3_block2_out')(conv3_block2_add)
     # 'conv3_block3.c1_conv': output (28, 28, 128)
-    conv3_block3_c1_conv = Conv2D(
-        filters=128,
-        kernel=(1, 1),
+    conv3_block3_c1_conv = keras.layers.Conv2D(
+        128,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block3_c1_conv',
     )(conv3_block2_out)
     # 'conv3_block3.c1_bn': output (28, 28, 128)
@@ -751,7 +620,10 @@ def build_model() -> keras.Model:
         name='conv3_block3_c1_bn',
     )(conv3_block3_c1_conv)
     # 'conv3_block3.c1_relu': output (28, 28, 128)
-    conv3_block3_c1_relu = Activation('relu', name='conv3_block3_c1_relu')(conv3_block3_c1_bn)
+    conv3_block3_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block3_c1_relu',
+    )(conv3_block3_c1_bn)
     # 'conv3_block3.c2_conv': output (28, 28, 128)
     conv3_block3_c2_conv = Conv2D(
         filters=128,
@@ -773,17 +645,15 @@ def build_model() -> keras.Model:
         name='conv3_block3_c2_bn',
     )(conv3_block3_c2_conv)
     # 'conv3_block3.c2_relu': output (28, 28, 128)
-    conv3_block3_c2_relu = Activation('relu', name='conv3_block3_c2_relu')(conv3_block3_c2_bn)
+    conv3_block3_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block3_c2_relu',
+    )(conv3_block3_c2_bn)
     # 'conv3_block3.c3_conv': output (28, 28, 512)
-    conv3_block3_c3_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv3_block3_c3_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block3_c3_conv',
     )(conv3_block3_c2_relu)
     # 'conv3_block3.c3_bn': output (28, 28, 512)
@@ -799,17 +669,12 @@ def build_model() -> keras.Model:
         name='conv3_block3_add',
     )([conv3_block2_out, conv3_block3_c3_bn])
     # 'conv3_block3.out': output (28, 28, 512)
-    conv3_block3_out = Activation('relu', name='conv3_block3_out')(conv3_block3_add)
+    conv3_block3_out = keras.layers.Activation('relu', name='conv3_block3_out')(conv3_block3_add)
     # 'conv3_block4.c1_conv': output (28, 28, 128)
-    conv3_block4_c1_conv = Conv2D(
-        filters=128,
-        kernel=(1, 1),
+    conv3_block4_c1_conv = keras.layers.Conv2D(
+        128,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block4_c1_conv',
     )(conv3_block3_out)
     # 'conv3_block4.c1_bn': output (28, 28, 128)
@@ -821,7 +686,10 @@ def build_model() -> keras.Model:
         name='conv3_block4_c1_bn',
     )(conv3_block4_c1_conv)
     # 'conv3_block4.c1_relu': output (28, 28, 128)
-    conv3_block4_c1_relu = Activation('relu', name='conv3_block4_c1_relu')(conv3_block4_c1_bn)
+    conv3_block4_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block4_c1_relu',
+    )(conv3_block4_c1_bn)
     # 'conv3_block4.c2_conv': output (28, 28, 128)
     conv3_block4_c2_conv = Conv2D(
         filters=128,
@@ -843,17 +711,15 @@ def build_model() -> keras.Model:
         name='conv3_block4_c2_bn',
     )(conv3_block4_c2_conv)
     # 'conv3_block4.c2_relu': output (28, 28, 128)
-    conv3_block4_c2_relu = Activation('relu', name='conv3_block4_c2_relu')(conv3_block4_c2_bn)
+    conv3_block4_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv3_block4_c2_relu',
+    )(conv3_block4_c2_bn)
     # 'conv3_block4.c3_conv': output (28, 28, 512)
-    conv3_block4_c3_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv3_block4_c3_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv3_block4_c3_conv',
     )(conv3_block4_c2_relu)
     # 'conv3_block4.c3_bn': output (28, 28, 512)
@@ -869,17 +735,12 @@ def build_model() -> keras.Model:
         name='conv3_block4_add',
     )([conv3_block3_out, conv3_block4_c3_bn])
     # 'conv3_block4.out': output (28, 28, 512)
-    conv3_block4_out = Activation('relu', name='conv3_block4_out')(conv3_block4_add)
+    conv3_block4_out = keras.layers.Activation('relu', name='conv3_block4_out')(conv3_block4_add)
     # 'conv4_block1.c0_conv': output (14, 14, 1024)
-    conv4_block1_c0_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block1_c0_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block1_c0_conv',
     )(conv3_block4_out)
     # 'conv4_block1.c0_bn': output (14, 14, 1024)
@@ -891,15 +752,10 @@ def build_model() -> keras.Model:
         name='conv4_block1_c0_bn',
     )(conv4_block1_c0_conv)
     # 'conv4_block1.c1_conv': output (14, 14, 256)
-    conv4_block1_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block1_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block1_c1_conv',
     )(conv3_block4_out)
     # 'conv4_block1.c1_bn': output (14, 14, 256)
@@ -911,7 +767,10 @@ def build_model() -> keras.Model:
         name='conv4_block1_c1_bn',
     )(conv4_block1_c1_conv)
     # 'conv4_block1.c1_relu': output (14, 14, 256)
-    conv4_block1_c1_relu = Activation('relu', name='conv4_block1_c1_relu')(conv4_block1_c1_bn)
+    conv4_block1_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block1_c1_relu',
+    )(conv4_block1_c1_bn)
     # 'conv4_block1.c2_conv': output (14, 14, 256)
     conv4_block1_c2_conv = Conv2D(
         filters=256,
@@ -933,17 +792,15 @@ def build_model() -> keras.Model:
         name='conv4_block1_c2_bn',
     )(conv4_block1_c2_conv)
     # 'conv4_block1.c2_relu': output (14, 14, 256)
-    conv4_block1_c2_relu = Activation('relu', name='conv4_block1_c2_relu')(conv4_block1_c2_bn)
+    conv4_block1_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block1_c2_relu',
+    )(conv4_block1_c2_bn)
     # 'conv4_block1.c3_conv': output (14, 14, 1024)
-    conv4_block1_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block1_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block1_c3_conv',
     )(conv4_block1_c2_relu)
     # 'conv4_block1.c3_bn': output (14, 14, 1024)
@@ -959,17 +816,12 @@ def build_model() -> keras.Model:
         name='conv4_block1_add',
     )([conv4_block1_c0_bn, conv4_block1_c3_bn])
     # 'conv4_block1.out': output (14, 14, 1024)
-    conv4_block1_out = Activation('relu', name='conv4_block1_out')(conv4_block1_add)
+    conv4_block1_out = keras.layers.Activation('relu', name='conv4_block1_out')(conv4_block1_add)
     # 'conv4_block2.c1_conv': output (14, 14, 256)
-    conv4_block2_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block2_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block2_c1_conv',
     )(conv4_block1_out)
     # 'conv4_block2.c1_bn': output (14, 14, 256)
@@ -981,7 +833,10 @@ def build_model() -> keras.Model:
         name='conv4_block2_c1_bn',
     )(conv4_block2_c1_conv)
     # 'conv4_block2.c1_relu': output (14, 14, 256)
-    conv4_block2_c1_relu = Activation('relu', name='conv4_block2_c1_relu')(conv4_block2_c1_bn)
+    conv4_block2_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block2_c1_relu',
+    )(conv4_block2_c1_bn)
     # 'conv4_block2.c2_conv': output (14, 14, 256)
     conv4_block2_c2_conv = Conv2D(
         filters=256,
@@ -1003,17 +858,15 @@ def build_model() -> keras.Model:
         name='conv4_block2_c2_bn',
     )(conv4_block2_c2_conv)
     # 'conv4_block2.c2_relu': output (14, 14, 256)
-    conv4_block2_c2_relu = Activation('relu', name='conv4_block2_c2_relu')(conv4_block2_c2_bn)
+    conv4_block2_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block2_c2_relu',
+    )(conv4_block2_c2_bn)
     # 'conv4_block2.c3_conv': output (14, 14, 1024)
-    conv4_block2_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block2_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block2_c3_conv',
     )(conv4_block2_c2_relu)
     # 'conv4_block2.c3_bn': output (14, 14, 1024)
@@ -1029,17 +882,12 @@ def build_model() -> keras.Model:
         name='conv4_block2_add',
     )([conv4_block1_out, conv4_block2_c3_bn])
     # 'conv4_block2.out': output (14, 14, 1024)
-    conv4_block2_out = Activation('relu', name='conv4_block2_out')(conv4_block2_add)
+    conv4_block2_out = keras.layers.Activation('relu', name='conv4_block2_out')(conv4_block2_add)
     # 'conv4_block3.c1_conv': output (14, 14, 256)
-    conv4_block3_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block3_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block3_c1_conv',
     )(conv4_block2_out)
     # 'conv4_block3.c1_bn': output (14, 14, 256)
@@ -1051,7 +899,10 @@ def build_model() -> keras.Model:
         name='conv4_block3_c1_bn',
     )(conv4_block3_c1_conv)
     # 'conv4_block3.c1_relu': output (14, 14, 256)
-    conv4_block3_c1_relu = Activation('relu', name='conv4_block3_c1_relu')(conv4_block3_c1_bn)
+    conv4_block3_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block3_c1_relu',
+    )(conv4_block3_c1_bn)
     # 'conv4_block3.c2_conv': output (14, 14, 256)
     conv4_block3_c2_conv = Conv2D(
         filters=256,
@@ -1073,17 +924,15 @@ def build_model() -> keras.Model:
         name='conv4_block3_c2_bn',
     )(conv4_block3_c2_conv)
     # 'conv4_block3.c2_relu': output (14, 14, 256)
-    conv4_block3_c2_relu = Activation('relu', name='conv4_block3_c2_relu')(conv4_block3_c2_bn)
+    conv4_block3_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block3_c2_relu',
+    )(conv4_block3_c2_bn)
     # 'conv4_block3.c3_conv': output (14, 14, 1024)
-    conv4_block3_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block3_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block3_c3_conv',
     )(conv4_block3_c2_relu)
     # 'conv4_block3.c3_bn': output (14, 14, 1024)
@@ -1099,17 +948,12 @@ def build_model() -> keras.Model:
         name='conv4_block3_add',
     )([conv4_block2_out, conv4_block3_c3_bn])
     # 'conv4_block3.out': output (14, 14, 1024)
-    conv4_block3_out = Activation('relu', name='conv4_block3_out')(conv4_block3_add)
+    conv4_block3_out = keras.layers.Activation('relu', name='conv4_block3_out')(conv4_block3_add)
     # 'conv4_block4.c1_conv': output (14, 14, 256)
-    conv4_block4_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block4_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block4_c1_conv',
     )(conv4_block3_out)
     # 'conv4_block4.c1_bn': output (14, 14, 256)
@@ -1121,7 +965,10 @@ def build_model() -> keras.Model:
         name='conv4_block4_c1_bn',
     )(conv4_block4_c1_conv)
     # 'conv4_block4.c1_relu': output (14, 14, 256)
-    conv4_block4_c1_relu = Activation('relu', name='conv4_block4_c1_relu')(conv4_block4_c1_bn)
+    conv4_block4_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block4_c1_relu',
+    )(conv4_block4_c1_bn)
     # 'conv4_block4.c2_conv': output (14, 14, 256)
     conv4_block4_c2_conv = Conv2D(
         filters=256,
@@ -1143,17 +990,15 @@ def build_model() -> keras.Model:
         name='conv4_block4_c2_bn',
     )(conv4_block4_c2_conv)
     # 'conv4_block4.c2_relu': output (14, 14, 256)
-    conv4_block4_c2_relu = Activation('relu', name='conv4_block4_c2_relu')(conv4_block4_c2_bn)
+    conv4_block4_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block4_c2_relu',
+    )(conv4_block4_c2_bn)
     # 'conv4_block4.c3_conv': output (14, 14, 1024)
-    conv4_block4_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block4_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block4_c3_conv',
     )(conv4_block4_c2_relu)
     # 'conv4_block4.c3_bn': output (14, 14, 1024)
@@ -1169,17 +1014,12 @@ def build_model() -> keras.Model:
         name='conv4_block4_add',
     )([conv4_block3_out, conv4_block4_c3_bn])
     # 'conv4_block4.out': output (14, 14, 1024)
-    conv4_block4_out = Activation('relu', name='conv4_block4_out')(conv4_block4_add)
+    conv4_block4_out = keras.layers.Activation('relu', name='conv4_block4_out')(conv4_block4_add)
     # 'conv4_block5.c1_conv': output (14, 14, 256)
-    conv4_block5_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block5_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block5_c1_conv',
     )(conv4_block4_out)
     # 'conv4_block5.c1_bn': output (14, 14, 256)
@@ -1191,7 +1031,10 @@ def build_model() -> keras.Model:
         name='conv4_block5_c1_bn',
     )(conv4_block5_c1_conv)
     # 'conv4_block5.c1_relu': output (14, 14, 256)
-    conv4_block5_c1_relu = Activation('relu', name='conv4_block5_c1_relu')(conv4_block5_c1_bn)
+    conv4_block5_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block5_c1_relu',
+    )(conv4_block5_c1_bn)
     # 'conv4_block5.c2_conv': output (14, 14, 256)
     conv4_block5_c2_conv = Conv2D(
         filters=256,
@@ -1213,17 +1056,15 @@ def build_model() -> keras.Model:
         name='conv4_block5_c2_bn',
     )(conv4_block5_c2_conv)
     # 'conv4_block5.c2_relu': output (14, 14, 256)
-    conv4_block5_c2_relu = Activation('relu', name='conv4_block5_c2_relu')(conv4_block5_c2_bn)
+    conv4_block5_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block5_c2_relu',
+    )(conv4_block5_c2_bn)
     # 'conv4_block5.c3_conv': output (14, 14, 1024)
-    conv4_block5_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block5_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block5_c3_conv',
     )(conv4_block5_c2_relu)
     # 'conv4_block5.c3_bn': output (14, 14, 1024)
@@ -1239,17 +1080,12 @@ def build_model() -> keras.Model:
         name='conv4_block5_add',
     )([conv4_block4_out, conv4_block5_c3_bn])
     # 'conv4_block5.out': output (14, 14, 1024)
-    conv4_block5_out = Activation('relu', name='conv4_block5_out')(conv4_block5_add)
+    conv4_block5_out = keras.layers.Activation('relu', name='conv4_block5_out')(conv4_block5_add)
     # 'conv4_block6.c1_conv': output (14, 14, 256)
-    conv4_block6_c1_conv = Conv2D(
-        filters=256,
-        kernel=(1, 1),
+    conv4_block6_c1_conv = keras.layers.Conv2D(
+        256,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block6_c1_conv',
     )(conv4_block5_out)
     # 'conv4_block6.c1_bn': output (14, 14, 256)
@@ -1261,7 +1097,10 @@ def build_model() -> keras.Model:
         name='conv4_block6_c1_bn',
     )(conv4_block6_c1_conv)
     # 'conv4_block6.c1_relu': output (14, 14, 256)
-    conv4_block6_c1_relu = Activation('relu', name='conv4_block6_c1_relu')(conv4_block6_c1_bn)
+    conv4_block6_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block6_c1_relu',
+    )(conv4_block6_c1_bn)
     # 'conv4_block6.c2_conv': output (14, 14, 256)
     conv4_block6_c2_conv = Conv2D(
         filters=256,
@@ -1283,17 +1122,15 @@ def build_model() -> keras.Model:
         name='conv4_block6_c2_bn',
     )(conv4_block6_c2_conv)
     # 'conv4_block6.c2_relu': output (14, 14, 256)
-    conv4_block6_c2_relu = Activation('relu', name='conv4_block6_c2_relu')(conv4_block6_c2_bn)
+    conv4_block6_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv4_block6_c2_relu',
+    )(conv4_block6_c2_bn)
     # 'conv4_block6.c3_conv': output (14, 14, 1024)
-    conv4_block6_c3_conv = Conv2D(
-        filters=1024,
-        kernel=(1, 1),
+    conv4_block6_c3_conv = keras.layers.Conv2D(
+        1024,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv4_block6_c3_conv',
     )(conv4_block6_c2_relu)
     # 'conv4_block6.c3_bn': output (14, 14, 1024)
@@ -1309,17 +1146,12 @@ def build_model() -> keras.Model:
         name='conv4_block6_add',
     )([conv4_block5_out, conv4_block6_c3_bn])
     # 'conv4_block6.out': output (14, 14, 1024)
-    conv4_block6_out = Activation('relu', name='conv4_block6_out')(conv4_block6_add)
+    conv4_block6_out = keras.layers.Activation('relu', name='conv4_block6_out')(conv4_block6_add)
     # 'conv5_block1.c0_conv': output (7, 7, 2048)
-    conv5_block1_c0_conv = Conv2D(
-        filters=2048,
-        kernel=(1, 1),
+    conv5_block1_c0_conv = keras.layers.Conv2D(
+        2048,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block1_c0_conv',
     )(conv4_block6_out)
     # 'conv5_block1.c0_bn': output (7, 7, 2048)
@@ -1331,15 +1163,10 @@ def build_model() -> keras.Model:
         name='conv5_block1_c0_bn',
     )(conv5_block1_c0_conv)
     # 'conv5_block1.c1_conv': output (7, 7, 512)
-    conv5_block1_c1_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv5_block1_c1_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(2, 2),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block1_c1_conv',
     )(conv4_block6_out)
     # 'conv5_block1.c1_bn': output (7, 7, 512)
@@ -1351,7 +1178,10 @@ def build_model() -> keras.Model:
         name='conv5_block1_c1_bn',
     )(conv5_block1_c1_conv)
     # 'conv5_block1.c1_relu': output (7, 7, 512)
-    conv5_block1_c1_relu = Activation('relu', name='conv5_block1_c1_relu')(conv5_block1_c1_bn)
+    conv5_block1_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block1_c1_relu',
+    )(conv5_block1_c1_bn)
     # 'conv5_block1.c2_conv': output (7, 7, 512)
     conv5_block1_c2_conv = Conv2D(
         filters=512,
@@ -1373,17 +1203,15 @@ def build_model() -> keras.Model:
         name='conv5_block1_c2_bn',
     )(conv5_block1_c2_conv)
     # 'conv5_block1.c2_relu': output (7, 7, 512)
-    conv5_block1_c2_relu = Activation('relu', name='conv5_block1_c2_relu')(conv5_block1_c2_bn)
+    conv5_block1_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block1_c2_relu',
+    )(conv5_block1_c2_bn)
     # 'conv5_block1.c3_conv': output (7, 7, 2048)
-    conv5_block1_c3_conv = Conv2D(
-        filters=2048,
-        kernel=(1, 1),
+    conv5_block1_c3_conv = keras.layers.Conv2D(
+        2048,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block1_c3_conv',
     )(conv5_block1_c2_relu)
     # 'conv5_block1.c3_bn': output (7, 7, 2048)
@@ -1399,17 +1227,12 @@ def build_model() -> keras.Model:
         name='conv5_block1_add',
     )([conv5_block1_c0_bn, conv5_block1_c3_bn])
     # 'conv5_block1.out': output (7, 7, 2048)
-    conv5_block1_out = Activation('relu', name='conv5_block1_out')(conv5_block1_add)
+    conv5_block1_out = keras.layers.Activation('relu', name='conv5_block1_out')(conv5_block1_add)
     # 'conv5_block2.c1_conv': output (7, 7, 512)
-    conv5_block2_c1_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv5_block2_c1_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block2_c1_conv',
     )(conv5_block1_out)
     # 'conv5_block2.c1_bn': output (7, 7, 512)
@@ -1421,7 +1244,10 @@ def build_model() -> keras.Model:
         name='conv5_block2_c1_bn',
     )(conv5_block2_c1_conv)
     # 'conv5_block2.c1_relu': output (7, 7, 512)
-    conv5_block2_c1_relu = Activation('relu', name='conv5_block2_c1_relu')(conv5_block2_c1_bn)
+    conv5_block2_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block2_c1_relu',
+    )(conv5_block2_c1_bn)
     # 'conv5_block2.c2_conv': output (7, 7, 512)
     conv5_block2_c2_conv = Conv2D(
         filters=512,
@@ -1443,17 +1269,15 @@ def build_model() -> keras.Model:
         name='conv5_block2_c2_bn',
     )(conv5_block2_c2_conv)
     # 'conv5_block2.c2_relu': output (7, 7, 512)
-    conv5_block2_c2_relu = Activation('relu', name='conv5_block2_c2_relu')(conv5_block2_c2_bn)
+    conv5_block2_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block2_c2_relu',
+    )(conv5_block2_c2_bn)
     # 'conv5_block2.c3_conv': output (7, 7, 2048)
-    conv5_block2_c3_conv = Conv2D(
-        filters=2048,
-        kernel=(1, 1),
+    conv5_block2_c3_conv = keras.layers.Conv2D(
+        2048,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block2_c3_conv',
     )(conv5_block2_c2_relu)
     # 'conv5_block2.c3_bn': output (7, 7, 2048)
@@ -1469,17 +1293,12 @@ def build_model() -> keras.Model:
         name='conv5_block2_add',
     )([conv5_block1_out, conv5_block2_c3_bn])
     # 'conv5_block2.out': output (7, 7, 2048)
-    conv5_block2_out = Activation('relu', name='conv5_block2_out')(conv5_block2_add)
+    conv5_block2_out = keras.layers.Activation('relu', name='conv5_block2_out')(conv5_block2_add)
     # 'conv5_block3.c1_conv': output (7, 7, 512)
-    conv5_block3_c1_conv = Conv2D(
-        filters=512,
-        kernel=(1, 1),
+    conv5_block3_c1_conv = keras.layers.Conv2D(
+        512,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block3_c1_conv',
     )(conv5_block2_out)
     # 'conv5_block3.c1_bn': output (7, 7, 512)
@@ -1491,7 +1310,10 @@ def build_model() -> keras.Model:
         name='conv5_block3_c1_bn',
     )(conv5_block3_c1_conv)
     # 'conv5_block3.c1_relu': output (7, 7, 512)
-    conv5_block3_c1_relu = Activation('relu', name='conv5_block3_c1_relu')(conv5_block3_c1_bn)
+    conv5_block3_c1_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block3_c1_relu',
+    )(conv5_block3_c1_bn)
     # 'conv5_block3.c2_conv': output (7, 7, 512)
     conv5_block3_c2_conv = Conv2D(
         filters=512,
@@ -1513,17 +1335,15 @@ def build_model() -> keras.Model:
         name='conv5_block3_c2_bn',
     )(conv5_block3_c2_conv)
     # 'conv5_block3.c2_relu': output (7, 7, 512)
-    conv5_block3_c2_relu = Activation('relu', name='conv5_block3_c2_relu')(conv5_block3_c2_bn)
+    conv5_block3_c2_relu = keras.layers.Activation(
+        'relu',
+        name='conv5_block3_c2_relu',
+    )(conv5_block3_c2_bn)
     # 'conv5_block3.c3_conv': output (7, 7, 2048)
-    conv5_block3_c3_conv = Conv2D(
-        filters=2048,
-        kernel=(1, 1),
+    conv5_block3_c3_conv = keras.layers.Conv2D(
+        2048,
+        (1, 1),
         strides=(1, 1),
-        dilation=(1, 1),
-        groups=1,
-        pads=(0, 0, 0, 0),
-        pad_mode='zeros',
-        bias=True,
         name='conv5_block3_c3_conv',
     )(conv5_block3_c2_relu)
     # 'conv5_block3.c3_bn': output (7, 7, 2048)
@@ -1539,7 +1359,7 @@ def build_model() -> keras.Model:
         name='conv5_block3_add',
     )([conv5_block2_out, conv5_block3_c3_bn])
     # 'conv5_block3.out': output (7, 7, 2048)
-    conv5_block3_out = Activation('relu', name='conv5_block3_out')(conv5_block3_add)
+    conv5_block3_out = keras.layers.Activation('relu', name='conv5_block3_out')(conv5_block3_add)
     # 'avg_pool': output (2048,)
     avg_pool = GlobalPool('avg', name='avg_pool')(conv5_block3_out)
     # 'predictions': output (1000,)

@@ -274,54 +274,6 @@ class Conv2D(keras.layers.Conv2D):
         return (n, None if h is None else -(-h // sh), None if w is None else -(-w // sw), f)
 
 
-class Pool2D(keras.layers.Layer):
-    """What both pools share: the window, the pads and the cells ceil_mode adds
-    (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""
-
-    def __init__(self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), **kwargs):
-        super().__init__(**kwargs)
-        self.pool, self.strides, self.pads = tuple(pool), tuple(strides), tuple(pads)
-        self.dilation, self.extra = tuple(dilation), tuple(extra)
-
-    def padded(self, x, value, beyond):
-        """``x`` with its pads holding ``value`` and the ``extra`` cells (at the bottom and
-        the right, where ceil_mode's last windows reach past the pads) ``beyond``."""
-        x = pad_nhwc(x, self.pads, "zeros", value)
-        return pad_nhwc(x, (0, self.extra[0], 0, self.extra[1]), "zeros", beyond)
-
-    def cells(self, x):
-        """One strided slice per window cell: cell (a, b) of every window at once (Keras's
-        pools have no dilation)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.pool, self.strides, self.dilation
-        oh = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-        ow = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-        return [
-            x[:, a * dh : a * dh + (oh - 1) * sh + 1 : sh, b * dw : b * dw + (ow - 1) * sw + 1 : sw]
-            for a in range(kh)
-            for b in range(kw)
-        ]
-
-
-class MaxPool2D(Pool2D):
-    """Max pooling whose padded cells never win (-inf), or hold ``pad_value`` (IR
-    `max_pool2d`)."""
-
-    def __init__(
-        self, pool, strides, pads, dilation=(1, 1), extra=(0, 0), pad_value=None, **kwargs
-    ):
-        super().__init__(pool, strides, pads, dilation, extra, **kwargs)
-        self.pad_value = float("-inf") if pad_value is None else pad_value
-
-    def call(self, x):
-        x = self.padded(x, self.pad_value, float("-inf"))
-        if self.dilation == (1, 1):
-            return ops.max_pool(x, self.pool, self.strides, padding="valid")
-        out = None
-        for cell in self.cells(x):
-            out = cell if out is None else ops.maximum(out, cell)
-        return out
-
-
 class Dropout(keras.layers.Layer):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
@@ -345,39 +297,6 @@ class Dropout(keras.layers.Layer):
         return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
 
 
-class Activation(keras.layers.Layer):
-    """Element-wise activation `fn` (softmax over the last axis) (IR `activation`)."""
-
-    def __init__(self, fn, negative_slope=0.01, alpha=1.0, beta=0.5, **kwargs):
-        super().__init__(**kwargs)
-        self.fn, self.negative_slope, self.alpha, self.beta = fn, negative_slope, alpha, beta
-
-    def call(self, x):
-        fn = self.fn
-        if fn == "linear":
-            return x
-        if fn == "leaky_relu":
-            return ops.leaky_relu(x, negative_slope=self.negative_slope)
-        if fn == "elu":
-            return ops.elu(x, alpha=self.alpha)
-        if fn == "gelu":
-            return ops.gelu(x, approximate=False)
-        if fn == "gelu_tanh":
-            return ops.gelu(x, approximate=True)
-        if fn == "softmax":
-            return ops.softmax(x, axis=-1)
-        if fn == "hard_sigmoid" and (self.alpha, self.beta) != (1 / 6, 0.5):
-            return ops.clip(self.alpha * x + self.beta, 0, 1)
-        return getattr(ops, _ELEMENTWISE[fn])(x)
-
-
-_ELEMENTWISE = {
-    "relu": "relu", "relu6": "relu6", "selu": "selu", "silu": "silu", "sigmoid": "sigmoid",
-    "hard_sigmoid": "hard_sigmoid", "hard_swish": "hard_silu", "tanh": "tanh",
-    "softplus": "softplus", "softsign": "softsign",
-}
-
-
 # --- 3. The model ---------------------------------------------------------------------------
 def build_model() -> keras.Model:
     """Input (N, H, W, C) float32; output the logits."""
@@ -395,7 +314,7 @@ def build_model() -> keras.Model:
         name='stage1_conv_0',
     )(inputs)
     # 'stage1.conv.0.relu': output (224, 224, 64)
-    stage1_conv_0_relu = Activation('relu', name='stage1_conv_0_relu')(stage1_conv_0)
+    stage1_conv_0_relu = keras.layers.Activation('relu', name='stage1_conv_0_relu')(stage1_conv_0)
     # 'stage1.conv.1': output (224, 224, 64)
     stage1_conv_1 = Conv2D(
         filters=64,
@@ -409,12 +328,11 @@ def build_model() -> keras.Model:
         name='stage1_conv_1',
     )(stage1_conv_0_relu)
     # 'stage1.conv.1.relu': output (224, 224, 64)
-    stage1_conv_1_relu = Activation('relu', name='stage1_conv_1_relu')(stage1_conv_1)
+    stage1_conv_1_relu = keras.layers.Activation('relu', name='stage1_conv_1_relu')(stage1_conv_1)
     # 'stage1.pool': output (112, 112, 64)
-    stage1_pool = MaxPool2D(
-        pool=(2, 2),
+    stage1_pool = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='stage1_pool',
     )(stage1_conv_1_relu)
     # 'stage2.conv.0': output (112, 112, 128)
@@ -430,7 +348,7 @@ def build_model() -> keras.Model:
         name='stage2_conv_0',
     )(stage1_pool)
     # 'stage2.conv.0.relu': output (112, 112, 128)
-    stage2_conv_0_relu = Activation('relu', name='stage2_conv_0_relu')(stage2_conv_0)
+    stage2_conv_0_relu = keras.layers.Activation('relu', name='stage2_conv_0_relu')(stage2_conv_0)
     # 'stage2.conv.1': output (112, 112, 128)
     stage2_conv_1 = Conv2D(
         filters=128,
@@ -444,12 +362,11 @@ def build_model() -> keras.Model:
         name='stage2_conv_1',
     )(stage2_conv_0_relu)
     # 'stage2.conv.1.relu': output (112, 112, 128)
-    stage2_conv_1_relu = Activation('relu', name='stage2_conv_1_relu')(stage2_conv_1)
+    stage2_conv_1_relu = keras.layers.Activation('relu', name='stage2_conv_1_relu')(stage2_conv_1)
     # 'stage2.pool': output (56, 56, 128)
-    stage2_pool = MaxPool2D(
-        pool=(2, 2),
+    stage2_pool = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='stage2_pool',
     )(stage2_conv_1_relu)
     # 'stage3.conv.0': output (56, 56, 256)
@@ -465,7 +382,7 @@ def build_model() -> keras.Model:
         name='stage3_conv_0',
     )(stage2_pool)
     # 'stage3.conv.0.relu': output (56, 56, 256)
-    stage3_conv_0_relu = Activation('relu', name='stage3_conv_0_relu')(stage3_conv_0)
+    stage3_conv_0_relu = keras.layers.Activation('relu', name='stage3_conv_0_relu')(stage3_conv_0)
     # 'stage3.conv.1': output (56, 56, 256)
     stage3_conv_1 = Conv2D(
         filters=256,
@@ -479,7 +396,7 @@ def build_model() -> keras.Model:
         name='stage3_conv_1',
     )(stage3_conv_0_relu)
     # 'stage3.conv.1.relu': output (56, 56, 256)
-    stage3_conv_1_relu = Activation('relu', name='stage3_conv_1_relu')(stage3_conv_1)
+    stage3_conv_1_relu = keras.layers.Activation('relu', name='stage3_conv_1_relu')(stage3_conv_1)
     # 'stage3.conv.2': output (56, 56, 256)
     stage3_conv_2 = Conv2D(
         filters=256,
@@ -493,12 +410,11 @@ def build_model() -> keras.Model:
         name='stage3_conv_2',
     )(stage3_conv_1_relu)
     # 'stage3.conv.2.relu': output (56, 56, 256)
-    stage3_conv_2_relu = Activation('relu', name='stage3_conv_2_relu')(stage3_conv_2)
+    stage3_conv_2_relu = keras.layers.Activation('relu', name='stage3_conv_2_relu')(stage3_conv_2)
     # 'stage3.pool': output (28, 28, 256)
-    stage3_pool = MaxPool2D(
-        pool=(2, 2),
+    stage3_pool = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='stage3_pool',
     )(stage3_conv_2_relu)
     # 'stage4.conv.0': output (28, 28, 512)
@@ -514,7 +430,7 @@ def build_model() -> keras.Model:
         name='stage4_conv_0',
     )(stage3_pool)
     # 'stage4.conv.0.relu': output (28, 28, 512)
-    stage4_conv_0_relu = Activation('relu', name='stage4_conv_0_relu')(stage4_conv_0)
+    stage4_conv_0_relu = keras.layers.Activation('relu', name='stage4_conv_0_relu')(stage4_conv_0)
     # 'stage4.conv.1': output (28, 28, 512)
     stage4_conv_1 = Conv2D(
         filters=512,
@@ -528,7 +444,7 @@ def build_model() -> keras.Model:
         name='stage4_conv_1',
     )(stage4_conv_0_relu)
     # 'stage4.conv.1.relu': output (28, 28, 512)
-    stage4_conv_1_relu = Activation('relu', name='stage4_conv_1_relu')(stage4_conv_1)
+    stage4_conv_1_relu = keras.layers.Activation('relu', name='stage4_conv_1_relu')(stage4_conv_1)
     # 'stage4.conv.2': output (28, 28, 512)
     stage4_conv_2 = Conv2D(
         filters=512,
@@ -542,12 +458,11 @@ def build_model() -> keras.Model:
         name='stage4_conv_2',
     )(stage4_conv_1_relu)
     # 'stage4.conv.2.relu': output (28, 28, 512)
-    stage4_conv_2_relu = Activation('relu', name='stage4_conv_2_relu')(stage4_conv_2)
+    stage4_conv_2_relu = keras.layers.Activation('relu', name='stage4_conv_2_relu')(stage4_conv_2)
     # 'stage4.pool': output (14, 14, 512)
-    stage4_pool = MaxPool2D(
-        pool=(2, 2),
+    stage4_pool = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='stage4_pool',
     )(stage4_conv_2_relu)
     # 'stage5.conv.0': output (14, 14, 512)
@@ -563,7 +478,7 @@ def build_model() -> keras.Model:
         name='stage5_conv_0',
     )(stage4_pool)
     # 'stage5.conv.0.relu': output (14, 14, 512)
-    stage5_conv_0_relu = Activation('relu', name='stage5_conv_0_relu')(stage5_conv_0)
+    stage5_conv_0_relu = keras.layers.Activation('relu', name='stage5_conv_0_relu')(stage5_conv_0)
     # 'stage5.conv.1': output (14, 14, 512)
     stage5_conv_1 = Conv2D(
         filters=512,
@@ -577,7 +492,7 @@ def build_model() -> keras.Model:
         name='stage5_conv_1',
     )(stage5_conv_0_relu)
     # 'stage5.conv.1.relu': output (14, 14, 512)
-    stage5_conv_1_relu = Activation('relu', name='stage5_conv_1_relu')(stage5_conv_1)
+    stage5_conv_1_relu = keras.layers.Activation('relu', name='stage5_conv_1_relu')(stage5_conv_1)
     # 'stage5.conv.2': output (14, 14, 512)
     stage5_conv_2 = Conv2D(
         filters=512,
@@ -591,12 +506,11 @@ def build_model() -> keras.Model:
         name='stage5_conv_2',
     )(stage5_conv_1_relu)
     # 'stage5.conv.2.relu': output (14, 14, 512)
-    stage5_conv_2_relu = Activation('relu', name='stage5_conv_2_relu')(stage5_conv_2)
+    stage5_conv_2_relu = keras.layers.Activation('relu', name='stage5_conv_2_relu')(stage5_conv_2)
     # 'stage5.pool': output (7, 7, 512)
-    stage5_pool = MaxPool2D(
-        pool=(2, 2),
+    stage5_pool = keras.layers.MaxPooling2D(
+        (2, 2),
         strides=(2, 2),
-        pads=(0, 0, 0, 0),
         name='stage5_pool',
     )(stage5_conv_2_relu)
     # 'flatten_1': output (25088,)
@@ -604,13 +518,13 @@ def build_model() -> keras.Model:
     # 'fc1': output (4096,)
     fc1 = keras.layers.Dense(4096, use_bias=True, name='fc1')(flatten_1)
     # 'fc1.relu': output (4096,)
-    fc1_relu = Activation('relu', name='fc1_relu')(fc1)
+    fc1_relu = keras.layers.Activation('relu', name='fc1_relu')(fc1)
     # 'dropout_1': output (4096,)
     dropout_1 = Dropout(0.5, False, 'dropout_1', name='dropout_1')(fc1_relu)
     # 'fc2': output (4096,)
     fc2 = keras.layers.Dense(4096, use_bias=True, name='fc2')(dropout_1)
     # 'fc2.relu': output (4096,)
-    fc2_relu = Activation('relu', name='fc2_relu')(fc2)
+    fc2_relu = keras.layers.Activation('relu', name='fc2_relu')(fc2)
     # 'dropout_2': output (4096,)
     dropout_2 = Dropout(0.5, False, 'dropout_2', name='dropout_2')(fc2_relu)
     # 'predictions': output (1000,)

@@ -589,3 +589,69 @@ def test_torch_and_keras_runs_of_digits_drop_the_same_units(tmp_path):
     tolerance = Tolerance().steps_rtol * np.abs(losses["torch"]).max()
     gap = np.abs(losses["torch"] - losses["keras"]).max()
     assert gap <= tolerance, (gap, tolerance)
+
+
+# --- Keras's own layers where they compute what specforge's layers do -----------------------
+KERAS_ATTRS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 1.3},
+               "hard_sigmoid": {"alpha": 1 / 6, "beta": 0.5}}
+
+
+def _keras_outputs(layer: Any, x: np.ndarray) -> list[bytes]:
+    """The layer's output bits, and on TensorFlow its input gradient's."""
+    if keras.backend.backend() != "tensorflow":
+        return [np.asarray(layer(x)).tobytes()]
+    import tensorflow as tf
+
+    variable = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        y = layer(variable)
+        weighted = tf.reduce_sum(y * tf.reshape(tf.linspace(-1.0, 1.0, tf.size(y)), y.shape))
+    return [y.numpy().tobytes(), tape.gradient(weighted, variable).numpy().tobytes()]
+
+
+def _keras_input() -> np.ndarray:
+    x = (np.random.default_rng(0).standard_normal((3, 9, 8, 5)) * 4).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, 6.0, -0.0]  # the kinks of relu, relu6 and others
+    return x
+
+
+def _recipe_layer(op: str, attrs: dict[str, Any]) -> Any:
+    from specforge_keras.model import layer_for
+
+    from specforge.ir.graph import Node
+
+    layer = layer_for(Node("n", op, ("x",), attrs, (1, 1, 1)), "n", (9, 8, 5))
+    assert type(layer).__module__.startswith("keras.src.layers")  # Keras's own
+    return layer
+
+
+@pytest.mark.parametrize("fn", ["elu", "gelu", "hard_sigmoid", "hard_swish", "leaky_relu",
+                                "linear", "relu", "relu6", "selu", "sigmoid", "silu",
+                                "softplus", "softsign", "tanh"])
+def test_keras_activation_layers_give_specforge_layers_bits(fn):
+    """The recipe's Keras layer gives the bits of specforge's Activation layer (the model
+    and built scripts use it in its place)."""
+    from specforge_keras import layers
+
+    layer = _recipe_layer("activation", {"fn": fn, **KERAS_ATTRS.get(fn, {})})
+    own = layers.Activation(fn, **KERAS_ATTRS.get(fn, {}))
+    assert _keras_outputs(layer, _keras_input()) == _keras_outputs(own, _keras_input())
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 1)])
+def test_keras_conv_and_pool_layers_give_specforge_layers_bits(strides):
+    from specforge_keras import layers
+
+    conv = {"filters": 4, "kernel": (3, 3), "strides": strides, "dilation": (1, 1),
+            "groups": 1, "pads": (0, 0, 0, 0), "pad_mode": "zeros", "bias": True}
+    layer = _recipe_layer("conv2d", conv)
+    layer.build((None, 9, 8, 5))
+    own = layers.Conv2D(4, (3, 3), strides, (1, 1), 1, (0, 0, 0, 0), "zeros", True)
+    own.build((None, 9, 8, 5))
+    own.set_weights(layer.get_weights())
+    assert _keras_outputs(layer, _keras_input()) == _keras_outputs(own, _keras_input())
+    pool = {"pool": (2, 2), "strides": strides, "dilation": (1, 1), "pads": (0, 0, 0, 0),
+            "ceil_mode": False}
+    own_pool = layers.MaxPool2D((2, 2), strides, (0, 0, 0, 0))
+    assert _keras_outputs(_recipe_layer("max_pool2d", pool), _keras_input()) == \
+        _keras_outputs(own_pool, _keras_input())
