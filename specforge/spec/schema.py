@@ -87,6 +87,12 @@ def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: An
     for path, errors in groups.items():
         err, loc = _most_specific(errors)
         problem = _problem(err, path, loaded, model, loc)
+        if len(errors) > 1 and err["type"] == "literal_error" and problem.hint:
+            # a name that fits none of a union's names: the union's other kinds count too
+            others = _other_kinds(errors)
+            if others:
+                problem = Problem(problem.message, problem.location, path,
+                                  f"{problem.hint}, or {' or '.join(others)}")
         if len(errors) > 1 and err["type"] not in ("literal_error", "value_error", *_BOUNDS):
             # A value that fits no member of a plain union: say what the field accepts.
             description = _description_at(model, _field_loc(loc))
@@ -99,6 +105,16 @@ def problems_from_validation(exc: ValidationError, loaded: LoadedSpec, model: An
 #: pydantic's errors for a value of the right type out of its range (a number, a length).
 _BOUNDS = ("finite_number", "greater_than", "greater_than_equal", "less_than",
            "less_than_equal", "too_short", "too_long")
+
+
+#: What a union member of a scalar type takes, by the first word of its error's type.
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false"}
+
+
+def _other_kinds(errors: list[tuple[dict[str, Any], tuple[Any, ...]]]) -> list[str]:
+    """The scalar kinds (integer, number, true/false) the members of a union take."""
+    words = [_KIND_WORDS.get(err["type"].split("_")[0]) for err, _ in errors]
+    return list(dict.fromkeys(w for w in words if w))
 
 
 def _most_specific(errors: list[tuple[dict[str, Any], tuple[Any, ...]]]
