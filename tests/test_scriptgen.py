@@ -56,3 +56,28 @@ def test_exact_scripts_carry_only_their_specs_kinds():
     assert 'LOSSES = {"cross_entropy": cross_entropy}' in cifar
     assert 'AUGMENTATIONS = {"affine": affine, "horizontal_flip": flip_horizontally}' in cifar
     assert "def shift_with_zeros(" not in cifar and "def averaged(" not in cifar
+
+
+def test_exact_scripts_run_the_loop_and_steps_specforge_run_runs():
+    """One source: the loop is runner.TrainingLoop as written there (specforge run's Loop
+    extends it), and the trainer the backend's own Steps class, not a restatement."""
+    from specforge import runner
+
+    backends = GENERATED.parent / "backends"
+    for framework, steps in (("torch", "Steps"), ("keras", "KerasSteps")):
+        text = (GENERATED / f"cifar_{framework}_exact.py").read_text(encoding="utf-8")
+        trainer = backends / f"specforge_{framework}" / "trainer.py"
+        assert copied([(runner, ["TrainingLoop"])]) in text
+        assert copied([(trainer, [steps])]) in text
+        assert "class ScriptLoop(TrainingLoop):" in text and "\ndef train(" not in text
+        assert f"steps = {steps}(" in text and "run(args, pipeline, steps" in text
+
+
+def test_exact_scripts_use_the_frameworks_layers_where_they_compute_the_same():
+    torch_script = (GENERATED / "cifar_torch_exact.py").read_text(encoding="utf-8")
+    assert "nn.Conv2d(3, 32, (3, 3), stride=(1, 1), padding=(0, 0))" in torch_script
+    assert "class Conv2d(" not in torch_script and "class MaxPool2d(" not in torch_script
+    assert "class Activation(" not in torch_script
+    keras_script = (GENERATED / "cifar_keras_exact.py").read_text(encoding="utf-8")
+    assert "keras.layers.Conv2D(32, (3, 3), strides=(1, 1), name='conv2d_1')" in keras_script
+    assert "class Conv2D(" not in keras_script and "class Activation(" not in keras_script
