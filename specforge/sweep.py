@@ -442,15 +442,33 @@ def write_results(plan: Plan, study: Any, max_params: int, console: Any) -> list
     write_atomically(written[0], json.dumps(summary, indent=2))
     if best is not None:
         _, spec = load_spec(plan.spec, trial_overrides(plan, best.params))
+        dumped = rebase_data_paths(spec.model_dump(mode="json", exclude_none=True),
+                                   plan.spec.parent, plan.folder)
         text = (f"# the best trial ({best.number}) of sweep {plan.study_name}: {plan.metric} "
-                f"{best.value:.6g}\n" + yaml.safe_dump(
-                    spec.model_dump(mode="json", exclude_none=True), sort_keys=False))
+                f"{best.value:.6g}\n" + yaml.safe_dump(dumped, sort_keys=False))
         write_atomically(plan.folder / "best.yaml", text)
         written.append(plan.folder / "best.yaml")
     if any(r[plan.metric] is not None for r in rows):
         write_plot(plan.folder / "plot.png", plan, rows)
         written.append(plan.folder / "plot.png")
     return written
+
+
+#: The fields of a data source that hold paths, read relative to the spec's folder.
+SOURCE_PATHS = ("path", "train", "test")
+
+
+def rebase_data_paths(spec: dict[str, Any], spec_dir: Path, folder: Path) -> dict[str, Any]:
+    """``spec`` (a dumped spec) with its data source's relative paths made relative to
+    ``folder`` instead of ``spec_dir``: best.yaml, written in the sweep folder, then reads
+    the data the sweep's spec reads."""
+    source = (spec.get("data") or {}).get("source") or {}
+    for key in SOURCE_PATHS:
+        value = source.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            source[key] = os.path.relpath(Path(spec_dir).resolve() / value,
+                                          Path(folder).resolve())
+    return spec
 
 
 def write_plot(path: Path, plan: Plan, rows: list[dict[str, Any]]) -> None:

@@ -292,3 +292,21 @@ def test_an_interrupted_sweep_continues_with_resume(tmp_path: Path) -> None:
                          str(fresh), "--quiet"))[0])
     assert read_jsonl(fresh / "metrics.jsonl")[-1]["val_accuracy"] == \
         results["trials"][1]["val_accuracy"]
+
+
+def test_best_yaml_reads_the_sweeps_data_from_the_sweep_folder(tmp_path: Path) -> None:
+    """best.yaml lives in the sweep folder: its relative data paths are rebased there, so
+    that `specforge run sweep/best.yaml` reads the images the sweep's spec read."""
+    from specforge.sweep import rebase_data_paths
+
+    spec_dir, folder = tmp_path / "project", tmp_path / "sweeps" / "s1"
+    (spec_dir / "images" / "train").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    spec = {"data": {"source": {"type": "image_folder", "train": "images/train",
+                                "test": str(tmp_path / "elsewhere")}}}
+    rebased = rebase_data_paths(spec, spec_dir, folder)["data"]["source"]
+    assert (folder / rebased["train"]).resolve() == (spec_dir / "images" / "train").resolve()
+    assert rebased["train"] != "images/train"
+    assert rebased["test"] == str(tmp_path / "elsewhere")  # absolute: as written
+    assert rebase_data_paths({"data": {"source": {"type": "digits"}}}, spec_dir, folder) == \
+        {"data": {"source": {"type": "digits"}}}
