@@ -240,6 +240,62 @@ def test_a_functional_keras_model_from_h5_imports_layer_for_layer(tmp_path):
     assert layers["both"]["inputs"] == ["leaky", "stem_relu6"]
 
 
+def test_keras_mobilenet_with_its_keepdims_head_imports(tmp_path):
+    """keras.applications.MobileNet ends in keepdims pooling, a reshape to (1, 1, C), a 1x1
+    convolution and a reshape back: one pixel, held as (C,), the convolution a dense."""
+    source = keras.applications.MobileNet(weights=None, input_shape=(32, 32, 3), alpha=0.25,
+                                          classes=7)
+    randomize_keras(source)
+    source.save(tmp_path / "mobilenet.keras")
+    spec, graph, weights = imported(tmp_path / "mobilenet.keras", tmp_path)
+    batch = images((32, 32, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params()
+    head = [(item["type"], item["name"]) for item in
+            yaml.safe_load(spec.read_text())["model"]["layers"][-4:]]
+    assert head == [("global_avg_pool2d", "global_average_pooling2d"), ("dropout", "dropout"),
+                    ("dense", "conv_preds"), ("activation", "predictions")]
+
+
+def squeeze_excite_head() -> Any:
+    """keepdims pooling, 1x1 convolutions, batch norm, a sum and a concatenation of pixels,
+    then a flatten and a dense: every layer translated on one pixel."""
+    inputs = keras.Input((6, 5, 4))
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="features")(inputs)
+    pixel = keras.layers.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    a = keras.layers.Conv2D(6, 1, activation="relu", name="reduce")(pixel)
+    a = keras.layers.BatchNormalization(name="bn")(a)
+    b = keras.layers.Conv2D(6, 1, use_bias=False, name="other")(pixel)
+    both = keras.layers.Add(name="sum")([a, b])
+    joined = keras.layers.Concatenate(name="joined")([both, a])
+    flat = keras.layers.Flatten(name="flat")(keras.layers.Activation("sigmoid")(joined))
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(flat))
+
+
+def test_layers_on_a_keepdims_pixel_import_as_layers_on_a_vector(tmp_path):
+    source = squeeze_excite_head()
+    randomize_keras(source)
+    source.save(tmp_path / "se.keras")
+    spec, graph, weights = imported(tmp_path / "se.keras", tmp_path)
+    batch = images((6, 5, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    types = {item["name"]: item["type"] for item in
+             yaml.safe_load(spec.read_text())["model"]["layers"]}
+    assert types["reduce"] == types["other"] == "dense" and "flat" not in types
+
+
+def test_a_pixel_read_by_a_layer_that_needs_an_image_is_refused(tmp_path):
+    inputs = keras.Input((6, 6, 4))
+    pixel = keras.layers.GlobalMaxPooling2D(keepdims=True, name="squeeze")(inputs)
+    padded = keras.layers.ZeroPadding2D(1, name="pad")(pixel)
+    source = keras.Model(inputs, keras.layers.Flatten()(padded))
+    source.save(tmp_path / "pixel.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "pixel.keras")
+    assert "'pad' (ZeroPadding2D): a (1, 1, channels) tensor from keepdims=True pooling" in \
+        str(refusal.value)
+
+
 def test_a_pretrained_base_inside_a_sequential_model_is_imported_layer_by_layer(tmp_path):
     """Transfer learning's usual shape: a functional model used as the first layer."""
     k = keras.layers
@@ -662,6 +718,21 @@ def test_keras_applications_import_with_their_outputs_and_parameter_counts(tmp_p
     if name != "VGG16":
         assert count == APPLICATION_PARAMS[name]
     batch = images((32, 32, 3), count=2)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.parametrize(("name", "size"), [("DenseNet121", 32), ("InceptionV3", 75),
+                                            ("Xception", 71), ("ResNet50V2", 32)])
+def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size):
+    """Concatenations (DenseNet, Inception), separable convolutions (Xception), batch norm
+    without scale (Inception) and pre-activation blocks (ResNetV2), at their smallest input."""
+    source = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                               classes=10)
+    randomize_keras(source)
+    source.save(tmp_path / f"{name}.keras")
+    spec, graph, weights = imported(tmp_path / f"{name}.keras", tmp_path)
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params()
+    batch = images((size, size, 3), 2)
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 

@@ -151,6 +151,9 @@ class _Translator:
         #: Keras operation (by identity: nested models may repeat names) -> spec layer name
         self.spec_name: dict[int, str] = {}
         self.problems: list[Unsupported] = []
+        #: spec layers whose Keras tensor is one pixel, (1, 1, C), where the spec's is (C,):
+        #: what global pooling with keepdims=True gives (squeeze-excite heads, MobileNet's top)
+        self.pixels: set[str] = set()
         self.out = ImportedModel(source, f"Keras {type(model).__name__} model", (1, 1, 1))
 
     def translate(self) -> ImportedModel:
@@ -225,10 +228,19 @@ class _Translator:
         if fmt not in (None, "channels_last"):
             self._unsupported(op, f"data_format {fmt!r}: specforge is channels_last")
             return
+        on_pixels = [name in self.pixels for name in inputs]
+        if any(on_pixels) and (kind not in ON_PIXELS or not all(on_pixels)):
+            self._unsupported(op, "a (1, 1, channels) tensor from keepdims=True pooling is "
+                                  f"read here; specforge holds it as (channels,), and {kind} "
+                                  "is not translated on it")
+            return
         try:
             handler(self, op, config, inputs)
         except _NotExpressible as exc:
             self._unsupported(op, str(exc))
+            return
+        if any(on_pixels) and kind in ELEMENTWISE:
+            self.pixels.add(self.spec_name[id(op)])
 
     def add(self, op: Any, type_: str, inputs: list[str], weights: dict[str, Any] | None = None,
             *, suffix: str = "", **fields: Any) -> str:
@@ -283,12 +295,32 @@ def _common_conv(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conv2d(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    if inputs[0] in t.pixels:
+        _pixel_conv2d(t, op, config, inputs)
+        return
     fields = {"filters": int(config["filters"]), "kernel": _size(config["kernel_size"])}
     if int(config.get("groups", 1)) != 1:
         fields["groups"] = int(config["groups"])
     values = op.get_weights()
     weights = {"kernel": values[0], **({"bias": values[1]} if len(values) > 1 else {})}
     t.add(op, "conv2d", inputs, weights, **fields, **_common_conv(config), **_activation(config))
+
+
+def _pixel_conv2d(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
+                  ) -> None:
+    """A 1x1 convolution of one pixel, (1, 1, C): a dense layer on (C,), as specforge holds
+    the pixel (the squeeze-excite and MobileNet heads that follow keepdims pooling)."""
+    if _size(config["kernel_size"]) != 1 or int(config.get("groups", 1)) != 1:
+        raise _NotExpressible(f"kernel {config['kernel_size']} with groups "
+                              f"{config.get('groups', 1)} on a (1, 1, channels) tensor: only a "
+                              "1x1 convolution without groups is translated (as a dense layer)")
+    values = op.get_weights()
+    kernel = np.asarray(values[0]).reshape(values[0].shape[2], values[0].shape[3])
+    weights = {"kernel": kernel, **({"bias": values[1]} if len(values) > 1 else {})}
+    extra = {} if config.get("use_bias", True) else {"bias": False}
+    name = t.add(op, "dense", inputs, weights, units=int(config["filters"]), **extra,
+                 **_activation(config))
+    t.pixels.add(name)
 
 
 def _depthwise_kernel(kernel: np.ndarray) -> np.ndarray:
@@ -326,14 +358,17 @@ def _separable(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str
 
 
 def _dense(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
-    if len(op.input.shape) != 2:
+    pixel = inputs[0] in t.pixels  # on (1, 1, C) Keras's dense maps C, as on (C,)
+    if len(op.input.shape) != 2 and not pixel:
         raise _NotExpressible(f"input of shape {list(op.input.shape)}: specforge's dense "
                               "takes a flat vector (add a Flatten first)")
     values = op.get_weights()
     weights = {"kernel": values[0], **({"bias": values[1]} if len(values) > 1 else {})}
     extra = {} if config.get("use_bias", True) else {"bias": False}
-    t.add(op, "dense", inputs, weights, units=int(config["units"]), **extra,
-          **_activation(config))
+    name = t.add(op, "dense", inputs, weights, units=int(config["units"]), **extra,
+                 **_activation(config))
+    if pixel:
+        t.pixels.add(name)
 
 
 def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
@@ -351,14 +386,31 @@ def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]],
 
 def _global_pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
     def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
-        if config.get("keepdims"):
-            raise _NotExpressible("keepdims=True: specforge's global pooling gives (channels,)")
-        t.add(op, type_, inputs)
+        name = t.add(op, type_, inputs)
+        if config.get("keepdims"):  # (1, 1, C) in Keras: held as (C,), see _Translator.pixels
+            t.pixels.add(name)
     return translate
 
 
 def _flatten(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    if inputs[0] in t.pixels:  # (1, 1, C) -> (C,): specforge holds it as (C,) already
+        t.spec_name[id(op)] = inputs[0]
+        return
     t.add(op, "flatten", inputs)
+
+
+def _reshape(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """Between one pixel, (1, 1, C), and a vector, (C,), as Keras models write around
+    keepdims pooling and 1x1 convolutions: nothing to do, specforge holds both as (C,)."""
+    before, after = tuple(op.input.shape)[1:], tuple(op.output.shape)[1:]
+    channels = before[-1]
+    if {before, after} <= {(channels,), (1, 1, channels)}:
+        t.spec_name[id(op)] = inputs[0]
+        if after == (1, 1, channels):
+            t.pixels.add(inputs[0])
+        return
+    raise _NotExpressible(f"reshape {list(before)} -> {list(after)}: only between (C,) and "
+                          "(1, 1, C) is translated")
 
 
 def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
@@ -392,7 +444,8 @@ def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[
     def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
         if config.get("noise_shape") is not None:
             raise _NotExpressible("noise_shape is not supported (use SpatialDropout2D)")
-        extra = {"spatial": True} if spatial else {}
+        # on one pixel, dropping whole channels is what plain dropout of (C,) does
+        extra = {"spatial": True} if spatial and inputs[0] not in t.pixels else {}
         t.add(op, "dropout", inputs, rate=float(config["rate"]), **extra)
     return translate
 
@@ -462,5 +515,11 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "BatchNormalization": _batch_norm, "Dropout": _dropout(False),
     "SpatialDropout2D": _dropout(True), "Activation": _activation_layer, "ReLU": _relu,
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
-    "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding,
+    "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
 }
+#: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
+#: pixel when their inputs are).
+ELEMENTWISE = {"BatchNormalization", "Dropout", "SpatialDropout2D", "Activation", "ReLU",
+               "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate"}
+#: Layers translated on one pixel (see _Translator.pixels).
+ON_PIXELS = ELEMENTWISE | {"Conv2D", "Flatten", "Reshape", "Dense"}
