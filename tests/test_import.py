@@ -276,7 +276,7 @@ def test_layers_on_a_keepdims_pixel_import_as_layers_on_a_vector(tmp_path):
     source = squeeze_excite_head()
     randomize_keras(source)
     source.save(tmp_path / "se.keras")
-    spec, graph, weights = imported(tmp_path / "se.keras", tmp_path)
+    spec, _, weights = imported(tmp_path / "se.keras", tmp_path)
     batch = images((6, 5, 4))
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
     types = {item["name"]: item["type"] for item in
