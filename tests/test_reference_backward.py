@@ -270,6 +270,9 @@ for _op in ("max_pool2d", "avg_pool2d"):  # the options from ONNX, alone and tog
         POOL_CASES[f"{_op}-{_label}"] = (f"{{type: {_op}, pool: 3, strides: 2, padding: 1,"
                                          f" {_option}}}")
     POOL_CASES[f"{_op}-same-lower"] = f"{{type: {_op}, pool: 2, strides: 1, padding: same_lower}}"
+# rescaling: its input gradient is the output's times scale (the offset adds nothing)
+POOL_CASES["rescaling-scalar"] = "{type: rescaling, scale: -1.7, offset: 0.4}"
+POOL_CASES["rescaling-per-channel"] = "{type: rescaling, scale: [0.5, -2.0], offset: [1, -3]}"
 POOL_CASES["avg_pool2d-ceil-count-include-pad"] = (
     "{type: avg_pool2d, pool: [3, 2], strides: 2, padding: [1, 0], ceil_mode: true,"
     " count_include_pad: true}")

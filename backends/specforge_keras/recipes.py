@@ -44,11 +44,18 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
         return "Dropout", [a["rate"], a["spatial"], node.name], {}
     if op == "activation":
         return _activation(a)
+    if op == "rescaling":  # Keras's Rescaling computes x * scale + offset, in this order
+        return "keras.layers.Rescaling", [], {k: _plain(a[k]) for k in ("scale", "offset")}
     if op == "add":
         return "keras.layers.Add", [], {}
     if op == "concat":
         return "keras.layers.Concatenate", [], {"axis": -1}
     raise ValueError(f"the keras backend has no lowering for op {op!r}")
+
+
+def _plain(value: float | tuple[float, ...]) -> float | list[float]:
+    """A number, or a per-channel tuple as the list Keras's layer configs hold."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _keras_conv(a: Any) -> dict[str, Any]:

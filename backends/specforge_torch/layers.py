@@ -327,3 +327,20 @@ class Pad2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pad_nchw(x, self.pads, self.mode, self.pad_value)
+
+
+class Rescaling(nn.Module):
+    """``x * scale + offset``, each a number or one per channel (IR `rescaling`); ``image``:
+    NCHW input, so per-channel values are held as (C, 1, 1)."""
+
+    def __init__(self, scale: float | tuple[float, ...], offset: float | tuple[float, ...],
+                 image: bool) -> None:
+        super().__init__()
+        shape = (-1, 1, 1) if image else (-1,)
+        # buffers follow the model's device; not persistent: they are spec values, not weights
+        self.register_buffer("scale", torch.tensor(scale).reshape(shape), persistent=False)
+        self.register_buffer("offset", torch.tensor(offset).reshape(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in x's dtype: a float32 tensor would otherwise promote an autocast bf16 x
+        return x * self.scale.to(x.dtype) + self.offset.to(x.dtype)

@@ -46,6 +46,8 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
     if op == "activation":
         return _activation(a)
+    if op == "rescaling":
+        return "Rescaling", [a["scale"], a["offset"], len(in_shape) == 3], {}
     if op in ("add", "concat"):
         return op.capitalize(), [], {}
     raise ValueError(f"the torch backend has no lowering for op {op!r}")

@@ -107,6 +107,8 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
         main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
+    elif isinstance(layer, L.Rescaling):
+        return [("rescaling", {"scale": layer.scale, "offset": layer.offset})]
     else:  # flatten, global pooling, add, concat: the op is the type, with no attrs
         return [(canonical_type(layer), {})]
     extra = getattr(layer, "activation", None)

@@ -359,6 +359,25 @@ def activation(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult(shapes[0], (), _numel(shapes[0]))
 
 
+@op("rescaling")
+def rescaling(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """``y = x * scale + offset``, element-wise, on any input shape. ``scale`` and ``offset``
+    (defaults 1.0 and 0.0) are each a number or a tuple of one number per channel (the last
+    axis), broadcast over the other axes; they are attributes, not parameters (nothing is
+    trained). The multiply comes first, then the add, each rounded in the compute dtype.
+    This is Keras's ``Rescaling``; a Keras ``Normalization`` with fixed mean and variance,
+    ``(x - mean) / max(sqrt(variance), epsilon)``, is scale ``1 / max(sqrt(variance),
+    epsilon)`` and offset ``-mean * scale``."""
+    channels = shapes[0][-1]
+    for field in ("scale", "offset"):
+        value = attrs[field]
+        if isinstance(value, tuple) and len(value) != channels:
+            raise ShapeError(f"rescaling's {field} has {len(value)} values but its input has "
+                             f"{channels} channels (shape {shapes[0]})",
+                             f"give one number, or a list of {channels} (one per channel)")
+    return OpResult(shapes[0], (), 2 * _numel(shapes[0]))
+
+
 @op("add", arity=None)
 def add(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Element-wise sum of inputs of identical shape."""

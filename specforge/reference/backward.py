@@ -209,6 +209,7 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
                          xs[0].shape)], {}),
     "flatten": lambda n, xs, y, gy, w, t: ([gy.reshape(xs[0].shape)], {}),
     "dropout": lambda n, xs, y, gy, w, t: ([gy * w["mask"] if t and "mask" in w else gy], {}),
+    "rescaling": lambda n, xs, y, gy, w, t: ([gy * np.asarray(n.attrs["scale"])], {}),
     "add": lambda n, xs, y, gy, w, t: ([gy] * len(xs), {}),
     "concat": lambda n, xs, y, gy, w, t: (
         np.split(gy, np.cumsum([x.shape[-1] for x in xs[:-1]]), axis=-1), {}),

@@ -148,6 +148,8 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     # Training with a mask (scaled: 0 or 1 / (1 - rate)) multiplies by it; otherwise identity.
     "dropout": lambda n, xs, w, t: xs[0] * w["mask"] if t and "mask" in w else xs[0],
     "activation": lambda n, xs, w, t: ACTIVATIONS[n.attrs["fn"]](xs[0], n.attrs),
+    "rescaling": lambda n, xs, w, t: (xs[0] * np.asarray(n.attrs["scale"])
+                                      + np.asarray(n.attrs["offset"])),
     "add": lambda n, xs, w, t: sum(xs[1:], xs[0]),
     "concat": lambda n, xs, w, t: np.concatenate(xs, axis=-1),
 }

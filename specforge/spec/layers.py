@@ -276,6 +276,20 @@ class ActivationLayer(LayerBase):
                                 alpha=self.alpha, beta=self.beta)
 
 
+#: A per-tensor number, or a list of one number per channel (the last axis).
+ScaleValue = float | Annotated[tuple[float, ...], FromList, Field(min_length=1)]
+
+
+class Rescaling(LayerBase):
+    """y = x * scale + offset, element-wise (Keras's Rescaling; a fixed Normalization)."""
+
+    type: Literal["rescaling"]
+    scale: ScaleValue = Field(1.0, description=(
+        "A number, or a list of one number per channel (the last axis)."))
+    offset: ScaleValue = Field(0.0, description=(
+        "A number, or a list of one number per channel (the last axis)."))
+
+
 class Merge(LayerBase):
     """Fields of both merge layers."""
 
@@ -305,8 +319,8 @@ class BlockUse(LayerBase):
 
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Add | Concat
-    | BlockUse,
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Rescaling | Add
+    | Concat | BlockUse,
     Field(discriminator="type"),
 ]
 
