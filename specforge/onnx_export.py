@@ -271,6 +271,29 @@ def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all
 
 
+def _per_channel(value: float | tuple[float, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """A rescaling value as a constant that broadcasts over ONNX's layout: a number as a
+    scalar, per-channel values as (1, C, 1, 1) on an NCHW image, (C,) on features."""
+    if not isinstance(value, tuple):
+        return np.asarray(value, np.float32)
+    array = np.asarray(value, np.float32)
+    return array.reshape(1, -1, 1, 1) if len(shape) == 3 else array
+
+
+@exports("rescaling", "scale", "offset")
+def export_rescaling(ctx: OpContext) -> str:
+    """Mul by the scale, then Add of the offset; the Add is left out for an offset of 0,
+    the Mul for a scale of 1 with an offset (the importer reads each form back)."""
+    a, shape, x = ctx.node.attrs, ctx.node.shape, ctx.inputs[0]
+    has_offset = a["offset"] != 0.0
+    if a["scale"] != 1.0 or not has_offset:
+        x = ctx.add("Mul", [x, ctx.constant("scale", _per_channel(a["scale"], shape))],
+                    "scale" if has_offset else "")
+    if has_offset:
+        x = ctx.add("Add", [x, ctx.constant("offset", _per_channel(a["offset"], shape))])
+    return x
+
+
 @exports("add")
 def export_add(ctx: OpContext) -> str:
     return ctx.add("Sum", ctx.inputs)

@@ -596,7 +596,7 @@ def conv_weight(name: str = "w") -> Any:
 
 def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
     helper = onnx.helper
-    scale = onnx.numpy_helper.from_array(np.float32(2.0).reshape(1), "two")
+    scale = onnx.numpy_helper.from_array(np.full((1, 1, 4, 4), 2.0, np.float32), "two")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Mul", ["c", "two"], ["m"], name="scale"),
              helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2],
@@ -607,7 +607,8 @@ def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
     onnx.save(onnx_model(nodes, [conv_weight(), scale], [1, 1, 4, 4]), path)
     result = refused(cli("import", str(path), "-o", str(tmp_path / "bad.yaml")))
     assert [line.strip() for line in result.splitlines()[1:]] == [
-        "'scale' (Mul): multiplying by a constant: specforge has no element-wise product",
+        "'scale' (Mul): multiplying by a constant of shape [1, 1, 4, 4]: specforge's "
+        "rescaling takes one number or one per channel (2)",
         "'pool' (MaxPool): storage_order=1"], result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 

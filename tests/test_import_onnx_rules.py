@@ -189,3 +189,92 @@ def test_a_pad_read_twice_stays_a_layer(tmp_path):
     path = padded_model(tmp_path / "m.onnx", "edge", [0, 0, 1, 1, 0, 0, 1, 1], *both)
     assert assert_imports_exactly(path, tmp_path) == ["pad2d", "conv2d", "max_pool2d", "concat",
                                                       "flatten"]
+
+
+# --- a Mul and an Add by constants: rescaling ---------------------------------------------------
+
+def onnx_runtime_output(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.transpose(0, 3, 1, 2)})[0]
+
+
+def rescalings(path: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    """The imported spec's rescaling layers; the spec computes what onnxruntime does."""
+    spec, npz = write_import(import_model(path), tmp_path / "imported.yaml")
+    x = np.random.default_rng(2).normal(0, 1, (1, 6, 6, 3)).astype(np.float32)
+    graph = compile_spec(spec).graph
+    actual = reference_forward(graph, load_weights(npz), x)[graph.output]
+    assert difference(actual, onnx_runtime_output(path, x)).max_rel <= Tolerance().forward_rtol
+    return [item for item in import_model(path).layers if item["type"] == "rescaling"]
+
+
+def test_a_mul_then_an_add_of_constants_is_one_rescaling(tmp_path):
+    nodes = [helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["o", "m"], ["a"], name="offset")]
+    path = conv_then(nodes, [constant("s", 0.5), constant("o", [[[[1.0]], [[-2.0]], [[0.25]],
+                                                                   [[3.0]]]])],
+                     tmp_path / "m.onnx")
+    assert [{k: v for k, v in r.items() if k != "name"} for r in rescalings(path, tmp_path)] \
+        == [{"type": "rescaling", "inputs": ["conv"], "scale": 0.5,
+             "offset": [1.0, -2.0, 0.25, 3.0]}]
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1)])
+def test_a_mul_by_one_number_per_channel_is_a_rescaling(tmp_path, shape):
+    scale = np.array([1.5, -1.0, 0.5, 2.0]).reshape(shape)
+    path = conv_then([helper.make_node("Mul", ["c", "s"], ["a"], name="scale")],
+                     [constant("s", scale)], tmp_path / "m.onnx")
+    found = rescalings(path, tmp_path)
+    assert [(r["scale"], r.get("offset")) for r in found] == [([1.5, -1.0, 0.5, 2.0], None)]
+
+
+def test_an_add_of_a_constant_alone_is_a_rescaling_with_scale_1(tmp_path):
+    path = conv_then([helper.make_node("Add", ["c", "o"], ["a"], name="shift")],
+                     [constant("o", [0.75])], tmp_path / "m.onnx")
+    found = rescalings(path, tmp_path)
+    assert [(r.get("scale"), r["offset"]) for r in found] == [(None, 0.75)]
+
+
+def test_a_scaled_value_read_twice_keeps_its_own_rescaling(tmp_path):
+    nodes = [helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "o"], ["b"], name="offset"),
+             helper.make_node("Sum", ["m", "b"], ["a"], name="sum")]
+    path = conv_then(nodes, [constant("s", 2.0), constant("o", 1.0)], tmp_path / "m.onnx")
+    found = rescalings(path, tmp_path)
+    assert [(r.get("scale"), r.get("offset")) for r in found] == [(2.0, None), (None, 1.0)]
+
+
+def test_a_mul_by_a_constant_image_is_refused(tmp_path):
+    path = conv_then([helper.make_node("Mul", ["c", "s"], ["a"], name="scale")],
+                     [constant("s", np.ones((1, 1, 4, 4)))], tmp_path / "m.onnx")
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert "'scale' (Mul): multiplying by a constant of shape [1, 1, 4, 4]: specforge's " \
+        "rescaling takes one number or one per channel (4)" in caught.value.lines, \
+        caught.value.lines
+
+
+def test_torch_normalisation_in_forward_imports_as_rescaling(tmp_path):
+    """x * std + mean written in a module's forward, as torch.onnx.export writes it."""
+
+    class Normalised(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.tensor([2.0, 0.5, -1.0]).reshape(1, 3, 1, 1))
+            self.register_buffer("offset", torch.tensor([0.1, -0.2, 0.3]).reshape(1, 3, 1, 1))
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x * self.scale + self.offset)
+            return self.head(torch.sigmoid(y).mean(dim=(2, 3)) * 3.0)
+
+    torch.manual_seed(0)
+    source = Normalised()
+    path = export_torch(source, (6, 6, 3), tmp_path / "norm.onnx", opset_version=17)
+    spec, _, weights = imported(path, tmp_path)
+    layers = import_model(path).layers
+    assert [(r.get("scale"), r.get("offset")) for r in layers if r["type"] == "rescaling"] \
+        == [([2.0, 0.5, -1.0], [0.1, -0.2, 0.3]), (3.0, None)]
+    batch = images((6, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))

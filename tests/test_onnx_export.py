@@ -102,7 +102,7 @@ def test_every_conformance_case_matches_the_reference(case: Any) -> None:
 LAYOUT_CASES = ["padding-explicit-per-side", "conv-dilation-groups-depthwise",
                 "add-concat-residual", "batch-norm", "global_avg_pool2d", "global_max_pool2d",
                 "activation-softmax", "avg_pool2d-same-p3-s2", "max_pool2d-same-p3-s2",
-                "dropout-spatial", "loss-binary-cross-entropy"]
+                "dropout-spatial", "loss-binary-cross-entropy", "rescaling"]
 
 
 @pytest.mark.parametrize("name", LAYOUT_CASES)
@@ -112,6 +112,24 @@ def test_nchw_layout_and_logits(name: str) -> None:
     check_against_reference(program, layout="nchw")
     check_against_reference(program, layout="nchw", logits=True)
     check_against_reference(program, logits=True)
+
+
+def test_rescaling_is_a_mul_then_an_add_of_constants() -> None:
+    """Per-channel values broadcast over NCHW images as (1, C, 1, 1), over features as (C,);
+    an offset of 0 writes no Add, a scale of 1 with an offset no Mul."""
+    layers = ("[{type: rescaling, scale: 2, offset: [1, 2, 3], name: both},"
+              " {type: rescaling, offset: -0.5, name: shift}, {type: flatten},"
+              " {type: dense, units: 2}, {type: rescaling, scale: [3, 4], name: features}]")
+    program = compile_spec(SPECS / "digits.yaml", [f"model.layers={layers}",
+                                                    "model.input=[4, 4, 3]", "data=null"])
+    for layout in ("nhwc", "nchw"):
+        check_against_reference(program, layout=layout)
+    model = to_onnx(program, random_weights(program))
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    written = [(n.op_type, [shapes.get(i) for i in n.input[1:]]) for n in model.graph.node
+               if n.op_type in ("Mul", "Add")]
+    assert written == [("Mul", [[1]]), ("Add", [[1, 3, 1, 1]]), ("Add", [[1]]),
+                       ("Mul", [[2]])], written
 
 
 def test_an_image_output_comes_back_in_the_inputs_layout() -> None:

@@ -117,6 +117,10 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
         return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
+    if op == "rescaling":  # x * scale + offset
+        return [], call("layers.Rescaling", **{k: list(a[k]) if isinstance(a[k], tuple)
+                                               else a[k] for k in ("scale", "offset")},
+                        name=name)
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         cls = "GlobalAveragePooling2D" if op == "global_avg_pool2d" else "GlobalMaxPooling2D"
         return [], f"layers.{cls}(name={literal(name)})"

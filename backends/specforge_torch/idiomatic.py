@@ -38,7 +38,7 @@ from specforge.scriptgen import copied, used
 HERE = Path(__file__).parent
 LAYERS = HERE / "layers.py"
 #: specforge's own modules an idiomatic script may need, where torch's cannot say the IR's
-HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid")
+HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid", "Rescaling")
 PAD_MODULES = {"zeros": "nn.ZeroPad2d", "reflect": "nn.ReflectionPad2d",
                "replicate": "nn.ReplicationPad2d"}
 #: activation -> torch module (the functional form is the same call on ``x``)
@@ -97,6 +97,9 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         return _pool(op, a, in_shape)
     if op == "pad2d":
         return [(_pad_module(pads, a["mode"], a.get("pad_value", 0.0)), "")]
+    if op == "rescaling":
+        return [(call("Rescaling", a["scale"], a["offset"], len(in_shape) == 3),
+                 "x * scale + offset; torch has no such module")]
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         pool = "nn.AdaptiveAvgPool2d(1)" if op == "global_avg_pool2d" else "nn.AdaptiveMaxPool2d(1)"
         return [(pool, ""), ("nn.Flatten()", "")]

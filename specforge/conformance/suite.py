@@ -177,6 +177,15 @@ def _layer_cases() -> list[Case]:
         Case("dropout-after-flatten", [_conv(3, 3, activation="relu"), *HEAD[:1],
                                        {"type": "dropout", "rate": 0.5},
                                        {"type": "dense", "units": 4}]),
+        # a scalar and a per-channel rescaling on the image (as a model's own
+        # preprocessing), a per-feature one between dense layers
+        Case("rescaling", [
+            {"type": "rescaling", "scale": 2.0, "offset": -1.0},
+            {"type": "rescaling", "scale": [1.0, 0.5, 2.0], "offset": [0.1, -0.2, 0.3]},
+            _conv(4, 3, activation="relu"), *HEAD[:1],
+            {"type": "dense", "units": 6, "activation": "tanh"},
+            {"type": "rescaling", "scale": [1.5, -1.0, 0.5, 2.0, 1.0, -0.5]},
+            {"type": "dense", "units": 4}]),
         Case("add-concat-residual", residual),
         Case("dense-stack", [*HEAD[:1], {"type": "dense", "units": 12, "activation": "relu"},
                              {"type": "dense", "units": 4, "bias": False}]),

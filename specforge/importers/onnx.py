@@ -502,7 +502,8 @@ def _matmul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 
 
 def _add(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
-    """Two layers' sum (`add`), or a MatMul's bias (folded into its dense layer)."""
+    """Two layers' sum (`add`), a MatMul's bias (folded into its dense layer), or a
+    constant's (the offset of a `rescaling`)."""
     inputs = [i for i in node.input if i]
     constants = [i for i in inputs if t._is_constant(i)]
     if node.op_type == "Add" and len(constants) == 1 and len(inputs) == 2:
@@ -525,10 +526,47 @@ def _bias_add(t: _Translator, node: Any, value_name: str, bias_name: str) -> Val
     bias = t.constant(bias_name)
     if (producer is None or producer["type"] != "dense" or producer.get("bias") is not False
             or t.uses[value_name] != 1 or bias.size != value.shape[0]):
-        raise _NotExpressible("adding a constant is a bias only right after a MatMul")
+        return _offset_add(t, node, value, value_name, bias_name)
     del producer["bias"]
     t.out.weights[f"{value.layer}.bias"] = bias.reshape(-1).astype(np.float32)
     return value
+
+
+def _offset_add(t: _Translator, node: Any, value: Value, value_name: str,
+                constant_name: str) -> Value:
+    """``x + constant`` (a number or one per channel): the offset of the `rescaling` that
+    computes x alone (x * scale + offset), or a `rescaling` of its own with scale 1."""
+    offset = _channel_constant(t, constant_name, value, "adding")
+    producer = t.layers.get(value.layer)
+    if (producer is not None and producer["type"] == "rescaling" and "offset" not in producer
+            and t.uses[value_name] == 1):
+        producer["offset"] = offset
+        return value
+    name = t.add(node, "rescaling", [value], offset=offset)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+#: The axis of ONNX's tensor that holds the channels (features), by layout.
+CHANNEL_AXIS = {"nchw": 1, "nhwc": 3, "pooled": 1, "flat": 1}
+
+
+def _channel_constant(t: _Translator, name: str, value: Value, what: str
+                      ) -> float | list[float]:
+    """A constant that broadcasts over ``value`` as a number or one number per channel:
+    that number or list (floats as written); anything else cannot be a `rescaling`."""
+    array = t.constant(name)
+    if array.size == 1:
+        return float32_value(array.reshape(-1)[0])
+    rank, channels = len(value.onnx_shape), value.shape[-1]
+    axis = CHANNEL_AXIS.get(value.layout)
+    shape = (1,) * (rank - array.ndim) + array.shape if array.ndim <= rank else array.shape
+    wanted = tuple(channels if i == axis else 1 for i in range(rank))
+    if axis is None or shape != wanted or array.ndim > rank:
+        raise _NotExpressible(
+            f"{what} a constant of shape {list(array.shape)}: specforge's rescaling takes "
+            f"one number or one per channel ({channels})"
+            + (" of an image flattened in CHW order" if value.layout == "chw" else ""))
+    return [float32_value(v) for v in array.reshape(-1)]
 
 
 def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -649,10 +687,14 @@ GATED = {"sigmoid": "silu", "hard_sigmoid": "hard_swish"}
 
 def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     """``x * sigmoid(x)`` (and ``x * hard_sigmoid(x)``): the gate's activation layer becomes
-    silu (hard_swish). specforge has no other element-wise product."""
-    if any(t._is_constant(i) for i in node.input):
-        raise _NotExpressible("multiplying by a constant: specforge has no element-wise "
-                              "product")
+    silu (hard_swish); ``x * constant`` (a number or one per channel): a `rescaling`.
+    specforge has no other element-wise product."""
+    constants = [i for i in node.input if t._is_constant(i)]
+    if len(constants) == 1 and len(node.input) == 2:
+        x = t.value_of(node.input[1 - list(node.input).index(constants[0])])
+        scale = _channel_constant(t, constants[0], x, "multiplying by")
+        name = t.add(node, "rescaling", [x], scale=scale)
+        return Value(name, x.shape, x.layout, x.chw)
     values = [t.value(node, i) for i in range(2)]
     for x, gated in (values, values[::-1]):
         gate = t.layers.get(gated.layer)
