@@ -42,6 +42,9 @@ VALUES: dict[str, list[Any]] = {
     "epsilon": [1e-3], "rate": [0.0, 0.5], "negative_slope": [None, 0.2],
     "alpha": [None, 0.7], "beta": [None, 0.3],
     "activation": [None, "relu", {"fn": "hard_sigmoid", "alpha": 0.2}],
+    # a number or one per channel of INPUT's 4
+    "rescaling.scale": [1.0, -0.5, [0.5, -1.0, 2.0, 1.0]],
+    "rescaling.offset": [0.0, 0.25, [1.0, 0.0, -1.0, 0.5]],
 }
 #: The slow variant's further values.
 MORE: dict[str, list[Any]] = {

@@ -161,6 +161,11 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         return [NodeExp("", "dropout", shape, flops=numel(shape))]
     if kind == "activation":
         return [NodeExp("", "activation", shape, flops=numel(shape), fn=layer["fn"])]
+    if kind == "rescaling":
+        for value in (layer.get("scale"), layer.get("offset")):
+            if isinstance(value, list) and len(value) != shape[-1]:
+                return None
+        return [NodeExp("", "rescaling", shape, flops=2 * numel(shape))]
     if kind == "flatten":
         return [NodeExp("", "flatten", (numel(shape),))]
     if kind in ("global_avg_pool2d", "global_max_pool2d"):
@@ -351,11 +356,14 @@ class Builder:
     def shape_keeping(self) -> dict[str, Any]:
         """A layer that keeps the tip's shape exactly (for residual branches)."""
         d, c = self.draw, self.shape[2]
-        kind = d(st.sampled_from(["conv", "batch_norm", "activation", "dropout"]))
+        kind = d(st.sampled_from(["conv", "batch_norm", "activation", "dropout",
+                                  "rescaling"]))
         if kind == "conv":
             return self.conv(filters=c, keep_hw=True)
         if kind == "batch_norm":
             return self.batch_norm()
+        if kind == "rescaling":
+            return self.rescaling()
         if kind == "activation":
             return self.activation_layer()
         return {"type": "dropout", "rate": d(st.sampled_from([0.0, 0.1, 0.5])),
@@ -368,6 +376,18 @@ class Builder:
         for key in ("scale", "center"):
             if d(st.booleans()):
                 layer[key] = d(st.booleans())
+        return layer
+
+    def rescaling(self) -> dict[str, Any]:
+        """A rescaling whose scale and offset are each left out, a number, or one number
+        per channel of the tip."""
+        layer: dict[str, Any] = {"type": "rescaling"}
+        for key in ("scale", "offset"):
+            form = self.draw(st.sampled_from(["default", "number", "list"]))
+            if form == "number":
+                layer[key] = self.draw(st.sampled_from([0.5, -2.0, 3]))
+            elif form == "list":
+                layer[key] = [float(i % 3) - 0.5 for i in range(self.shape[-1])]
         return layer
 
     def activation_layer(self) -> dict[str, Any]:
@@ -476,7 +496,8 @@ def random_models(draw: Any) -> Builder:
                                 "global_max_pool2d", "global_max_pooling2d"]))
     assert b.emit({"type": end})
     for _ in range(draw(st.integers(0, 2))):
-        kind = draw(st.sampled_from(["dense", "batch_norm", "dropout", "activation"]))
+        kind = draw(st.sampled_from(["dense", "batch_norm", "dropout", "activation",
+                                     "rescaling"]))
         if kind == "dense":
             layer: dict[str, Any] = {"type": draw(st.sampled_from(["dense", "linear"])),
                                      "units": draw(st.integers(1, 16))}
@@ -486,6 +507,8 @@ def random_models(draw: Any) -> Builder:
             layer = b.batch_norm()
         elif kind == "dropout":
             layer = {"type": "dropout", "rate": 0.25}
+        elif kind == "rescaling":
+            layer = b.rescaling()
         else:
             layer = b.activation_layer()
         assert b.emit(layer)
