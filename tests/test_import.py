@@ -296,6 +296,51 @@ def test_a_pixel_read_by_a_layer_that_needs_an_image_is_refused(tmp_path):
         str(refusal.value)
 
 
+def test_keras_rescaling_and_normalization_import_as_rescaling(tmp_path):
+    """A model carrying its preprocessing, as keras.applications' EfficientNet does: pixels
+    scaled to [0, 1], normalised per channel by a fixed mean and variance."""
+    k = keras.layers
+    mean, variance = [0.485, 0.456, 0.406], [0.229**2, 0.224**2, 0.225**2]
+    inputs = keras.Input((7, 6, 3))
+    x = k.Rescaling(1 / 255, name="scale")(inputs)
+    x = k.Normalization(mean=mean, variance=variance, name="norm")(x)
+    x = k.Conv2D(5, 3, activation="relu", name="conv")(x)
+    x = k.Rescaling([0.5, 2.0, -1.0, 1.0, 3.0], offset=0.25, name="per_channel")(x)
+    x = k.GlobalAveragePooling2D(name="gap")(x)
+    source = keras.Model(inputs, k.Dense(4, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "preprocessing.keras")
+    spec, _, weights = imported(tmp_path / "preprocessing.keras", tmp_path)
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    found = {item["name"]: item for item in layers if item["type"] == "rescaling"}
+    assert found["scale"] == {"type": "rescaling", "name": "scale", "scale": 1 / 255}
+    std = np.sqrt(np.float32(variance)).astype(np.float64)
+    np.testing.assert_allclose(found["norm"]["scale"], 1 / std, rtol=1e-6)
+    np.testing.assert_allclose(found["norm"]["offset"], -np.float32(mean) / std, rtol=1e-6)
+    assert (found["per_channel"]["scale"], found["per_channel"]["offset"]) == \
+        ([0.5, 2.0, -1.0, 1.0, 3.0], 0.25)
+    batch = np.random.default_rng(7).uniform(0, 255, (3, 7, 6, 3)).astype(np.float32)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: keras.layers.Normalization(mean=[1.0, 2, 3], variance=[1.0, 4, 9], invert=True,
+                                        name="norm"),
+     "'norm' (Normalization): invert=True (x * std + mean): only the normalisation itself "
+     "is translated"),
+    (lambda: keras.layers.Normalization(axis=1, mean=[1.0] * 4, variance=[2.0] * 4,
+                                        name="norm"),
+     "'norm' (Normalization): axis (1,): specforge's rescaling is per channel (the last "
+     "axis) or one number")], ids=["invert", "axis"])
+def test_keras_normalization_that_is_no_rescaling_is_refused(tmp_path, layer, reason):
+    inputs = keras.Input((4, 5, 3))
+    x = keras.layers.Flatten()(layer()(inputs))
+    keras.Model(inputs, keras.layers.Dense(2)(x)).save(tmp_path / "norm.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "norm.keras")
+    assert reason in refusal.value.lines, refusal.value.lines
+
+
 def test_a_pretrained_base_inside_a_sequential_model_is_imported_layer_by_layer(tmp_path):
     """Transfer learning's usual shape: a functional model used as the first layer."""
     k = keras.layers

@@ -506,6 +506,61 @@ def _zero_padding(t: _Translator, op: Any, config: dict[str, Any], inputs: list[
     t.add(op, "pad2d", inputs, **({} if padding == 1 else {"padding": padding}))
 
 
+def _per_channel(value: Any, channels: int, what: str) -> float | list[float]:
+    """A value that broadcasts over a (..., channels) tensor as one number or one number
+    per channel (the last axis): that number or list; anything else is refused."""
+    array = np.asarray(value, np.float64)
+    if array.size == 1:
+        return float(array.reshape(-1)[0])
+    if array.shape[-1:] != (channels,) or array.size != channels:
+        raise _NotExpressible(f"{what} of shape {list(array.shape)}: specforge's rescaling "
+                              f"takes one number or one per channel ({channels})")
+    return [float(v) for v in array.reshape(-1)]
+
+
+def _rescale(t: _Translator, op: Any, inputs: list[str], scale: Any, offset: Any) -> None:
+    """A `rescaling` layer, x * scale + offset, leaving out the defaults (1 and 0)."""
+    channels = int(op.input.shape[-1])
+    fields = {k: v for k, v, default in (
+        ("scale", _per_channel(scale, channels, "scale"), 1.0),
+        ("offset", _per_channel(offset, channels, "offset"), 0.0)) if v != default}
+    t.add(op, "rescaling", inputs, **fields)
+
+
+def _rescaling(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """Keras's Rescaling computes x * scale + offset, as specforge's rescaling."""
+    _rescale(t, op, inputs, _array_of(op.scale), _array_of(op.offset))
+
+
+def _normalization(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
+                   ) -> None:
+    """(x - mean) / max(sqrt(variance), epsilon), Keras's Normalization with its mean and
+    variance fixed (given or adapted): x * scale + offset with scale = 1 / that divisor and
+    offset = -mean * scale."""
+    import keras
+
+    if config.get("invert"):
+        raise _NotExpressible("invert=True (x * std + mean): only the normalisation itself "
+                              "is translated")
+    rank = len(op.input.shape)
+    axes = tuple(a + rank if a < 0 else a for a in op.axis)
+    mean, variance = _array_of(op.mean), _array_of(op.variance)
+    if axes not in ((), (rank - 1,)) and mean.size != 1:
+        raise _NotExpressible(f"axis {config.get('axis')!r}: specforge's rescaling is per "
+                              "channel (the last axis) or one number")
+    scale = 1.0 / np.maximum(np.sqrt(variance), keras.backend.epsilon())
+    _rescale(t, op, inputs, scale, -mean * scale)
+
+
+def _array_of(value: Any) -> np.ndarray:
+    """A layer attribute (a number, a list, a tensor or variable) as a float64 array."""
+    import keras
+
+    if isinstance(value, int | float | list | tuple):
+        return np.asarray(value, np.float64)
+    return np.asarray(keras.ops.convert_to_numpy(value), np.float64)
+
+
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None]] = {
     "Conv2D": _conv2d, "DepthwiseConv2D": _depthwise, "SeparableConv2D": _separable,
     "Dense": _dense, "MaxPooling2D": _pool("max_pool2d"),
@@ -516,10 +571,12 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "SpatialDropout2D": _dropout(True), "Activation": _activation_layer, "ReLU": _relu,
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
+    "Rescaling": _rescaling, "Normalization": _normalization,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
 ELEMENTWISE = {"BatchNormalization", "Dropout", "SpatialDropout2D", "Activation", "ReLU",
-               "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate"}
+               "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate", "Rescaling",
+               "Normalization"}
 #: Layers translated on one pixel (see _Translator.pixels).
 ON_PIXELS = ELEMENTWISE | {"Conv2D", "Flatten", "Reshape", "Dense"}
