@@ -108,7 +108,9 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
     elif isinstance(layer, L.Rescaling):
-        return [("rescaling", {"scale": layer.scale, "offset": layer.offset})]
+        # a list (one number per channel) as a tuple: attrs are immutable
+        return [("rescaling", {k: tuple(v) if isinstance(v, list) else v for k, v in
+                               (("scale", layer.scale), ("offset", layer.offset))})]
     else:  # flatten, global pooling, add, concat: the op is the type, with no attrs
         return [(canonical_type(layer), {})]
     extra = getattr(layer, "activation", None)

@@ -277,7 +277,7 @@ class ActivationLayer(LayerBase):
 
 
 #: A per-tensor number, or a list of one number per channel (the last axis).
-ScaleValue = float | Annotated[tuple[float, ...], FromList, Field(min_length=1)]
+ScaleValue = float | Annotated[list[float], Field(min_length=1)]
 
 
 class Rescaling(LayerBase):
