@@ -117,10 +117,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
         return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
-    if op == "rescaling":  # x * scale + offset
-        return [], call("layers.Rescaling", **{k: list(a[k]) if isinstance(a[k], tuple)
-                                               else a[k] for k in ("scale", "offset")},
-                        name=name)
+    if op == "rescaling":  # x * scale + offset; Keras's offset defaults to 0
+        offset = {} if a["offset"] == 0.0 else {"offset": _listed(a["offset"])}
+        return [], call("layers.Rescaling", _listed(a["scale"]), **offset, name=name)
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         cls = "GlobalAveragePooling2D" if op == "global_avg_pool2d" else "GlobalMaxPooling2D"
         return [], f"layers.{cls}(name={literal(name)})"
@@ -271,6 +270,11 @@ def _assigned(target: str, layer: str, operand: str) -> list[str]:
         return [f"{target} = {layer}(", f"    {operand}", ")"]
     head, _, args = layer.partition("(")
     return [f"{target} = {head}(", f"    {args[:-1]}", f")({operand})"]
+
+
+def _listed(value: float | tuple[float, ...]) -> float | list[float]:
+    """A number, or per-channel values as the list a person writes."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _helpers(calls: list[str]) -> str:

@@ -333,8 +333,9 @@ class Rescaling(nn.Module):
     """``x * scale + offset``, each a number or one per channel (IR `rescaling`); ``image``:
     NCHW input, so per-channel values are held as (C, 1, 1)."""
 
-    def __init__(self, scale: float | tuple[float, ...], offset: float | tuple[float, ...],
-                 image: bool) -> None:
+    def __init__(
+        self, scale: float | tuple[float, ...], offset: float | tuple[float, ...], image: bool
+    ) -> None:
         super().__init__()
         shape = (-1, 1, 1) if image else (-1,)
         # buffers follow the model's device; not persistent: they are spec values, not weights
