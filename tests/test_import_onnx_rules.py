@@ -244,12 +244,14 @@ def test_a_scaled_value_read_twice_keeps_its_own_rescaling(tmp_path):
     assert [(r.get("scale"), r.get("offset")) for r in found] == [(2.0, None), (None, 1.0)]
 
 
-def test_a_mul_by_a_constant_image_is_refused(tmp_path):
+@pytest.mark.parametrize("shape", [(1, 1, 4, 4), (1, 1, 1, 1, 1)], ids=["image", "rank-5"])
+def test_a_mul_by_a_constant_image_is_refused(tmp_path, shape):
+    """A constant per pixel, or one number that would broadcast the image to rank 5."""
     path = conv_then([helper.make_node("Mul", ["c", "s"], ["a"], name="scale")],
-                     [constant("s", np.ones((1, 1, 4, 4)))], tmp_path / "m.onnx")
+                     [constant("s", np.ones(shape))], tmp_path / "m.onnx")
     with pytest.raises(ImportRefused) as caught:
         import_model(path)
-    assert "'scale' (Mul): multiplying by a constant of shape [1, 1, 4, 4]: specforge's " \
+    assert f"'scale' (Mul): multiplying by a constant of shape {list(shape)}: specforge's " \
         "rescaling takes one number or one per channel (4)" in caught.value.lines, \
         caught.value.lines
 

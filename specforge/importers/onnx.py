@@ -555,13 +555,13 @@ def _channel_constant(t: _Translator, name: str, value: Value, what: str
     """A constant that broadcasts over ``value`` as a number or one number per channel:
     that number or list (floats as written); anything else cannot be a `rescaling`."""
     array = t.constant(name)
-    if array.size == 1:
-        return float32_value(array.reshape(-1)[0])
     rank, channels = len(value.onnx_shape), value.shape[-1]
+    if array.size == 1 and array.ndim <= rank:  # (more axes would broadcast the value up)
+        return float32_value(array.reshape(-1)[0])
     axis = CHANNEL_AXIS.get(value.layout)
     shape = (1,) * (rank - array.ndim) + array.shape if array.ndim <= rank else array.shape
     wanted = tuple(channels if i == axis else 1 for i in range(rank))
-    if axis is None or shape != wanted or array.ndim > rank:
+    if axis is None or shape != wanted:
         raise _NotExpressible(
             f"{what} a constant of shape {list(array.shape)}: specforge's rescaling takes "
             f"one number or one per channel ({channels})"
