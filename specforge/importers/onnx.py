@@ -536,7 +536,55 @@ def _offset_add(t: _Translator, node: Any, value: Value, value_name: str,
                 constant_name: str) -> Value:
     """``x + constant`` (a number or one per channel): the offset of the `rescaling` that
     computes x alone (x * scale + offset), or a `rescaling` of its own with scale 1."""
-    offset = _channel_constant(t, constant_name, value, "adding")
+    return _with_offset(t, node, value, value_name,
+                        _channel_constant(t, constant_name, value, "adding"))
+
+
+def _sub(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """``x - constant``: ``x + (-constant)``, a `rescaling`'s offset (as torch writes a
+    normalisation's ``x - mean``)."""
+    if not t._is_constant(node.input[1]) or t._is_constant(node.input[0]):
+        raise _NotExpressible("specforge subtracts only a constant from a layer's output "
+                              "(x - c, a rescaling's offset)")
+    value = t.value(node)
+    offset = _channel_constant(t, node.input[1], value, "subtracting")
+    negated = [-v for v in offset] if isinstance(offset, list) else -offset
+    return _with_offset(t, node, value, node.input[0], negated)
+
+
+def _div(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """``x / constant``: a `rescaling` by ``1 / constant``; after a `rescaling` with an
+    offset alone that nothing else reads (torch's ``(x - mean) / std``), that one's scale:
+    (x + o) / c = x * (1 / c) + o / c."""
+    if not t._is_constant(node.input[1]) or t._is_constant(node.input[0]):
+        raise _NotExpressible("specforge divides only a layer's output by a constant "
+                              "(x / c, a rescaling)")
+    value = t.value(node)
+    divisor = np.atleast_1d(np.asarray(_channel_constant(t, node.input[1], value,
+                                                         "dividing by"), np.float64))
+    if not np.all(divisor):
+        raise _NotExpressible("dividing by a constant that holds 0")
+    scale = 1 / divisor
+    producer = t.layers.get(value.layer)
+    if (producer is not None and producer["type"] == "rescaling" and "scale" not in producer
+            and t.uses[node.input[0]] == 1):
+        producer["scale"] = _number_or_list(scale)
+        producer["offset"] = _number_or_list(np.asarray(producer["offset"]) * scale)
+        return value
+    name = t.add(node, "rescaling", [value], scale=_number_or_list(scale))
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+def _number_or_list(values: np.ndarray) -> float | list[float]:
+    """One number for a single value, else a list (one per channel)."""
+    flat = [float(v) for v in np.asarray(values).reshape(-1)]
+    return flat[0] if len(flat) == 1 else flat
+
+
+def _with_offset(t: _Translator, node: Any, value: Value, value_name: str,
+                 offset: float | list[float]) -> Value:
+    """``value + offset``: the offset of the `rescaling` with a scale alone that computes
+    ``value`` and nothing else reads, or a `rescaling` of its own."""
     producer = t.layers.get(value.layer)
     if (producer is not None and producer["type"] == "rescaling" and "offset" not in producer
             and t.uses[value_name] == 1):
@@ -899,7 +947,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "ReduceMean": _global_pool("global_avg_pool2d"),
     "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
     "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
-    "Pad": _pad, "Mul": _mul,
+    "Pad": _pad, "Mul": _mul, "Sub": _sub, "Div": _div,
 }
 
 
