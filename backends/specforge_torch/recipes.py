@@ -46,7 +46,7 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
     if op == "activation":
         return _activation(a)
-    if op in ("add", "concat"):
+    if op in ("add", "multiply", "concat"):
         return op.capitalize(), [], {}
     raise ValueError(f"the torch backend has no lowering for op {op!r}")
 

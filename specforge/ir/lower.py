@@ -107,7 +107,7 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
         main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
-    else:  # flatten, global pooling, add, concat: the op is the type, with no attrs
+    else:  # flatten, global pooling, add, multiply, concat: the op is the type, with no attrs
         return [(canonical_type(layer), {})]
     extra = getattr(layer, "activation", None)
     return [main] if extra is None else [main, ("activation", activation_attrs(extra))]

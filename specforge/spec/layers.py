@@ -288,6 +288,15 @@ class Add(Merge):
     type: Literal["add"]
 
 
+class Multiply(Merge):
+    """Element-wise product of two inputs: of one shape, or a (channels,) vector and an
+    image whose channels it scales (a squeeze-and-excitation gate)."""
+
+    type: Literal["multiply"]
+    inputs: list[Name] = Field(min_length=2, max_length=2,
+                               description="The two layers to multiply.")
+
+
 class Concat(Merge):
     """Concatenation along the channel (last) axis."""
 
@@ -305,8 +314,8 @@ class BlockUse(LayerBase):
 
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Add | Concat
-    | BlockUse,
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Add | Multiply
+    | Concat | BlockUse,
     Field(discriminator="type"),
 ]
 
