@@ -284,6 +284,42 @@ def test_layers_on_a_keepdims_pixel_import_as_layers_on_a_vector(tmp_path):
     assert types["reduce"] == types["other"] == "dense" and "flat" not in types
 
 
+@pytest.mark.parametrize("gate_first", [False, True], ids=["image-gate", "gate-image"])
+def test_a_squeeze_excite_block_imports_as_a_multiply_by_a_channel_gate(tmp_path, gate_first):
+    """Keras's squeeze-excite (EfficientNet's, MobileNetV3's): keepdims pooling, two 1x1
+    convolutions, then Multiply of the feature map and the (1, 1, C) gate: a multiply of
+    the image and the (C,) gate; a product of two pixels stays a pixel."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 4))
+    x = k.Conv2D(8, 3, padding="same", activation="relu", name="features")(inputs)
+    pixel = k.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    reduced = k.Conv2D(3, 1, activation="relu", name="reduce")(pixel)
+    gate = k.Conv2D(8, 1, activation="sigmoid", name="expand")(reduced)
+    gate = k.Multiply(name="gate_squared")([gate, gate])
+    scaled = k.Multiply(name="excite")([gate, x] if gate_first else [x, gate])
+    outputs = k.Dense(3, name="out")(k.GlobalAveragePooling2D(name="pool")(scaled))
+    source = keras.Model(inputs, outputs)
+    randomize_keras(source)
+    source.save(tmp_path / "se.keras")
+    spec, graph, weights = imported(tmp_path / "se.keras", tmp_path)
+    batch = images((6, 5, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    assert graph["excite"].op == graph["gate_squared"].op == "multiply"
+    assert graph["gate_squared"].shape == (8,) and graph["excite"].shape == (6, 5, 8)
+    assert graph["expand"].op == "dense"
+
+
+def test_a_product_of_three_tensors_is_refused(tmp_path):
+    inputs = keras.Input((4, 4, 2))
+    product = keras.layers.Multiply(name="triple")([inputs, inputs, inputs])
+    source = keras.Model(inputs, keras.layers.Flatten()(product))
+    source.save(tmp_path / "triple.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "triple.keras")
+    assert "'triple' (Multiply): a product of 3 tensors: specforge's multiply takes two" in \
+        str(refusal.value)
+
+
 def test_a_pixel_read_by_a_layer_that_needs_an_image_is_refused(tmp_path):
     inputs = keras.Input((6, 6, 4))
     pixel = keras.layers.GlobalMaxPooling2D(keepdims=True, name="squeeze")(inputs)
