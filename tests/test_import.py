@@ -572,6 +572,43 @@ def test_depthwise_relu6_pads_and_concat_from_torch(tmp_path):
     assert {"relu6", "silu", "hard_swish"} <= activations, activations
 
 
+class _Gated(torch.nn.Module):
+    """A squeeze-excite gate without weights (mean, sigmoid, product), a product of two
+    feature maps, silu written out (x * sigmoid(x)), and a gate of linear layers viewed as
+    (N, C, 1, 1), as torch code writes squeeze-excite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.other = torch.nn.Conv2d(3, 6, 3)
+        self.fc = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x: Any) -> Any:
+        a = self.conv(x)
+        gate = torch.sigmoid(a.mean((2, 3), keepdim=True))
+        y = gate * a * self.other(x)
+        y = y * torch.sigmoid(y)
+        n, c = y.shape[:2]
+        y = y * torch.sigmoid(self.fc(y.mean((2, 3)))).view(n, c, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_products_from_torch_import_as_multiply_and_silu(tmp_path):
+    torch.manual_seed(0)
+    source = _Gated()
+    path = export_torch(source, (7, 6, 3), tmp_path / "gated.onnx")
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    products = [n for n in graph if n.op == "multiply"]
+    # the gate on the left, two maps, a gate from view (an Unsqueeze: tests/test_round_trip)
+    assert [[len(graph[i].shape) for i in n.inputs] for n in products] == [
+        [1, 3], [3, 3], [3, 1]]
+    assert [n.attrs["fn"] for n in graph if n.op == "activation"] == [
+        "sigmoid", "silu", "sigmoid"]
+
+
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     torch.manual_seed(0)
     path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")
@@ -643,9 +680,24 @@ def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
     onnx.save(onnx_model(nodes, [conv_weight(), scale], [1, 1, 4, 4]), path)
     result = refused(cli("import", str(path), "-o", str(tmp_path / "bad.yaml")))
     assert [line.strip() for line in result.splitlines()[1:]] == [
-        "'scale' (Mul): multiplying by a constant: specforge has no element-wise product",
+        "'scale' (Mul): multiplying by a constant: specforge multiplies layers' outputs only",
         "'pool' (MaxPool): storage_order=1"], result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_a_broadcasting_product_is_refused_with_both_shapes(tmp_path):
+    helper = onnx.helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Mul", ["c", "f"], ["y"], name="scale")]
+    path = tmp_path / "broadcast.onnx"
+    onnx.save(onnx_model(nodes, [conv_weight()], [1, 1, 4, 4]), path)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "'scale' (Mul): a product of ONNX shapes [1, 2, 4, 4] and [1, 2]: specforge " \
+        "multiplies equal shapes, or an (N, C, H, W) image and an (N, C, 1, 1) gate" in \
+        str(refusal.value)
 
 
 def external(tensor: Any, location: str, length: int | None = None) -> Any:
