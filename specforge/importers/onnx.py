@@ -13,7 +13,9 @@ rounds to them. Every ONNX value is tracked as the spec layer that computes it a
 - ``flat``: a vector in the spec's order (height, width, channel for a flattened image);
 - ``chw``: a vector flattened in ONNX's channel, height, width order: a dense layer that
   reads it gets its kernel rows permuted to the spec's order;
-- ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1).
+- ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1) (or a vector
+  unsqueezed or reshaped to it: a squeeze-and-excitation gate, which a Mul with an NCHW
+  image reads as a (C,) gate).
 
 The file is read by :mod:`specforge.importers.onnx_safety` first.
 """
