@@ -87,12 +87,14 @@ class OnnxGraphBuilder:
 @dataclass(frozen=True)
 class OpContext:
     """What an op's export function gets: the builder, the node, its inputs' ONNX tensor
-    names and its own parameters (neutral layout, by parameter name)."""
+    names, its own parameters (neutral layout, by parameter name) and its inputs' IR shapes
+    (per sample, NHWC)."""
 
     builder: OnnxGraphBuilder
     node: Node
     inputs: list[str]
     params: Mapping[str, np.ndarray]
+    in_shapes: Sequence[tuple[int, ...]] = ()
 
     def constant(self, param: str, value: Any) -> str:
         return self.builder.constant(f"{self.node.name}.{param}", value)
@@ -299,6 +301,18 @@ def export_add(ctx: OpContext) -> str:
     return ctx.add("Sum", ctx.inputs)
 
 
+@exports("multiply")
+def export_multiply(ctx: OpContext) -> str:
+    """Mul; a (N, C) channel gate is unsqueezed to (N, C, 1, 1) first, to scale every pixel
+    of the (N, C, H, W) other input (the graph is NCHW inside, whatever the layout)."""
+    factors = list(ctx.inputs)
+    for k, shape in enumerate(ctx.in_shapes):
+        if len(shape) < len(ctx.node.shape):
+            axes = ctx.builder.constant(f"{ctx.node.name}.gate_axes", [2, 3], np.int64)
+            factors[k] = ctx.add("Unsqueeze", [factors[k], axes], "gate")
+    return ctx.add("Mul", factors)
+
+
 @exports("concat")
 def export_concat(ctx: OpContext) -> str:
     return ctx.add("Concat", ctx.inputs, axis=1)  # channels (NCHW) or features (N, F)
@@ -410,7 +424,7 @@ def _lower_nodes(graph: Graph, weights: Mapping[str, np.ndarray], builder: OnnxG
         if node.op == "input":
             continue
         ctx = OpContext(builder, node, [tensors[i] for i in node.inputs],
-                        _node_params(node, weights))
+                        _node_params(node, weights), [graph[i].shape for i in node.inputs])
         tensors[node.name] = EXPORTS[node.op].fn(ctx)
     return tensors[graph.output]
 

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 
 #: Layers (a YAML flow list, without its closing head) that together use every forward op
-#: and option of the IR up to a concat: the forward reference and the backward reference
-#: each end it with their own head. Input (9, 10, 2).
+#: and option of the IR (a squeeze-and-excitation gate among them) up to a concat: the
+#: forward reference and the backward reference each end it with their own head.
+#: Input (9, 10, 2).
 EVERY_OP_LAYERS = (
     "[{type: conv2d, filters: 4, kernel: [2, 3], strides: 2, padding: same,"
     " padding_mode: reflect, activation: {fn: leaky_relu, negative_slope: 0.2}},"
@@ -27,8 +28,11 @@ EVERY_OP_LAYERS = (
     " {type: pad2d, padding: {top: 1, bottom: 0, left: 0, right: 2}, mode: reflect},"
     " {type: rescaling, scale: 0.5, offset: [0.1, -0.2, 0.3, 0, 1, -1, 2, 0.5]},"
     " {type: batch_norm, name: bn}, {type: activation, fn: hard_swish, name: hs},"
+    " {type: global_avg_pool2d, name: squeeze, inputs: bn},"
+    " {type: dense, units: 8, activation: sigmoid, name: excite},"
+    " {type: multiply, inputs: [hs, excite], name: gated},"
     " {type: activation, fn: silu, name: branch, inputs: bn},"
-    " {type: concat, inputs: [hs, branch]},")
+    " {type: concat, inputs: [gated, branch]},")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

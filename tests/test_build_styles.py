@@ -24,7 +24,7 @@ import pytest
 from specforge.backends import load_backend
 from specforge.compiler import compile_spec, compile_text
 from specforge.conformance.compare import GROUP_SHARE, Tolerance, difference, magnitude
-from specforge.conformance.suite import CASES, Case
+from specforge.conformance.suite import CASES, HEAD, Case
 from specforge.data.pipeline import build_pipeline
 from specforge.ir.program import Program, lr_at
 from specforge.reference.forward import reference_forward
@@ -195,6 +195,22 @@ def test_a_branch_that_passes_its_value_on_keeps_the_input_for_the_next_branch(t
               {"type": "dense", "units": 2}]
     case = Case("input-read-twice", layers)
     check_same_model(compile_text(case.spec_text(), "<input read twice>"), "keras", tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_product_of_sums_and_a_gate_keeps_its_grouping(backend, tmp_path):
+    """torch's script inlines a sum read once into the expression that reads it: a product
+    of it must keep the sum in parentheses; the gate on the left is broadcast too."""
+    pytest.importorskip(backend)
+    layers = [{"type": "conv2d", "filters": 3, "kernel": 3, "name": "a"},
+              {"type": "conv2d", "filters": 3, "kernel": 1, "name": "b", "inputs": "a"},
+              {"type": "add", "inputs": ["a", "b"], "name": "sum"},
+              {"type": "global_max_pool2d", "inputs": "a", "name": "pooled"},
+              {"type": "multiply", "inputs": ["pooled", "sum"]},
+              {"type": "add", "inputs": ["a", "b"], "name": "again"},
+              {"type": "multiply", "inputs": ["again", "multiply_1"]}, *HEAD]
+    case = Case("product-of-sums", layers)
+    check_same_model(compile_text(case.spec_text(), "<product of sums>"), backend, tmp_path)
 
 
 # --- 3. same update rule: one step from the same weights on the same batch -------------------

@@ -284,6 +284,42 @@ def test_layers_on_a_keepdims_pixel_import_as_layers_on_a_vector(tmp_path):
     assert types["reduce"] == types["other"] == "dense" and "flat" not in types
 
 
+@pytest.mark.parametrize("gate_first", [False, True], ids=["image-gate", "gate-image"])
+def test_a_squeeze_excite_block_imports_as_a_multiply_by_a_channel_gate(tmp_path, gate_first):
+    """Keras's squeeze-excite (EfficientNet's, MobileNetV3's): keepdims pooling, two 1x1
+    convolutions, then Multiply of the feature map and the (1, 1, C) gate: a multiply of
+    the image and the (C,) gate; a product of two pixels stays a pixel."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 4))
+    x = k.Conv2D(8, 3, padding="same", activation="relu", name="features")(inputs)
+    pixel = k.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    reduced = k.Conv2D(3, 1, activation="relu", name="reduce")(pixel)
+    gate = k.Conv2D(8, 1, activation="sigmoid", name="expand")(reduced)
+    gate = k.Multiply(name="gate_squared")([gate, gate])
+    scaled = k.Multiply(name="excite")([gate, x] if gate_first else [x, gate])
+    outputs = k.Dense(3, name="out")(k.GlobalAveragePooling2D(name="pool")(scaled))
+    source = keras.Model(inputs, outputs)
+    randomize_keras(source)
+    source.save(tmp_path / "se.keras")
+    spec, graph, weights = imported(tmp_path / "se.keras", tmp_path)
+    batch = images((6, 5, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    assert graph["excite"].op == graph["gate_squared"].op == "multiply"
+    assert graph["gate_squared"].shape == (8,) and graph["excite"].shape == (6, 5, 8)
+    assert graph["expand"].op == "dense"
+
+
+def test_a_product_of_three_tensors_is_refused(tmp_path):
+    inputs = keras.Input((4, 4, 2))
+    product = keras.layers.Multiply(name="triple")([inputs, inputs, inputs])
+    source = keras.Model(inputs, keras.layers.Flatten()(product))
+    source.save(tmp_path / "triple.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "triple.keras")
+    assert "'triple' (Multiply): a product of 3 tensors: specforge's multiply takes two" in \
+        str(refusal.value)
+
+
 def test_a_pixel_read_by_a_layer_that_needs_an_image_is_refused(tmp_path):
     inputs = keras.Input((6, 6, 4))
     pixel = keras.layers.GlobalMaxPooling2D(keepdims=True, name="squeeze")(inputs)
@@ -581,6 +617,43 @@ def test_depthwise_relu6_pads_and_concat_from_torch(tmp_path):
     assert {"relu6", "silu", "hard_swish"} <= activations, activations
 
 
+class _Gated(torch.nn.Module):
+    """A squeeze-excite gate without weights (mean, sigmoid, product), a product of two
+    feature maps, silu written out (x * sigmoid(x)), and a gate of linear layers viewed as
+    (N, C, 1, 1), as torch code writes squeeze-excite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.other = torch.nn.Conv2d(3, 6, 3)
+        self.fc = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x: Any) -> Any:
+        a = self.conv(x)
+        gate = torch.sigmoid(a.mean((2, 3), keepdim=True))
+        y = gate * a * self.other(x)
+        y = y * torch.sigmoid(y)
+        n, c = y.shape[:2]
+        y = y * torch.sigmoid(self.fc(y.mean((2, 3)))).view(n, c, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_products_from_torch_import_as_multiply_and_silu(tmp_path):
+    torch.manual_seed(0)
+    source = _Gated()
+    path = export_torch(source, (7, 6, 3), tmp_path / "gated.onnx")
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    products = [n for n in graph if n.op == "multiply"]
+    # the gate on the left, two maps, a gate from view (an Unsqueeze: tests/test_round_trip)
+    assert [[len(graph[i].shape) for i in n.inputs] for n in products] == [
+        [1, 3], [3, 3], [3, 1]]
+    assert [n.attrs["fn"] for n in graph if n.op == "activation"] == [
+        "sigmoid", "silu", "sigmoid"]
+
+
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     torch.manual_seed(0)
     path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")
@@ -656,6 +729,21 @@ def test_unsupported_onnx_ops_are_listed_with_name_type_and_attribute(tmp_path):
         "rescaling takes one number or one per channel (2)",
         "'pool' (MaxPool): storage_order=1"], result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_a_broadcasting_product_is_refused_with_both_shapes(tmp_path):
+    helper = onnx.helper
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Mul", ["c", "f"], ["y"], name="scale")]
+    path = tmp_path / "broadcast.onnx"
+    onnx.save(onnx_model(nodes, [conv_weight()], [1, 1, 4, 4]), path)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "'scale' (Mul): a product of ONNX shapes [1, 2, 4, 4] and [1, 2]: specforge " \
+        "multiplies equal shapes, or an (N, C, H, W) image and an (N, C, 1, 1) gate" in \
+        str(refusal.value)
 
 
 def external(tensor: Any, location: str, length: int | None = None) -> Any:

@@ -100,7 +100,8 @@ def test_every_conformance_case_matches_the_reference(case: Any) -> None:
 
 #: cases between them using every op, each tried in the other layout and with logits
 LAYOUT_CASES = ["padding-explicit-per-side", "conv-dilation-groups-depthwise",
-                "add-concat-residual", "batch-norm", "global_avg_pool2d", "global_max_pool2d",
+                "add-concat-residual", "multiply-squeeze-excite", "batch-norm",
+                "global_avg_pool2d", "global_max_pool2d",
                 "activation-softmax", "avg_pool2d-same-p3-s2", "max_pool2d-same-p3-s2",
                 "dropout-spatial", "loss-binary-cross-entropy", "rescaling"]
 

@@ -4,6 +4,7 @@ schedules and the neutral weights format."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,24 @@ def test_add_of_different_shapes_in_a_spec(tmp_path: Path) -> None:
         {"type": "flatten"}, {"type": "dense", "units": 2}])
     message = compile_error(path)
     assert "layer 'sum': add needs inputs of one shape, got (8, 8, 5), (8, 8, 3)" in message
+
+
+@pytest.mark.parametrize(("shapes", "out"), [
+    ([(4, 4, 3), (4, 4, 3)], (4, 4, 3)), ([(7,), (7,)], (7,)),
+    ([(4, 5, 3), (3,)], (4, 5, 3)), ([(3,), (4, 5, 3)], (4, 5, 3))])
+def test_multiply_shapes(shapes: list[tuple[int, ...]], out: tuple[int, ...]) -> None:
+    result = OPS["multiply"].infer({}, shapes)
+    assert (result.shape, result.params, result.flops) == (out, (), math.prod(out))
+
+
+@pytest.mark.parametrize("shapes", [[(4, 4, 3), (4, 4, 5)], [(4, 4, 3), (4,)],
+                                    [(3,), (4,)], [(4, 4, 3), (4, 3)], [(12,), (2, 2, 3)]])
+def test_multiply_of_other_shapes(shapes: list[tuple[int, ...]]) -> None:
+    a, b = shapes
+    with pytest.raises(ShapeError, match=rf"multiply needs inputs of one shape, or a \(C,\) "
+                                         rf"vector .* got {re.escape(str(a))}, "
+                                         rf"{re.escape(str(b))}$"):
+        OPS["multiply"].infer({}, shapes)
 
 
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
@@ -508,6 +527,7 @@ def test_check_weights_reports_missing_extra_and_wrong_shapes(tmp_path: Path) ->
     ({"type": "zero_padding2d"}, "pad2d_1", "pad2d"),
     ({"type": "batch_normalization"}, "batch_norm_1", "batch_norm"),
     ({"type": "add", "inputs": ["c", "input"]}, "add_1", "add"),
+    ({"type": "multiply", "inputs": ["c", "input"]}, "multiply_1", "multiply"),
     ({"type": "concatenate", "inputs": ["c", "input"]}, "concat_1", "concat"),
 ])
 def test_generated_names_follow_the_type(tmp_path: Path, layer: dict[str, Any], name: str,

@@ -99,7 +99,7 @@ def from_annotation(annotation: Any) -> list[Any]:
 def layer_spec(kind: str, options: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """The spec layers of one case: the layer (merges read two convs of the input)."""
     layer = {"type": kind, "name": name, **{k: v for k, v in options.items() if v is not None}}
-    if kind in ("add", "concat"):
+    if kind in ("add", "multiply", "concat"):
         sides = [{"type": "conv2d", "filters": 4, "kernel": k, "padding": "same",
                   "name": f"{name}_{k}", "inputs": "input"} for k in (1, 3)]
         return [*sides, {**layer, "inputs": [s["name"] for s in sides]}]

@@ -181,6 +181,11 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         if len(set(shapes)) != 1:
             return None
         return [NodeExp("", "add", shape, flops=numel(shape) * (len(shapes) - 1))]
+    if kind == "multiply":  # equal shapes, or a (C,) gate of an (H, W, C) image
+        small, large = sorted(shapes, key=len)
+        if small != large and (len(small), len(large), small[-1]) != (1, 3, large[-1]):
+            return None
+        return [NodeExp("", "multiply", large, flops=numel(large))]
     if kind == "concat":
         if len({s[:-1] for s in shapes}) != 1:
             return None
@@ -451,6 +456,18 @@ class Builder:
         kind = d(st.sampled_from(["concat", "concatenate"]))
         assert self.emit({"type": kind}, d(st.permutations(inputs)))
 
+    def step_gate(self) -> None:
+        """A squeeze-and-excitation gate (global pooling, a dense layer, a product with the
+        image), or the image times itself."""
+        d, src = self.draw, self.tip
+        if d(st.booleans()):
+            assert self.emit({"type": "multiply"}, [src, src])
+            return
+        assert self.emit({"type": d(st.sampled_from(["global_avg_pool2d", "global_max_pool2d"]))})
+        assert self.emit({"type": "dense", "units": self.shape_of(src)[-1],
+                          "activation": "sigmoid"})
+        assert self.emit({"type": "multiply"}, d(st.permutations([src, self.tip])))
+
     # -- the result
 
     def spec(self, seed: int) -> dict[str, Any]:
@@ -489,7 +506,7 @@ def random_models(draw: Any) -> Builder:
     shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, 8)))
     b = Builder(draw, shape)
     steps = [b.step_conv, b.step_conv, b.step_pool, b.step_pool, b.step_pad, b.step_simple,
-             b.step_residual, b.step_concat]
+             b.step_residual, b.step_concat, b.step_gate]
     for _ in range(draw(st.integers(0, 6))):
         draw(st.sampled_from(steps))()
     end = draw(st.sampled_from(["flatten", "global_avg_pool2d", "global_average_pooling2d",

@@ -86,3 +86,19 @@ def test_the_readmes_export_commands_work(tmp_path, monkeypatch, capsys):
            "`class_names`" in section
     dims = [d if isinstance(d, str) else int(d) for d in session.get_inputs()[0].shape]
     assert dims == ["batch", 1, 8, 8]  # the second file: nchw
+
+
+def test_the_readme_names_every_layer_type():
+    """The "Layers" item of the README's feature list names every layer type the schema has
+    (by its first spelling), so a new layer type is listed there."""
+    import typing
+
+    from specforge.spec import layers as L
+
+    text = (ROOT / "README.md").read_text()
+    item = text.split("- **Layers**:", 1)[1].split("\n- **", 1)[0]
+    named = set(re.findall(r"`([a-z0-9_]+)`", item))
+    union = typing.get_args(typing.get_args(L.Layer)[0])
+    types = {typing.get_args(cls.model_fields["type"].annotation)[0] for cls in union
+             if cls is not L.BlockUse}
+    assert types - named == set()

@@ -343,7 +343,7 @@ def test_batch_norm_training_and_evaluation_differ() -> None:
     assert not np.allclose(grads[True]["conv2d_1.kernel"], grads[False]["conv2d_1.kernel"])
 
 
-# --- dropout, add, concat -------------------------------------------------------------------
+# --- dropout, add, multiply, concat ------------------------------------------------------------
 
 DROPOUT_CASES = {
     "normal": "[{type: conv2d, filters: 3, kernel: 2, name: before},"
@@ -400,11 +400,26 @@ MERGE_CASES = {
                       " {type: add, inputs: [bn, a], name: sum},"
                       " {type: activation, fn: relu}, {type: global_max_pool2d},"
                       " {type: dense, units: 3}]",
+    "multiply": "[{type: conv2d, filters: 2, kernel: 1, name: a},"
+                " {type: conv2d, filters: 2, kernel: 3, padding: same, name: b, inputs: a},"
+                " {type: multiply, inputs: [a, b]}, {type: flatten}, {type: dense, units: 3}]",
+    "multiply-square": "[{type: conv2d, filters: 2, kernel: 2, name: a},"
+                       " {type: multiply, inputs: [a, a]}, {type: flatten},"
+                       " {type: dense, units: 3}]",
+    # a squeeze-and-excitation gate, on either side: its gradient sums over the pixels
+    "multiply-gate": "[{type: conv2d, filters: 3, kernel: 2, name: a},"
+                     " {type: global_avg_pool2d}, {type: dense, units: 3, activation: sigmoid,"
+                     " name: gate}, {type: multiply, inputs: [a, gate]}, {type: flatten},"
+                     " {type: dense, units: 3}]",
+    "gate-multiply": "[{type: conv2d, filters: 3, kernel: 2, name: a},"
+                     " {type: global_max_pool2d}, {type: dense, units: 3, activation: tanh,"
+                     " name: gate}, {type: multiply, inputs: [gate, a]},"
+                     " {type: global_avg_pool2d}, {type: dense, units: 3}]",
 }
 
 
 @pytest.mark.parametrize("case", MERGE_CASES)
-def test_add_and_concat_gradients(case: str) -> None:
+def test_merge_gradients(case: str) -> None:
     program = build(MERGE_CASES[case], (4, 5, 2))
     x, y = data(program)
     # the batch norm's batch mean cancels the bias of the conv before it

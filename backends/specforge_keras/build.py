@@ -23,7 +23,7 @@ from specforge.scriptgen import (
     top_level_names,
     used,
 )
-from specforge_keras.recipes import layer_recipe
+from specforge_keras.recipes import MERGE_OPS, layer_recipe
 
 HERE = Path(__file__).parent
 LAYERS, MODEL, TRAINER = HERE / "layers.py", HERE / "model.py", HERE / "trainer.py"
@@ -47,7 +47,7 @@ def model_lines(graph: Graph) -> list[str]:
         arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         arguments.append(f"name={name!r}")
         inputs = [variables[i] for i in node.inputs]
-        operand = f"[{', '.join(inputs)}]" if node.op in ("add", "concat") else inputs[0]
+        operand = f"[{', '.join(inputs)}]" if node.op in MERGE_OPS else inputs[0]
         lines.append(f"# {node.name!r}: output {tuple(node.shape)}")
         call = f"{name} = {cls}({', '.join(arguments)})({operand})"
         if len(call) > 96:

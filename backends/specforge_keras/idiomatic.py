@@ -32,6 +32,7 @@ from specforge.ir.graph import Node, identifier_names
 from specforge.ir.ops import pad_value, pool_options, same_pads
 from specforge.ir.program import Program
 from specforge.scriptgen import copied, used
+from specforge_keras.recipes import MERGE_OPS
 
 HERE = Path(__file__).parent
 LAYERS = HERE / "layers.py"
@@ -149,6 +150,8 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         return [], call("layers.Activation", STRING.get(fn, fn), name=name)
     if op == "add":
         return [], f"layers.Add(name={literal(name)})"
+    if op == "multiply":  # a (C,) gate is reshaped to (1, 1, C) where it is read
+        return [], f"layers.Multiply(name={literal(name)})"
     if op == "concat":
         return [], f"layers.Concatenate(name={literal(name)})"
     raise ValueError(f"no Keras layer for op {op!r}")
@@ -249,7 +252,10 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
     lines: list[str] = []
     for k, (node, before, layer_text, last) in enumerate(layers_):
         args = [value[i] for i in node.inputs]
-        operand = f"[{', '.join(args)}]" if node.op in ("add", "concat") else args[0]
+        if node.op == "multiply":
+            args = [_as_image(arg, program.graph[i].shape, node.shape)
+                    for arg, i in zip(args, node.inputs, strict=True)]
+        operand = f"[{', '.join(args)}]" if node.op in MERGE_OPS else args[0]
         following = layers_[k + 1][0].name if k + 1 < len(layers_) else None
         passed_on = readers.get(last, []) == [following] and last != program.graph.output
         target = "x" if passed_on else names[last]
@@ -259,6 +265,14 @@ def functional_lines(program: Program, layers_: list[tuple[Node, list[str], str,
         lines += _assigned(target, layer_text, operand)
         value[node.name] = value[last] = target
     return lines
+
+
+def _as_image(value: str, shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
+    """A multiply's operand: a (C,) channel gate of an image as (1, 1, C), which Multiply
+    broadcasts over height and width."""
+    if len(shape) == len(out_shape):
+        return value
+    return f"layers.Reshape((1, 1, {shape[-1]}))({value})"
 
 
 def _assigned(target: str, layer: str, operand: str) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 from specforge.ir.graph import Graph, Node, identifier_names
 from specforge.weights import check_weights, initial_weights
 from specforge_keras import layers as L
-from specforge_keras.recipes import layer_recipe
+from specforge_keras.recipes import MERGE_OPS, layer_recipe
 
 
 def layer_for(node: Node, name: str, in_shape: tuple[int, ...]) -> keras.layers.Layer:
@@ -44,7 +44,7 @@ def build_model(graph: Graph,
         make = replacements.get(node.op)
         layer = make(node, names[node.name]) if make else \
             layer_for(node, names[node.name], graph[node.inputs[0]].shape)
-        values[node.name] = layer(args if node.op in ("add", "concat") else args[0])
+        values[node.name] = layer(args if node.op in MERGE_OPS else args[0])
     return keras.Model(inputs, values[graph.output], name="specforge_model")
 
 

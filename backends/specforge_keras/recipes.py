@@ -12,6 +12,9 @@ from typing import Any
 from specforge.ir.graph import Node
 from specforge.ir.ops import pad_value, pool_options
 
+#: Ops whose Keras layer is called on the list of its inputs.
+MERGE_OPS = ("add", "multiply", "concat")
+
 
 def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any], dict[str, Any]]:
     """How to make a node's layer (whose first input has ``in_shape``): (class, positional
@@ -48,6 +51,8 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
         return "keras.layers.Rescaling", [], {k: _plain(a[k]) for k in ("scale", "offset")}
     if op == "add":
         return "keras.layers.Add", [], {}
+    if op == "multiply":  # a (N, C) gate: Keras's merge layers expand it to (N, 1, 1, C)
+        return "keras.layers.Multiply", [], {}
     if op == "concat":
         return "keras.layers.Concatenate", [], {"axis": -1}
     raise ValueError(f"the keras backend has no lowering for op {op!r}")

@@ -180,7 +180,7 @@ def named_modules(graph: Graph) -> Iterator[tuple[Node, str, str, str]]:
     names = identifier_names(graph)
     shapes = {n.name: n.shape for n in graph}
     for node in graph:
-        if node.op in ("input", "add", "concat"):
+        if node.op in ("input", "add", "multiply", "concat"):
             continue
         modules = node_modules(node, shapes[node.inputs[0]])
         suffixes = {"global_avg_pool2d": ["", "_flatten"], "global_max_pool2d": ["", "_flatten"],
@@ -198,6 +198,17 @@ def sequential_lines(graph: Graph) -> list[str]:
         line = f"{attribute}={module},"
         lines.append(f"{line}  # {note}" if note and len(line) + len(note) < 86 else line)
     return lines
+
+
+def product(node: Node, args: list[str], in_shapes: list[tuple[int, ...]]) -> str:
+    """``a * b`` of a multiply node's operands; a (N, C) gate is indexed to (N, C, 1, 1) so
+    that it scales every pixel of an (N, C, H, W) operand."""
+    factors = []
+    for arg, shape in zip(args, in_shapes, strict=True):
+        if " + " in arg or " * " in arg:  # an inlined sum or product binds less tightly
+            arg = f"({arg})"
+        factors.append(f"{arg}[:, :, None, None]" if len(shape) < len(node.shape) else arg)
+    return " * ".join(factors)
 
 
 def module_class_lines(graph: Graph) -> tuple[list[str], list[str]]:
@@ -226,6 +237,8 @@ def module_class_lines(graph: Graph) -> tuple[list[str], list[str]]:
         args = [value[i] for i in node.inputs]
         if node.op == "add":
             return " + ".join(args)
+        if node.op == "multiply":
+            return product(node, args, [graph[i].shape for i in node.inputs])
         if node.op == "concat":
             return f"torch.cat([{', '.join(args)}], dim=1)"
         expr = args[0]

@@ -299,6 +299,18 @@ class Add(nn.Module):
         return out
 
 
+class Multiply(nn.Module):
+    """Element-wise product (IR `multiply`); an (N, C) channel gate scales an (N, C, H, W)
+    input at every pixel."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dim() < b.dim():
+            a = a[:, :, None, None]
+        elif b.dim() < a.dim():
+            b = b[:, :, None, None]
+        return a * b
+
+
 class Concat(nn.Module):
     """Concatenation along channels (IR `concat`)."""
 

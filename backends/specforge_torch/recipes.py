@@ -48,7 +48,7 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return _activation(a)
     if op == "rescaling":
         return "Rescaling", [a["scale"], a["offset"], len(in_shape) == 3], {}
-    if op in ("add", "concat"):
+    if op in ("add", "multiply", "concat"):
         return op.capitalize(), [], {}
     raise ValueError(f"the torch backend has no lowering for op {op!r}")
 

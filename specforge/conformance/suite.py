@@ -152,6 +152,15 @@ def _layer_cases() -> list[Case]:
         {"type": "add", "inputs": ["stem", "bn"], "name": "sum"},
         _conv(2, 1, name="side", inputs="stem"),
         {"type": "concat", "inputs": ["sum", "side"]}, *HEAD]
+    # a channel gate (the (C,) form of multiply), then a product of two feature maps
+    squeeze_excite = [
+        _conv(6, 3, padding="same", name="stem", activation="relu"),
+        {"type": "global_avg_pool2d", "name": "squeeze"},
+        {"type": "dense", "units": 3, "activation": "relu"},
+        {"type": "dense", "units": 6, "activation": "sigmoid", "name": "excite"},
+        {"type": "multiply", "inputs": ["stem", "excite"], "name": "scaled"},
+        _conv(6, 1, name="side", inputs="stem", activation="tanh"),
+        {"type": "multiply", "inputs": ["side", "scaled"]}, *HEAD]
     return [
         Case("batch-norm", [_conv(6, 3, bias=False),
                             {"type": "batch_norm", "running_decay": 0.8, "epsilon": 1e-3},
@@ -187,6 +196,7 @@ def _layer_cases() -> list[Case]:
             {"type": "rescaling", "scale": [1.5, -1.0, 0.5, 2.0, 1.0, -0.5]},
             {"type": "dense", "units": 4}]),
         Case("add-concat-residual", residual),
+        Case("multiply-squeeze-excite", squeeze_excite),
         Case("dense-stack", [*HEAD[:1], {"type": "dense", "units": 12, "activation": "relu"},
                              {"type": "dense", "units": 4, "bias": False}]),
     ]

@@ -229,7 +229,8 @@ class _Translator:
             self._unsupported(op, f"data_format {fmt!r}: specforge is channels_last")
             return
         on_pixels = [name in self.pixels for name in inputs]
-        if any(on_pixels) and (kind not in ON_PIXELS or not all(on_pixels)):
+        mixed = any(on_pixels) and not all(on_pixels)
+        if any(on_pixels) and (kind not in ON_PIXELS or (mixed and kind not in GATES)):
             self._unsupported(op, "a (1, 1, channels) tensor from keepdims=True pooling is "
                                   f"read here; specforge holds it as (channels,), and {kind} "
                                   "is not translated on it")
@@ -239,7 +240,7 @@ class _Translator:
         except _NotExpressible as exc:
             self._unsupported(op, str(exc))
             return
-        if any(on_pixels) and kind in ELEMENTWISE:
+        if all(on_pixels) and kind in ELEMENTWISE:
             self.pixels.add(self.spec_name[id(op)])
 
     def add(self, op: Any, type_: str, inputs: list[str], weights: dict[str, Any] | None = None,
@@ -498,6 +499,24 @@ def _merge(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]]
     return translate
 
 
+def _multiply(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """Two tensors of one shape, or a channel gate, (C,) or one pixel (1, 1, C), and an
+    image (H, W, C): the squeeze-excite product."""
+    shapes = [tuple(x.shape)[1:] for x in op.input]
+    if len(shapes) != 2:
+        raise _NotExpressible(f"a product of {len(shapes)} tensors: specforge's multiply "
+                              "takes two")
+    held = [s[-1:] if name in t.pixels else s for name, s in zip(inputs, shapes, strict=True)]
+    gate, image = sorted(held, key=len)
+    if gate != image and (len(gate), len(image), gate[-1]) != (1, 3, image[-1]):
+        raise _NotExpressible(f"shapes {list(shapes[0])} and {list(shapes[1])}: specforge "
+                              "multiplies equal shapes, or a (C,) or (1, 1, C) gate and an "
+                              "(H, W, C) image")
+    name = t.add(op, "multiply", inputs)
+    if len(image) == 1 and len(tuple(op.output.shape)) == 4:  # a gate of a pixel: a pixel
+        t.pixels.add(name)
+
+
 def _zero_padding(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     (top, bottom), (left, right) = config["padding"]
     padding: Any = {"top": top, "bottom": bottom, "left": left, "right": right}
@@ -571,12 +590,15 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "SpatialDropout2D": _dropout(True), "Activation": _activation_layer, "ReLU": _relu,
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
-    "Rescaling": _rescaling, "Normalization": _normalization,
+    "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
 ELEMENTWISE = {"BatchNormalization", "Dropout", "SpatialDropout2D", "Activation", "ReLU",
                "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate", "Rescaling",
-               "Normalization"}
+               "Normalization", "Multiply"}
 #: Layers translated on one pixel (see _Translator.pixels).
 ON_PIXELS = ELEMENTWISE | {"Conv2D", "Flatten", "Reshape", "Dense"}
+#: Layers that also take one pixel and an image together (a squeeze-excite gate and the
+#: image it scales); their handlers say whether the result is a pixel.
+GATES = {"Multiply"}

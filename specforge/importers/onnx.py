@@ -13,7 +13,9 @@ rounds to them. Every ONNX value is tracked as the spec layer that computes it a
 - ``flat``: a vector in the spec's order (height, width, channel for a flattened image);
 - ``chw``: a vector flattened in ONNX's channel, height, width order: a dense layer that
   reads it gets its kernel rows permuted to the spec's order;
-- ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1).
+- ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1) (or a vector
+  unsqueezed or reshaped to it: a squeeze-and-excitation gate, which a Mul with an NCHW
+  image reads as a (C,) gate).
 
 The file is read by :mod:`specforge.importers.onnx_safety` first.
 """
@@ -96,7 +98,7 @@ def scope_name(node: Any) -> str:
     if not op_named:
         return ".".join([*path, last])
     # a module's own op is named by the module; a functional op by the module and the op
-    functional = node.op_type in ("Add", "Concat", "Flatten", "Reshape", "Sum", "Pad",
+    functional = node.op_type in ("Add", "Mul", "Concat", "Flatten", "Reshape", "Sum", "Pad",
                                   "Transpose", "Squeeze")
     if not path or functional:
         path.append(node.op_type.lower())
@@ -735,14 +737,17 @@ GATED = {"sigmoid": "silu", "hard_sigmoid": "hard_swish"}
 
 def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     """``x * sigmoid(x)`` (and ``x * hard_sigmoid(x)``): the gate's activation layer becomes
-    silu (hard_swish); ``x * constant`` (a number or one per channel): a `rescaling`.
-    specforge has no other element-wise product."""
+    silu (hard_swish); ``x * constant`` (a number or one per channel): a `rescaling`. Any
+    other product of two layers' outputs is a `multiply`: of one shape and layout, or an
+    NCHW image and a (N, C, 1, 1) pooled gate (squeeze-excite)."""
     constants = [i for i in node.input if t._is_constant(i)]
     if len(constants) == 1 and len(node.input) == 2:
         x = t.value_of(node.input[1 - list(node.input).index(constants[0])])
         scale = _channel_constant(t, constants[0], x, "multiplying by")
         name = t.add(node, "rescaling", [x], scale=scale)
         return Value(name, x.shape, x.layout, x.chw)
+    if constants:
+        raise _NotExpressible("multiplying constants: specforge multiplies layers' outputs")
     values = [t.value(node, i) for i in range(2)]
     for x, gated in (values, values[::-1]):
         gate = t.layers.get(gated.layer)
@@ -752,8 +757,16 @@ def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
                 and t.uses[node.input[values.index(gated)]] == 1):
             gate["fn"] = GATED[gate["fn"]]
             return gated
-    raise _NotExpressible("an element-wise product: specforge has none (x * sigmoid(x) "
-                          "is its silu)")
+    first, second = values
+    if first.layout == second.layout and first.shape == second.shape:
+        return Value(t.add(node, "multiply", values), first.shape, first.layout, first.chw)
+    by_layout = {v.layout: v for v in values}
+    gate, image = by_layout.get("pooled"), by_layout.get("nchw")
+    if gate is not None and image is not None and gate.shape[0] == image.shape[2]:
+        return Value(t.add(node, "multiply", values), image.shape, "nchw")
+    raise _NotExpressible(f"a product of ONNX shapes {list(first.onnx_shape)} and "
+                          f"{list(second.onnx_shape)}: specforge multiplies equal shapes, or "
+                          "an (N, C, H, W) image and an (N, C, 1, 1) gate")
 
 
 def _dropout(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -855,7 +868,11 @@ def _reshape(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     features = value.shape[0] if len(value.shape) == 1 else int(np.prod(value.shape))
     if len(target) == 2 and target[0] in (-1, 0, 1) and target[1] in (-1, features):
         return _flattened(t, node, value)
-    raise _NotExpressible(f"reshape to {target}: only to (batch, {features}) (a flatten)")
+    if value.layout in ("flat", "pooled") and len(target) == 4 and \
+            target[0] in (-1, 0, 1) and target[1:] in ([-1, 1, 1], [features, 1, 1]):
+        return Value(value.layer, value.shape, "pooled")  # a gate, torch's view(b, c, 1, 1)
+    raise _NotExpressible(f"reshape to {target}: only to (batch, {features}) (a flatten) "
+                          f"or a vector to (batch, {features}, 1, 1)")
 
 
 def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -866,6 +883,18 @@ def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if value.layout != "pooled" or sorted(a % 4 for a in axes or [2, 3]) != [2, 3]:
         raise _NotExpressible(f"squeezing axes {axes} of ONNX shape {list(value.onnx_shape)}")
     return Value(value.layer, value.shape, "flat")
+
+
+def _unsqueeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """(N, C) -> (N, C, 1, 1): a vector as a pooled gate (for a product with an image)."""
+    value = t.value(node)
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = t.constant(node.input[1]).tolist()
+    if value.layout not in ("flat", "pooled") or sorted(a % 4 for a in axes or []) != [2, 3]:
+        raise _NotExpressible(f"unsqueezing axes {axes} of ONNX shape "
+                              f"{list(value.onnx_shape)}: only (N, C) to (N, C, 1, 1)")
+    return Value(value.layer, value.shape, "pooled")
 
 
 def _transpose(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -947,7 +976,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "ReduceMean": _global_pool("global_avg_pool2d"),
     "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
     "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
-    "Pad": _pad, "Mul": _mul, "Sub": _sub, "Div": _div,
+    "Pad": _pad, "Mul": _mul, "Sub": _sub, "Div": _div, "Unsqueeze": _unsqueeze,
 }
 
 

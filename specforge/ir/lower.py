@@ -111,7 +111,7 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
         # a list (one number per channel) as a tuple: attrs are immutable
         return [("rescaling", {k: tuple(v) if isinstance(v, list) else v for k, v in
                                (("scale", layer.scale), ("offset", layer.offset))})]
-    else:  # flatten, global pooling, add, concat: the op is the type, with no attrs
+    else:  # flatten, global pooling, add, multiply, concat: the op is the type, with no attrs
         return [(canonical_type(layer), {})]
     extra = getattr(layer, "activation", None)
     return [main] if extra is None else [main, ("activation", activation_attrs(extra))]

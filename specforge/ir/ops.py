@@ -387,6 +387,27 @@ def add(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult(shapes[0], (), _numel(shapes[0]) * (len(shapes) - 1))
 
 
+@op("multiply", arity=2)
+def multiply(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Element-wise product of two inputs. Of identical shape: ``out = a * b``. Or one is a
+    vector ``g`` of shape ``(C,)`` and the other an image ``x`` of shape ``(H, W, C)`` (either
+    order): ``out[h, w, c] = x[h, w, c] * g[c]``, the vector scales each channel at every
+    pixel (a squeeze-and-excitation gate). The output has the larger shape. No parameters."""
+    out = _product_shape(shapes[0], shapes[1])
+    return OpResult(out, (), _numel(out))
+
+
+def _product_shape(a: Shape, b: Shape) -> Shape:
+    if a == b:
+        return a
+    gate, image = sorted((a, b), key=len)
+    if len(gate) == 1 and len(image) == 3 and gate[0] == image[2]:
+        return image
+    raise ShapeError(f"multiply needs inputs of one shape, or a (C,) vector and an (H, W, C) "
+                     f"image with the same C, got {a}, {b}",
+                     "match the channels with a 1x1 conv2d or a dense layer of C units")
+
+
 @op("concat", arity=None)
 def concat(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Concatenation along the last (channel/feature) axis; other axes must match."""

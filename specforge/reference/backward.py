@@ -16,6 +16,7 @@ import numpy as np
 from specforge.ir.graph import Graph, Node
 from specforge.reference.forward import (
     ACTIVATIONS,
+    as_image,
     batch_statistics,
     erf_elementwise,
     pad,
@@ -194,6 +195,17 @@ def global_max_pool2d(node: Node, xs: list[Array], y: Array, gy: Array,
     return [(winner * gy[:, None, :]).reshape(x.shape)], {}
 
 
+def multiply(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
+             training: bool) -> Grads:
+    a, b = (as_image(x, gy.ndim) for x in xs)
+    # A gate's gradient sums over the pixels it scaled (height and width).
+    return [_reduce_to(gy * b, xs[0]), _reduce_to(gy * a, xs[1])], {}
+
+
+def _reduce_to(g: Array, x: Array) -> Array:
+    return g.sum(axis=(1, 2)) if x.ndim < g.ndim else g
+
+
 BACKWARD: dict[str, Callable[..., Grads]] = {
     "conv2d": conv2d,
     "max_pool2d": max_pool2d,
@@ -211,6 +223,7 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
     "dropout": lambda n, xs, y, gy, w, t: ([gy * w["mask"] if t and "mask" in w else gy], {}),
     "rescaling": lambda n, xs, y, gy, w, t: ([gy * np.asarray(n.attrs["scale"])], {}),
     "add": lambda n, xs, y, gy, w, t: ([gy] * len(xs), {}),
+    "multiply": multiply,
     "concat": lambda n, xs, y, gy, w, t: (
         np.split(gy, np.cumsum([x.shape[-1] for x in xs[:-1]]), axis=-1), {}),
 }

@@ -134,6 +134,17 @@ ACTIVATIONS: dict[str, Callable[[Array, Mapping[str, Any]], Array]] = {
     "softmax": lambda x, a: _softmax(x),
 }
 
+def as_image(x: Array, ndim: int) -> Array:
+    """A batch of channel gates (N, C) as (N, 1, 1, C), broadcasting over an image batch of
+    ``ndim`` axes; anything else unchanged."""
+    return x[:, None, None, :] if x.ndim < ndim else x
+
+
+def multiply(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    ndim = max(x.ndim for x in xs)
+    return as_image(xs[0], ndim) * as_image(xs[1], ndim)
+
+
 OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] = {
     "conv2d": conv2d,
     "max_pool2d": max_pool2d,
@@ -151,6 +162,7 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "rescaling": lambda n, xs, w, t: (xs[0] * np.asarray(n.attrs["scale"])
                                       + np.asarray(n.attrs["offset"])),
     "add": lambda n, xs, w, t: sum(xs[1:], xs[0]),
+    "multiply": multiply,
     "concat": lambda n, xs, w, t: np.concatenate(xs, axis=-1),
 }
 

@@ -302,6 +302,15 @@ class Add(Merge):
     type: Literal["add"]
 
 
+class Multiply(Merge):
+    """Element-wise product of two inputs: of one shape, or a (channels,) vector and an
+    image whose channels it scales (a squeeze-and-excitation gate)."""
+
+    type: Literal["multiply"]
+    inputs: list[Name] = Field(min_length=2, max_length=2,
+                               description="The two layers to multiply.")
+
+
 class Concat(Merge):
     """Concatenation along the channel (last) axis."""
 
@@ -320,7 +329,7 @@ class BlockUse(LayerBase):
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
     | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Rescaling | Add
-    | Concat | BlockUse,
+    | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
 ]
 
