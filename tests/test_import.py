@@ -901,3 +901,23 @@ def test_onnx_imports_and_lambda_refusals_import_no_framework(tmp_path):
         assert f"ATTEMPTS [] CODE {code}" in result.stderr, result.stderr[-2000:]
     assert "'plus_one' (Lambda)" in result.stderr
     assert (tmp_path / "cnn.yaml").exists() and not (tmp_path / "lambda.yaml").exists()
+
+
+@pytest.mark.parametrize(("noise_shape", "expected"), [
+    ((None, 1, 1, 4), {"spatial": True}), ((None, 6, 6, 4), {}),
+    ((None, 1, 1, 1), "noise_shape [None, 1, 1, 1]: specforge's dropout drops single values, "
+                      "or (spatial) whole channels, not whole samples or rows")])
+def test_keras_dropout_noise_shapes(tmp_path, noise_shape, expected):
+    """Channels dropped per image (SpatialDropout2D's masks) is spatial dropout; whole
+    samples (EfficientNet's drop-connect) are refused with the shape."""
+    inputs = keras.Input((6, 6, 4))
+    dropped = keras.layers.Dropout(0.2, noise_shape=noise_shape, name="drop")(inputs)
+    source = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(dropped)))
+    source.save(tmp_path / "drop.keras")
+    if isinstance(expected, str):
+        with pytest.raises(ImportRefused) as refusal:
+            import_model(tmp_path / "drop.keras")
+        assert f"'drop' (Dropout): {expected}" in str(refusal.value)
+        return
+    layers = {item["name"]: item for item in import_model(tmp_path / "drop.keras").layers}
+    assert {k: v for k, v in layers["drop"].items() if k == "spatial"} == expected

@@ -443,12 +443,33 @@ def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
 
 def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
     def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
-        if config.get("noise_shape") is not None:
-            raise _NotExpressible("noise_shape is not supported (use SpatialDropout2D)")
+        channels = spatial or _noise_drops_channels(op, config.get("noise_shape"))
         # on one pixel, dropping whole channels is what plain dropout of (C,) does
-        extra = {"spatial": True} if spatial and inputs[0] not in t.pixels else {}
+        extra = {"spatial": True} if channels and inputs[0] not in t.pixels else {}
         t.add(op, "dropout", inputs, rate=float(config["rate"]), **extra)
     return translate
+
+
+def _noise_drops_channels(op: Any, noise_shape: Any) -> bool:
+    """Whether Dropout's ``noise_shape`` drops whole channels of an image (1 over height and
+    width: SpatialDropout2D's masks) rather than single values; other shapes (a mask shared
+    by a batch, whole samples or rows dropped) are refused."""
+    if noise_shape is None:
+        return False
+    shape = tuple(op.input.shape)
+    if len(noise_shape) != len(shape) or noise_shape[0] is not None:
+        _refuse_noise(noise_shape)
+    noise = tuple(s if n is None else n for n, s in zip(noise_shape, shape, strict=True))
+    if noise == shape:  # one mask value per value: plain dropout
+        return False
+    if len(shape) == 4 and noise[1:3] == (1, 1) and noise[3] == shape[3]:
+        return True
+    return _refuse_noise(noise_shape)
+
+
+def _refuse_noise(noise_shape: Any) -> bool:
+    raise _NotExpressible(f"noise_shape {list(noise_shape)}: specforge's dropout drops single "
+                          "values, or (spatial) whole channels, not whole samples or rows")
 
 
 def _activation_layer(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
