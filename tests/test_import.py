@@ -921,3 +921,48 @@ def test_keras_dropout_noise_shapes(tmp_path, noise_shape, expected):
         return
     layers = {item["name"]: item for item in import_model(tmp_path / "drop.keras").layers}
     assert {k: v for k, v in layers["drop"].items() if k == "spatial"} == expected
+
+
+def test_keras_mobilenet_v3_with_its_arithmetic_imports(tmp_path):
+    """MobileNetV3 writes hard sigmoid as keras.ops arithmetic, relu6(x + 3.0) * (1 / 6),
+    carries its preprocessing (Rescaling) and gates with squeeze-excite blocks."""
+    source = keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3),
+                                                 classes=10)
+    randomize_keras(source)
+    source.save(tmp_path / "v3.keras")
+    spec, graph, weights = imported(tmp_path / "v3.keras", tmp_path)
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params()
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+def keras_arithmetic_model() -> Any:
+    inputs = keras.Input((5, 4, 3))
+    x = keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    scaled = (3.0 + x * 2.0 - 1.0) / 4.0
+    y = keras.layers.Conv2D(3, 1, name="other")(inputs)
+    both = keras.ops.multiply(keras.ops.add(scaled, y), y)
+    return keras.Model(inputs, keras.layers.Flatten()(both))
+
+
+def test_keras_ops_arithmetic_imports_as_rescaling_add_and_multiply(tmp_path):
+    source = keras_arithmetic_model()
+    randomize_keras(source)
+    source.save(tmp_path / "ops.keras")
+    spec, _, weights = imported(tmp_path / "ops.keras", tmp_path)
+    batch = images((5, 4, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    kinds = [item["type"] for item in yaml.safe_load(spec.read_text())["model"]["layers"]]
+    assert kinds.count("rescaling") == 4 and "add" in kinds and "multiply" in kinds
+
+
+def test_keras_ops_a_rescaling_cannot_say_are_refused(tmp_path):
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(2, 1, name="conv")(inputs)
+    source = keras.Model(inputs, keras.layers.Flatten()(keras.ops.exp(1.0 - x)))
+    source.save(tmp_path / "bad_ops.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "bad_ops.keras")
+    text = str(refusal.value)
+    assert "(Subtract): Subtract of a number by a tensor" in text
+    assert "(Exp): Keras op Exp in a functional model is not a specforge layer" in text

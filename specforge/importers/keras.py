@@ -154,6 +154,8 @@ class _Translator:
         #: spec layers whose Keras tensor is one pixel, (1, 1, C), where the spec's is (C,):
         #: what global pooling with keepdims=True gives (squeeze-excite heads, MobileNet's top)
         self.pixels: set[str] = set()
+        #: the call of each Keras op (``x + 3.0``) in the model: its arguments, numbers too
+        self.calls: dict[int, Any] = {}
         self.out = ImportedModel(source, f"Keras {type(model).__name__} model", (1, 1, 1))
 
     def translate(self) -> ImportedModel:
@@ -187,8 +189,7 @@ class _Translator:
                     continue
                 self.spec_name[id(op)] = self._translate_model(op, reads[0])
             elif not isinstance(op, keras.layers.Layer):
-                self._unsupported(op, f"Keras op {type(op).__name__} in a functional model "
-                                      "is not a specforge layer")
+                self._translate_op(op)
             elif type(op).__name__ == "InputLayer":
                 self.spec_name[id(op)] = input_name
             else:
@@ -211,8 +212,63 @@ class _Translator:
                                       "layers own their weights")
                 continue
             tensors = nodes[0].input_tensors if nodes else []
+            if nodes:
+                self.calls[id(op)] = nodes[0]
             result.append((op, [_source_of(t) for t in tensors]))
         return result
+
+    def _translate_op(self, op: Any) -> None:
+        """Arithmetic written with keras.ops in a functional model (MobileNetV3's hard
+        sigmoid is ``relu6(x + 3.0) * (1 / 6)``): with a number, a `rescaling`; of two
+        tensors, `add` or `multiply`, as the layers."""
+        kind, call = type(op).__name__, self.calls.get(id(op))
+        args = list(call.arguments.args) if call is not None else []
+        tensors = [a for a in args if hasattr(a, "_keras_history")]
+        numbers = [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
+        if (kind not in ARITHMETIC or call.arguments.kwargs or len(args) != 2
+                or len(tensors) + len(numbers) != 2 or not tensors):
+            self._unsupported(op, f"Keras op {kind} in a functional model is not a specforge "
+                                  "layer (+, -, *, / of a tensor and a number, or + and * of "
+                                  "two tensors, are)")
+            return
+        inputs = [self.spec_name.get(id(_source_of(x)), "input") for x in tensors]
+        on_pixels = [name in self.pixels for name in inputs]
+        try:
+            if numbers:
+                name = self._arithmetic(op, kind, inputs[0], float(numbers[0]),
+                                        tensor_first=bool(tensors) and args[0] is tensors[0])
+            elif any(on_pixels) and not all(on_pixels) and kind != "Multiply":
+                raise _NotExpressible("a (1, 1, channels) pixel and an image: only a product "
+                                      "(a squeeze-excite gate) is translated")
+            elif kind == "Multiply":
+                name = _product(self, op, inputs, [tuple(x.shape)[1:] for x in tensors])
+            elif kind == "Add" and tensors[0].shape == tensors[1].shape:
+                name = self.add(op, "add", inputs)
+            else:
+                raise _NotExpressible(f"{kind} of shapes {list(tensors[0].shape)} and "
+                                      f"{list(tensors[1].shape)}: only + and * of two tensors "
+                                      "of one shape (or a gate) are translated")
+        except _NotExpressible as exc:
+            self._unsupported(op, str(exc))
+            return
+        if all(on_pixels):
+            self.pixels.add(name)
+
+    def _arithmetic(self, op: Any, kind: str, x: str, number: float, tensor_first: bool
+                    ) -> str:
+        """``x + c``, ``x - c``, ``x * c`` or ``x / c`` (or ``c + x``, ``c * x``) as a
+        `rescaling`."""
+        if kind in ("Subtract", "TrueDivide") and not tensor_first:
+            raise _NotExpressible(f"{kind} of a number by a tensor: x * scale + offset "
+                                  "cannot say it")
+        if kind == "TrueDivide" and number == 0:
+            raise _NotExpressible("division by 0")
+        scale, offset = {"Add": (1.0, number), "Subtract": (1.0, -number),
+                         "Multiply": (number, 0.0),
+                         "TrueDivide": (1.0 / number if number else 0.0, 0.0)}[kind]
+        fields = {k: v for k, v, default in (("scale", scale, 1.0), ("offset", offset, 0.0))
+                  if v != default}
+        return self.add(op, "rescaling", [x], **fields)
 
     def _unsupported(self, op: Any, reason: str) -> None:
         self.problems.append(Unsupported(op.name, type(op).__name__, reason))
@@ -521,9 +577,13 @@ def _merge(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]]
 
 
 def _multiply(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    _product(t, op, inputs, [tuple(x.shape)[1:] for x in op.input])
+
+
+def _product(t: _Translator, op: Any, inputs: list[str], shapes: list[tuple[Any, ...]]
+             ) -> str:
     """Two tensors of one shape, or a channel gate, (C,) or one pixel (1, 1, C), and an
-    image (H, W, C): the squeeze-excite product."""
-    shapes = [tuple(x.shape)[1:] for x in op.input]
+    image (H, W, C): the squeeze-excite product. Its spec name."""
     if len(shapes) != 2:
         raise _NotExpressible(f"a product of {len(shapes)} tensors: specforge's multiply "
                               "takes two")
@@ -534,8 +594,9 @@ def _multiply(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
                               "multiplies equal shapes, or a (C,) or (1, 1, C) gate and an "
                               "(H, W, C) image")
     name = t.add(op, "multiply", inputs)
-    if len(image) == 1 and len(tuple(op.output.shape)) == 4:  # a gate of a pixel: a pixel
+    if len(image) == 1 and max(len(s) for s in shapes) == 3:  # a gate of a pixel: a pixel
         t.pixels.add(name)
+    return name
 
 
 def _zero_padding(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
@@ -618,6 +679,8 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
 ELEMENTWISE = {"BatchNormalization", "Dropout", "SpatialDropout2D", "Activation", "ReLU",
                "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate", "Rescaling",
                "Normalization", "Multiply"}
+#: keras.ops arithmetic translated in a functional model (see _Translator._translate_op).
+ARITHMETIC = {"Add", "Subtract", "Multiply", "TrueDivide"}
 #: Layers translated on one pixel (see _Translator.pixels).
 ON_PIXELS = ELEMENTWISE | {"Conv2D", "Flatten", "Reshape", "Dense"}
 #: Layers that also take one pixel and an image together (a squeeze-excite gate and the
