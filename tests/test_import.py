@@ -966,3 +966,16 @@ def test_keras_ops_a_rescaling_cannot_say_are_refused(tmp_path):
     text = str(refusal.value)
     assert "(Subtract): Subtract of a number by a tensor" in text
     assert "(Exp): Keras op Exp in a functional model is not a specforge layer" in text
+
+
+def test_keras_efficientnet_is_refused_for_its_drop_connect_only(tmp_path):
+    """Everything else in EfficientNetB0 (its preprocessing, squeeze-excite blocks on keepdims
+    pixels, swish) translates; its Dropouts of whole samples do not."""
+    source = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
+                                               classes=10)
+    source.save(tmp_path / "efficientnet.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "efficientnet.keras")
+    lines = str(refusal.value).splitlines()[1:]
+    assert len(lines) == 9, lines  # the residual blocks: each after a stage's first
+    assert all("(Dropout): noise_shape [None, 1, 1, 1]" in line for line in lines), lines
