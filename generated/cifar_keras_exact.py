@@ -830,7 +830,7 @@ def sample_bilinear(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, mode: st
     out = np.empty((channels, sy.size), np.float32)
     for start in range(0, sy.size, CHUNK_PIXELS):
         part = slice(start, start + CHUNK_PIXELS)
-        pixel = np.arange(sy.size, dtype=np.intp)[part]
+        pixel = np.arange(start, min(start + CHUNK_PIXELS, sy.size), dtype=np.intp)
         first = pixel - pixel % (height * width)
         out[:, part] = _sample_pixels(planes, first, sy[part], sx[part], (height, width),
                                       mode, fill)
