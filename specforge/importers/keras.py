@@ -235,8 +235,8 @@ class _Translator:
         on_pixels = [name in self.pixels for name in inputs]
         try:
             if numbers:
-                name = self._arithmetic(op, kind, inputs[0], float(numbers[0]),
-                                        tensor_first=bool(tensors) and args[0] is tensors[0])
+                name = self._arithmetic(op, kind, inputs[0], int(tensors[0].shape[-1]),
+                                        float(numbers[0]), tensor_first=args[0] is tensors[0])
             elif any(on_pixels) and not all(on_pixels) and kind != "Multiply":
                 raise _NotExpressible("a (1, 1, channels) pixel and an image: only a product "
                                       "(a squeeze-excite gate) is translated")
@@ -254,8 +254,8 @@ class _Translator:
         if all(on_pixels):
             self.pixels.add(name)
 
-    def _arithmetic(self, op: Any, kind: str, x: str, number: float, tensor_first: bool
-                    ) -> str:
+    def _arithmetic(self, op: Any, kind: str, x: str, channels: int, number: float,
+                    tensor_first: bool) -> str:
         """``x + c``, ``x - c``, ``x * c`` or ``x / c`` (or ``c + x``, ``c * x``) as a
         `rescaling`."""
         if kind in ("Subtract", "TrueDivide") and not tensor_first:
@@ -263,12 +263,13 @@ class _Translator:
                                   "cannot say it")
         if kind == "TrueDivide" and number == 0:
             raise _NotExpressible("division by 0")
-        scale, offset = {"Add": (1.0, number), "Subtract": (1.0, -number),
-                         "Multiply": (number, 0.0),
-                         "TrueDivide": (1.0 / number if number else 0.0, 0.0)}[kind]
-        fields = {k: v for k, v, default in (("scale", scale, 1.0), ("offset", offset, 0.0))
-                  if v != default}
-        return self.add(op, "rescaling", [x], **fields)
+        if kind == "Add":
+            scale, offset = 1.0, number
+        elif kind == "Subtract":
+            scale, offset = 1.0, -number
+        else:
+            scale, offset = (number if kind == "Multiply" else 1.0 / number), 0.0
+        return _rescale(self, op, [x], scale, offset, channels)
 
     def _unsupported(self, op: Any, reason: str) -> None:
         self.problems.append(Unsupported(op.name, type(op).__name__, reason))
@@ -619,18 +620,20 @@ def _per_channel(value: Any, channels: int, what: str) -> float | list[float]:
     return [float(v) for v in array.reshape(-1)]
 
 
-def _rescale(t: _Translator, op: Any, inputs: list[str], scale: Any, offset: Any) -> None:
-    """A `rescaling` layer, x * scale + offset, leaving out the defaults (1 and 0)."""
-    channels = int(op.input.shape[-1])
+def _rescale(t: _Translator, op: Any, inputs: list[str], scale: Any, offset: Any,
+             channels: int) -> str:
+    """A `rescaling` layer, x * scale + offset (of an input with ``channels`` channels),
+    leaving out the defaults (1 and 0); its spec name."""
     fields = {k: v for k, v, default in (
         ("scale", _per_channel(scale, channels, "scale"), 1.0),
         ("offset", _per_channel(offset, channels, "offset"), 0.0)) if v != default}
-    t.add(op, "rescaling", inputs, **fields)
+    return t.add(op, "rescaling", inputs, **fields)
 
 
 def _rescaling(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """Keras's Rescaling computes x * scale + offset, as specforge's rescaling."""
-    _rescale(t, op, inputs, _array_of(op.scale), _array_of(op.offset))
+    _rescale(t, op, inputs, _array_of(op.scale), _array_of(op.offset),
+             int(op.input.shape[-1]))
 
 
 def _normalization(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
@@ -650,7 +653,7 @@ def _normalization(t: _Translator, op: Any, config: dict[str, Any], inputs: list
         raise _NotExpressible(f"axis {config.get('axis')!r}: specforge's rescaling is per "
                               "channel (the last axis) or one number")
     scale = 1.0 / np.maximum(np.sqrt(variance), keras.backend.epsilon())
-    _rescale(t, op, inputs, scale, -mean * scale)
+    _rescale(t, op, inputs, scale, -mean * scale, int(op.input.shape[-1]))
 
 
 def _array_of(value: Any) -> np.ndarray:

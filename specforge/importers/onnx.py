@@ -573,8 +573,7 @@ def _div(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         producer["scale"] = _number_or_list(scale)
         producer["offset"] = _number_or_list(np.asarray(producer["offset"]) * scale)
         return value
-    name = t.add(node, "rescaling", [value], scale=_number_or_list(scale))
-    return Value(name, value.shape, value.layout, value.chw)
+    return _new_rescaling(t, node, value, scale=_number_or_list(scale))
 
 
 def _number_or_list(values: np.ndarray) -> float | list[float]:
@@ -592,7 +591,12 @@ def _with_offset(t: _Translator, node: Any, value: Value, value_name: str,
             and t.uses[value_name] == 1):
         producer["offset"] = offset
         return value
-    name = t.add(node, "rescaling", [value], offset=offset)
+    return _new_rescaling(t, node, value, offset=offset)
+
+
+def _new_rescaling(t: _Translator, node: Any, value: Value, **fields: Any) -> Value:
+    """A `rescaling` layer of ``value`` for ``node``: its value, in ``value``'s layout."""
+    name = t.add(node, "rescaling", [value], **fields)
     return Value(name, value.shape, value.layout, value.chw)
 
 
@@ -743,9 +747,8 @@ def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     constants = [i for i in node.input if t._is_constant(i)]
     if len(constants) == 1 and len(node.input) == 2:
         x = t.value_of(node.input[1 - list(node.input).index(constants[0])])
-        scale = _channel_constant(t, constants[0], x, "multiplying by")
-        name = t.add(node, "rescaling", [x], scale=scale)
-        return Value(name, x.shape, x.layout, x.chw)
+        return _new_rescaling(t, node, x, scale=_channel_constant(t, constants[0], x,
+                                                                  "multiplying by"))
     if constants:
         raise _NotExpressible("multiplying constants: specforge multiplies layers' outputs")
     values = [t.value(node, i) for i in range(2)]
