@@ -334,7 +334,6 @@ class KerasTrainer(Trainer):
             self.writes_run_folder = jax.process_index() == 0
         self.model = create_model(program.graph, program.seed, weights)
         self.steps = KerasSteps(self.model, program.loss, program.optimizer, program.seed)
-        self.slots = self.steps.slots
         from specforge_keras.probe import where_keras_computes  # it imports this module
 
         # asked once the backend is set up (a JAX distribution must be initialised first)
@@ -401,7 +400,7 @@ class KerasTrainer(Trainer):
         with atomic_path(weights) as tmp:  # named *.weights.h5, as save_weights insists
             self.model.save_weights(tmp)
         arrays = {f"slot_{i}_{k}": ops.convert_to_numpy(s) for i, group in
-                  enumerate(self.slots) for k, s in enumerate(group)}
+                  enumerate(self.steps.slots) for k, s in enumerate(group)}
         # The weights file leaves out the dropout layers' random state: keep every
         # non-trainable variable here, so that a resumed run draws the same masks.
         arrays.update({f"state_{i}": ops.convert_to_numpy(v)
@@ -442,7 +441,7 @@ class KerasTrainer(Trainer):
         state = load_arrays(files["state"])
         try:
             self.steps.step_count = int(state["step_count"])
-            for i, group in enumerate(self.slots):
+            for i, group in enumerate(self.steps.slots):
                 for k, s in enumerate(group):
                     s.assign(state[f"slot_{i}_{k}"])
             for i, v in enumerate(self.model.non_trainable_variables):

@@ -134,6 +134,7 @@ ACTIVATIONS: dict[str, Callable[[Array, Mapping[str, Any]], Array]] = {
     "softmax": lambda x, a: _softmax(x),
 }
 
+
 def as_image(x: Array, ndim: int) -> Array:
     """A batch of channel gates (N, C) as (N, 1, 1, C), broadcasting over an image batch of
     ``ndim`` axes; anything else unchanged."""
