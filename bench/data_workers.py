@@ -152,7 +152,8 @@ def main() -> None:
              "augment, auto": (  # on the CPU: no workers
                  lambda s, w: run_rate(s, w, SEED_AUGMENTATION, "data.workers=auto"))},
             lambda s, w: run_rate(s, w, "data.augment={}", "data.workers=0"),
-            "no augmentation", args.steps, args.rounds, GOAL)
+            "no augmentation", args.steps, args.rounds, GOAL,
+            for_comparison=["augment, 1 worker"])  # the goal is for the default, auto
     folder_decoding(args.images, args.folder_steps, args.rounds)
 
 
