@@ -85,14 +85,10 @@ TRAINING = SimpleNamespace(
     checkpoint_every=1,
     track=None,
 )
-# The final softmax/sigmoid is folded into the loss; predictions apply it.
-OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
-OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
-Callable = Any
-Tensor = Any
-PendingStep = Any
-PROBABILITY_EPSILON = 1e-7
+Callable = ImageArray = Iterator = LossIR = MetricIR = OptimizerIR = Param = PendingStep = Any
+Sequence = Any
+PROBABILITY_EPSILON = 1e-07
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
 
 
@@ -648,10 +644,6 @@ class DataPipeline:
 
     def augment(self, images: np.ndarray, params: AugmentParams | None) -> np.ndarray:
         return images
-
-    def train_batches(self, start: int, count: int) -> Iterator[Batch]:
-        for step in range(start, start + count):
-            yield self.train_batch(step)
 
     def steps_per_epoch(self, configured: int | None) -> int:
         return configured or self.batches_per_pass

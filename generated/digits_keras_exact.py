@@ -40,7 +40,6 @@ from keras import ops
 # Every value is explicit: specforge's defaults have been filled in.
 SPEC_NAME = 'digits'
 SEED = 0
-INPUT_SHAPE = (8, 8, 1)  # height, width, channels
 DATA = SimpleNamespace(
     source=SimpleNamespace(type='digits'),
     split=SimpleNamespace(validation=0.1, test=0.2, stratify=True),
@@ -87,15 +86,11 @@ TRAINING = SimpleNamespace(
     checkpoint_every=1,
     track=None,
 )
-# The final softmax/sigmoid is folded into the loss; predictions apply it.
-OUTPUT_ACTIVATION = 'softmax'
 # Type names in the annotations of the code copied from specforge.
-OptimizerIR = LossIR = MetricIR = Param = ImageArray = Iterator = Sequence = ClassVar = Any
-Callable = Any
-Tensor = Any
-PendingStep = AugmentParams = Any
-PROBABILITY_EPSILON = 1e-7
-SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # purposes of specforge's random streams
+AugmentParams = ImageArray = Iterator = LossIR = MetricIR = OptimizerIR = Param = PendingStep = Any
+Sequence = Tensor = Any
+PROBABILITY_EPSILON = 1e-07
+SPLIT, SHUFFLE = 1, 2  # purposes of specforge's random streams
 
 
 class UsageError(Exception):
@@ -780,10 +775,6 @@ class DataPipeline:
 
     def augment(self, images: np.ndarray, params: AugmentParams | None) -> np.ndarray:
         return images
-
-    def train_batches(self, start: int, count: int) -> Iterator[Batch]:
-        for step in range(start, start + count):
-            yield self.train_batch(step)
 
     def steps_per_epoch(self, configured: int | None) -> int:
         return configured or self.batches_per_pass

@@ -92,17 +92,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> torc
     return loss.detach()
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        output = torch.cat([model(batch) for batch in x.split(256)])
-    return {
-        "loss": F.cross_entropy(output, y).item(),
-        "accuracy": (output.argmax(1) == y).float().mean().item(),
-        "top_5_accuracy": (output.topk(5, 1).indices == y[:, None]).any(1).float().mean().item(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description='Train "vgg16".')
     parser.add_argument("--epochs", type=int, default=74)

@@ -17,6 +17,7 @@ training loop) with its imports, layers, model and train step.
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -39,9 +40,12 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def shared(program: Program) -> str:
     """What every script copies from specforge's core: the initial weights, the dataset,
     split and batches (augmentation only when the spec augments), the schedule, the metrics
-    and the evaluation, each with what it uses, the dispatch tables cut to the spec's kinds."""
+    and the evaluation, each with what it uses, the dispatch tables cut to the spec's kinds.
+    Without `data:`, only the initial weights."""
     data = program.spec.data
-    augmented = data is not None and not augment.is_identity(data.augment)
+    if data is None:  # nothing to train on: the script builds the model, nothing more
+        return copied([(weights, used(weights, ["draw"]))])
+    augmented = not augment.is_identity(data.augment)
     chosen = kinds(program)
     roots: list[tuple[ModuleType, list[str]]] = [
         (weights, ["draw"]), (sources, ["Dataset", "SourceData"]),
@@ -240,19 +244,22 @@ def _wrapped(open_: str, items: list[tuple[str, Any]], close: str, indent: int, 
     return open_ + "\n" + "\n".join(lines) + "\n" + " " * indent + close.lstrip(",")
 
 
-#: Modules the copied code may use, imported by the script only when it does.
-OPTIONAL_IMPORTS = ["codecs", "concurrent.futures.process", "gc", "hashlib", "io",
-                    "multiprocessing", "os", "pickle", "signal", "tarfile", "urllib.error",
-                    "urllib.request", "warnings", "zlib"]
+#: Standard-library modules a script's code may use, imported by the script when it does.
+STANDARD_MODULES = ["argparse", "codecs", "concurrent.futures.process", "contextlib", "gc",
+                    "hashlib", "io", "json", "math", "multiprocessing", "os", "pickle",
+                    "signal", "sys", "tarfile", "time", "urllib.error", "urllib.request",
+                    "warnings", "zlib"]
 
 
 def import_block(code: str) -> str:
-    """The script's standard-library imports: always the loop's, and the rest as used."""
-    modules = ["argparse", "contextlib", "json", "math", "sys", "time"] + [
-        m for m in OPTIONAL_IMPORTS if re.search(rf"\b{re.escape(m)}\.", code)]
-    names = ["dataclass", *(n for n in ("field", "fields") if re.search(rf"\b{n}\(", code))]
-    return "".join(f"import {m}\n" for m in sorted(modules)) + \
-        f"from dataclasses import {', '.join(names)}\n"
+    """The script's standard-library imports: the modules and dataclass helpers its code
+    uses."""
+    modules = [m for m in STANDARD_MODULES if re.search(rf"\b{re.escape(m)}\.", code)]
+    names = [n for n in ("dataclass", "field", "fields") if re.search(rf"@{n}\b|\b{n}\(", code)]
+    lines = [f"import {m}\n" for m in modules]
+    if names:
+        lines.append(f"from dataclasses import {', '.join(names)}\n")
+    return "".join(lines)
 
 
 def render(program: Program, backend: str, template_folder: Path, template: str,
@@ -278,4 +285,124 @@ def render(program: Program, backend: str, template_folder: Path, template: str,
         metrics=assignment("METRICS", list(program.metrics)),
         training=assignment("TRAINING", spec.training),
         input_shape=tuple(program.graph.input.shape), **context)
-    return body.replace("# {imports}\n", import_block(body))
+    return finished(body)
+
+
+def finished(body: str) -> str:
+    """A rendered script without what its code does not use (methods of copied classes and
+    top-level definitions that nothing calls, settings nothing reads, imports), with its
+    standard-library imports and the type names and constants of specforge's it uses."""
+    body = _without(body, _unused_definitions)
+    body = body.replace("# {imports}\n", import_block(body))
+    body = body.replace("# {definitions}\n", definitions(body))
+    body = _without(body, _unused_imports)
+    return re.sub(r"\n{4,}", "\n\n\n", body)  # what a left-out part leaves: 2 blank lines
+
+
+#: Methods a framework calls (never the script's own code), kept though no code names them.
+FRAMEWORK_HOOKS = frozenset({
+    "forward", "extra_repr", "build", "call", "compute_output_shape", "get_config",
+    "from_config", "update_step", "update_state", "reset_state", "result",
+    "on_train_batch_begin", "on_epoch_end"})
+#: Constants of specforge's that copied code may use, defined when it does: (module, names,
+#: comment).
+ON_DEMAND: list[tuple[ModuleType, list[str], str]] = [
+    (program_module, ["PROBABILITY_EPSILON"], ""),
+    (pipeline, ["SPLIT", "SHUFFLE", "AUGMENT"], "  # purposes of specforge's random streams"),
+]
+
+
+def _referenced(tree: ast.AST) -> set[str]:
+    """Every name the code loads, every attribute it reads and every string it holds (a
+    method may be looked up by name)."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+def _unused_definitions(tree: ast.Module) -> list[ast.stmt]:
+    """Top-level definitions and methods of top-level classes that no code names (a
+    framework's hooks and ``main`` aside)."""
+    used_names = _referenced(tree) | {"main"}
+    methods = [method for cls in tree.body if isinstance(cls, ast.ClassDef)
+               for method in cls.body if isinstance(method, ast.FunctionDef)
+               and not method.name.startswith("__") and method.name not in FRAMEWORK_HOOKS
+               and method.name not in used_names]
+    return methods + [node for node in tree.body
+                      if _defined(node) and not _defined(node) & used_names]
+
+
+def _unused_imports(tree: ast.Module) -> list[ast.stmt]:
+    used_names = _referenced(tree)
+    return [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)
+            and getattr(node, "module", None) != "__future__" and not _bound(node) & used_names]
+
+
+def _defined(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.ClassDef | ast.FunctionDef):
+        return {node.name}
+    if isinstance(node, ast.Assign):
+        return {n.id for target in node.targets for n in ast.walk(target)
+                if isinstance(n, ast.Name)}
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return {node.target.id}
+    return set()
+
+
+def _without(body: str, unused: Any) -> str:
+    """``body`` without the statements ``unused(tree)`` finds, until it finds none (taking
+    one out may leave another unused); the blank lines before each go with it."""
+    while found := unused(ast.parse(body)):
+        lines = body.split("\n")
+        for node in sorted(found, key=lambda n: n.lineno, reverse=True):
+            first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+            # comments right above a statement are about it
+            while first > 1 and lines[first - 2].lstrip().startswith("#"):
+                first -= 1
+            while first > 1 and not lines[first - 2].strip():
+                first -= 1
+            del lines[first - 1:node.end_lineno]
+        body = "\n".join(lines)
+    return body
+
+
+def definitions(body: str) -> str:
+    """The script's type names (Any: annotations are not evaluated, but name what the code
+    copied from specforge expects) and the constants of specforge's that its code uses."""
+    tree = ast.parse(body)
+    bound = {name for node in tree.body for name in _bound(node)} | set(dir(builtins))
+    annotations = [node.annotation for node in ast.walk(tree)
+                   if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation] + \
+        [node.returns for node in ast.walk(tree)
+         if isinstance(node, ast.FunctionDef) and node.returns]
+    aliases = sorted({n.id for a in annotations for n in ast.walk(a)
+                      if isinstance(n, ast.Name)} - bound)
+    used_names = _referenced(tree)
+    lines = []
+    if aliases:
+        lines.append("# Type names in the annotations of the code copied from specforge.")
+        line = ""
+        for name in [*aliases, "Any"]:
+            if line and len(line) + len(name) > 97:
+                lines.append(line + "Any")
+                line = ""
+            line += f"{name}{'' if name == 'Any' else ' = '}"
+        lines.append(line)
+    for module, names, comment in ON_DEMAND:
+        if needed := [n for n in names if n in used_names]:
+            values = ", ".join(repr(getattr(module, n)) for n in needed)
+            lines.append(f"{', '.join(needed)} = {values}{comment}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _bound(node: ast.stmt) -> set[str]:
+    """The names a top-level statement binds (imports included)."""
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    return _defined(node)

@@ -81,3 +81,124 @@ def test_exact_scripts_use_the_frameworks_layers_where_they_compute_the_same():
     keras_script = (GENERATED / "cifar_keras_exact.py").read_text(encoding="utf-8")
     assert "keras.layers.Conv2D(32, (3, 3), strides=(1, 1), name='conv2d_1')" in keras_script
     assert "class Conv2D(" not in keras_script and "class Activation(" not in keras_script
+
+
+#: Methods the frameworks call, never a script's own code.
+FRAMEWORK_HOOKS = {"forward", "build", "call", "compute_output_shape", "get_config",
+                   "update_step", "result", "on_train_batch_begin"}
+
+
+def _unused(text: str) -> list[str]:
+    """Top-level definitions and methods that nothing in ``text`` names (a load, an
+    attribute or a string), the frameworks' hooks and ``main`` aside."""
+    tree = ast.parse(text)
+    named = {"main"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            named.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            named.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            named.add(node.value)
+    found = []
+    for node in tree.body:
+        names = [node.name] if isinstance(node, ast.FunctionDef | ast.ClassDef) else [
+            n.id for t in getattr(node, "targets", [getattr(node, "target", None)])
+            if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)]
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [] if getattr(node, "module", "") == "__future__" else [
+                (a.asname or a.name).split(".")[0] for a in node.names]
+        found += [n for n in names if n not in named]
+        if isinstance(node, ast.ClassDef):
+            found += [f"{node.name}.{m.name}" for m in node.body
+                      if isinstance(m, ast.FunctionDef) and not m.name.startswith("__")
+                      and m.name not in FRAMEWORK_HOOKS and m.name not in named]
+    return found
+
+
+def test_generated_scripts_define_only_what_their_code_uses():
+    """'Only what the spec uses': no script defines a function, class, method, setting or
+    import that none of its code uses (the code copied from specforge included)."""
+    scripts = sorted(GENERATED.glob("*.py"))
+    assert len(scripts) == 28
+    unused = {path.name: _unused(path.read_text(encoding="utf-8")) for path in scripts}
+    assert {name: found for name, found in unused.items() if found} == {}
+
+
+def test_finishing_a_script_leaves_out_what_nothing_uses():
+    from specforge.scriptgen import finished
+
+    script = '''from __future__ import annotations
+
+# {imports}
+from typing import Any
+
+import numpy as np
+import torch
+
+LIMIT = 3
+# {definitions}
+
+
+def helper() -> int:
+    return LIMIT
+
+
+class Layer:
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def unused(self) -> int:
+        return helper() + json.loads("1")
+
+    def named(self) -> Batch:
+        return getattr(self, "forward")(np.zeros(SHUFFLE))
+
+
+def main() -> None:
+    print(Layer().named())
+'''
+    text = finished(script)
+    assert _unused(text) == []
+    assert "def unused" not in text and "def helper" not in text and "LIMIT" not in text
+    assert "import json" not in text and "import torch" not in text
+    assert "def forward" in text and "def named" in text  # a hook, and named in a string
+    assert "Batch = Tensor = Any\n" in text and "SHUFFLE = 2  #" in text
+    namespace: dict = {}
+    exec(compile(text, "finished", "exec"), namespace)
+    assert namespace["Layer"]().named().shape == (2,)
+
+
+def test_an_exact_script_without_data_builds_the_model_with_specforges_weights(tmp_path: Path):
+    """A spec without `data:` has nothing to train on: its exact script carries the model
+    and its initial weights only, and saves them (specforge's, bit for bit)."""
+    import subprocess
+
+    import numpy as np
+    import torch
+    from specforge_torch.build import render_script
+
+    from specforge.compiler import compile_text
+    from specforge.weights import draw
+    from tests.processes import without_specforge
+
+    program = compile_text("""name: no-data
+model:
+  input: [6, 6, 2]
+  layers: [{type: conv2d, filters: 3, kernel: 3}, {type: flatten}, {type: dense, units: 2}]
+loss: {type: cross_entropy, from_logits: true}
+optimizer: {type: adam}
+""", "no-data.yaml")
+    text = render_script(program)
+    assert "DataPipeline" not in text and "class Steps" not in text and "TrainingLoop" not in text
+    script = tmp_path / "no_data.py"
+    script.write_text(text, encoding="utf-8")
+    refused = subprocess.run(without_specforge(script), capture_output=True, text=True)
+    assert refused.returncode == 2 and "no `data:` section" in refused.stderr
+    saved = subprocess.run(without_specforge(script, "--save", str(tmp_path / "w.pt")),
+                           capture_output=True, text=True)
+    assert saved.returncode == 0, saved.stderr
+    state = torch.load(tmp_path / "w.pt", weights_only=True)
+    node = program.graph["conv2d_1"]
+    kernel = draw(node.params[0], "conv2d_1.kernel", program.seed)
+    assert np.array_equal(state["conv2d_1.weight"].numpy(), kernel.transpose(3, 2, 0, 1))

@@ -39,7 +39,10 @@ TRANSFER = HERE / "transfer.py"  # read by path, as the others: importing it imp
 def torch_helpers(program: Program, distributed: bool) -> str:
     """The train and evaluation steps (TorchTrainer's :class:`Steps`) and what they use
     (the program's kinds of loss and optimizer only); with ``distributed``, DDP's too
-    (:class:`ShardedSteps`, torchrun's process group)."""
+    (:class:`ShardedSteps`, torchrun's process group). Without `data:`, only the layout of
+    the initial weights."""
+    if program.spec.data is None:  # nothing to train: the initial weights only
+        return copied([(MODEL, ["to_torch_layout"])])
     chosen = kinds(program)
     steps = ["Steps"] + (["ShardedSteps"] if distributed else [])
     parts: list[tuple[ModuleType | Path, list[str]]] = [
