@@ -284,6 +284,41 @@ def test_layers_on_a_keepdims_pixel_import_as_layers_on_a_vector(tmp_path):
     assert types["reduce"] == types["other"] == "dense" and "flat" not in types
 
 
+def test_inception_resnets_scaled_residual_imports_as_rescaling_and_add(tmp_path):
+    """keras.applications.InceptionResNetV2 adds each block's residual scaled by a constant
+    with its own CustomScaleLayer (x + r * scale): a rescaling of r, then an add."""
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    inputs = keras.Input((6, 5, 4))
+    residual = keras.layers.Conv2D(4, 3, padding="same", name="residual")(inputs)
+    added = CustomScaleLayer(0.17, name="block")([inputs, residual])
+    features = keras.layers.Conv2D(3, 1, activation="relu", name="features")(added)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten(name="flat")(features))
+    source = keras.Model(inputs, outputs)
+    randomize_keras(source)
+    source.save(tmp_path / "scaled.keras")
+    spec, _, weights = imported(tmp_path / "scaled.keras", tmp_path)
+    layers = {item["name"]: item for item in yaml.safe_load(spec.read_text())["model"]["layers"]}
+    assert layers["block_scaled"]["type"] == "rescaling"
+    assert layers["block_scaled"]["scale"] == pytest.approx(0.17)
+    assert layers["block"]["type"] == "add"
+    batch = images((6, 5, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.slow
+def test_keras_inception_resnet_v2_imports_with_its_outputs(tmp_path):
+    """All of InceptionResNetV2 (54 million parameters, 75x75: 50 s) with Keras's outputs."""
+    source = keras.applications.InceptionResNetV2(weights=None, input_shape=(75, 75, 3),
+                                                  classes=10)
+    randomize_keras(source)
+    source.save(tmp_path / "irv2.keras")
+    spec, graph, weights = imported(tmp_path / "irv2.keras", tmp_path)
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params()
+    batch = images((75, 75, 3), 2)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
 @pytest.mark.parametrize("gate_first", [False, True], ids=["image-gate", "gate-image"])
 def test_a_squeeze_excite_block_imports_as_a_multiply_by_a_channel_gate(tmp_path, gate_first):
     """Keras's squeeze-excite (EfficientNet's, MobileNetV3's): keepdims pooling, two 1x1

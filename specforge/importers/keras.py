@@ -621,13 +621,13 @@ def _per_channel(value: Any, channels: int, what: str) -> float | list[float]:
 
 
 def _rescale(t: _Translator, op: Any, inputs: list[str], scale: Any, offset: Any,
-             channels: int) -> str:
+             channels: int, suffix: str = "") -> str:
     """A `rescaling` layer, x * scale + offset (of an input with ``channels`` channels),
     leaving out the defaults (1 and 0); its spec name."""
     fields = {k: v for k, v, default in (
         ("scale", _per_channel(scale, channels, "scale"), 1.0),
         ("offset", _per_channel(offset, channels, "offset"), 0.0)) if v != default}
-    return t.add(op, "rescaling", inputs, **fields)
+    return t.add(op, "rescaling", inputs, suffix=suffix, **fields)
 
 
 def _rescaling(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
@@ -656,6 +656,19 @@ def _normalization(t: _Translator, op: Any, config: dict[str, Any], inputs: list
     _rescale(t, op, inputs, scale, -mean * scale, int(op.input.shape[-1]))
 
 
+def _custom_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
+                  ) -> None:
+    """keras.applications.InceptionResNetV2's residual, ``inputs[0] + inputs[1] * scale``:
+    a `rescaling` of the residual branch, then an `add`."""
+    shapes = [tuple(x.shape)[1:] for x in op.input]
+    if len(shapes) != 2 or shapes[0] != shapes[1]:
+        raise _NotExpressible(f"inputs of shapes {[list(s) for s in shapes]}: translated for "
+                              "two of one shape (x + r * scale)")
+    scale = _array_of(config["scale"])
+    residual = _rescale(t, op, [inputs[1]], scale, 0.0, int(shapes[1][-1]), suffix="_scaled")
+    t.add(op, "add", [inputs[0], residual])
+
+
 def _array_of(value: Any) -> np.ndarray:
     """A layer attribute (a number, a list, a tensor or variable) as a float64 array."""
     import keras
@@ -676,6 +689,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
+    "CustomScaleLayer": _custom_scale,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
