@@ -654,6 +654,51 @@ def test_products_from_torch_import_as_multiply_and_silu(tmp_path):
         "sigmoid", "silu", "sigmoid"]
 
 
+class _LayerNormed(torch.nn.Module):
+    """torch's layer norms: over each pixel's channels as torchvision's ConvNeXt writes it
+    (channels moved last, nn.LayerNorm, moved back), and over features (or, with
+    ``whole``, over (C, H, W) of an NCHW image: not specforge's layer_norm)."""
+
+    def __init__(self, whole: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.norm = torch.nn.LayerNorm([6, 5, 4] if whole else 6, eps=1e-6)
+        self.fc = torch.nn.Linear(6, 5)
+        self.features = torch.nn.LayerNorm(5)
+        self.head = torch.nn.Linear(5, 4)
+        self.whole = whole
+
+    def forward(self, x: Any) -> Any:
+        x = self.conv(x)
+        x = self.norm(x) if self.whole else self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(self.features(self.fc(x.mean((2, 3)))))
+
+
+def test_layer_norms_from_torch_import_as_layer_norm(tmp_path):
+    torch.manual_seed(0)
+    source = _LayerNormed()
+    with torch.no_grad():  # gamma and beta that matter (torch's start as ones and zeros)
+        for norm in (source.norm, source.features):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    path = export_torch(source, (7, 6, 3), tmp_path / "normed.onnx", opset_version=17)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    norms = [n for n in graph if n.op == "layer_norm"]
+    assert [(n.shape, n.attrs["epsilon"]) for n in norms] == [((5, 4, 6), 1e-6), ((5,), 1e-5)]
+    assert np.array_equal(weights[f"{norms[0].name}.gamma"], source.norm.weight.detach().numpy())
+
+
+def test_a_layer_norm_over_more_than_the_channels_is_refused(tmp_path):
+    path = export_torch(_LayerNormed(whole=True), (7, 6, 3), tmp_path / "whole.onnx",
+                        opset_version=17)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "normalising axes [1, 2, 3] of a NCHW tensor of ONNX shape [1, 6, 5, 4]: " \
+        "specforge's layer_norm normalises the channels alone" in str(refusal.value)
+
+
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     torch.manual_seed(0)
     path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")
