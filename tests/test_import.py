@@ -359,6 +359,52 @@ def test_keras_rescaling_and_normalization_import_as_rescaling(tmp_path):
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 
+def test_a_convnext_block_imports_with_layer_norm_and_pointwise_dense(tmp_path):
+    """ConvNeXt's block: a depthwise 7x7 convolution, LayerNormalization over each pixel's
+    channels, Dense layers on the image (1x1 convolutions), a residual sum; then a layer
+    norm of the pooled features."""
+    k = keras.layers
+    inputs = keras.Input((9, 8, 4))
+    x = k.DepthwiseConv2D(7, padding="same", name="dw")(inputs)
+    x = k.LayerNormalization(epsilon=1e-6, name="norm")(x)
+    x = k.Dense(16, activation="gelu", name="expand")(x)
+    x = k.Dense(4, name="project")(x)
+    x = k.Add(name="residual")([inputs, x])
+    x = k.GlobalAveragePooling2D(name="gap")(x)
+    x = k.LayerNormalization(name="head_norm")(x)
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "convnext_block.keras")
+    spec, graph, weights = imported(tmp_path / "convnext_block.keras", tmp_path)
+    batch = images((9, 8, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [ops[n].op for n in ("norm", "expand", "project", "head_norm")] == [
+        "layer_norm", "conv2d", "conv2d", "layer_norm"]
+    assert (ops["norm"].attrs["epsilon"], ops["head_norm"].attrs["epsilon"]) == (1e-6, 1e-3)
+    assert ops["expand"].attrs["kernel"] == (1, 1) and weights["expand.kernel"].shape == (
+        1, 1, 4, 16)
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: keras.layers.LayerNormalization(axis=[1, 2, 3], name="norm"),
+     "'norm' (LayerNormalization): axis [1, 2, 3]: specforge's layer_norm normalises the "
+     "last (channel) axis alone"),
+    (lambda: keras.layers.LayerNormalization(axis=1, name="norm"),
+     "'norm' (LayerNormalization): axis [1]: specforge's layer_norm normalises the last "
+     "(channel) axis alone"),
+    (lambda: keras.layers.LayerNormalization(center=False, name="norm"),
+     "'norm' (LayerNormalization): center=False: specforge's layer_norm learns both gamma "
+     "and beta")], ids=["all-axes", "height", "no-center"])
+def test_keras_layer_norm_over_other_axes_is_refused(tmp_path, layer, reason):
+    inputs = keras.Input((4, 5, 3))
+    source = keras.Model(inputs, keras.layers.Flatten()(layer()(inputs)))
+    source.save(tmp_path / "norm.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "norm.keras")
+    assert reason in str(refusal.value)
+
+
 @pytest.mark.parametrize("layer, reason", [
     (lambda: keras.layers.Normalization(mean=[1.0, 2, 3], variance=[1.0, 4, 9], invert=True,
                                         name="norm"),
