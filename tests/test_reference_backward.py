@@ -459,7 +459,7 @@ def test_composite_graph_through_the_probe() -> None:
     masks = dropout_masks(program.graph, 0, 0, len(x))
     value, grads = ReferenceProbe(program, weights).gradients(x, y, masks)
     assert np.isclose(value, model_loss(program, weights, x, y, True, masks))
-    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "dense_1.bias"):
+    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "dense_1.bias"):
         numeric = numeric_gradient(
             lambda w, name=name: ReferenceProbe(program, {**weights, name: w}).gradients(
                 x, y, masks)[0], weights[name])
