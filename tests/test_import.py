@@ -361,14 +361,17 @@ def test_keras_rescaling_and_normalization_import_as_rescaling(tmp_path):
 
 def test_a_convnext_block_imports_with_layer_norm_and_pointwise_dense(tmp_path):
     """ConvNeXt's block: a depthwise 7x7 convolution, LayerNormalization over each pixel's
-    channels, Dense layers on the image (1x1 convolutions), a residual sum; then a layer
-    norm of the pooled features."""
+    channels, Dense layers on the image (1x1 convolutions), its LayerScale (a depthwise 1x1
+    convolution), a residual sum; then a layer norm of the pooled features."""
+    from keras.src.applications.convnext import LayerScale
+
     k = keras.layers
     inputs = keras.Input((9, 8, 4))
     x = k.DepthwiseConv2D(7, padding="same", name="dw")(inputs)
     x = k.LayerNormalization(epsilon=1e-6, name="norm")(x)
     x = k.Dense(16, activation="gelu", name="expand")(x)
     x = k.Dense(4, name="project")(x)
+    x = LayerScale(1e-6, 4, name="scale")(x)
     x = k.Add(name="residual")([inputs, x])
     x = k.GlobalAveragePooling2D(name="gap")(x)
     x = k.LayerNormalization(name="head_norm")(x)
@@ -384,6 +387,10 @@ def test_a_convnext_block_imports_with_layer_norm_and_pointwise_dense(tmp_path):
     assert (ops["norm"].attrs["epsilon"], ops["head_norm"].attrs["epsilon"]) == (1e-6, 1e-3)
     assert ops["expand"].attrs["kernel"] == (1, 1) and weights["expand.kernel"].shape == (
         1, 1, 4, 16)
+    assert (ops["scale"].op, ops["scale"].attrs["groups"], ops["scale"].attrs["bias"]) == (
+        "conv2d", 4, False)
+    np.testing.assert_array_equal(weights["scale.kernel"].reshape(-1),
+                                  np.asarray(source.get_layer("scale").gamma))
 
 
 @pytest.mark.parametrize("layer, reason", [
@@ -958,6 +965,21 @@ def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size)
     spec, graph, weights = imported(tmp_path / f"{name}.keras", tmp_path)
     assert graph.trainable_params + graph.non_trainable_params == source.count_params()
     batch = images((size, size, 3), 2)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.slow
+def test_keras_convnext_imports_with_its_outputs(tmp_path):
+    """ConvNeXtTiny (27,827,818 parameters at 10 classes): patchify stem, LayerNormalization
+    over channels, Dense layers on images, LayerScale, GELU, residual sums."""
+    source = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
+                                             classes=10, include_preprocessing=False)
+    randomize_keras(source)
+    source.save(tmp_path / "convnext.keras")
+    spec, graph, weights = imported(tmp_path / "convnext.keras", tmp_path)
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params() == \
+        27_827_818
+    batch = images((32, 32, 3), 2)
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 

@@ -534,6 +534,21 @@ def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
           **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
 
 
+def _layer_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """keras.applications' LayerScale (ConvNeXt's), ``x * gamma`` with a learned gamma per
+    channel: a depthwise 1x1 convolution without bias, one product per element as Keras's,
+    learned as Keras learns gamma. Another library's layer of this name is not assumed to
+    compute the same."""
+    if not type(op).__module__.startswith("keras."):
+        raise _NotExpressible(f"a LayerScale of {type(op).__module__}, not keras.applications'")
+    if len(op.input.shape) != 4 or inputs[0] in t.pixels:
+        raise _NotExpressible(f"input of shape {list(op.input.shape)}: only an image's "
+                              "channels are scaled (as a depthwise 1x1 convolution)")
+    (gamma,) = op.get_weights()
+    t.add(op, "depthwise_conv2d", inputs, {"kernel": np.asarray(gamma).reshape(1, 1, 1, -1)},
+          kernel=1, bias=False)
+
+
 def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
     def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
         channels = spatial or _noise_drops_channels(op, config.get("noise_shape"))
@@ -713,6 +728,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
+    "LayerScale": _layer_scale,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
