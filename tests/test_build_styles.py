@@ -358,6 +358,8 @@ model:
     - {type: conv2d, name: class, filters: 2, kernel: 3}
     - {type: conv2d, name: self, filters: 2, kernel: 3, padding: same, inputs: class}
     - {type: add, name: keras, inputs: [self, class]}
+    - {type: layer_norm, name: LayerNorm}
+    - {type: layer_norm, name: LayerNorm2d}
     - {type: batch_norm, name: forward}
     - {type: flatten, name: inputs}
     - {type: dense, name: None, units: 3}
