@@ -514,7 +514,7 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
     x = k.MaxPooling2D(2, name="pool")(x)
     x = k.Conv2D(4, 3, activation="exponential", name="exp_conv")(x)
     x = k.BatchNormalization(axis=1, name="bn_axis1")(x)
-    out = k.Dense(3, name="dense_on_image")(x)
+    out = k.LayerNormalization(axis=[1, 2], name="ln_axes")(x)
     keras.Model(inputs, out).save(tmp_path / "bad.keras")
     code, message = main_in_process(capsys, "import", str(tmp_path / "bad.keras"), "-o",
                                     str(tmp_path / "out" / "bad.yaml"))
@@ -525,8 +525,8 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
         "'up' (Conv2DTranspose): layer type Conv2DTranspose has no specforge equivalent",
         "'exp_conv' (Conv2D): activation 'exponential' is not one of specforge's",
         "'bn_axis1' (BatchNormalization): axis 1: specforge normalises the last (channel) axis",
-        "'dense_on_image' (Dense): input of shape [None, 2, 2, 4]: specforge's dense takes a "
-        "flat vector (add a Flatten first)",
+        "'ln_axes' (LayerNormalization): axis [1, 2]: specforge's layer_norm normalises the "
+        "last (channel) axis alone",
     ], message
     assert not (tmp_path / "out").exists()
     shown = readme_section().split("```text\n")[1].split("```")[0].splitlines()
