@@ -395,11 +395,11 @@ def test_a_convnext_block_imports_with_layer_norm_and_pointwise_dense(tmp_path):
 
 @pytest.mark.parametrize("layer, reason", [
     (lambda: keras.layers.LayerNormalization(axis=[1, 2, 3], name="norm"),
-     "'norm' (LayerNormalization): axis [1, 2, 3]: specforge's layer_norm normalises the "
-     "last (channel) axis alone"),
+     "'norm' (LayerNormalization): axis [1, 2, 3]: specforge's layer_norm normalises only "
+     "the last (channel) axis"),
     (lambda: keras.layers.LayerNormalization(axis=1, name="norm"),
-     "'norm' (LayerNormalization): axis [1]: specforge's layer_norm normalises the last "
-     "(channel) axis alone"),
+     "'norm' (LayerNormalization): axis [1]: specforge's layer_norm normalises only the "
+     "last (channel) axis"),
     (lambda: keras.layers.LayerNormalization(center=False, name="norm"),
      "'norm' (LayerNormalization): center=False: specforge's layer_norm learns both gamma "
      "and beta")], ids=["all-axes", "height", "no-center"])
@@ -525,8 +525,8 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
         "'up' (Conv2DTranspose): layer type Conv2DTranspose has no specforge equivalent",
         "'exp_conv' (Conv2D): activation 'exponential' is not one of specforge's",
         "'bn_axis1' (BatchNormalization): axis 1: specforge normalises the last (channel) axis",
-        "'ln_axes' (LayerNormalization): axis [1, 2]: specforge's layer_norm normalises the "
-        "last (channel) axis alone",
+        "'ln_axes' (LayerNormalization): axis [1, 2]: specforge's layer_norm normalises "
+        "only the last (channel) axis",
     ], message
     assert not (tmp_path / "out").exists()
     shown = readme_section().split("```text\n")[1].split("```")[0].splitlines()

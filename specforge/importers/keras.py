@@ -488,12 +488,16 @@ def _reshape(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str])
                           "(1, 1, C) is translated")
 
 
-def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+def _check_last_axis(op: Any, config: dict[str, Any], what: str) -> None:
+    """A normalisation's ``axis`` (an int or a list of one) must be the last, the channels'."""
     axis = config.get("axis", -1)
     axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
     if axis not in (-1, len(op.input.shape) - 1):
-        raise _NotExpressible(f"axis {config.get('axis')!r}: specforge normalises the last "
-                              "(channel) axis")
+        raise _NotExpressible(f"axis {config.get('axis')!r}: {what} the last (channel) axis")
+
+
+def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    _check_last_axis(op, config, "specforge normalises")
     for unsupported in ("renorm", "synchronized"):
         if config.get(unsupported):
             raise _NotExpressible(f"{unsupported}=True is not supported")
@@ -517,11 +521,7 @@ def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
 
 def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """LayerNormalization over the last (channel) axis, with its gamma and beta."""
-    axis = config.get("axis", -1)
-    axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
-    if axis not in (-1, len(op.input.shape) - 1):
-        raise _NotExpressible(f"axis {config.get('axis')!r}: specforge's layer_norm "
-                              "normalises the last (channel) axis alone")
+    _check_last_axis(op, config, "specforge's layer_norm normalises only")
     if config.get("rms_scaling"):
         raise _NotExpressible("rms_scaling=True: specforge's layer_norm subtracts the mean")
     for flag in ("scale", "center"):
