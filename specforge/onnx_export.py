@@ -268,6 +268,20 @@ def export_batch_norm(ctx: OpContext) -> str:
                    momentum=float(a["decay"]))
 
 
+@exports("layer_norm", "epsilon")
+def export_layer_norm(ctx: OpContext) -> str:
+    """LayerNormalization over the last axis. It normalises every axis from ``axis`` on: on
+    an NCHW image that would take in height and width too, so the channels are moved last
+    for it and back (as torchvision's ConvNeXt exports)."""
+    image = len(ctx.node.shape) == 3
+    x = ctx.add("Transpose", ctx.inputs, "to_nhwc", perm=[0, 2, 3, 1]) if image \
+        else ctx.inputs[0]
+    y = ctx.add("LayerNormalization", [x, ctx.constant("gamma", ctx.params["gamma"]),
+                                       ctx.constant("beta", ctx.params["beta"])],
+                "nhwc" if image else "", axis=-1, epsilon=float(ctx.node.attrs["epsilon"]))
+    return ctx.add("Transpose", [y], perm=[0, 3, 1, 2]) if image else y
+
+
 @exports("dropout", "rate", "spatial")
 def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all

@@ -31,7 +31,8 @@ EVERY_OP_LAYERS = (
     " {type: global_avg_pool2d, name: squeeze, inputs: bn},"
     " {type: dense, units: 8, activation: sigmoid, name: excite},"
     " {type: multiply, inputs: [hs, excite], name: gated},"
-    " {type: activation, fn: silu, name: branch, inputs: bn},"
+    " {type: layer_norm, epsilon: 0.01, name: ln, inputs: bn},"
+    " {type: activation, fn: silu, name: branch},"
     " {type: concat, inputs: [gated, branch]},")
 
 

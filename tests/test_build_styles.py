@@ -226,7 +226,8 @@ def _epoch_schedule(kind: str, **params: Any) -> Case:
                            "schedule": schedule})
 
 
-UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "batch-norm"))
+UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "batch-norm",
+                                                      "layer-norm"))
                 and "one-image" not in c.name] + [
     _epoch_schedule("cosine", t_max=3, min_lr=0.01), _epoch_schedule("step", step_size=2),
     _epoch_schedule("multistep", milestones=[1, 2]), _epoch_schedule("exponential", gamma=0.5),
@@ -357,6 +358,8 @@ model:
     - {type: conv2d, name: class, filters: 2, kernel: 3}
     - {type: conv2d, name: self, filters: 2, kernel: 3, padding: same, inputs: class}
     - {type: add, name: keras, inputs: [self, class]}
+    - {type: layer_norm, name: LayerNorm}
+    - {type: layer_norm, name: LayerNorm2d}
     - {type: batch_norm, name: forward}
     - {type: flatten, name: inputs}
     - {type: dense, name: None, units: 3}

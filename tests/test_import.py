@@ -394,6 +394,59 @@ def test_keras_rescaling_and_normalization_import_as_rescaling(tmp_path):
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 
+def test_a_convnext_block_imports_with_layer_norm_and_pointwise_dense(tmp_path):
+    """ConvNeXt's block: a depthwise 7x7 convolution, LayerNormalization over each pixel's
+    channels, Dense layers on the image (1x1 convolutions), its LayerScale (a depthwise 1x1
+    convolution), a residual sum; then a layer norm of the pooled features."""
+    from keras.src.applications.convnext import LayerScale
+
+    k = keras.layers
+    inputs = keras.Input((9, 8, 4))
+    x = k.DepthwiseConv2D(7, padding="same", name="dw")(inputs)
+    x = k.LayerNormalization(epsilon=1e-6, name="norm")(x)
+    x = k.Dense(16, activation="gelu", name="expand")(x)
+    x = k.Dense(4, name="project")(x)
+    x = LayerScale(1e-6, 4, name="scale")(x)
+    x = k.Add(name="residual")([inputs, x])
+    x = k.GlobalAveragePooling2D(name="gap")(x)
+    x = k.LayerNormalization(name="head_norm")(x)
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "convnext_block.keras")
+    spec, graph, weights = imported(tmp_path / "convnext_block.keras", tmp_path)
+    batch = images((9, 8, 4))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [ops[n].op for n in ("norm", "expand", "project", "head_norm")] == [
+        "layer_norm", "conv2d", "conv2d", "layer_norm"]
+    assert (ops["norm"].attrs["epsilon"], ops["head_norm"].attrs["epsilon"]) == (1e-6, 1e-3)
+    assert ops["expand"].attrs["kernel"] == (1, 1) and weights["expand.kernel"].shape == (
+        1, 1, 4, 16)
+    assert (ops["scale"].op, ops["scale"].attrs["groups"], ops["scale"].attrs["bias"]) == (
+        "conv2d", 4, False)
+    np.testing.assert_array_equal(weights["scale.kernel"].reshape(-1),
+                                  np.asarray(source.get_layer("scale").gamma))
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: keras.layers.LayerNormalization(axis=[1, 2, 3], name="norm"),
+     "'norm' (LayerNormalization): axis [1, 2, 3]: specforge's layer_norm normalises only "
+     "the last (channel) axis"),
+    (lambda: keras.layers.LayerNormalization(axis=1, name="norm"),
+     "'norm' (LayerNormalization): axis [1]: specforge's layer_norm normalises only the "
+     "last (channel) axis"),
+    (lambda: keras.layers.LayerNormalization(center=False, name="norm"),
+     "'norm' (LayerNormalization): center=False: specforge's layer_norm learns both gamma "
+     "and beta")], ids=["all-axes", "height", "no-center"])
+def test_keras_layer_norm_over_other_axes_is_refused(tmp_path, layer, reason):
+    inputs = keras.Input((4, 5, 3))
+    source = keras.Model(inputs, keras.layers.Flatten()(layer()(inputs)))
+    source.save(tmp_path / "norm.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "norm.keras")
+    assert reason in str(refusal.value)
+
+
 @pytest.mark.parametrize("layer, reason", [
     (lambda: keras.layers.Normalization(mean=[1.0, 2, 3], variance=[1.0, 4, 9], invert=True,
                                         name="norm"),
@@ -496,7 +549,7 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
     x = k.MaxPooling2D(2, name="pool")(x)
     x = k.Conv2D(4, 3, activation="exponential", name="exp_conv")(x)
     x = k.BatchNormalization(axis=1, name="bn_axis1")(x)
-    out = k.Dense(3, name="dense_on_image")(x)
+    out = k.LayerNormalization(axis=[1, 2], name="ln_axes")(x)
     keras.Model(inputs, out).save(tmp_path / "bad.keras")
     code, message = main_in_process(capsys, "import", str(tmp_path / "bad.keras"), "-o",
                                     str(tmp_path / "out" / "bad.yaml"))
@@ -507,8 +560,8 @@ def test_unsupported_keras_layers_are_listed_one_per_line_and_nothing_is_written
         "'up' (Conv2DTranspose): layer type Conv2DTranspose has no specforge equivalent",
         "'exp_conv' (Conv2D): activation 'exponential' is not one of specforge's",
         "'bn_axis1' (BatchNormalization): axis 1: specforge normalises the last (channel) axis",
-        "'dense_on_image' (Dense): input of shape [None, 2, 2, 4]: specforge's dense takes a "
-        "flat vector (add a Flatten first)",
+        "'ln_axes' (LayerNormalization): axis [1, 2]: specforge's layer_norm normalises "
+        "only the last (channel) axis",
     ], message
     assert not (tmp_path / "out").exists()
     shown = readme_section().split("```text\n")[1].split("```")[0].splitlines()
@@ -687,6 +740,51 @@ def test_products_from_torch_import_as_multiply_and_silu(tmp_path):
         [1, 3], [3, 3], [3, 1]]
     assert [n.attrs["fn"] for n in graph if n.op == "activation"] == [
         "sigmoid", "silu", "sigmoid"]
+
+
+class _LayerNormed(torch.nn.Module):
+    """torch's layer norms: over each pixel's channels as torchvision's ConvNeXt writes it
+    (channels moved last, nn.LayerNorm, moved back), and over features (or, with
+    ``whole``, over (C, H, W) of an NCHW image: not specforge's layer_norm)."""
+
+    def __init__(self, whole: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.norm = torch.nn.LayerNorm([6, 5, 4] if whole else 6, eps=1e-6)
+        self.fc = torch.nn.Linear(6, 5)
+        self.features = torch.nn.LayerNorm(5)
+        self.head = torch.nn.Linear(5, 4)
+        self.whole = whole
+
+    def forward(self, x: Any) -> Any:
+        x = self.conv(x)
+        x = self.norm(x) if self.whole else self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(self.features(self.fc(x.mean((2, 3)))))
+
+
+def test_layer_norms_from_torch_import_as_layer_norm(tmp_path):
+    torch.manual_seed(0)
+    source = _LayerNormed()
+    with torch.no_grad():  # gamma and beta that matter (torch's start as ones and zeros)
+        for norm in (source.norm, source.features):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    path = export_torch(source, (7, 6, 3), tmp_path / "normed.onnx", opset_version=17)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    norms = [n for n in graph if n.op == "layer_norm"]
+    assert [(n.shape, n.attrs["epsilon"]) for n in norms] == [((5, 4, 6), 1e-6), ((5,), 1e-5)]
+    assert np.array_equal(weights[f"{norms[0].name}.gamma"], source.norm.weight.detach().numpy())
+
+
+def test_a_layer_norm_over_more_than_the_channels_is_refused(tmp_path):
+    path = export_torch(_LayerNormed(whole=True), (7, 6, 3), tmp_path / "whole.onnx",
+                        opset_version=17)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "normalising axes [1, 2, 3] of a NCHW tensor of ONNX shape [1, 6, 5, 4]: " \
+        "specforge's layer_norm normalises the channels alone" in str(refusal.value)
 
 
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
@@ -902,6 +1000,21 @@ def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size)
     spec, graph, weights = imported(tmp_path / f"{name}.keras", tmp_path)
     assert graph.trainable_params + graph.non_trainable_params == source.count_params()
     batch = images((size, size, 3), 2)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+@pytest.mark.slow
+def test_keras_convnext_imports_with_its_outputs(tmp_path):
+    """ConvNeXtTiny (27,827,818 parameters at 10 classes): patchify stem, LayerNormalization
+    over channels, Dense layers on images, LayerScale, GELU, residual sums."""
+    source = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3),
+                                             classes=10, include_preprocessing=False)
+    randomize_keras(source)
+    source.save(tmp_path / "convnext.keras")
+    spec, graph, weights = imported(tmp_path / "convnext.keras", tmp_path)
+    assert graph.trainable_params + graph.non_trainable_params == source.count_params() == \
+        27_827_818
+    batch = images((32, 32, 3), 2)
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 

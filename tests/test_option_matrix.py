@@ -39,8 +39,8 @@ VALUES: dict[str, list[Any]] = {
     "padding": ["valid", "same", "same_lower", 1, [1, 0], PER_SIDE],
     "pad2d.padding": [1, [1, 0], PER_SIDE], "pad_value": [None, 0.5],
     "count_include_pad": [None, False, True], "units": [3], "running_decay": [0.9],
-    "epsilon": [1e-3], "rate": [0.0, 0.5], "negative_slope": [None, 0.2],
-    "alpha": [None, 0.7], "beta": [None, 0.3],
+    "epsilon": [1e-3], "layer_norm.epsilon": [1e-3, 1e-5], "rate": [0.0, 0.5],
+    "negative_slope": [None, 0.2], "alpha": [None, 0.7], "beta": [None, 0.3],
     "activation": [None, "relu", {"fn": "hard_sigmoid", "alpha": 0.2}],
     # a number or one per channel of INPUT's 4
     "rescaling.scale": [1.0, -0.5, [0.5, -1.0, 2.0, 1.0]],

@@ -35,6 +35,7 @@ Pads = tuple[int, int, int, int]
 CANONICAL = {
     "max_pooling2d": "max_pool2d", "average_pooling2d": "avg_pool2d",
     "zero_padding2d": "pad2d", "batch_normalization": "batch_norm", "linear": "dense",
+    "layer_normalization": "layer_norm",
     "concatenate": "concat", "global_average_pooling2d": "global_avg_pool2d",
     "global_max_pooling2d": "global_max_pool2d",
 }
@@ -157,6 +158,8 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         c = shape[-1]
         learned = c * (int(layer.get("scale", True)) + int(layer.get("center", True)))
         return [NodeExp("", "batch_norm", shape, learned, 2 * c, 4 * numel(shape))]
+    if kind == "layer_norm":  # gamma and beta; a mean, a variance and the affine per element
+        return [NodeExp("", "layer_norm", shape, 2 * shape[-1], 0, 7 * numel(shape))]
     if kind == "dropout":
         return [NodeExp("", "dropout", shape, flops=numel(shape))]
     if kind == "activation":
@@ -361,12 +364,14 @@ class Builder:
     def shape_keeping(self) -> dict[str, Any]:
         """A layer that keeps the tip's shape exactly (for residual branches)."""
         d, c = self.draw, self.shape[2]
-        kind = d(st.sampled_from(["conv", "batch_norm", "activation", "dropout",
+        kind = d(st.sampled_from(["conv", "batch_norm", "layer_norm", "activation", "dropout",
                                   "rescaling"]))
         if kind == "conv":
             return self.conv(filters=c, keep_hw=True)
         if kind == "batch_norm":
             return self.batch_norm()
+        if kind == "layer_norm":
+            return self.layer_norm()
         if kind == "rescaling":
             return self.rescaling()
         if kind == "activation":
@@ -381,6 +386,14 @@ class Builder:
         for key in ("scale", "center"):
             if d(st.booleans()):
                 layer[key] = d(st.booleans())
+        return layer
+
+    def layer_norm(self) -> dict[str, Any]:
+        d = self.draw
+        layer: dict[str, Any] = {"type": d(st.sampled_from(["layer_norm",
+                                                            "layer_normalization"]))}
+        if d(st.booleans()):
+            layer["epsilon"] = d(st.sampled_from([1e-5, 0.01]))
         return layer
 
     def rescaling(self) -> dict[str, Any]:
@@ -513,8 +526,8 @@ def random_models(draw: Any) -> Builder:
                                 "global_max_pool2d", "global_max_pooling2d"]))
     assert b.emit({"type": end})
     for _ in range(draw(st.integers(0, 2))):
-        kind = draw(st.sampled_from(["dense", "batch_norm", "dropout", "activation",
-                                     "rescaling"]))
+        kind = draw(st.sampled_from(["dense", "batch_norm", "layer_norm", "dropout",
+                                     "activation", "rescaling"]))
         if kind == "dense":
             layer: dict[str, Any] = {"type": draw(st.sampled_from(["dense", "linear"])),
                                      "units": draw(st.integers(1, 16))}
@@ -522,6 +535,8 @@ def random_models(draw: Any) -> Builder:
                 layer["activation"] = b.activation()
         elif kind == "batch_norm":
             layer = b.batch_norm()
+        elif kind == "layer_norm":
+            layer = b.layer_norm()
         elif kind == "dropout":
             layer = {"type": "dropout", "rate": 0.25}
         elif kind == "rescaling":

@@ -328,6 +328,26 @@ def test_batch_norm_on_flat_features(training: bool) -> None:
                               zero=("dense_1.bias",) if training else ())
 
 
+# --- layer norm -----------------------------------------------------------------------------
+
+LN_CASES = {
+    # each pixel's channels: the conv's bias differs per channel, so it does not cancel
+    "image": ("[{type: conv2d, filters: 3, kernel: 2, name: before},"
+              " {type: layer_norm, name: ln}, {type: activation, fn: tanh},"
+              " {type: flatten}, {type: dense, units: 3}]"),
+    "vector": ("[{type: flatten, name: flat}, {type: dense, units: 4, name: before},"
+               " {type: layer_norm, epsilon: 0.1}, {type: activation, fn: silu},"
+               " {type: dense, units: 3}]"),
+}
+
+
+@pytest.mark.parametrize("case", LN_CASES)
+def test_layer_norm_gradients(case: str) -> None:
+    program = build(LN_CASES[case], (3, 4, 2))
+    x, y = data(program)
+    check_parameter_gradients(program, x, y)
+
+
 def test_batch_norm_training_and_evaluation_differ() -> None:
     # Guards the two tests above: the modes must really take different paths.
     program = build("[{type: conv2d, filters: 3, kernel: 2}, {type: batch_norm},"
@@ -439,7 +459,7 @@ def test_composite_graph_through_the_probe() -> None:
     masks = dropout_masks(program.graph, 0, 0, len(x))
     value, grads = ReferenceProbe(program, weights).gradients(x, y, masks)
     assert np.isclose(value, model_loss(program, weights, x, y, True, masks))
-    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "dense_1.bias"):
+    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "dense_1.bias"):
         numeric = numeric_gradient(
             lambda w, name=name: ReferenceProbe(program, {**weights, name: w}).gradients(
                 x, y, masks)[0], weights[name])

@@ -133,6 +133,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         if not a["scale"]:
             options["scale"] = False
         return [], call("BatchNorm", **options, name=name)
+    if op == "layer_norm":  # over the last axis, Keras's default
+        epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
+        return [], call("layers.LayerNormalization", **epsilon, name=name)
     if op == "dropout":
         cls = "layers.SpatialDropout2D" if a["spatial"] else "layers.Dropout"
         return [], call(cls, a["rate"], name=name)

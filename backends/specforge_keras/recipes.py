@@ -43,6 +43,8 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
         return "keras.layers.Flatten", [], {}
     if op == "batch_norm":
         return "BatchNorm", [], {k: a[k] for k in ("decay", "epsilon", "scale", "center")}
+    if op == "layer_norm":  # Keras's computes the IR's formula (rounding aside)
+        return "keras.layers.LayerNormalization", [], {"axis": -1, "epsilon": a["epsilon"]}
     if op == "dropout":  # specforge's masks (layers.Dropout), the same in every backend
         return "Dropout", [a["rate"], a["spatial"], node.name], {}
     if op == "activation":

@@ -109,6 +109,12 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         return [("nn.Flatten()", "")]
     if op == "batch_norm":
         return [(_batch_norm(a, in_shape), "")]
+    if op == "layer_norm":
+        epsilon = {} if a["epsilon"] == 1e-5 else {"eps": a["epsilon"]}
+        if len(in_shape) == 3:
+            return [(call("LayerNorm2d", in_shape[-1], **epsilon),
+                     "each pixel's channels (torchvision's ConvNeXt)")]
+        return [(call("nn.LayerNorm", in_shape[-1], **epsilon), "")]
     if op == "dropout":
         return [(call("nn.Dropout2d" if a["spatial"] else "nn.Dropout", a["rate"]), "")]
     if op == "activation":
@@ -287,7 +293,8 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
     context.update(
         framework="PyTorch",
         chain=chain, sequential=sequential_lines(graph) if chain else [], init=init,
-        forward=forward, flatten_hwc="FlattenHWC" in constructors, helpers=helpers,
+        forward=forward, flatten_hwc="FlattenHWC" in constructors,
+        layer_norm_2d="LayerNorm2d" in constructors, helpers=helpers,
         input_shape=tuple(graph.input.shape), augment=augment,
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),

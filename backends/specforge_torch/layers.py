@@ -209,6 +209,24 @@ def _data_parallel() -> bool:
         distributed.get_world_size() > 1
 
 
+class LayerNorm(nn.Module):
+    """Each sample's (each pixel's) channels normalised, then scaled and shifted (IR
+    `layer_norm`): torch's F.layer_norm over the last axis, on an NCHW image with the
+    channels moved last and back."""
+
+    def __init__(self, channels: int, epsilon: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.epsilon = epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1)
+        y = F.layer_norm(x, self.gamma.shape, self.gamma, self.beta, self.epsilon)
+        return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
+
+
 class Dropout(nn.Module):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this

@@ -42,6 +42,8 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
     if op == "batch_norm":
         keys = ("decay", "epsilon", "scale", "center")
         return "BatchNorm", [in_shape[-1]], {k: a[k] for k in keys}
+    if op == "layer_norm":
+        return "LayerNorm", [in_shape[-1], a["epsilon"]], {}
     if op == "dropout":
         return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
     if op == "activation":

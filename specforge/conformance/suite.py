@@ -170,6 +170,12 @@ def _layer_cases() -> list[Case]:
             {"type": "batch_norm", "scale": False, "center": False}, *HEAD]),
         # no bias before a batch norm: its true gradient is zero, and Adam would turn the
         # rounding noise of that zero into steps of size lr
+        # each pixel's channels, then each sample's features; Keras's epsilon, then torch's
+        Case("layer-norm", [_conv(6, 3, activation="relu"), {"type": "layer_norm"},
+                            *HEAD[:1], {"type": "dense", "units": 8},
+                            {"type": "layer_norm", "epsilon": 1e-5},
+                            {"type": "activation", "fn": "gelu"},
+                            {"type": "dense", "units": 4}]),
         Case("batch-norm-on-features", [*HEAD[:1], {"type": "dense", "units": 16,
                                                     "bias": False},
                                          {"type": "batch_norm"},

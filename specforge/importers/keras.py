@@ -417,7 +417,11 @@ def _separable(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str
 
 def _dense(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     pixel = inputs[0] in t.pixels  # on (1, 1, C) Keras's dense maps C, as on (C,)
-    if len(op.input.shape) != 2 and not pixel:
+    rank = len(op.input.shape)
+    if rank == 4 and not pixel:
+        _pointwise_dense(t, op, config, inputs)
+        return
+    if rank != 2 and not pixel:
         raise _NotExpressible(f"input of shape {list(op.input.shape)}: specforge's dense "
                               "takes a flat vector (add a Flatten first)")
     values = op.get_weights()
@@ -427,6 +431,19 @@ def _dense(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -
                  **_activation(config))
     if pixel:
         t.pixels.add(name)
+
+
+def _pointwise_dense(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]
+                     ) -> None:
+    """A Dense layer on an image maps each pixel's channels (ConvNeXt's pointwise layers):
+    a 1x1 convolution, its (C, units) kernel as (1, 1, C, units)."""
+    values = op.get_weights()
+    kernel = np.asarray(values[0])
+    weights = {"kernel": kernel.reshape(1, 1, *kernel.shape),
+               **({"bias": values[1]} if len(values) > 1 else {})}
+    extra = {} if config.get("use_bias", True) else {"bias": False}
+    t.add(op, "conv2d", inputs, weights, filters=int(config["units"]), kernel=1, **extra,
+          **_activation(config))
 
 
 def _pool(type_: str) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
@@ -471,12 +488,16 @@ def _reshape(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str])
                           "(1, 1, C) is translated")
 
 
-def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+def _check_last_axis(op: Any, config: dict[str, Any], what: str) -> None:
+    """A normalisation's ``axis`` (an int or a list of one) must be the last, the channels'."""
     axis = config.get("axis", -1)
     axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
     if axis not in (-1, len(op.input.shape) - 1):
-        raise _NotExpressible(f"axis {config.get('axis')!r}: specforge normalises the last "
-                              "(channel) axis")
+        raise _NotExpressible(f"axis {config.get('axis')!r}: {what} the last (channel) axis")
+
+
+def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    _check_last_axis(op, config, "specforge normalises")
     for unsupported in ("renorm", "synchronized"):
         if config.get(unsupported):
             raise _NotExpressible(f"{unsupported}=True is not supported")
@@ -496,6 +517,36 @@ def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
         weights["beta"] = values.pop(0)
     weights["moving_mean"], weights["moving_var"] = values
     t.add(op, "batch_norm", inputs, weights, **fields)
+
+
+def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """LayerNormalization over the last (channel) axis, with its gamma and beta."""
+    _check_last_axis(op, config, "specforge's layer_norm normalises only")
+    if config.get("rms_scaling"):
+        raise _NotExpressible("rms_scaling=True: specforge's layer_norm subtracts the mean")
+    for flag in ("scale", "center"):
+        if not config.get(flag, True):
+            raise _NotExpressible(f"{flag}=False: specforge's layer_norm learns both gamma "
+                                  "and beta")
+    gamma, beta = op.get_weights()
+    epsilon = float(config["epsilon"])
+    t.add(op, "layer_norm", inputs, {"gamma": gamma, "beta": beta},
+          **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
+
+
+def _layer_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """keras.applications' LayerScale (ConvNeXt's), ``x * gamma`` with a learned gamma per
+    channel: a depthwise 1x1 convolution without bias, one product per element as Keras's,
+    learned as Keras learns gamma. Another library's layer of this name is not assumed to
+    compute the same."""
+    if not type(op).__module__.startswith("keras."):
+        raise _NotExpressible(f"a LayerScale of {type(op).__module__}, not keras.applications'")
+    if len(op.input.shape) != 4 or inputs[0] in t.pixels:
+        raise _NotExpressible(f"input of shape {list(op.input.shape)}: only an image's "
+                              "channels are scaled (as a depthwise 1x1 convolution)")
+    (gamma,) = op.get_weights()
+    t.add(op, "depthwise_conv2d", inputs, {"kernel": np.asarray(gamma).reshape(1, 1, 1, -1)},
+          kernel=1, bias=False)
 
 
 def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
@@ -684,18 +735,19 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "AveragePooling2D": _pool("avg_pool2d"),
     "GlobalAveragePooling2D": _global_pool("global_avg_pool2d"),
     "GlobalMaxPooling2D": _global_pool("global_max_pool2d"), "Flatten": _flatten,
-    "BatchNormalization": _batch_norm, "Dropout": _dropout(False),
+    "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "Dropout": _dropout(False),
     "SpatialDropout2D": _dropout(True), "Activation": _activation_layer, "ReLU": _relu,
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
-    "CustomScaleLayer": _custom_scale,
+    "CustomScaleLayer": _custom_scale, "LayerScale": _layer_scale,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
-ELEMENTWISE = {"BatchNormalization", "Dropout", "SpatialDropout2D", "Activation", "ReLU",
-               "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate", "Rescaling",
-               "Normalization", "Multiply"}
+ELEMENTWISE = {"BatchNormalization", "LayerNormalization", "Dropout", "SpatialDropout2D",
+               "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate",
+               "Rescaling", "Normalization", "Multiply"}
 #: keras.ops arithmetic translated in a functional model (see _Translator._translate_op).
 ARITHMETIC = {"Add", "Subtract", "Multiply", "TrueDivide"}
 #: Layers translated on one pixel (see _Translator.pixels).

@@ -642,6 +642,38 @@ def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     return Value(name, value.shape, value.layout, value.chw)
 
 
+#: The ONNX axis from which LayerNormalization normalises only the channels, by layout.
+LAST_AXIS = {"nhwc": 3, "flat": 1, "pooled": 1}
+
+
+def _layer_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """LayerNormalization over the channels: from the last axis of an NHWC image (torch's
+    channels-last F.layer_norm, moved there by a Transpose) or of features."""
+    value = t.value(node)
+    rank = len(value.onnx_shape)
+    axis = int(attrs.get("axis", -1)) % rank
+    if LAST_AXIS.get(value.layout) != axis:
+        raise _NotExpressible(
+            f"normalising axes {list(range(axis, rank))} of a {value.layout.upper()} tensor "
+            f"of ONNX shape {list(value.onnx_shape)}: specforge's layer_norm normalises the "
+            "channels alone (move them last with a Transpose first)")
+    if any(t.uses.get(o) for o in node.output[1:] if o):
+        raise _NotExpressible("its Mean or InvStdDev output is read: specforge's layer_norm "
+                              "gives the normalised tensor only")
+    channels = value.shape[-1]
+    gamma, beta = t.constant(node.input[1]), t.optional_constant(node, 2)
+    beta = np.zeros(channels, np.float32) if beta is None else beta
+    for what, array in (("Scale", gamma), ("B", beta)):
+        if array.size not in (1, channels) or array.ndim > 1:
+            raise _NotExpressible(f"{what} of shape {list(array.shape)}: one number per "
+                                  f"channel ({channels}) expected")
+    gamma, beta = (np.broadcast_to(a.reshape(-1), (channels,)) for a in (gamma, beta))
+    epsilon = float32_value(attrs.get("epsilon", 1e-5))
+    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
+    name = t.add(node, "layer_norm", [value], {"gamma": gamma, "beta": beta}, **fields)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
 def _activation(fn: str | Callable[[dict[str, Any]], dict[str, Any]]
                 ) -> Callable[[_Translator, Any, dict[str, Any]], Value]:
     """An element-wise op: fused into the conv or dense layer before it where that layer
@@ -966,7 +998,8 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
-    "BatchNormalization": _batch_norm, "Relu": _activation("relu"),
+    "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "Relu": _activation("relu"),
     "LeakyRelu": _activation(_leaky), "Elu": _activation(_elu), "Selu": _activation(_selu),
     "Sigmoid": _activation("sigmoid"), "Tanh": _activation("tanh"),
     "Softplus": _activation("softplus"), "Softsign": _activation("softsign"),

@@ -103,6 +103,8 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.BatchNorm):
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})
+    elif isinstance(layer, L.LayerNorm):
+        return [("layer_norm", {"epsilon": layer.epsilon})]
     elif isinstance(layer, L.Dropout):
         main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
     elif isinstance(layer, L.ActivationLayer):

@@ -319,6 +319,21 @@ def batch_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult(shapes[0], tuple(params), 4 * _numel(shapes[0]))
 
 
+@op("layer_norm")
+def layer_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Normalisation of each sample over its channel (last) axis: for an image (H, W, C)
+    each pixel's C values, for a vector (C,) the whole vector.
+
+    ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` with the mean and *biased*
+    variance of the C values (Keras's ``LayerNormalization(axis=-1)``; torch's
+    ``F.layer_norm`` over the channels, channels-last). The same in training and
+    evaluation: no running statistics. gamma (C,) init ones, beta (C,) zeros.
+    """
+    c = shapes[0][-1]
+    params = (Param("gamma", (c,), "ones"), Param("beta", (c,), "zeros"))
+    return OpResult(shapes[0], params, 7 * _numel(shapes[0]))
+
+
 @op("dropout")
 def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Training only: zero each element with probability ``rate`` and scale the others by

@@ -19,6 +19,7 @@ from specforge.reference.forward import (
     as_image,
     batch_statistics,
     erf_elementwise,
+    layer_statistics,
     pad,
     pool_counts,
     pool_padded,
@@ -136,6 +137,18 @@ def batch_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str,
     return [g_x], grads
 
 
+def layer_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
+               training: bool) -> Grads:
+    x_hat, inv_std = layer_statistics(xs[0], node.attrs["epsilon"])
+    others = tuple(range(gy.ndim - 1))  # gamma and beta are shared by every sample and pixel
+    grads = {"gamma": (gy * x_hat).sum(axis=others), "beta": gy.sum(axis=others)}
+    g_hat = gy * w["gamma"]
+    # each pixel's mean and variance depend on its own channels
+    g_x = inv_std * (g_hat - g_hat.mean(axis=-1, keepdims=True)
+                     - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
+    return [g_x], grads
+
+
 def _sigmoid(x: Array) -> Array:
     return 1 / (1 + np.exp(-x))
 
@@ -211,6 +224,7 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
     "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
+    "layer_norm": layer_norm,
     "activation": activation,
     "dense": dense,
     "global_max_pool2d": global_max_pool2d,

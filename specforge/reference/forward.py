@@ -106,6 +106,18 @@ def batch_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bo
     return y + w["beta"] if a["center"] else y
 
 
+def layer_statistics(x: Array, epsilon: float) -> tuple[Array, Array]:
+    """Layer norm's normalised input and 1 / sqrt(variance + epsilon), each sample's (each
+    pixel's) mean and biased variance taken over the channel axis."""
+    inv_std = 1 / np.sqrt(x.var(axis=-1, keepdims=True) + epsilon)
+    return (x - x.mean(axis=-1, keepdims=True)) * inv_std, inv_std
+
+
+def layer_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    x_hat, _ = layer_statistics(xs[0], node.attrs["epsilon"])
+    return x_hat * w["gamma"] + w["beta"]
+
+
 erf_elementwise = np.vectorize(erf)
 
 
@@ -151,6 +163,7 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
+    "layer_norm": layer_norm,
     "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
                                      n.attrs.get("pad_value", 0.0)),
     "global_avg_pool2d": lambda n, xs, w, t: xs[0].mean(axis=(1, 2)),

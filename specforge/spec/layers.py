@@ -249,6 +249,15 @@ class BatchNorm(LayerBase):
     center: bool = Field(True, description="Learn a per-channel offset (beta).")
 
 
+class LayerNorm(LayerBase):
+    """Layer normalisation: each sample's channel vector (each pixel's, on an image)
+    normalised over the channel axis, with a learned per-channel scale and offset."""
+
+    type: Literal["layer_norm", "layer_normalization"]
+    epsilon: float = Field(1e-3, gt=0, description=(
+        "Added to the variance before the sqrt (Keras's default; torch's is 1e-5)."))
+
+
 class Dropout(LayerBase):
     """Inverted dropout: zero each element with probability `rate`, scale the rest."""
 
@@ -328,8 +337,8 @@ class BlockUse(LayerBase):
 
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | Dropout | ActivationLayer | Rescaling | Add
-    | Multiply | Concat | BlockUse,
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | Dropout | ActivationLayer
+    | Rescaling | Add | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
 ]
 
