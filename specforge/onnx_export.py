@@ -268,7 +268,7 @@ def export_batch_norm(ctx: OpContext) -> str:
                    momentum=float(a["decay"]))
 
 
-@exports("dropout", "rate", "spatial")
+@exports("dropout", "rate", "spatial", "per_sample")
 def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all
 

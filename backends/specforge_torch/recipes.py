@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from specforge.ir.graph import Node
-from specforge.ir.ops import pad_value, pool_options
+from specforge.ir.ops import dropout_options, pad_value, pool_options
 
 
 def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any], dict[str, Any]]:
@@ -43,7 +43,8 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         keys = ("decay", "epsilon", "scale", "center")
         return "BatchNorm", [in_shape[-1]], {k: a[k] for k in keys}
     if op == "dropout":
-        return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
+        return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], \
+            dropout_options(a)
     if op == "activation":
         return _activation(a)
     if op == "rescaling":

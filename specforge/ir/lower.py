@@ -104,7 +104,8 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})
     elif isinstance(layer, L.Dropout):
-        main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
+        main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial,
+                            "per_sample": layer.per_sample})
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
     elif isinstance(layer, L.Rescaling):
