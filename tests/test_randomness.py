@@ -455,3 +455,61 @@ def test_the_torch_trainers_dropout_draws_the_reference_masks(kind):
             mask = mask.transpose(0, 2, 3, 1)
         expected = dropout_masks(program.graph, program.seed, step, first + 3)[node.name][first:]
         np.testing.assert_array_equal(mask, np.broadcast_to(expected, mask.shape))
+
+
+#: per-sample dropout on an image (before an add, as drop-connect) and on features
+PER_SAMPLE_LAYERS = ("[{type: conv2d, filters: 4, kernel: 3, name: branch},"
+                     " {type: dropout, rate: 0.5, per_sample: true, name: image_drop},"
+                     " {type: add, inputs: [branch, image_drop]}, {type: flatten},"
+                     " {type: dense, units: 6},"
+                     " {type: dropout, rate: 0.5, per_sample: true, name: feature_drop},"
+                     " {type: dense, units: 2}]")
+
+
+def _import_built(text: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import importlib.util
+
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"built_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
+    spec.loader.exec_module(module)  # defines functions and classes only: nothing runs
+    return module
+
+
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+def test_exact_scripts_draw_the_reference_per_sample_masks(backend, tmp_path, monkeypatch):
+    """An exact built script carries the generator (mask_shape included, copied from the
+    reference) and its dropout layers draw the reference's per-sample masks: (N, 1, 1, 1)
+    on the image, (N, 1) on the features."""
+    pytest.importorskip(backend)
+    from specforge.backends import load_backend
+
+    program = _dropout_program(PER_SAMPLE_LAYERS)
+    text = load_backend(backend).build(program, style="exact")
+    assert "\ndef mask_shape(" in text and "_mask_shape" not in text
+    module = _import_built(text, tmp_path / f"exact_{backend}.py", monkeypatch)
+    model = module.Model() if backend == "torch" else module.build_model()
+    layers = {layer.node: layer for layer in (
+        model.modules() if backend == "torch" else module.dropout_layers(model))
+        if hasattr(layer, "set_key")}
+    nodes = {node.name: node for node in program.graph}
+    batch, step = 6, 3
+    masks = dropout_masks(program.graph, program.seed, step, batch)
+    assert set(layers) == set(masks) == {"image_drop", "feature_drop"}
+    for name, layer in layers.items():
+        shape = (batch, *nodes[name].shape)
+        assert masks[name].shape == (batch, *[1] * len(nodes[name].shape))
+        layer.set_key(program.seed, step)
+        ones = np.ones(shape, np.float32)
+        if backend == "torch":
+            import torch
+
+            image = ones.ndim == 4
+            out = layer.train()(torch.from_numpy(ones.transpose(0, 3, 1, 2) if image
+                                                 else ones)).numpy()
+            out = out.transpose(0, 2, 3, 1) if image else out
+        else:
+            out = np.asarray(layer(ones, training=True))
+        np.testing.assert_array_equal(out, np.broadcast_to(masks[name], shape))
+        assert 0 < (out == 0).all(axis=tuple(range(1, out.ndim))).sum() < batch, name
