@@ -141,6 +141,23 @@ def node_key(seed: int, step: int, node_name: str) -> int:
     return mix32(mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ (step & MASK32)) ^ node_id)
 
 
+def mask_shape(shape: Sequence[int], spatial: bool = False, per_sample: bool = False
+               ) -> tuple[int, ...]:
+    """The mask's IR shape for a node output of IR shape ``shape`` (batch first): the whole
+    shape (one draw per element), (N, 1, 1, C) when ``spatial`` (one per sample and
+    channel), (N, 1, ..., 1) when ``per_sample`` (one per sample). The batch, ``shape[0]``,
+    is passed through untouched (a traced graph's may be a tensor)."""
+    if spatial and per_sample:
+        raise ValueError("dropout is spatial or per_sample, not both")
+    if per_sample:
+        return (shape[0], *[1] * (len(shape) - 1))
+    if spatial:
+        if len(shape) != 4:
+            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
+        return (shape[0], 1, 1, shape[3])
+    return tuple(shape)
+
+
 _UNIFORM_BITS = 24
 
 
@@ -180,29 +197,22 @@ def mix32_tensor(x: Tensor) -> Tensor:
     return ops.bitwise_xor(x, _shr(x, 16))
 
 
-def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
-    if spatial:
-        if len(shape) != 4:
-            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
-        return (shape[0], 1, 1, shape[3])
-    return tuple(shape)
-
-
-def _first_counter(first_sample: int | Tensor, per_sample: int) -> Tensor:
+def _first_counter(first_sample: int | Tensor, draws_per_sample: int) -> Tensor:
     if isinstance(first_sample, int):
-        return _int32(as_int32(first_sample * per_sample))
+        return _int32(as_int32(first_sample * draws_per_sample))
     # wraps like uint32
-    return ops.multiply(ops.cast(first_sample, "int32"), _int32(as_int32(per_sample)))
+    return ops.multiply(ops.cast(first_sample, "int32"), _int32(as_int32(draws_per_sample)))
 
 
 def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
-              spatial: bool = False) -> Tensor:
-    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape; ``shape`` is the
-    node output's shape (NHWC or (N, F)), batch first."""
-    shape = _mask_shape(shape, spatial)
-    per_sample = math.prod(shape[1:])  # the batch, shape[0], may be a tensor (traced graphs)
-    counters = ops.add(ops.arange(shape[0] * per_sample, dtype="int32"),
-                       _first_counter(first_sample, per_sample))
+              spatial: bool = False, per_sample: bool = False) -> Tensor:
+    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape (``mask_shape``);
+    ``shape`` is the node output's shape (NHWC or (N, F)), batch first."""
+    shape = mask_shape(shape, spatial, per_sample)
+    # the batch, shape[0], may be a tensor (traced graphs)
+    draws_per_sample = math.prod(shape[1:])
+    counters = ops.add(ops.arange(shape[0] * draws_per_sample, dtype="int32"),
+                       _first_counter(first_sample, draws_per_sample))
     mixed = ops.add(mix32_tensor(ops.bitwise_xor(counters, ops.cast(key, "int32"))),
                     _int32(_GOLDEN))
     return ops.reshape(_shr(mix32_tensor(mixed), 32 - _UNIFORM_BITS), shape)
@@ -210,15 +220,16 @@ def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
 
 def dropout_mask(shape: Sequence[int], rate: float, key: Tensor,
                  first_sample: int | Tensor = 0, spatial: bool = False,
-                 dtype: str = "float32") -> Tensor:
+                 per_sample: bool = False, dtype: str = "float32") -> Tensor:
     """The dropout mask (0 or 1 / (1 - rate)) of a node output of shape ``shape``: (N, H, W,
-    C) or (N, F), N being the samples computed here; (N, 1, 1, C) when ``spatial``.
+    C) or (N, F), N being the samples computed here; (N, 1, 1, C) when ``spatial``, (N, 1,
+    1, 1) or (N, 1) when ``per_sample``.
 
     ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
     ``first_sample``: the global index of the first of the N samples (a data-parallel
     shard's offset), a Python int or an integer scalar tensor.
     """
-    keep = ops.greater_equal(uniform24(shape, key, first_sample, spatial),
+    keep = ops.greater_equal(uniform24(shape, key, first_sample, spatial, per_sample),
                              _int32(keep_threshold(rate)))
     return ops.where(keep, ops.convert_to_tensor(1 / (1 - rate), dtype=dtype),
                      ops.convert_to_tensor(0, dtype=dtype))
@@ -297,11 +308,12 @@ class Dropout(keras.layers.Layer):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
     node's key at this step, computed on the device inside the compiled step, the same in
-    every backend. :meth:`set_key` before each training step; the identity in evaluation."""
+    every backend. ``spatial`` draws once per (sample, channel), ``per_sample`` once per
+    sample. :meth:`set_key` before each training step; the identity in evaluation."""
 
-    def __init__(self, rate, spatial, node, **kwargs):
+    def __init__(self, rate, spatial, node, per_sample=False, **kwargs):
         super().__init__(**kwargs)
-        self.rate, self.spatial, self.node = rate, spatial, node
+        self.rate, self.spatial, self.node, self.per_sample = rate, spatial, node, per_sample
         # a variable, so that a new key is new data for the compiled step, not a new graph
         self.key = self.add_weight(shape=(), initializer="zeros", dtype="int32",
                                    trainable=False, name="key")
@@ -313,7 +325,8 @@ class Dropout(keras.layers.Layer):
         if not training or self.rate == 0:
             return x
         shape = (ops.shape(x)[0], *x.shape[1:])  # the batch may be unknown when traced
-        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
+        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, self.per_sample,
+                                x.dtype)
 
 
 # --- 3. The model ---------------------------------------------------------------------------

@@ -50,6 +50,23 @@ def as_int32(word: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
+def mask_shape(shape: Sequence[int], spatial: bool = False, per_sample: bool = False
+               ) -> tuple[int, ...]:
+    """The mask's IR shape for a node output of IR shape ``shape`` (batch first): the whole
+    shape (one draw per element), (N, 1, 1, C) when ``spatial`` (one per sample and
+    channel), (N, 1, ..., 1) when ``per_sample`` (one per sample). The batch, ``shape[0]``,
+    is passed through untouched (a traced graph's may be a tensor)."""
+    if spatial and per_sample:
+        raise ValueError("dropout is spatial or per_sample, not both")
+    if per_sample:
+        return (shape[0], *[1] * (len(shape) - 1))
+    if spatial:
+        if len(shape) != 4:
+            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
+        return (shape[0], 1, 1, shape[3])
+    return tuple(shape)
+
+
 _UNIFORM_BITS = 24
 
 
@@ -84,27 +101,19 @@ def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 16)
 
 
-def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
-    if spatial:
-        if len(shape) != 4:
-            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
-        return (shape[0], 1, 1, shape[3])
-    return tuple(shape)
-
-
-def _first_counter(first_sample: int | torch.Tensor, per_sample: int
+def _first_counter(first_sample: int | torch.Tensor, draws_per_sample: int
                    ) -> int | torch.Tensor:
     if isinstance(first_sample, torch.Tensor):
-        return first_sample.to(torch.int32) * as_int32(per_sample)  # wraps like uint32
-    return as_int32(first_sample * per_sample)
+        return first_sample.to(torch.int32) * as_int32(draws_per_sample)  # wraps like uint32
+    return as_int32(first_sample * draws_per_sample)
 
 
 def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch.Tensor = 0,
-              spatial: bool = False, device: torch.device | str | None = None
-              ) -> torch.Tensor:
+              spatial: bool = False, per_sample: bool = False,
+              device: torch.device | str | None = None) -> torch.Tensor:
     """r(i) of every mask element (int32 in [0, 2^24)) in the mask's IR (channels-last)
-    shape; ``shape`` is the node output's IR shape, batch first."""
-    shape = _mask_shape(shape, spatial)
+    shape (``mask_shape``); ``shape`` is the node output's IR shape, batch first."""
+    shape = mask_shape(shape, spatial, per_sample)
     counters = torch.arange(math.prod(shape), dtype=torch.int32,
                             device=key.device if device is None else device)
     counters = counters + _first_counter(first_sample, math.prod(shape[1:]))
@@ -114,7 +123,7 @@ def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch
 
 def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
                  first_sample: int | torch.Tensor = 0, spatial: bool = False,
-                 device: torch.device | str | None = None,
+                 per_sample: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dropout mask (0 or 1 / (1 - rate)) of a node output whose IR shape is ``shape``:
     (N, H, W, C) or (N, F), N being the samples computed here.
@@ -122,10 +131,11 @@ def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
     ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
     ``first_sample``: the global index of the first of the N samples (a data-parallel
     shard's offset). Images come back in torch's layout, (N, C, H, W), or (N, C, 1, 1) when
-    ``spatial``; the draws are counted in the IR's (N, H, W, C) order and permuted. The
-    result is on ``device`` (by default the key's), in ``dtype``.
+    ``spatial``, (N, 1, 1, 1) when ``per_sample`` ((N, 1) on features); the draws are
+    counted in the IR's (N, H, W, C) order and permuted. The result is on ``device`` (by
+    default the key's), in ``dtype``.
     """
-    r = uniform24(shape, key, first_sample, spatial, device)
+    r = uniform24(shape, key, first_sample, spatial, per_sample, device)
     mask = (r >= keep_threshold(rate)).to(dtype) * (1 / (1 - rate))
     return mask.permute(0, 3, 1, 2) if mask.dim() == 4 else mask
 
@@ -143,11 +153,14 @@ class Dropout(nn.Module):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
     node's key at this step, computed on the device, the same in every backend and process.
+    ``spatial`` draws once per (sample, channel), ``per_sample`` once per sample.
     :meth:`set_key` before each training step; the identity in evaluation."""
 
-    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str) -> None:
+    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str,
+                 per_sample: bool = False) -> None:
         super().__init__()
         self.rate, self.spatial, self.shape, self.node = rate, spatial, tuple(shape), node
+        self.per_sample = per_sample
         # not weights: left out of state_dict, and set anew every step
         self.register_buffer("key", torch.zeros((), dtype=torch.int32), persistent=False)
         self.register_buffer("first_sample", torch.zeros((), dtype=torch.int32),
@@ -157,7 +170,7 @@ class Dropout(nn.Module):
         if not self.training or self.rate == 0:
             return x
         mask = dropout_mask((x.shape[0], *self.shape), self.rate, self.key, self.first_sample,
-                            self.spatial, dtype=x.dtype)
+                            self.spatial, self.per_sample, dtype=x.dtype)
         return x * mask
 
 

@@ -159,9 +159,9 @@ class Probe(ABC):
     neutral layouts (NHWC images, the weights format of :mod:`specforge.weights`).
 
     ``masks`` maps each dropout node to its mask in the node's output layout (N, H, W, C) or
-    (N, features) (spatial dropout: (N, 1, 1, C)), already scaled (0 or 1 / (1 - rate)). In
-    training mode a dropout multiplies by its mask instead of drawing one, so that every
-    backend drops the same units.
+    (N, features) (spatial dropout: (N, 1, 1, C); per-sample: (N, 1, 1, 1) or (N, 1)),
+    already scaled (0 or 1 / (1 - rate)). In training mode a dropout multiplies by its mask
+    instead of drawing one, so that every backend drops the same units.
     """
 
     #: Where it computes, in words.

@@ -282,7 +282,7 @@ def export_layer_norm(ctx: OpContext) -> str:
     return ctx.add("Transpose", [y], perm=[0, 3, 1, 2]) if image else y
 
 
-@exports("dropout", "rate", "spatial")
+@exports("dropout", "rate", "spatial", "per_sample")
 def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all
 

@@ -195,7 +195,7 @@ def layer_parts(layers: Path, randomness: Path, names: list[str]
         return [(layers, names)]
     from specforge.ir import randomness as reference
 
-    return [(reference, used(reference, ["node_key", "as_int32"])),
+    return [(reference, used(reference, ["node_key", "as_int32", "mask_shape"])),
             (randomness, used(randomness, ["dropout_mask"])), (layers, names)]
 
 

@@ -213,6 +213,43 @@ def test_a_product_of_sums_and_a_gate_keeps_its_grouping(backend, tmp_path):
     check_same_model(compile_text(case.spec_text(), "<product of sums>"), backend, tmp_path)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_dropout_drops_whole_samples_with_the_frameworks_stream(backend, tmp_path):
+    """Drop-connect as a user writes it: Keras's Dropout with noise_shape (None, 1, 1, 1)
+    ((None, 1) on features), a small nn.Dropout over one value per sample in torch; in
+    training each sample is zeroed whole or scaled whole."""
+    pytest.importorskip(backend)
+    layers = [{"type": "conv2d", "filters": 3, "kernel": 3, "name": "branch"},
+              {"type": "dropout", "rate": 0.5, "per_sample": True, "name": "image_drop"},
+              {"type": "add", "inputs": ["branch", "image_drop"]}, HEAD[0],
+              {"type": "dense", "units": 5},
+              {"type": "dropout", "rate": 0.5, "per_sample": True, "name": "feature_drop"},
+              HEAD[1]]
+    program = compile_text(Case("per-sample", layers).spec_text(), "<per-sample dropout>")
+    text = built(program, backend)
+    module = import_script(text, tmp_path, f"{backend}_per_sample")
+    model = module.build_model()
+    batch = 64
+    if backend == "keras":
+        assert 'layers.Dropout(0.5, noise_shape=(None, 1, 1, 1), name="image_drop")' in text
+        assert 'layers.Dropout(0.5, noise_shape=(None, 1), name="feature_drop")' in text
+        drops = [(model.get_layer(name), (batch, *shape)) for name, shape in
+                 (("image_drop", (6, 6, 3)), ("feature_drop", (5,)))]
+        outputs = [np.asarray(layer(np.ones(shape, np.float32), training=True))
+                   for layer, shape in drops]
+    else:
+        import torch
+
+        assert "class SampleDropout(nn.Dropout):" in text and text.count("SampleDropout(0.5)") == 2
+        drops = [m for m in model.modules() if type(m).__name__ == "SampleDropout"]
+        outputs = [m.train()(torch.ones(shape)).numpy() for m, shape in
+                   zip(drops, ((batch, 3, 6, 6), (batch, 5)), strict=True)]
+    for out in outputs:
+        per_sample = out.reshape(batch, -1)
+        assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
+        assert set(np.unique(per_sample).tolist()) == {0.0, 2.0}
+
+
 # --- 3. same update rule: one step from the same weights on the same batch -------------------
 
 class Stop(Exception):

@@ -54,9 +54,9 @@ def test_suite_case_conforms(case: Case):
             assert row.ceiling is not None and row.tolerance <= row.ceiling, row
 
 
-def test_the_suite_has_its_70_cases():
+def test_the_suite_has_its_71_cases():
     """A case dropped from the suite (or added without a word) changes this count."""
-    assert len(CASES) == len({c.name for c in CASES}) == 70
+    assert len(CASES) == len({c.name for c in CASES}) == 71
     assert f"`specforge conform --suite` runs {len(CASES)} small cases" in \
         " ".join((ROOT / "README.md").read_text().split())
 
@@ -99,7 +99,11 @@ def test_suite_covers_every_op_and_option():
                for n in nodes)
     bn = [n.attrs for n in nodes if n.op == "batch_norm"]
     assert {(a["scale"], a["center"]) for a in bn} == {(True, True), (False, False)}
-    assert {n.attrs["spatial"] for n in nodes if n.op == "dropout"} == {True, False}
+    dropouts = [n for n in nodes if n.op == "dropout"]
+    assert {(n.attrs["spatial"], n.attrs["per_sample"]) for n in dropouts} == {
+        (False, False), (True, False), (False, True)}
+    # per-sample dropout on images (its (N, 1, 1, 1) masks) and on features ((N, 1))
+    assert {len(n.shape) for n in dropouts if n.attrs["per_sample"]} == {1, 3}
     losses = {(p.loss.kind, p.loss.from_logits, p.loss.label_smoothing > 0)
               for p in programs.values()}
     assert {(k, f) for k, f, _ in losses} == {

@@ -1051,16 +1051,26 @@ def test_onnx_imports_and_lambda_refusals_import_no_framework(tmp_path):
     assert (tmp_path / "cnn.yaml").exists() and not (tmp_path / "lambda.yaml").exists()
 
 
-@pytest.mark.parametrize(("noise_shape", "expected"), [
-    ((None, 1, 1, 4), {"spatial": True}), ((None, 6, 6, 4), {}),
-    ((None, 1, 1, 1), "noise_shape [None, 1, 1, 1]: specforge's dropout drops single values, "
-                      "or (spatial) whole channels, not whole samples or rows")])
-def test_keras_dropout_noise_shapes(tmp_path, noise_shape, expected):
+NOISE_REFUSAL = ("specforge's dropout drops single values, (spatial) whole channels or "
+                 "(per_sample) whole samples, not rows, nor one mask for the whole batch")
+
+
+@pytest.mark.parametrize(("on_vector", "noise_shape", "expected"), [
+    (False, (None, 1, 1, 4), {"spatial": True}), (False, (None, 6, 6, 4), {}),
+    (False, (None, 1, 1, 1), {"per_sample": True}),
+    (False, (None, 1, 1, None), {"spatial": True}), (True, (None, 1), {"per_sample": True}),
+    (True, (None, 144), {}),
+    (False, (None, 6, 1, 4), f"noise_shape [None, 6, 1, 4]: {NOISE_REFUSAL}"),
+    (False, (1, 1, 1, 1), f"noise_shape [1, 1, 1, 1]: {NOISE_REFUSAL}")])
+def test_keras_dropout_noise_shapes(tmp_path, on_vector, noise_shape, expected):
     """Channels dropped per image (SpatialDropout2D's masks) is spatial dropout; whole
-    samples (EfficientNet's drop-connect) are refused with the shape."""
+    samples (1 on every axis but the batch: EfficientNet's drop-connect) per-sample dropout,
+    on images and vectors; rows, or one mask for the batch, are refused with the shape."""
     inputs = keras.Input((6, 6, 4))
-    dropped = keras.layers.Dropout(0.2, noise_shape=noise_shape, name="drop")(inputs)
-    source = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(dropped)))
+    x = keras.layers.Flatten()(inputs) if on_vector else inputs
+    dropped = keras.layers.Dropout(0.2, noise_shape=noise_shape, name="drop")(x)
+    flat = dropped if on_vector else keras.layers.Flatten()(dropped)
+    source = keras.Model(inputs, keras.layers.Dense(2)(flat))
     source.save(tmp_path / "drop.keras")
     if isinstance(expected, str):
         with pytest.raises(ImportRefused) as refusal:
@@ -1068,7 +1078,34 @@ def test_keras_dropout_noise_shapes(tmp_path, noise_shape, expected):
         assert f"'drop' (Dropout): {expected}" in str(refusal.value)
         return
     layers = {item["name"]: item for item in import_model(tmp_path / "drop.keras").layers}
-    assert {k: v for k, v in layers["drop"].items() if k == "spatial"} == expected
+    assert {k: v for k, v in layers["drop"].items() if k in ("spatial", "per_sample")} == \
+        expected
+
+
+def drop_connect_model() -> Any:
+    """EfficientNet's residual block in small: a branch whose whole samples are dropped
+    (Dropout with noise_shape (None, 1, 1, 1)) before the Add, then a vector's samples."""
+    inputs = keras.Input((6, 6, 3))
+    stem = keras.layers.Conv2D(4, 3, padding="same", activation="swish", name="stem")(inputs)
+    branch = keras.layers.Conv2D(4, 3, padding="same", name="branch")(stem)
+    dropped = keras.layers.Dropout(0.3, noise_shape=(None, 1, 1, 1), name="drop_connect")(
+        branch)
+    summed = keras.layers.Add(name="sum")([stem, dropped])
+    pooled = keras.layers.GlobalAveragePooling2D()(summed)
+    features = keras.layers.Dropout(0.2, noise_shape=(None, 1), name="drop_features")(pooled)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(features))
+
+
+def test_keras_drop_connect_imports_as_per_sample_dropout(tmp_path):
+    source = drop_connect_model()
+    randomize_keras(source)
+    source.save(tmp_path / "drop_connect.keras")
+    spec, graph, weights = imported(tmp_path / "drop_connect.keras", tmp_path)
+    nodes = {node.name: node for node in graph}
+    for name in ("drop_connect", "drop_features"):
+        assert nodes[name].attrs["per_sample"] and not nodes[name].attrs["spatial"], name
+    batch = images((6, 6, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 
 def test_keras_mobilenet_v3_with_its_arithmetic_imports(tmp_path):
@@ -1116,14 +1153,26 @@ def test_keras_ops_a_rescaling_cannot_say_are_refused(tmp_path):
     assert "(Exp): Keras op Exp in a functional model is not a specforge layer" in text
 
 
-def test_keras_efficientnet_is_refused_for_its_drop_connect_only(tmp_path):
-    """Everything else in EfficientNetB0 (its preprocessing, squeeze-excite blocks on keepdims
-    pixels, swish) translates; its Dropouts of whole samples do not."""
+def test_keras_efficientnet_imports_with_its_outputs(tmp_path):
+    """EfficientNetB0: its preprocessing (Rescaling, Normalization), squeeze-excite blocks on
+    keepdims pixels, swish, and the nine drop-connect Dropouts of its residual blocks (whole
+    samples: noise_shape (None, 1, 1, 1)) as per-sample dropout."""
     source = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
                                                classes=10)
+    randomize_keras(source)
+    # ImageNet's pixel statistics (on [0, 1]) for its Normalization: random ones could be
+    # negative variances
+    normalization = source.get_layer("normalization")
+    normalization.set_weights([np.array([0.485, 0.456, 0.406], np.float32),
+                               np.array([0.229, 0.224, 0.225], np.float32) ** 2,
+                               np.array(1000, np.int64)])
+    normalization.finalize_state()
     source.save(tmp_path / "efficientnet.keras")
-    with pytest.raises(ImportRefused) as refusal:
-        import_model(tmp_path / "efficientnet.keras")
-    lines = str(refusal.value).splitlines()[1:]
-    assert len(lines) == 9, lines  # the residual blocks: each after a stage's first
-    assert all("(Dropout): noise_shape [None, 1, 1, 1]" in line for line in lines), lines
+    spec, graph, weights = imported(tmp_path / "efficientnet.keras", tmp_path)
+    # the Normalization's mean, variance and count become a rescaling's constants
+    assert graph.trainable_params + graph.non_trainable_params == \
+        source.count_params() - normalization.count_params()
+    dropouts = [node for node in graph if node.op == "dropout"]
+    assert sum(node.attrs["per_sample"] for node in dropouts) == 9  # each after a stage's first
+    batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))

@@ -591,6 +591,36 @@ def test_torch_and_keras_runs_of_digits_drop_the_same_units(tmp_path):
     assert gap <= tolerance, (gap, tolerance)
 
 
+@needs_torch
+def test_torch_and_keras_trainers_drop_the_same_whole_samples():
+    """Per-sample dropout (rate 0.5 on a residual branch, 0.3 on features; the conformance
+    case) in both trainers: 20 steps' losses agree within the conformance tolerance, which
+    they would not if one backend drew its masks per value or for other samples."""
+    from specforge.backends import load_backend
+    from specforge.compiler import compile_text
+    from specforge.conformance.compare import Tolerance
+    from specforge.conformance.suite import CASES
+    from specforge.data.pipeline import build_pipeline
+    from specforge.ir.program import lr_at
+
+    case = next(c for c in CASES if c.name == "dropout-per-sample")
+    program = compile_text(case.spec_text(), case.name)
+    pipeline = build_pipeline(program)
+    weights = initial_weights(program.graph, program.seed)
+    losses: dict[str, list[float]] = {"torch": [], "keras": []}
+    for backend, curve in losses.items():
+        trainer = load_backend(backend).create_trainer(program, "cpu", weights)
+        for step in range(case.steps):
+            batch = pipeline.train_batch(step)
+            lr = lr_at(program.optimizer, step, pipeline.batches_per_pass)
+            curve.append(trainer.train_step(batch.x, batch.y, lr)[0])
+        trainer.close()
+    assert len(losses["torch"]) == len(losses["keras"]) == 20
+    tolerance = Tolerance().steps_rtol * np.abs(losses["torch"]).max()
+    gap = np.abs(np.subtract(losses["torch"], losses["keras"])).max()
+    assert gap <= tolerance, (gap, tolerance)
+
+
 # --- Keras's own layers where they compute what specforge's layers do -----------------------
 KERAS_ATTRS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 1.3},
                "hard_sigmoid": {"alpha": 1 / 6, "beta": 0.5}}

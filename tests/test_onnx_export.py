@@ -103,7 +103,8 @@ LAYOUT_CASES = ["padding-explicit-per-side", "conv-dilation-groups-depthwise",
                 "add-concat-residual", "multiply-squeeze-excite", "batch-norm",
                 "global_avg_pool2d", "global_max_pool2d",
                 "activation-softmax", "avg_pool2d-same-p3-s2", "max_pool2d-same-p3-s2",
-                "dropout-spatial", "loss-binary-cross-entropy", "rescaling", "layer-norm"]
+                "dropout-spatial", "dropout-per-sample", "loss-binary-cross-entropy",
+                "rescaling", "layer-norm"]
 
 
 @pytest.mark.parametrize("name", LAYOUT_CASES)

@@ -376,8 +376,8 @@ class Builder:
             return self.rescaling()
         if kind == "activation":
             return self.activation_layer()
-        return {"type": "dropout", "rate": d(st.sampled_from([0.0, 0.1, 0.5])),
-                "spatial": d(st.booleans())}
+        unit = d(st.sampled_from([{}, {"spatial": True}, {"per_sample": True}]))
+        return {"type": "dropout", "rate": d(st.sampled_from([0.0, 0.1, 0.5])), **unit}
 
     def batch_norm(self) -> dict[str, Any]:
         d = self.draw

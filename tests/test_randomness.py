@@ -22,23 +22,26 @@ from specforge.conformance.masks import dropout_masks
 from specforge.ir import randomness as R
 from tests.conftest import ROOT, SPECS
 
-#: (IR shape, rate, seed, step, first_sample, spatial): odd sizes, one image, vectors,
-#: spatial dropout, a seed above 2^32, rate 0, and counters that pass 2^32 (5e6 * 1000)
-CASES: list[tuple[tuple[int, ...], float, int, int, int, bool]] = [
-    ((3, 5, 7, 3), 0.3, 42, 0, 0, False),
-    ((3, 5, 7, 3), 0.5, 2**32 + 5, 7, 11, False),
-    ((1, 8, 8, 4), 0.1, 0, 1, 0, False),
-    ((5, 37), 0.25, 123, 2, 3, False),
-    ((4, 6, 6, 5), 0.4, 42, 3, 9, True),
-    ((2, 3, 3, 2), 0.0, 7, 0, 0, False),
-    ((2, 1000), 0.5, 2**63 + 1, 2**32 + 3, 5_000_000, False),
+#: (IR shape, rate, seed, step, first_sample, options): odd sizes, one image, vectors,
+#: spatial and per-sample dropout (on images and vectors, one sample past 2^32), a seed
+#: above 2^32, rate 0, and counters that pass 2^32 (5e6 * 1000)
+CASES: list[tuple[tuple[int, ...], float, int, int, int, dict[str, bool]]] = [
+    ((3, 5, 7, 3), 0.3, 42, 0, 0, {}),
+    ((3, 5, 7, 3), 0.5, 2**32 + 5, 7, 11, {}),
+    ((1, 8, 8, 4), 0.1, 0, 1, 0, {}),
+    ((5, 37), 0.25, 123, 2, 3, {}),
+    ((4, 6, 6, 5), 0.4, 42, 3, 9, {"spatial": True}),
+    ((9, 6, 6, 5), 0.4, 42, 3, 9, {"per_sample": True}),
+    ((7, 37), 0.5, 2**32 + 5, 1, 2**32 - 3, {"per_sample": True}),
+    ((2, 3, 3, 2), 0.0, 7, 0, 0, {}),
+    ((2, 1000), 0.5, 2**63 + 1, 2**32 + 3, 5_000_000, {}),
 ]
 NODE = "dropout_1"
 
 
 def reference_masks() -> list[np.ndarray]:
-    return [R.dropout_mask(shape, rate, R.node_key(seed, step, NODE), first, spatial)
-            for shape, rate, seed, step, first, spatial in CASES]
+    return [R.dropout_mask(shape, rate, R.node_key(seed, step, NODE), first, **options)
+            for shape, rate, seed, step, first, options in CASES]
 
 
 # --- known values ---------------------------------------------------------------------------
@@ -80,6 +83,11 @@ def test_key_and_bits_follow_the_definition():
     spatial = R.uniform24((2, 3, 2, 5), key, first_sample=7, spatial=True)
     assert spatial.shape == (2, 1, 1, 5)
     assert spatial[1, 0, 0, 4] == naive_mix32(naive_mix32((8 * 5 + 4) ^ key) + 0x9E3779B9) >> 8
+    for shape in ((2, 3, 2, 5), (2, 11)):  # per sample: i = n, on images and vectors
+        per_sample = R.uniform24(shape, key, first_sample=7, per_sample=True)
+        assert per_sample.shape == (2, *[1] * (len(shape) - 1))
+        assert per_sample.ravel().tolist() == [
+            naive_mix32(naive_mix32(n ^ key) + 0x9E3779B9) >> 8 for n in (7, 8)]
 
 
 #: rates whose thresholds every implementation must agree on (Keras's: in KERAS_SCRIPT)
@@ -113,11 +121,27 @@ def test_masks_are_zero_or_the_scale_in_float32():
 
 
 def test_two_halves_make_the_batch():
-    for shape, spatial in [((6, 5, 7, 3), False), ((6, 4, 4, 5), True), ((6, 11), False)]:
-        whole = R.dropout_mask(shape, 0.4, 77, first_sample=10, spatial=spatial)
-        halves = [R.dropout_mask((3, *shape[1:]), 0.4, 77, first_sample=first,
-                                 spatial=spatial) for first in (10, 13)]
+    for shape, options in [((6, 5, 7, 3), {}), ((6, 4, 4, 5), {"spatial": True}),
+                            ((6, 11), {}), ((6, 4, 4, 5), {"per_sample": True}),
+                            ((6, 11), {"per_sample": True})]:
+        whole = R.dropout_mask(shape, 0.4, 77, first_sample=10, **options)
+        halves = [R.dropout_mask((3, *shape[1:]), 0.4, 77, first_sample=first, **options)
+                  for first in (10, 13)]
         np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_mask_shapes_and_the_one_unit_rule():
+    assert R.mask_shape((4, 5, 6, 3)) == (4, 5, 6, 3)
+    assert R.mask_shape((4, 5, 6, 3), spatial=True) == (4, 1, 1, 3)
+    assert R.mask_shape((4, 5, 6, 3), per_sample=True) == (4, 1, 1, 1)
+    assert R.mask_shape((4, 9), per_sample=True) == (4, 1)
+    with pytest.raises(ValueError, match="spatial dropout needs"):
+        R.mask_shape((4, 9), spatial=True)
+    with pytest.raises(ValueError, match="spatial or per_sample, not both"):
+        R.mask_shape((4, 5, 6, 3), spatial=True, per_sample=True)
+    # one draw per sample: half the samples kept whole at rate 0.5, the rest zeroed whole
+    mask = R.dropout_mask((2000, 3, 3, 2), 0.5, 5, per_sample=True)
+    assert mask.shape == (2000, 1, 1, 1) and abs((mask > 0).mean() - 0.5) < 0.05
 
 
 def test_conformance_masks_are_the_reference():
@@ -150,11 +174,11 @@ def test_torch_masks_are_the_reference():
     pytest.importorskip("torch")
     from specforge_torch.randomness import dropout_mask, key_tensor
 
-    for (shape, rate, seed, step, first, spatial), ref in zip(CASES, reference_masks(),
+    for (shape, rate, seed, step, first, options), ref in zip(CASES, reference_masks(),
                                                              strict=True):
         mask = dropout_mask(shape, rate, key_tensor(R.node_key(seed, step, NODE)), first,
-                            spatial)
-        if len(shape) == 4:  # torch's layout: (N, C, H, W), or (N, C, 1, 1)
+                            **options)
+        if len(shape) == 4:  # torch's layout: (N, C, H, W), (N, C, 1, 1) or (N, 1, 1, 1)
             assert mask.shape == (ref.shape[0], ref.shape[3], *ref.shape[1:3])
         np.testing.assert_array_equal(to_ir(mask).view(np.uint32), ref.view(np.uint32))
 
@@ -164,9 +188,11 @@ def test_torch_first_sample_may_be_a_tensor_and_halves_make_the_batch():
     from specforge_torch.randomness import dropout_mask, key_tensor
 
     key = key_tensor(R.node_key(1, 2, NODE))
-    whole = dropout_mask((6, 5, 7, 3), 0.4, key, 10)
-    halves = [dropout_mask((3, 5, 7, 3), 0.4, key, torch.tensor(first)) for first in (10, 13)]
-    assert torch.equal(torch.cat(halves), whole)
+    for options in ({}, {"per_sample": True}):
+        whole = dropout_mask((6, 5, 7, 3), 0.4, key, 10, **options)
+        halves = [dropout_mask((3, 5, 7, 3), 0.4, key, torch.tensor(first), **options)
+                  for first in (10, 13)]
+        assert torch.equal(torch.cat(halves), whole)
 
 
 def test_torch_compiled_step_equals_eager_without_recompiling():
@@ -174,9 +200,10 @@ def test_torch_compiled_step_equals_eager_without_recompiling():
     dynamo = pytest.importorskip("torch._dynamo")
     from specforge_torch.randomness import dropout_mask, key_tensor
 
-    def masks(key: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def masks(key: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (dropout_mask((3, 5, 7, 3), 0.3, key, first),
-                dropout_mask((3, 5, 7, 3), 0.3, key, first, spatial=True))
+                dropout_mask((3, 5, 7, 3), 0.3, key, first, spatial=True),
+                dropout_mask((3, 5, 7, 3), 0.3, key, first, per_sample=True))
 
     dynamo.reset()
     compiled = torch.compile(masks, fullgraph=True)  # fullgraph: no graph break, no .item()
@@ -207,13 +234,14 @@ cases, rates, node, out = (json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys
                            sys.argv[4])
 assert all(keep_threshold(rate) == reference_threshold(rate) for rate in rates)
 masks = {}
-for n, (shape, rate, seed, step, first, spatial) in enumerate(cases):
+for n, (shape, rate, seed, step, first, options) in enumerate(cases):
     key = key_tensor(node_key(seed, step, node))
-    masks[str(n)] = ops.convert_to_numpy(dropout_mask(shape, rate, key, first, spatial))
+    masks[str(n)] = ops.convert_to_numpy(dropout_mask(shape, rate, key, first, **options))
 
 def step_masks(key, first):
     return (dropout_mask((3, 5, 7, 3), 0.3, key, first),
-            dropout_mask((4, 6, 6, 5), 0.4, key, first, spatial=True))
+            dropout_mask((4, 6, 6, 5), 0.4, key, first, spatial=True),
+            dropout_mask((4, 6, 6, 5), 0.4, key, first, per_sample=True))
 
 traces = []
 def counted(key, first):  # tf.function and jax.jit run its Python once a trace
@@ -390,7 +418,13 @@ DROPOUT_SPECS = {"features": "[{type: flatten}, {type: dense, units: 6},"
                             " {type: dropout, rate: 0.5, spatial: true}, {type: flatten},"
                             " {type: dense, units: 2}]",
                  "images": "[{type: conv2d, filters: 4, kernel: 3}, {type: dropout, rate: 0.25},"
-                           " {type: flatten}, {type: dense, units: 2}]"}
+                           " {type: flatten}, {type: dense, units: 2}]",
+                 "per-sample": "[{type: conv2d, filters: 4, kernel: 3},"
+                               " {type: dropout, rate: 0.5, per_sample: true}, {type: flatten},"
+                               " {type: dense, units: 2}]",
+                 "per-sample-features": "[{type: flatten}, {type: dense, units: 6},"
+                                        " {type: dropout, rate: 0.5, per_sample: true},"
+                                        " {type: dense, units: 2}]"}
 
 
 def _dropout_program(layers: str) -> Any:
@@ -421,3 +455,61 @@ def test_the_torch_trainers_dropout_draws_the_reference_masks(kind):
             mask = mask.transpose(0, 2, 3, 1)
         expected = dropout_masks(program.graph, program.seed, step, first + 3)[node.name][first:]
         np.testing.assert_array_equal(mask, np.broadcast_to(expected, mask.shape))
+
+
+#: per-sample dropout on an image (before an add, as drop-connect) and on features
+PER_SAMPLE_LAYERS = ("[{type: conv2d, filters: 4, kernel: 3, name: branch},"
+                     " {type: dropout, rate: 0.5, per_sample: true, name: image_drop},"
+                     " {type: add, inputs: [branch, image_drop]}, {type: flatten},"
+                     " {type: dense, units: 6},"
+                     " {type: dropout, rate: 0.5, per_sample: true, name: feature_drop},"
+                     " {type: dense, units: 2}]")
+
+
+def _import_built(text: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import importlib.util
+
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"built_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
+    spec.loader.exec_module(module)  # defines functions and classes only: nothing runs
+    return module
+
+
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+def test_exact_scripts_draw_the_reference_per_sample_masks(backend, tmp_path, monkeypatch):
+    """An exact built script carries the generator (mask_shape included, copied from the
+    reference) and its dropout layers draw the reference's per-sample masks: (N, 1, 1, 1)
+    on the image, (N, 1) on the features."""
+    pytest.importorskip(backend)
+    from specforge.backends import load_backend
+
+    program = _dropout_program(PER_SAMPLE_LAYERS)
+    text = load_backend(backend).build(program, style="exact")
+    assert "\ndef mask_shape(" in text and "_mask_shape" not in text
+    module = _import_built(text, tmp_path / f"exact_{backend}.py", monkeypatch)
+    model = module.Model() if backend == "torch" else module.build_model()
+    layers = {layer.node: layer for layer in (
+        model.modules() if backend == "torch" else module.dropout_layers(model))
+        if hasattr(layer, "set_key")}
+    nodes = {node.name: node for node in program.graph}
+    batch, step = 6, 3
+    masks = dropout_masks(program.graph, program.seed, step, batch)
+    assert set(layers) == set(masks) == {"image_drop", "feature_drop"}
+    for name, layer in layers.items():
+        shape = (batch, *nodes[name].shape)
+        assert masks[name].shape == (batch, *[1] * len(nodes[name].shape))
+        layer.set_key(program.seed, step)
+        ones = np.ones(shape, np.float32)
+        if backend == "torch":
+            import torch
+
+            image = ones.ndim == 4
+            out = layer.train()(torch.from_numpy(ones.transpose(0, 3, 1, 2) if image
+                                                 else ones)).numpy()
+            out = out.transpose(0, 2, 3, 1) if image else out
+        else:
+            out = np.asarray(layer(ones, training=True))
+        np.testing.assert_array_equal(out, np.broadcast_to(masks[name], shape))
+        assert 0 < (out == 0).all(axis=tuple(range(1, out.ndim))).sum() < batch, name

@@ -377,6 +377,12 @@ DROPOUT_CASES = {
            " {type: dropout, rate: 0.4, spatial: true},"
            " {type: conv2d, filters: 3, kernel: 2},"
            " {type: dropout, rate: 0.25}, {type: flatten}, {type: dense, units: 3}]",
+    # whole samples of a residual branch (drop-connect), then of the features
+    "per-sample": "[{type: conv2d, filters: 2, kernel: 3, padding: same, name: before},"
+                  " {type: dropout, rate: 0.5, per_sample: true, name: dropped},"
+                  " {type: add, inputs: [before, dropped]}, {type: flatten},"
+                  " {type: dense, units: 6}, {type: dropout, rate: 0.3, per_sample: true},"
+                  " {type: dense, units: 3}]",
 }
 
 

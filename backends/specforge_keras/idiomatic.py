@@ -137,6 +137,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
         return [], call("layers.LayerNormalization", **epsilon, name=name)
     if op == "dropout":
+        if a["per_sample"]:  # drop-connect, as keras.applications' EfficientNet writes it
+            noise_shape = (None, *[1] * len(in_shape))
+            return [], call("layers.Dropout", a["rate"], noise_shape=noise_shape, name=name)
         cls = "layers.SpatialDropout2D" if a["spatial"] else "layers.Dropout"
         return [], call(cls, a["rate"], name=name)
     if op == "activation":

@@ -221,11 +221,12 @@ class Dropout(keras.layers.Layer):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
     node's key at this step, computed on the device inside the compiled step, the same in
-    every backend. :meth:`set_key` before each training step; the identity in evaluation."""
+    every backend. ``spatial`` draws once per (sample, channel), ``per_sample`` once per
+    sample. :meth:`set_key` before each training step; the identity in evaluation."""
 
-    def __init__(self, rate, spatial, node, **kwargs):
+    def __init__(self, rate, spatial, node, per_sample=False, **kwargs):
         super().__init__(**kwargs)
-        self.rate, self.spatial, self.node = rate, spatial, node
+        self.rate, self.spatial, self.node, self.per_sample = rate, spatial, node, per_sample
         # a variable, so that a new key is new data for the compiled step, not a new graph
         self.key = self.add_weight(shape=(), initializer="zeros", dtype="int32",
                                    trainable=False, name="key")
@@ -237,7 +238,8 @@ class Dropout(keras.layers.Layer):
         if not training or self.rate == 0:
             return x
         shape = (ops.shape(x)[0], *x.shape[1:])  # the batch may be unknown when traced
-        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, x.dtype)
+        return x * dropout_mask(shape, self.rate, self.key, 0, self.spatial, self.per_sample,
+                                x.dtype)
 
 
 class Activation(keras.layers.Layer):

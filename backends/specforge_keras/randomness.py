@@ -2,8 +2,8 @@
 for bit (docs/ir-ops.md, "The dropout generator"), on the TensorFlow, JAX and PyTorch
 backends of Keras.
 
-Besides keras this file imports only ``as_int32`` from the reference (pure Python), so
-a built script can carry it verbatim. JAX has no int64 by
+Besides keras this file imports only ``as_int32`` and ``mask_shape`` from the reference
+(pure Python), so a built script can carry it verbatim. JAX has no int64 by
 default and torch no uint32 shifts, so the words are int32 with two's-complement
 wrap-around (the same bits), and a logical shift is an arithmetic one followed by a mask.
 Everything is traceable: the per-step key is a tensor argument (a new key is new data, not
@@ -20,7 +20,7 @@ from typing import Any
 
 from keras import ops
 
-from specforge.ir.randomness import as_int32
+from specforge.ir.randomness import as_int32, mask_shape
 
 Tensor = Any  # a backend tensor: tf.Tensor, jax.Array or torch.Tensor
 
@@ -64,29 +64,22 @@ def mix32_tensor(x: Tensor) -> Tensor:
     return ops.bitwise_xor(x, _shr(x, 16))
 
 
-def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
-    if spatial:
-        if len(shape) != 4:
-            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
-        return (shape[0], 1, 1, shape[3])
-    return tuple(shape)
-
-
-def _first_counter(first_sample: int | Tensor, per_sample: int) -> Tensor:
+def _first_counter(first_sample: int | Tensor, draws_per_sample: int) -> Tensor:
     if isinstance(first_sample, int):
-        return _int32(as_int32(first_sample * per_sample))
+        return _int32(as_int32(first_sample * draws_per_sample))
     # wraps like uint32
-    return ops.multiply(ops.cast(first_sample, "int32"), _int32(as_int32(per_sample)))
+    return ops.multiply(ops.cast(first_sample, "int32"), _int32(as_int32(draws_per_sample)))
 
 
 def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
-              spatial: bool = False) -> Tensor:
-    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape; ``shape`` is the
-    node output's shape (NHWC or (N, F)), batch first."""
-    shape = _mask_shape(shape, spatial)
-    per_sample = math.prod(shape[1:])  # the batch, shape[0], may be a tensor (traced graphs)
-    counters = ops.add(ops.arange(shape[0] * per_sample, dtype="int32"),
-                       _first_counter(first_sample, per_sample))
+              spatial: bool = False, per_sample: bool = False) -> Tensor:
+    """r(i) of every mask element (int32 in [0, 2^24)) in the mask's shape (``mask_shape``);
+    ``shape`` is the node output's shape (NHWC or (N, F)), batch first."""
+    shape = mask_shape(shape, spatial, per_sample)
+    # the batch, shape[0], may be a tensor (traced graphs)
+    draws_per_sample = math.prod(shape[1:])
+    counters = ops.add(ops.arange(shape[0] * draws_per_sample, dtype="int32"),
+                       _first_counter(first_sample, draws_per_sample))
     mixed = ops.add(mix32_tensor(ops.bitwise_xor(counters, ops.cast(key, "int32"))),
                     _int32(_GOLDEN))
     return ops.reshape(_shr(mix32_tensor(mixed), 32 - _UNIFORM_BITS), shape)
@@ -94,15 +87,16 @@ def uniform24(shape: Sequence[int], key: Tensor, first_sample: int | Tensor = 0,
 
 def dropout_mask(shape: Sequence[int], rate: float, key: Tensor,
                  first_sample: int | Tensor = 0, spatial: bool = False,
-                 dtype: str = "float32") -> Tensor:
+                 per_sample: bool = False, dtype: str = "float32") -> Tensor:
     """The dropout mask (0 or 1 / (1 - rate)) of a node output of shape ``shape``: (N, H, W,
-    C) or (N, F), N being the samples computed here; (N, 1, 1, C) when ``spatial``.
+    C) or (N, F), N being the samples computed here; (N, 1, 1, C) when ``spatial``, (N, 1,
+    1, 1) or (N, 1) when ``per_sample``.
 
     ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
     ``first_sample``: the global index of the first of the N samples (a data-parallel
     shard's offset), a Python int or an integer scalar tensor.
     """
-    keep = ops.greater_equal(uniform24(shape, key, first_sample, spatial),
+    keep = ops.greater_equal(uniform24(shape, key, first_sample, spatial, per_sample),
                              _int32(keep_threshold(rate)))
     return ops.where(keep, ops.convert_to_tensor(1 / (1 - rate), dtype=dtype),
                      ops.convert_to_tensor(0, dtype=dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from specforge.ir.graph import Node
-from specforge.ir.ops import pad_value, pool_options
+from specforge.ir.ops import dropout_options, pad_value, pool_options
 
 #: Ops whose Keras layer is called on the list of its inputs.
 MERGE_OPS = ("add", "multiply", "concat")
@@ -46,7 +46,7 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
     if op == "layer_norm":  # Keras's computes the IR's formula (rounding aside)
         return "keras.layers.LayerNormalization", [], {"axis": -1, "epsilon": a["epsilon"]}
     if op == "dropout":  # specforge's masks (layers.Dropout), the same in every backend
-        return "Dropout", [a["rate"], a["spatial"], node.name], {}
+        return "Dropout", [a["rate"], a["spatial"], node.name], dropout_options(a)
     if op == "activation":
         return _activation(a)
     if op == "rescaling":  # Keras's Rescaling computes x * scale + offset, in this order

@@ -116,7 +116,9 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
                      "each pixel's channels (torchvision's ConvNeXt)")]
         return [(call("nn.LayerNorm", in_shape[-1], **epsilon), "")]
     if op == "dropout":
-        return [(call("nn.Dropout2d" if a["spatial"] else "nn.Dropout", a["rate"]), "")]
+        cls = "SampleDropout" if a["per_sample"] else \
+            "nn.Dropout2d" if a["spatial"] else "nn.Dropout"
+        return [(call(cls, a["rate"]), "")]
     if op == "activation":
         fn = a["fn"]
         if fn == "leaky_relu":
@@ -295,6 +297,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         chain=chain, sequential=sequential_lines(graph) if chain else [], init=init,
         forward=forward, flatten_hwc="FlattenHWC" in constructors,
         layer_norm_2d="LayerNorm2d" in constructors, helpers=helpers,
+        sample_dropout="SampleDropout" in constructors,
         input_shape=tuple(graph.input.shape), augment=augment,
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),

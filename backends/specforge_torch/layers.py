@@ -231,11 +231,14 @@ class Dropout(nn.Module):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this
     node's key at this step, computed on the device, the same in every backend and process.
+    ``spatial`` draws once per (sample, channel), ``per_sample`` once per sample.
     :meth:`set_key` before each training step; the identity in evaluation."""
 
-    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str) -> None:
+    def __init__(self, rate: float, spatial: bool, shape: tuple[int, ...], node: str,
+                 per_sample: bool = False) -> None:
         super().__init__()
         self.rate, self.spatial, self.shape, self.node = rate, spatial, tuple(shape), node
+        self.per_sample = per_sample
         # not weights: left out of state_dict, and set anew every step
         self.register_buffer("key", torch.zeros((), dtype=torch.int32), persistent=False)
         self.register_buffer("first_sample", torch.zeros((), dtype=torch.int32),
@@ -251,7 +254,7 @@ class Dropout(nn.Module):
         if not self.training or self.rate == 0:
             return x
         mask = dropout_mask((x.shape[0], *self.shape), self.rate, self.key, self.first_sample,
-                            self.spatial, dtype=x.dtype)
+                            self.spatial, self.per_sample, dtype=x.dtype)
         return x * mask
 
 

@@ -1,8 +1,8 @@
 """specforge's dropout masks in torch: the generator of ``specforge.ir.randomness``, bit for
 bit (docs/ir-ops.md, "The dropout generator").
 
-Besides torch this file imports only ``as_int32`` from the reference (pure Python), so a
-built script can carry it verbatim. torch has no shifts
+Besides torch this file imports only ``as_int32`` and ``mask_shape`` from the reference
+(pure Python), so a built script can carry it verbatim. torch has no shifts
 on uint32, so the words are int32 with two's-complement wrap-around (the same bits), and a
 logical shift is an arithmetic one followed by a mask. Everything stays on the device and
 is traceable: the per-step key is a tensor argument (a new key is new data, not a new
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specforge.ir.randomness import as_int32
+from specforge.ir.randomness import as_int32, mask_shape
 
 _UNIFORM_BITS = 24
 
@@ -54,27 +54,19 @@ def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 16)
 
 
-def _mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
-    if spatial:
-        if len(shape) != 4:
-            raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
-        return (shape[0], 1, 1, shape[3])
-    return tuple(shape)
-
-
-def _first_counter(first_sample: int | torch.Tensor, per_sample: int
+def _first_counter(first_sample: int | torch.Tensor, draws_per_sample: int
                    ) -> int | torch.Tensor:
     if isinstance(first_sample, torch.Tensor):
-        return first_sample.to(torch.int32) * as_int32(per_sample)  # wraps like uint32
-    return as_int32(first_sample * per_sample)
+        return first_sample.to(torch.int32) * as_int32(draws_per_sample)  # wraps like uint32
+    return as_int32(first_sample * draws_per_sample)
 
 
 def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch.Tensor = 0,
-              spatial: bool = False, device: torch.device | str | None = None
-              ) -> torch.Tensor:
+              spatial: bool = False, per_sample: bool = False,
+              device: torch.device | str | None = None) -> torch.Tensor:
     """r(i) of every mask element (int32 in [0, 2^24)) in the mask's IR (channels-last)
-    shape; ``shape`` is the node output's IR shape, batch first."""
-    shape = _mask_shape(shape, spatial)
+    shape (``mask_shape``); ``shape`` is the node output's IR shape, batch first."""
+    shape = mask_shape(shape, spatial, per_sample)
     counters = torch.arange(math.prod(shape), dtype=torch.int32,
                             device=key.device if device is None else device)
     counters = counters + _first_counter(first_sample, math.prod(shape[1:]))
@@ -84,7 +76,7 @@ def uniform24(shape: Sequence[int], key: torch.Tensor, first_sample: int | torch
 
 def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
                  first_sample: int | torch.Tensor = 0, spatial: bool = False,
-                 device: torch.device | str | None = None,
+                 per_sample: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dropout mask (0 or 1 / (1 - rate)) of a node output whose IR shape is ``shape``:
     (N, H, W, C) or (N, F), N being the samples computed here.
@@ -92,9 +84,10 @@ def dropout_mask(shape: Sequence[int], rate: float, key: torch.Tensor,
     ``key``: the node's key at this step (:func:`key_tensor`), an int32 scalar tensor.
     ``first_sample``: the global index of the first of the N samples (a data-parallel
     shard's offset). Images come back in torch's layout, (N, C, H, W), or (N, C, 1, 1) when
-    ``spatial``; the draws are counted in the IR's (N, H, W, C) order and permuted. The
-    result is on ``device`` (by default the key's), in ``dtype``.
+    ``spatial``, (N, 1, 1, 1) when ``per_sample`` ((N, 1) on features); the draws are
+    counted in the IR's (N, H, W, C) order and permuted. The result is on ``device`` (by
+    default the key's), in ``dtype``.
     """
-    r = uniform24(shape, key, first_sample, spatial, device)
+    r = uniform24(shape, key, first_sample, spatial, per_sample, device)
     mask = (r >= keep_threshold(rate)).to(dtype) * (1 / (1 - rate))
     return mask.permute(0, 3, 1, 2) if mask.dim() == 4 else mask

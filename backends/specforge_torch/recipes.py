@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from specforge.ir.graph import Node
-from specforge.ir.ops import pad_value, pool_options
+from specforge.ir.ops import dropout_options, pad_value, pool_options
 
 
 def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any], dict[str, Any]]:
@@ -45,7 +45,8 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
     if op == "layer_norm":
         return "LayerNorm", [in_shape[-1], a["epsilon"]], {}
     if op == "dropout":
-        return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], {}
+        return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], \
+            dropout_options(a)
     if op == "activation":
         return _activation(a)
     if op == "rescaling":

@@ -6,7 +6,8 @@ The mask of dropout node ``node`` at training step ``step`` comes from specforge
 devices. A mask is laid out like the node's output in the IR, (N, H, W, C) or
 (N, features), so a mask after a flatten is in (height, width, channel) order on every
 backend: the torch backend flattens in that order too. Spatial dropout draws one value per
-(sample, channel): shape (N, 1, 1, C). Kept units are scaled by 1 / (1 - rate).
+(sample, channel): shape (N, 1, 1, C); per-sample dropout one per sample: (N, 1, 1, 1) or
+(N, 1). Kept units are scaled by 1 / (1 - rate).
 """
 
 from __future__ import annotations
@@ -26,5 +27,6 @@ def dropout_masks(graph: Graph, seed: int, step: int, batch: int) -> dict[str, n
             continue
         masks[node.name] = dropout_mask((batch, *node.shape), node.attrs["rate"],
                                         node_key(seed, step, node.name),
-                                        spatial=node.attrs["spatial"])
+                                        spatial=node.attrs["spatial"],
+                                        per_sample=node.attrs["per_sample"])
     return masks

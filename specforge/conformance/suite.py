@@ -188,6 +188,15 @@ def _layer_cases() -> list[Case]:
                          *HEAD]),
         Case("dropout-spatial", [_conv(6, 3, activation="relu"),
                                  {"type": "dropout", "rate": 0.3, "spatial": True}, *HEAD]),
+        # drop-connect: whole samples of a residual branch, then of a feature vector
+        Case("dropout-per-sample", [
+            _conv(6, 3, activation="relu", name="stem"),
+            _conv(6, 3, padding="same", activation="relu", name="branch"),
+            {"type": "dropout", "rate": 0.5, "per_sample": True, "name": "drop_connect"},
+            {"type": "add", "inputs": ["stem", "drop_connect"]}, *HEAD[:1],
+            {"type": "dense", "units": 8, "activation": "tanh"},
+            {"type": "dropout", "rate": 0.3, "per_sample": True},
+            {"type": "dense", "units": 4}]),
         # after a flatten, the mask is in (height, width, channel) order on every backend
         Case("dropout-after-flatten", [_conv(3, 3, activation="relu"), *HEAD[:1],
                                        {"type": "dropout", "rate": 0.5},

@@ -13,7 +13,7 @@ import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -551,33 +551,39 @@ def _layer_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[s
 
 def _dropout(spatial: bool) -> Callable[[_Translator, Any, dict[str, Any], list[str]], None]:
     def translate(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
-        channels = spatial or _noise_drops_channels(op, config.get("noise_shape"))
-        # on one pixel, dropping whole channels is what plain dropout of (C,) does
-        extra = {"spatial": True} if channels and inputs[0] not in t.pixels else {}
+        unit = "spatial" if spatial else _noise_unit(op, config.get("noise_shape"))
+        if unit == "spatial" and inputs[0] in t.pixels:
+            unit = None  # on one pixel, dropping whole channels is what plain dropout of (C,) does
+        extra = {unit: True} if unit else {}
         t.add(op, "dropout", inputs, rate=float(config["rate"]), **extra)
     return translate
 
 
-def _noise_drops_channels(op: Any, noise_shape: Any) -> bool:
-    """Whether Dropout's ``noise_shape`` drops whole channels of an image (1 over height and
-    width: SpatialDropout2D's masks) rather than single values; other shapes (a mask shared
-    by a batch, whole samples or rows dropped) are refused."""
+def _noise_unit(op: Any, noise_shape: Any) -> str | None:
+    """What Dropout's ``noise_shape`` drops, as the spec's dropout says it: None for single
+    values (no noise_shape, or the input's shape), ``spatial`` for whole channels of an image
+    (1 over height and width: SpatialDropout2D's masks), ``per_sample`` for whole samples (1
+    on every axis but the batch: EfficientNet's drop-connect). Other shapes (a mask shared by
+    the batch, rows dropped) are refused."""
     if noise_shape is None:
-        return False
+        return None
     shape = tuple(op.input.shape)
     if len(noise_shape) != len(shape) or noise_shape[0] is not None:
         _refuse_noise(noise_shape)
     noise = tuple(s if n is None else n for n, s in zip(noise_shape, shape, strict=True))
     if noise == shape:  # one mask value per value: plain dropout
-        return False
+        return None
+    if all(n == 1 for n in noise[1:]):
+        return "per_sample"
     if len(shape) == 4 and noise[1:3] == (1, 1) and noise[3] == shape[3]:
-        return True
-    return _refuse_noise(noise_shape)
+        return "spatial"
+    _refuse_noise(noise_shape)
 
 
-def _refuse_noise(noise_shape: Any) -> bool:
+def _refuse_noise(noise_shape: Any) -> NoReturn:
     raise _NotExpressible(f"noise_shape {list(noise_shape)}: specforge's dropout drops single "
-                          "values, or (spatial) whole channels, not whole samples or rows")
+                          "values, (spatial) whole channels or (per_sample) whole samples, not "
+                          "rows, nor one mask for the whole batch")
 
 
 def _activation_layer(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]

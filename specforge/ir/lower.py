@@ -106,7 +106,8 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.LayerNorm):
         return [("layer_norm", {"epsilon": layer.epsilon})]
     elif isinstance(layer, L.Dropout):
-        main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial})
+        main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial,
+                            "per_sample": layer.per_sample})
     elif isinstance(layer, L.ActivationLayer):
         return [("activation", activation_attrs(layer.config()))]
     elif isinstance(layer, L.Rescaling):

@@ -246,6 +246,13 @@ def pad_value(attrs: Attrs) -> dict[str, Any]:
     return {"pad_value": attrs["pad_value"]} if "pad_value" in attrs else {}
 
 
+def dropout_options(attrs: Attrs) -> dict[str, Any]:
+    """A dropout's keyword arguments for a backend's layer besides its rate and ``spatial``:
+    ``{"per_sample": True}`` where it draws once per sample, else ``{}`` (so that the
+    scripts of other dropouts read as before)."""
+    return {"per_sample": True} if attrs["per_sample"] else {}
+
+
 #: Pool options at the value that leaves them out of a backend's recipe.
 POOL_DEFAULTS = {"dilation": (1, 1), "count_include_pad": False}
 
@@ -337,9 +344,11 @@ def layer_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
 @op("dropout")
 def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Training only: zero each element with probability ``rate`` and scale the others by
-    1 / (1 - rate). ``spatial``: one draw per (sample, channel) on images. Identity in
-    evaluation. Masks come from specforge's generator in conformance runs: the counter-based
-    generator of ``specforge/ir/randomness.py``, defined just below."""
+    1 / (1 - rate). ``spatial``: one draw per (sample, channel) on images; ``per_sample``:
+    one draw per sample, which zeroes or scales the sample's whole output (drop-connect,
+    stochastic depth); not both. Identity in evaluation. Masks come from specforge's
+    generator in conformance runs: the counter-based generator of
+    ``specforge/ir/randomness.py``, defined just below."""
     if attrs["spatial"]:
         _image("spatial dropout", shapes[0])
     return OpResult(shapes[0], (), _numel(shapes[0]))

@@ -33,11 +33,14 @@ first sample computed (so data-parallel shards draw what one process draws):
 - (N, H, W, C): ``i = ((n * H + h) * W + w) * C + c``
 - (N, F): ``i = n * F + f``
 - spatial dropout, one draw per sample and channel, mask (N, 1, 1, C): ``i = n * C + c``
+- per-sample dropout, one draw per sample, mask (N, 1, 1, 1) on images, (N, 1) on
+  features: ``i = n``
 
-where ``n`` is the global sample index. Frameworks without unsigned 32-bit arithmetic use
-int32 with two's-complement wrap-around (the same bits; constants above 2^31 written as
-their int32 values) and write ``x >> k`` as an arithmetic shift followed by
-``& (2^(32-k) - 1)``.
+where ``n`` is the global sample index: each rule is the element's position in the mask's
+own layout, whose axes are the output's or 1. Frameworks without unsigned 32-bit
+arithmetic use int32 with two's-complement wrap-around (the same bits; constants above
+2^31 written as their int32 values) and write ``x >> k`` as an arithmetic shift followed
+by ``& (2^(32-k) - 1)``.
 """
 
 from __future__ import annotations
@@ -93,8 +96,16 @@ def keep_threshold(rate: float) -> int:
     return math.ceil(Fraction(rate) * 2**UNIFORM_BITS)
 
 
-def mask_shape(shape: Sequence[int], spatial: bool) -> tuple[int, ...]:
-    """The mask's IR shape for a node output of IR shape ``shape`` (batch first)."""
+def mask_shape(shape: Sequence[int], spatial: bool = False, per_sample: bool = False
+               ) -> tuple[int, ...]:
+    """The mask's IR shape for a node output of IR shape ``shape`` (batch first): the whole
+    shape (one draw per element), (N, 1, 1, C) when ``spatial`` (one per sample and
+    channel), (N, 1, ..., 1) when ``per_sample`` (one per sample). The batch, ``shape[0]``,
+    is passed through untouched (a traced graph's may be a tensor)."""
+    if spatial and per_sample:
+        raise ValueError("dropout is spatial or per_sample, not both")
+    if per_sample:
+        return (shape[0], *[1] * (len(shape) - 1))
     if spatial:
         if len(shape) != 4:
             raise ValueError(f"spatial dropout needs (N, H, W, C), got {tuple(shape)}")
@@ -112,11 +123,12 @@ def mix32_array(x: np.ndarray) -> np.ndarray:
 
 
 def uniform24(shape: Sequence[int], key: int, first_sample: int = 0,
-              spatial: bool = False) -> np.ndarray:
-    """r(i) of every mask element, uint32 in [0, 2^24), in the mask's IR shape."""
-    shape = mask_shape(shape, spatial)
-    per_sample = math.prod(shape[1:])
-    start = (first_sample * per_sample) & MASK32
+              spatial: bool = False, per_sample: bool = False) -> np.ndarray:
+    """r(i) of every mask element, uint32 in [0, 2^24), in the mask's IR shape
+    (:func:`mask_shape`)."""
+    shape = mask_shape(shape, spatial, per_sample)
+    draws_per_sample = math.prod(shape[1:])
+    start = (first_sample * draws_per_sample) & MASK32
     # counters past 2^32 wrap, as uint32 arithmetic does on every backend
     counters = ((np.arange(math.prod(shape), dtype=np.uint64) + start) & MASK32)
     counters = counters.astype(np.uint32).reshape(shape)
@@ -125,9 +137,10 @@ def uniform24(shape: Sequence[int], key: int, first_sample: int = 0,
 
 
 def dropout_mask(shape: Sequence[int], rate: float, key: int, first_sample: int = 0,
-                 spatial: bool = False) -> np.ndarray:
+                 spatial: bool = False, per_sample: bool = False) -> np.ndarray:
     """The float32 dropout mask (0 or 1 / (1 - rate)) of a node output of IR shape ``shape``
-    (batch first; (N, 1, 1, C) when ``spatial``), drawn from the samples ``first_sample``
-    onwards with ``key`` (:func:`node_key`)."""
-    keep = uniform24(shape, key, first_sample, spatial) >= keep_threshold(rate)
+    (batch first), in the mask's shape (:func:`mask_shape`: (N, 1, 1, C) when ``spatial``,
+    (N, 1, ..., 1) when ``per_sample``), drawn from the samples ``first_sample`` onwards
+    with ``key`` (:func:`node_key`)."""
+    keep = uniform24(shape, key, first_sample, spatial, per_sample) >= keep_threshold(rate)
     return np.where(keep, np.float32(1 / (1 - rate)), np.float32(0))

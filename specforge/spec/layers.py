@@ -264,6 +264,17 @@ class Dropout(LayerBase):
     type: Literal["dropout"]
     rate: float = Field(ge=0, lt=1)
     spatial: bool = Field(False, description="Drop whole channels (SpatialDropout2D).")
+    per_sample: bool = Field(False, description=(
+        "Drop whole samples: one draw per sample zeroes (or scales) its whole output, "
+        "before an `add` as drop-connect or stochastic depth (Keras's Dropout with "
+        "noise_shape (None, 1, 1, 1)). Not with `spatial`."))
+
+    @model_validator(mode="after")
+    def _one_draw_unit(self) -> Dropout:
+        if self.spatial and self.per_sample:
+            raise ValueError("per_sample drops whole samples and spatial whole channels: "
+                             "set one of them, not both")
+        return self
 
 
 class ActivationLayer(LayerBase):
