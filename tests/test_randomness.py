@@ -428,10 +428,14 @@ DROPOUT_SPECS = {"features": "[{type: flatten}, {type: dense, units: 6},"
 
 
 def _dropout_program(layers: str) -> Any:
+    """A program with these layers, and data to train on (an exact script of a spec without
+    data carries no training, so no dropout keys)."""
     from specforge.compiler import compile_text
 
     return compile_text(f"name: d\nseed: 7\nmodel: {{input: [5, 6, 3], layers: {layers}}}\n"
-                        "loss: {type: cross_entropy}\noptimizer: {type: sgd}\n", "<dropout>")
+                        "loss: {type: cross_entropy}\noptimizer: {type: sgd}\n"
+                        "data: {source: {type: synthetic, samples: 12, classes: 3}}\n",
+                        "<dropout>")
 
 
 @pytest.mark.parametrize("kind", sorted(DROPOUT_SPECS))
