@@ -118,6 +118,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
         return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
+    if op == "cropping2d":
+        top, bottom, left, right = a["crops"]
+        return [], call("layers.Cropping2D", ((top, bottom), (left, right)), name=name)
     if op == "rescaling":  # x * scale + offset; Keras's offset defaults to 0
         offset = {} if a["offset"] == 0.0 else {"offset": _listed(a["offset"])}
         return [], call("layers.Rescaling", _listed(a["scale"]), **offset, name=name)
