@@ -35,6 +35,7 @@ from specforge.importers import (
     ImportRefused,
     NameTable,
     Unsupported,
+    four_sides,
     layer,
     needs_package,
 )
@@ -948,7 +949,7 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if any(pads[i] for i in range(8) if i % 4 not in (hy, wx)) or min(pads) < 0:
         raise _NotExpressible(f"pads {pads}: only non-negative pads of height and width")
     top, bottom, left, right = pads[hy], pads[hy + 4], pads[wx], pads[wx + 4]
-    padding = _sides((top, bottom, left, right))
+    padding = four_sides((top, bottom, left, right))
     fields: dict[str, Any] = {} if padding == 1 else {"padding": padding}
     spec_mode = "constant" if mode == "constant" and constant != 0 else PAD_MODES[mode]
     if spec_mode != "zeros":
@@ -992,7 +993,7 @@ def _slice(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         raise _NotExpressible(f"a slice that leaves no pixel of ONNX shape {list(shape)}")
     h, w, c = value.shape
     crops = (top, h - h_end, left, w - w_end)
-    name = t.add(node, "cropping2d", [value], cropping=_sides(crops))
+    name = t.add(node, "cropping2d", [value], cropping=four_sides(crops))
     return Value(name, (h_end - top, w_end - left, c), value.layout)
 
 
@@ -1000,15 +1001,6 @@ def _slice_bound(index: int, size: int) -> int:
     """A Slice start or end as ONNX reads it (step 1): from the end when negative, clamped
     to the axis."""
     return min(max(index + size if index < 0 else index, 0), size)
-
-
-def _sides(pads: tuple[int, int, int, int]) -> Any:
-    """Pads or crops as a spec writes them: an int or [height, width] where both sides of
-    each axis are alike, else {top, bottom, left, right}."""
-    top, bottom, left, right = pads
-    if top == bottom and left == right:
-        return _pair_or_int((top, left))
-    return {"top": top, "bottom": bottom, "left": left, "right": right}
 
 
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
