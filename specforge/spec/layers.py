@@ -171,7 +171,7 @@ class Pad2D(LayerBase):
 
 
 class PerSideCropping(PerSidePadding):
-    """Pixels cut from each side (the sides and limits of padding)."""
+    """Pixels cut from each side."""
 
 
 class Cropping2D(LayerBase):
