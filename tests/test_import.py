@@ -878,11 +878,14 @@ def test_keras_applications_import_with_their_outputs_and_parameter_counts(tmp_p
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 
-@pytest.mark.parametrize(("name", "size"), [("DenseNet121", 32), ("InceptionV3", 75),
-                                            ("Xception", 71), ("ResNet50V2", 32)])
+@pytest.mark.parametrize(("name", "size"), [
+    ("DenseNet121", 32), ("InceptionV3", 75), ("Xception", 71), ("ResNet50V2", 32),
+    # about 30 s: 4.3 million parameters in 770 layers
+    pytest.param("NASNetMobile", 32, marks=pytest.mark.slow)])
 def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size):
-    """Concatenations (DenseNet, Inception), separable convolutions (Xception), batch norm
-    without scale (Inception) and pre-activation blocks (ResNetV2), at their smallest input."""
+    """Concatenations (DenseNet, Inception), separable convolutions (Xception, NASNet), batch
+    norm without scale (Inception), pre-activation blocks (ResNetV2) and NASNet's padded and
+    cropped strided average pools, at their smallest input."""
     source = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
                                                classes=10)
     randomize_keras(source)
