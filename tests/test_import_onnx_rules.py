@@ -197,15 +197,20 @@ INT64_MAX = 2**63 - 1
 
 
 def sliced_model(path: Path, starts: list[int], ends: list[int], axes: list[int],
-                 steps: list[int] | None = None) -> Path:
-    """``x`` (1, 3, 4, 4) -> Slice -> NHWC flatten."""
+                 steps: list[int] | None = None, opset: int = 17) -> Path:
+    """``x`` (1, 3, 4, 4) -> Slice -> NHWC flatten; before opset 10 the Slice's starts,
+    ends and axes are attributes."""
     named = {"starts": starts, "ends": ends, "axes": axes, **({"steps": steps} if steps else {})}
-    nodes = [helper.make_node("Slice", ["x", *named], ["a"], name="crop"),
-             helper.make_node("Transpose", ["a"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+    if opset < 10:
+        crop = helper.make_node("Slice", ["x"], ["a"], name="crop", **named)
+        initializers = []
+    else:
+        crop = helper.make_node("Slice", ["x", *named], ["a"], name="crop")
+        initializers = [onnx.numpy_helper.from_array(np.array(v, np.int64), k)
+                        for k, v in named.items()]
+    nodes = [crop, helper.make_node("Transpose", ["a"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
              helper.make_node("Flatten", ["t"], ["y"], name="flat")]
-    initializers = [onnx.numpy_helper.from_array(np.array(v, np.int64), k)
-                    for k, v in named.items()]
-    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4]), path)
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4], opset=opset), path)
     return path
 
 
@@ -220,6 +225,13 @@ def test_a_slice_of_height_and_width_is_a_cropping2d(tmp_path, starts, ends, axe
     path = sliced_model(tmp_path / "m.onnx", starts, ends, axes)
     assert assert_imports_exactly(path, tmp_path) == ["cropping2d", "flatten"]
     assert import_model(path).layers[0]["cropping"] == cropping
+
+
+def test_a_slice_of_opset_9_is_a_cropping2d(tmp_path):
+    path = sliced_model(tmp_path / "m.onnx", [1, 0], [4, -1], [3, 2], opset=9)
+    assert assert_imports_exactly(path, tmp_path) == ["cropping2d", "flatten"]
+    assert import_model(path).layers[0]["cropping"] == {"top": 0, "bottom": 1, "left": 1,
+                                                        "right": 0}
 
 
 @pytest.mark.parametrize("starts, ends, axes, steps, reason", [
