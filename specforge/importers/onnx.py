@@ -41,7 +41,7 @@ from specforge.importers import (
 )
 from specforge.importers.onnx_patterns import Gelu, find_gelus
 from specforge.importers.onnx_safety import UnsafeModel, load_checked, tensor_array
-from specforge.ir.ops import same_pads, window_output
+from specforge.ir.ops import Pads, same_pads, window_output
 
 #: Layers whose `activation:` field can take a following activation op.
 FUSES_ACTIVATION = ("conv2d", "depthwise_conv2d", "dense")
@@ -119,6 +119,8 @@ class _Translator:
         self.arrays: dict[str, np.ndarray] = {}
         self.layers: dict[str, dict[str, Any]] = {}
         self.pad_layers: dict[str, PadLayer] = {}
+        #: cropping2d layers: what each crops, its Slice's ONNX output and its crops
+        self.crop_layers: dict[str, tuple[Value, str, Pads]] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
         #: GELUs written out element-wise, by their output; the nodes inside them
@@ -292,6 +294,7 @@ class _Translator:
         """Take back layer ``name`` (only its one reader read it: that reader takes it in)."""
         self.out.layers.remove(self.layers.pop(name))
         self.pad_layers.pop(name, None)
+        self.crop_layers.pop(name, None)
 
     def single_use(self, node: Any, value: Value) -> bool:
         """Whether ``node`` is the only reader of its first input (so it may be fused)."""
@@ -991,10 +994,23 @@ def _slice(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     (top, h_end), (left, w_end) = kept[spatial[0]], kept[spatial[1]]
     if h_end <= top or w_end <= left:
         raise _NotExpressible(f"a slice that leaves no pixel of ONNX shape {list(shape)}")
-    h, w, c = value.shape
-    crops = (top, h - h_end, left, w - w_end)
+    h, w, _ = value.shape
+    value, crops = _crop_before(t, node, value, (top, h - h_end, left, w - w_end))
     name = t.add(node, "cropping2d", [value], cropping=four_sides(crops))
-    return Value(name, (h_end - top, w_end - left, c), value.layout)
+    t.crop_layers[name] = (value, node.output[0], crops)
+    h, w, c = value.shape
+    return Value(name, (h - crops[0] - crops[1], w - crops[2] - crops[3], c), value.layout)
+
+
+def _crop_before(t: _Translator, node: Any, value: Value, crops: Pads) -> tuple[Value, Pads]:
+    """(what to crop, by how much): a cropping2d read by this Slice alone is taken in (torch
+    writes ``x[:, :, 1:-1, 2:]`` as a Slice of each axis), else ``value`` and ``crops``."""
+    earlier = t.crop_layers.get(value.layer)
+    if earlier is None or earlier[1] != node.input[0] or t.uses[earlier[1]] != 1:
+        return value, crops
+    t.drop_layer(value.layer)
+    source, _, (top, bottom, left, right) = earlier
+    return source, (top + crops[0], bottom + crops[1], left + crops[2], right + crops[3])
 
 
 def _slice_bound(index: int, size: int) -> int:
