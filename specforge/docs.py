@@ -31,11 +31,11 @@ SCHEMA_ID = "https://specforge.dev/schema/spec.json"
 SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Top level", [Spec]),
     ("Model", [L.ModelSpec, L.BlockDef]),
-    ("Layers", [L.Conv2D, L.DepthwiseConv2D, L.Pad2D, L.MaxPool2D, L.AvgPool2D,
+    ("Layers", [L.Conv2D, L.DepthwiseConv2D, L.Pad2D, L.Cropping2D, L.MaxPool2D, L.AvgPool2D,
                 L.GlobalAvgPool2D, L.GlobalMaxPool2D, L.Flatten, L.Dense, L.BatchNorm,
                 L.LayerNorm, L.Dropout, L.ActivationLayer, L.Rescaling, L.Add, L.Multiply,
                 L.Concat, L.BlockUse]),
-    ("Layer options", [L.ActivationConfig, L.PerSidePadding]),
+    ("Layer options", [L.ActivationConfig, L.PerSidePadding, L.PerSideCropping]),
     ("Loss", [T.CrossEntropy, T.BinaryCrossEntropy, T.Regression]),
     ("Optimizer", [T.SGD, T.RMSprop, T.Adam]),
     ("Learning-rate schedule", [T.ConstantSchedule, T.StepSchedule, T.MultiStepSchedule,

@@ -186,6 +186,18 @@ def export_pad2d(ctx: OpContext) -> str:
     return out if out != ctx.inputs[0] else ctx.add("Identity", [out])
 
 
+@exports("cropping2d", "crops")
+def export_cropping2d(ctx: OpContext) -> str:
+    """Slice of height and width (NCHW axes 2 and 3), ends counted from the start (an end
+    of -0 would cut everything)."""
+    top, bottom, left, right = ctx.node.attrs["crops"]
+    h, w, _ = ctx.in_shapes[0]
+    inputs = [ctx.inputs[0]] + [
+        ctx.builder.constant(f"{ctx.node.name}.{key}", value, np.int64) for key, value in (
+            ("starts", [top, left]), ("ends", [h - bottom, w - right]), ("axes", [2, 3]))]
+    return ctx.add("Slice", inputs)
+
+
 def _pool(ctx: OpContext, op_type: str, padded_value: float | None, **attrs: Any) -> str:
     """A pool over ``ctx``'s input. ``padded_value``: the value padded cells hold (None:
     the pool's own padding); then the input is padded with it first, since ONNX's pools

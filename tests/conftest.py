@@ -26,6 +26,7 @@ EVERY_OP_LAYERS = (
     " activation: elu},"
     " {type: max_pool2d, pool: 3, strides: 2, padding: same},"
     " {type: pad2d, padding: {top: 1, bottom: 0, left: 0, right: 2}, mode: reflect},"
+    " {type: cropping2d, cropping: {top: 1, bottom: 0, left: 1, right: 1}},"
     " {type: rescaling, scale: 0.5, offset: [0.1, -0.2, 0.3, 0, 1, -1, 2, 0.5]},"
     " {type: batch_norm, name: bn}, {type: activation, fn: hard_swish, name: hs},"
     " {type: global_avg_pool2d, name: squeeze, inputs: bn},"

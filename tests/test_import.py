@@ -447,6 +447,29 @@ def test_keras_layer_norm_over_other_axes_is_refused(tmp_path, layer, reason):
     assert reason in str(refusal.value)
 
 
+def test_keras_cropping2d_imports_as_cropping2d(tmp_path):
+    """Each way Keras writes a crop, NASNet's one-pixel crop of a branch beside a valid
+    convolution among them; the spec writes pad2d's forms."""
+    k = keras.layers
+    inputs = keras.Input((9, 8, 3))
+    x = k.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = k.Cropping2D(((2, 0), (1, 3)), name="uneven")(x)
+    centre = k.Cropping2D(1, name="centre")(x)
+    side = k.Conv2D(4, 3, name="side")(x)
+    x = k.Add(name="sum")([centre, side])
+    x = k.Cropping2D((1, 0), name="rows")(x)
+    source = keras.Model(inputs, k.Dense(3, name="out")(k.Flatten()(x)))
+    randomize_keras(source)
+    source.save(tmp_path / "cropped.keras")
+    spec, _, weights = imported(tmp_path / "cropped.keras", tmp_path)
+    layers = yaml.safe_load(spec.read_text())["model"]["layers"]
+    assert {item["name"]: item["cropping"] for item in layers
+            if item["type"] == "cropping2d"} == {
+        "uneven": {"top": 2, "bottom": 0, "left": 1, "right": 3}, "centre": 1, "rows": [1, 0]}
+    batch = images((9, 8, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
 @pytest.mark.parametrize("layer, reason", [
     (lambda: keras.layers.Normalization(mean=[1.0, 2, 3], variance=[1.0, 4, 9], invert=True,
                                         name="norm"),
@@ -988,11 +1011,14 @@ def test_keras_applications_import_with_their_outputs_and_parameter_counts(tmp_p
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
 
 
-@pytest.mark.parametrize(("name", "size"), [("DenseNet121", 32), ("InceptionV3", 75),
-                                            ("Xception", 71), ("ResNet50V2", 32)])
+@pytest.mark.parametrize(("name", "size"), [
+    ("DenseNet121", 32), ("InceptionV3", 75), ("Xception", 71), ("ResNet50V2", 32),
+    # about 30 s: 4.3 million parameters in 770 layers
+    pytest.param("NASNetMobile", 32, marks=pytest.mark.slow)])
 def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size):
-    """Concatenations (DenseNet, Inception), separable convolutions (Xception), batch norm
-    without scale (Inception) and pre-activation blocks (ResNetV2), at their smallest input."""
+    """Concatenations (DenseNet, Inception), separable convolutions (Xception, NASNet), batch
+    norm without scale (Inception), pre-activation blocks (ResNetV2) and NASNet's padded and
+    cropped strided average pools, at their smallest input."""
     source = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
                                                classes=10)
     randomize_keras(source)

@@ -191,6 +191,103 @@ def test_a_pad_read_twice_stays_a_layer(tmp_path):
                                                       "flatten"]
 
 
+# --- a Slice of height and width: cropping2d ----------------------------------------------------
+
+INT64_MAX = 2**63 - 1
+
+
+def sliced_model(path: Path, starts: list[int], ends: list[int], axes: list[int],
+                 steps: list[int] | None = None, opset: int = 17) -> Path:
+    """``x`` (1, 3, 4, 4) -> Slice -> NHWC flatten; before opset 10 the Slice's starts,
+    ends and axes are attributes."""
+    named = {"starts": starts, "ends": ends, "axes": axes, **({"steps": steps} if steps else {})}
+    if opset < 10:
+        crop = helper.make_node("Slice", ["x"], ["a"], name="crop", **named)
+        initializers = []
+    else:
+        crop = helper.make_node("Slice", ["x", *named], ["a"], name="crop")
+        initializers = [onnx.numpy_helper.from_array(np.array(v, np.int64), k)
+                        for k, v in named.items()]
+    nodes = [crop, helper.make_node("Transpose", ["a"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Flatten", ["t"], ["y"], name="flat")]
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4], opset=opset), path)
+    return path
+
+
+@pytest.mark.parametrize("starts, ends, axes, cropping", [
+    # negative ends and axes count from the end; a bottom crop of 0 written as the axis size
+    ([1, 0], [-1, 3], [2, -1], {"top": 1, "bottom": 1, "left": 0, "right": 1}),
+    ([2], [INT64_MAX], [3], {"top": 0, "bottom": 0, "left": 2, "right": 0}),
+    # the batch and the channels kept whole
+    ([0, 0, 1, 1], [INT64_MAX, 3, 3, 3], [0, 1, 2, 3], 1),
+    ([1, 0], [3, 4], [2, 3], [1, 0])])
+def test_a_slice_of_height_and_width_is_a_cropping2d(tmp_path, starts, ends, axes, cropping):
+    path = sliced_model(tmp_path / "m.onnx", starts, ends, axes)
+    assert assert_imports_exactly(path, tmp_path) == ["cropping2d", "flatten"]
+    assert import_model(path).layers[0]["cropping"] == cropping
+
+
+def test_a_slice_of_opset_9_is_a_cropping2d(tmp_path):
+    path = sliced_model(tmp_path / "m.onnx", [1, 0], [4, -1], [3, 2], opset=9)
+    assert assert_imports_exactly(path, tmp_path) == ["cropping2d", "flatten"]
+    assert import_model(path).layers[0]["cropping"] == {"top": 0, "bottom": 1, "left": 1,
+                                                        "right": 0}
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps, reason", [
+    ([1], [3], [1], None, "a slice of axis 1 (1:3) of ONNX shape [1, 3, 4, 4]: only height "
+                          "and width can be cropped"),
+    ([0], [4], [2], [2], "by steps [2]: only height and width of an image, by steps of 1"),
+    ([3], [-2], [3], None, "a slice that leaves no pixel of ONNX shape [1, 3, 4, 4]")])
+def test_other_slices_are_refused_with_the_reason(tmp_path, starts, ends, axes, steps, reason):
+    path = sliced_model(tmp_path / "m.onnx", starts, ends, axes, steps)
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert any(reason in line and "(Slice)" in line for line in caught.value.lines), \
+        caught.value.lines
+
+
+def test_a_slice_read_twice_stays_a_layer(tmp_path):
+    def crop(source: str, out: str, start: int, end: int, axis: int) -> Any:
+        for k, v in (("start", start), ("end", end), ("axis", axis)):
+            initializers.append(onnx.numpy_helper.from_array(np.array([v], np.int64),
+                                                             f"{out}_{k}"))
+        return helper.make_node("Slice", [source, f"{out}_start", f"{out}_end", f"{out}_axis"],
+                                [out], name=out)
+
+    initializers: list[Any] = []
+    nodes = [crop("x", "rows", 0, 3, 2), crop("rows", "left", 0, 3, 3),
+             crop("rows", "right", 1, 4, 3),
+             helper.make_node("Concat", ["left", "right"], ["a"], name="both", axis=1),
+             helper.make_node("Transpose", ["a"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Flatten", ["t"], ["y"], name="flat")]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4]), path)
+    assert assert_imports_exactly(path, tmp_path) == ["cropping2d"] * 3 + ["concat", "flatten"]
+
+
+def test_torch_slicing_imports_as_one_cropping2d(tmp_path):
+    class Cropped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 5, 3))
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.conv(x)[:, :, 1:-1, 2:])
+
+    torch.manual_seed(0)
+    source = Cropped()
+    path = export_torch(source, (7, 9, 3), tmp_path / "cropped.onnx", opset_version=17)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("Slice") == 2  # one an axis
+    crops = [item for item in import_model(path).layers if item["type"] == "cropping2d"]
+    assert [item["cropping"] for item in crops] == [{"top": 1, "bottom": 1, "left": 2,
+                                                     "right": 0}]
+    spec, _, weights = imported(path, tmp_path)
+    batch = images((7, 9, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+
+
 # --- a Mul and an Add by constants: rescaling ---------------------------------------------------
 
 def onnx_runtime_output(path: Path, x: np.ndarray) -> np.ndarray:

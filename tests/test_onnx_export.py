@@ -104,7 +104,7 @@ LAYOUT_CASES = ["padding-explicit-per-side", "conv-dilation-groups-depthwise",
                 "global_avg_pool2d", "global_max_pool2d",
                 "activation-softmax", "avg_pool2d-same-p3-s2", "max_pool2d-same-p3-s2",
                 "dropout-spatial", "dropout-per-sample", "loss-binary-cross-entropy",
-                "rescaling", "layer-norm"]
+                "rescaling", "layer-norm", "cropping2d"]
 
 
 @pytest.mark.parametrize("name", LAYOUT_CASES)
@@ -132,6 +132,19 @@ def test_rescaling_is_a_mul_then_an_add_of_constants() -> None:
                if n.op_type in ("Mul", "Add")]
     assert written == [("Mul", [[1]]), ("Add", [[1, 3, 1, 1]]), ("Add", [[1]]),
                        ("Mul", [[2]])], written
+
+
+def test_cropping2d_is_a_slice_of_height_and_width() -> None:
+    """Ends counted from the start: a bottom or right crop of 0 keeps the last row."""
+    layers = ("[{type: cropping2d, cropping: {top: 2, bottom: 0, left: 1, right: 3}},"
+              " {type: flatten}, {type: dense, units: 2}]")
+    program = compile_spec(SPECS / "digits.yaml", [f"model.layers={layers}",
+                                                    "model.input=[5, 6, 3]", "data=null"])
+    check_against_reference(program)
+    model = to_onnx(program, random_weights(program))
+    values = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    (node,) = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert [values[i] for i in node.input[1:]] == [[2, 1], [5, 3], [2, 3]]
 
 
 def test_an_image_output_comes_back_in_the_inputs_layout() -> None:

@@ -226,6 +226,29 @@ def test_reflect_pads_must_be_smaller_than_the_input() -> None:
                               [(2, 2, 1)]).shape == (12, 12, 1)
 
 
+@pytest.mark.parametrize(("crops", "out"), [
+    ((0, 0, 0, 0), (5, 7, 3)), ((1, 2, 0, 3), (2, 4, 3)), ((4, 0, 0, 6), (1, 1, 3))])
+def test_cropping2d_shapes(crops: tuple[int, int, int, int], out: tuple[int, ...]) -> None:
+    assert OPS["cropping2d"].infer({"crops": crops}, [(5, 7, 3)]).shape == out
+
+
+@pytest.mark.parametrize("crops", [(3, 2, 0, 0), (0, 0, 7, 0), (0, 5, 3, 4)])
+def test_cropping2d_must_leave_a_pixel(crops: tuple[int, int, int, int]) -> None:
+    with pytest.raises(ShapeError, match=r"cropping2d's cropping .* leaves no pixel of the "
+                                         r"5x7 input"):
+        OPS["cropping2d"].infer({"crops": crops}, [(5, 7, 3)])
+
+
+def test_cropping2d_in_a_spec(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, [{"type": "cropping2d", "name": "crop", "cropping": [1, 2]},
+                                 {"type": "flatten"}, {"type": "dense", "units": 2}],
+                      input_shape=(3, 4, 1))
+    message = compile_error(path)
+    assert "layer 'crop': cropping2d's cropping (1, 1, 2, 2) (top, bottom, left, right) " \
+        "leaves no pixel of the 3x4 input" in message
+    assert "crop less than 3 rows (top + bottom) and 4 columns" in message  # the hint
+
+
 def test_reflect_pads_in_a_spec(tmp_path: Path) -> None:
     path = write_spec(tmp_path, [{"type": "pad2d", "name": "pad", "padding": 3,
                                   "mode": "reflect"},

@@ -38,6 +38,7 @@ VALUES: dict[str, list[Any]] = {
     "avg_pool2d.strides": [None, 1, 2, [2, 1]],
     "padding": ["valid", "same", "same_lower", 1, [1, 0], PER_SIDE],
     "pad2d.padding": [1, [1, 0], PER_SIDE], "pad_value": [None, 0.5],
+    "cropping2d.cropping": [1, [2, 0], PER_SIDE],
     "count_include_pad": [None, False, True], "units": [3], "running_decay": [0.9],
     "epsilon": [1e-3], "layer_norm.epsilon": [1e-3, 1e-5], "rate": [0.0, 0.5],
     "negative_slope": [None, 0.2], "alpha": [None, 0.7], "beta": [None, 0.3],

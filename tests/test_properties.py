@@ -154,6 +154,12 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
             return None
         return [NodeExp("", "pad2d", (h + pads[0] + pads[1], w + pads[2] + pads[3], c),
                         pads=pads)]
+    if kind == "cropping2d":  # the crops (top, bottom, left, right) must leave a pixel
+        h, w, c = shape
+        crops = spec_pads(layer["cropping"], h, w, (1, 1), (1, 1))
+        if crops[0] + crops[1] >= h or crops[2] + crops[3] >= w:
+            return None
+        return [NodeExp("", "cropping2d", (h - crops[0] - crops[1], w - crops[2] - crops[3], c))]
     if kind == "batch_norm":
         c = shape[-1]
         learned = c * (int(layer.get("scale", True)) + int(layer.get("center", True)))
@@ -433,6 +439,15 @@ class Builder:
             layer["mode"] = "replicate"
             assert self.emit(layer), layer
 
+    def step_crop(self) -> None:
+        """A crop in any of its forms; where it would leave no pixel, one that keeps it all
+        (a crop of 0)."""
+        cropping = self.padding(3, 3)
+        if cropping in ("valid", "same", None):
+            cropping = self.draw(st.integers(0, 1))
+        if not self.emit({"type": "cropping2d", "cropping": cropping}):
+            assert self.emit({"type": "cropping2d", "cropping": 0})
+
     def step_simple(self) -> None:
         self.emit_or_same(self.shape_keeping())
 
@@ -518,8 +533,8 @@ class Builder:
 def random_models(draw: Any) -> Builder:
     shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, 8)))
     b = Builder(draw, shape)
-    steps = [b.step_conv, b.step_conv, b.step_pool, b.step_pool, b.step_pad, b.step_simple,
-             b.step_residual, b.step_concat, b.step_gate]
+    steps = [b.step_conv, b.step_conv, b.step_pool, b.step_pool, b.step_pad, b.step_crop,
+             b.step_simple, b.step_residual, b.step_concat, b.step_gate]
     for _ in range(draw(st.integers(0, 6))):
         draw(st.sampled_from(steps))()
     end = draw(st.sampled_from(["flatten", "global_avg_pool2d", "global_average_pooling2d",

@@ -281,6 +281,12 @@ for _mode in ("zeros", "reflect", "replicate", "constant"):
                                     f" right: 3}}, mode: {_mode}}}")
     POOL_CASES[f"pad2d-{_mode}-symmetric"] = f"{{type: pad2d, padding: 1, mode: {_mode}}}"
 
+# cropping2d: the cut pixels get no gradient (the conv before it reads a 4x5 image)
+POOL_CASES["cropping2d-per-side"] = ("{type: cropping2d, cropping: {top: 1, bottom: 0,"
+                                     " left: 2, right: 1}}")
+POOL_CASES["cropping2d-symmetric"] = "{type: cropping2d, cropping: 1}"
+POOL_CASES["cropping2d-pair"] = "{type: cropping2d, cropping: [0, 1]}"
+
 
 @pytest.mark.parametrize("case", POOL_CASES)
 def test_pooling_and_padding_gradients(case: str) -> None:

@@ -118,6 +118,11 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         return [], call(cls, pair(a["pool"]), **options, name=name)
     if op == "pad2d":
         return [], _pad_layer(a["pads"], a["mode"], name, a.get("pad_value", 0.0), suffix="")
+    if op == "cropping2d":  # the same on both sides of each axis: Keras's short forms
+        top, bottom, left, right = a["crops"]
+        even = top == bottom and left == right
+        cropping = pair((top, left)) if even else ((top, bottom), (left, right))
+        return [], call("layers.Cropping2D", cropping, name=name)
     if op == "rescaling":  # x * scale + offset; Keras's offset defaults to 0
         offset = {} if a["offset"] == 0.0 else {"offset": _listed(a["offset"])}
         return [], call("layers.Rescaling", _listed(a["scale"]), **offset, name=name)

@@ -37,6 +37,9 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
         return "MaxPool2D" if op == "max_pool2d" else "AvgPool2D", [], options
     if op == "pad2d":
         return "Pad2D", [a["pads"], a["mode"]], pad_value(a)
+    if op == "cropping2d":  # Keras's Cropping2D slices the same pixels away
+        top, bottom, left, right = a["crops"]
+        return "keras.layers.Cropping2D", [], {"cropping": ((top, bottom), (left, right))}
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         return "GlobalPool", ["avg" if op == "global_avg_pool2d" else "max"], {}
     if op == "flatten":  # NHWC: already height, width, channel order

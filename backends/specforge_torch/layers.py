@@ -362,6 +362,19 @@ class Pad2d(nn.Module):
         return pad_nchw(x, self.pads, self.mode, self.pad_value)
 
 
+class Cropping2d(nn.Module):
+    """Cuts (top, bottom, left, right) pixels off the sides of an NCHW image (IR
+    `cropping2d`); torch has no cropping module, a slice is all it takes."""
+
+    def __init__(self, crops: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.crops = crops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = self.crops
+        return x[:, :, top : x.shape[2] - bottom, left : x.shape[3] - right]
+
+
 class Rescaling(nn.Module):
     """``x * scale + offset``, each a number or one per channel (IR `rescaling`); ``image``:
     NCHW input, so per-channel values are held as (C, 1, 1)."""

@@ -35,6 +35,8 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "MaxPool2d" if op == "max_pool2d" else "AvgPool2d", [], options
     if op == "pad2d":
         return "Pad2d", [a["pads"], a["mode"]], pad_value(a)
+    if op == "cropping2d":
+        return "Cropping2d", [a["crops"]], {}
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         return "GlobalPool", ["avg" if op == "global_avg_pool2d" else "max"], {}
     if op == "flatten":

@@ -161,6 +161,15 @@ def _layer_cases() -> list[Case]:
         {"type": "multiply", "inputs": ["stem", "excite"], "name": "scaled"},
         _conv(6, 1, name="side", inputs="stem", activation="tanh"),
         {"type": "multiply", "inputs": ["side", "scaled"]}, *HEAD]
+    # a crop of one pixel a side matches a valid 3x3 conv's output (NASNet's pattern), then
+    # an uneven crop of the sum
+    cropping = [
+        _conv(4, 3, padding="same", name="stem", activation="relu"),
+        {"type": "cropping2d", "cropping": 1, "name": "centre"},
+        _conv(4, 3, name="side", inputs="stem"),
+        {"type": "add", "inputs": ["centre", "side"]},
+        {"type": "cropping2d", "cropping": {"top": 1, "bottom": 0, "left": 2, "right": 1}},
+        *HEAD]
     return [
         Case("batch-norm", [_conv(6, 3, bias=False),
                             {"type": "batch_norm", "running_decay": 0.8, "epsilon": 1e-3},
@@ -212,6 +221,7 @@ def _layer_cases() -> list[Case]:
             {"type": "dense", "units": 4}]),
         Case("add-concat-residual", residual),
         Case("multiply-squeeze-excite", squeeze_excite),
+        Case("cropping2d", cropping),
         Case("dense-stack", [*HEAD[:1], {"type": "dense", "units": 12, "activation": "relu"},
                              {"type": "dense", "units": 4, "bias": False}]),
     ]

@@ -89,6 +89,15 @@ def layer(type_: str, name: str, inputs: list[str] | None = None, **fields: Any
     return out
 
 
+def four_sides(pads: tuple[int, int, int, int]) -> Any:
+    """(top, bottom, left, right) pads or crops as a spec writes them: an int where all four
+    are alike, [height, width] where both sides of each axis are, else the four by name."""
+    top, bottom, left, right = pads
+    if top == bottom and left == right:
+        return top if top == left else [top, left]
+    return {"top": top, "bottom": bottom, "left": left, "right": right}
+
+
 def needs_package(source: Path, package: str) -> UsageError:
     """The error for a reader whose framework is not installed."""
     return UsageError(f"{source}: reading {source.suffix} models needs the {package} package: "

@@ -22,6 +22,7 @@ from specforge.importers import (
     ImportRefused,
     NameTable,
     Unsupported,
+    four_sides,
     layer,
     needs_package,
 )
@@ -659,10 +660,15 @@ def _product(t: _Translator, op: Any, inputs: list[str], shapes: list[tuple[Any,
 
 def _zero_padding(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     (top, bottom), (left, right) = config["padding"]
-    padding: Any = {"top": top, "bottom": bottom, "left": left, "right": right}
-    if top == bottom and left == right:
-        padding = top if top == left else [top, left]
+    padding = four_sides((top, bottom, left, right))
     t.add(op, "pad2d", inputs, **({} if padding == 1 else {"padding": padding}))
+
+
+def _cropping(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """Keras's Cropping2D slices as cropping2d does; its config holds
+    ((top, bottom), (left, right))."""
+    (top, bottom), (left, right) = config["cropping"]
+    t.add(op, "cropping2d", inputs, cropping=four_sides((top, bottom, left, right)))
 
 
 def _per_channel(value: Any, channels: int, what: str) -> float | list[float]:
@@ -747,7 +753,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "LeakyReLU": _leaky_relu, "ELU": _elu, "Softmax": _softmax, "Add": _merge("add"),
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
-    "CustomScaleLayer": _custom_scale, "LayerScale": _layer_scale,
+    "CustomScaleLayer": _custom_scale, "LayerScale": _layer_scale, "Cropping2D": _cropping,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).

@@ -35,12 +35,13 @@ from specforge.importers import (
     ImportRefused,
     NameTable,
     Unsupported,
+    four_sides,
     layer,
     needs_package,
 )
 from specforge.importers.onnx_patterns import Gelu, find_gelus
 from specforge.importers.onnx_safety import UnsafeModel, load_checked, tensor_array
-from specforge.ir.ops import same_pads, window_output
+from specforge.ir.ops import Pads, same_pads, window_output
 
 #: Layers whose `activation:` field can take a following activation op.
 FUSES_ACTIVATION = ("conv2d", "depthwise_conv2d", "dense")
@@ -99,7 +100,7 @@ def scope_name(node: Any) -> str:
         return ".".join([*path, last])
     # a module's own op is named by the module; a functional op by the module and the op
     functional = node.op_type in ("Add", "Mul", "Concat", "Flatten", "Reshape", "Sum", "Pad",
-                                  "Transpose", "Squeeze")
+                                  "Slice", "Transpose", "Squeeze")
     if not path or functional:
         path.append(node.op_type.lower())
     return ".".join(path)
@@ -118,6 +119,8 @@ class _Translator:
         self.arrays: dict[str, np.ndarray] = {}
         self.layers: dict[str, dict[str, Any]] = {}
         self.pad_layers: dict[str, PadLayer] = {}
+        #: cropping2d layers: what each crops, its Slice's ONNX output and its crops
+        self.crop_layers: dict[str, tuple[Value, str, Pads]] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
         #: GELUs written out element-wise, by their output; the nodes inside them
@@ -291,6 +294,7 @@ class _Translator:
         """Take back layer ``name`` (only its one reader read it: that reader takes it in)."""
         self.out.layers.remove(self.layers.pop(name))
         self.pad_layers.pop(name, None)
+        self.crop_layers.pop(name, None)
 
     def single_use(self, node: Any, value: Value) -> bool:
         """Whether ``node`` is the only reader of its first input (so it may be fused)."""
@@ -980,9 +984,7 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if any(pads[i] for i in range(8) if i % 4 not in (hy, wx)) or min(pads) < 0:
         raise _NotExpressible(f"pads {pads}: only non-negative pads of height and width")
     top, bottom, left, right = pads[hy], pads[hy + 4], pads[wx], pads[wx + 4]
-    padding: Any = {"top": top, "bottom": bottom, "left": left, "right": right}
-    if top == bottom and left == right:
-        padding = _pair_or_int((top, left))
+    padding = four_sides((top, bottom, left, right))
     fields: dict[str, Any] = {} if padding == 1 else {"padding": padding}
     spec_mode = "constant" if mode == "constant" and constant != 0 else PAD_MODES[mode]
     if spec_mode != "zeros":
@@ -994,6 +996,59 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
                                   spec_mode, constant)
     h, w, c = value.shape
     return Value(name, (h + top + bottom, w + left + right, c), value.layout)
+
+
+def _slice(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """A Slice of height and width by steps of 1 is a cropping2d; the batch and channel
+    axes may only be kept whole."""
+    value = t.value(node)
+    spatial = {"nchw": (2, 3), "nhwc": (1, 2)}.get(value.layout)
+    shape = value.onnx_shape
+    if t.opset < 10:  # starts, ends and axes were attributes then
+        starts, ends, axes, steps = (attrs.get(k) for k in ("starts", "ends", "axes", "steps"))
+    else:
+        starts, ends, axes, steps = (None if a is None else a.tolist() for a in (
+            t.optional_constant(node, k) for k in (1, 2, 3, 4)))
+    axes = list(range(len(starts))) if axes is None else [a % len(shape) for a in axes]
+    if not len(starts) == len(ends) == len(axes):
+        raise _NotExpressible(f"starts {starts}, ends {ends} and axes {axes} of different "
+                              "lengths")
+    if spatial is None or any(step != 1 for step in steps or []):
+        raise _NotExpressible(f"a slice of ONNX shape {list(shape)} by steps {steps}: only "
+                              "height and width of an image, by steps of 1")
+    kept = {a: (0, shape[a]) for a in range(len(shape))}
+    for axis, start, end in zip(axes, starts, ends, strict=True):
+        kept[axis] = (_slice_bound(start, shape[axis]), _slice_bound(end, shape[axis]))
+        whole = start == 0 and (end >= 2**31 - 1 if axis == 0 else kept[axis][1] == shape[axis])
+        if axis not in spatial and not whole:
+            raise _NotExpressible(f"a slice of axis {axis} ({start}:{end}) of ONNX shape "
+                                  f"{list(shape)}: only height and width can be cropped")
+    (top, h_end), (left, w_end) = kept[spatial[0]], kept[spatial[1]]
+    if h_end <= top or w_end <= left:
+        raise _NotExpressible(f"a slice that leaves no pixel of ONNX shape {list(shape)}")
+    h, w, _ = value.shape
+    value, crops = _crop_before(t, node, value, (top, h - h_end, left, w - w_end))
+    name = t.add(node, "cropping2d", [value], cropping=four_sides(crops))
+    t.crop_layers[name] = (value, node.output[0], crops)
+    h, w, c = value.shape
+    return Value(name, (h - crops[0] - crops[1], w - crops[2] - crops[3], c), value.layout)
+
+
+def _crop_before(t: _Translator, node: Any, value: Value, crops: Pads) -> tuple[Value, Pads]:
+    """(what to crop, by how much): a cropping2d read by this Slice alone is taken in (torch
+    writes ``x[:, :, 1:-1, 2:]`` as a Slice of each axis), else ``value`` and ``crops``."""
+    earlier = t.crop_layers.get(value.layer)
+    if earlier is None or earlier[1] != node.input[0] or t.uses[earlier[1]] != 1:
+        return value, crops
+    t.drop_layer(value.layer)
+    source, _, (top, bottom, left, right) = earlier
+    return source, (top + crops[0], bottom + crops[1], left + crops[2], right + crops[3])
+
+
+def _slice_bound(index: int, size: int) -> int:
+    """A Slice start or end as ONNX reads it (step 1): from the end when negative, clamped
+    to the axis."""
+    return min(max(index + size if index < 0 else index, 0), size)
 
 
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
@@ -1013,6 +1068,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
     "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
     "Pad": _pad, "Mul": _mul, "Sub": _sub, "Div": _div, "Unsqueeze": _unsqueeze,
+    "Slice": _slice,
 }
 
 

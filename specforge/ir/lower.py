@@ -100,6 +100,9 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.Pad2D):
         main = ("pad2d", {"pads": resolve_pads(layer.padding, in_shape, (1, 1), (1, 1)),
                           **pad_attrs("mode", layer.mode, layer.pad_value)})
+    elif isinstance(layer, L.Cropping2D):  # written as padding is: the same four sides
+        return [("cropping2d", {"crops": resolve_pads(layer.cropping, in_shape, (1, 1),
+                                                      (1, 1))})]
     elif isinstance(layer, L.BatchNorm):
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})

@@ -185,6 +185,22 @@ def pad2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult((h + top + bottom, w + left + right, c))
 
 
+@op("cropping2d")
+def cropping2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Cut ``crops`` (top, bottom, left, right) pixels off the sides of an image:
+    ``out[h, w, c] = x[top + h, left + w, c]``, of shape ``(H - top - bottom, W - left -
+    right, C)`` (Keras's Cropping2D). At least one row and one column must remain. No
+    parameters, no arithmetic."""
+    h, w, c = _image("cropping2d", shapes[0])
+    top, bottom, left, right = attrs["crops"]
+    if top + bottom >= h or left + right >= w:
+        raise ShapeError(f"cropping2d's cropping {tuple(attrs['crops'])} (top, bottom, left, "
+                         f"right) leaves no pixel of the {h}x{w} input",
+                         f"crop less than {h} rows (top + bottom) and {w} columns "
+                         f"(left + right) in all")
+    return OpResult((h - top - bottom, w - left - right, c))
+
+
 @op("max_pool2d")
 def max_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Maximum over each window. Padded cells never win (they are -inf), unless the attr

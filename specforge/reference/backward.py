@@ -230,6 +230,8 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
     "global_max_pool2d": global_max_pool2d,
     "pad2d": lambda n, xs, y, gy, w, t: (
         [unpad(gy, xs[0].shape, n.attrs["pads"], n.attrs["mode"])], {}),
+    # the cut pixels take no part in the output: zero gradient, the kept ones pass theirs
+    "cropping2d": lambda n, xs, y, gy, w, t: ([pad(gy, n.attrs["crops"])], {}),
     "global_avg_pool2d": lambda n, xs, y, gy, w, t: (
         [np.broadcast_to(gy[:, None, None, :] / (xs[0].shape[1] * xs[0].shape[2]),
                          xs[0].shape)], {}),

@@ -25,6 +25,13 @@ def pad(x: Array, pads: tuple[int, int, int, int], mode: str = "zeros",
     return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
 
 
+def crop(x: Array, crops: tuple[int, int, int, int]) -> Array:
+    """(N, H, W, C) with (top, bottom, left, right) pixels cut off its sides."""
+    top, bottom, left, right = crops
+    _, h, w, _ = x.shape
+    return x[:, top:h - bottom, left:w - right, :]
+
+
 def windows(x: Array, kernel: tuple[int, int], strides: tuple[int, int],
             dilation: tuple[int, int] = (1, 1)) -> Array:
     """(N, OH, OW, kh, kw, C): every window of an already padded input."""
@@ -166,6 +173,7 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "layer_norm": layer_norm,
     "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
                                      n.attrs.get("pad_value", 0.0)),
+    "cropping2d": lambda n, xs, w, t: crop(xs[0], n.attrs["crops"]),
     "global_avg_pool2d": lambda n, xs, w, t: xs[0].mean(axis=(1, 2)),
     "global_max_pool2d": lambda n, xs, w, t: xs[0].max(axis=(1, 2)),
     "flatten": lambda n, xs, w, t: xs[0].reshape(len(xs[0]), -1),  # NHWC: H, W, C order

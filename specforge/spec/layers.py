@@ -170,6 +170,20 @@ class Pad2D(LayerBase):
         return self
 
 
+class PerSideCropping(PerSidePadding):
+    """Pixels cut from each side."""
+
+
+class Cropping2D(LayerBase):
+    """Cut pixels off the sides of an image (Keras's Cropping2D); written as pad2d's
+    padding is. What is cut must leave at least one pixel of height and width."""
+
+    type: Literal["cropping2d"]
+    cropping: Pad | Annotated[tuple[Pad, Pad], FromList] | PerSideCropping = Field(
+        description="An int for every side, `[height, width]` for both sides of each, or "
+                    "`{top, bottom, left, right}`.")
+
+
 class Pool2D(LayerBase):
     """Fields of both pooling layers."""
 
@@ -347,7 +361,7 @@ class BlockUse(LayerBase):
 
 
 Layer = Annotated[
-    Conv2D | DepthwiseConv2D | Pad2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
+    Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
     | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | Dropout | ActivationLayer
     | Rescaling | Add | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
