@@ -706,6 +706,18 @@ class AugmentedPipeline(DataPipeline):
         return apply_augmentation(images, params, self.data.augment)
 
 
+def check_source(source: Any, data: Any, input_shape: tuple[int, ...], classes: int) -> None:
+    """A loaded source against the spec: its images have the model's input shape and its
+    labels fit the model's ``classes`` outputs, and a source with its own test set is not
+    split for another (built scripts check their data with this too)."""
+    _check_against_model(source.train, input_shape, classes)
+    if source.test is not None:
+        if data.split.test:
+            raise DataError(f"{source.train.origin} has its own test set: remove "
+                            "data.split.test")
+        _check_against_model(source.test, input_shape, classes)
+
+
 def assemble_pipeline(data: Any, source: Any, seed: int,
                       cls: type[DataPipeline] = DataPipeline) -> DataPipeline:
     """Split a loaded source (its own test set, if any, stays the test set) into a ``cls``
@@ -720,6 +732,20 @@ def assemble_pipeline(data: Any, source: Any, seed: int,
     if len(train) == 0:
         raise DataError("no training data left after the split")
     return cls(data, train, validation, test, seed)
+
+
+def _check_against_model(dataset: Dataset, input_shape: tuple[int, ...], classes: int) -> None:
+    shape = tuple(dataset.images.shape[1:])
+    if shape != input_shape:
+        raise DataError(f"{dataset.origin}: images are {shape} (height, width, channels) but "
+                        f"model.input is {list(input_shape)}")
+    if dataset.class_names and classes and len(dataset.class_names) > classes:
+        raise DataError(f"{dataset.origin}: {len(dataset.class_names)} classes, more than the "
+                        f"model's {classes} outputs")
+    labels = dataset.labels
+    if len(labels) and (labels.min() < 0 or (classes and labels.max() >= classes)):
+        raise DataError(f"{dataset.origin}: labels must lie in 0..{classes - 1}, found "
+                        f"{labels.min()}..{labels.max()}")
 
 
 @dataclass(frozen=True)
@@ -1252,6 +1278,7 @@ class PrefetchedBatches:
 def load_data(data_dir: Path) -> DataPipeline:
     """The spec's data source, split and batched as specforge does."""
     source = load_image_folders(DATA.source, INPUT_SHAPE, data_dir)
+    check_source(source, DATA, INPUT_SHAPE, LOSS.classes)  # shapes and labels fit the model
     return assemble_pipeline(DATA, source, SEED, AugmentedPipeline)
 
 

@@ -49,7 +49,8 @@ def shared(program: Program) -> str:
     chosen = kinds(program)
     roots: list[tuple[ModuleType, list[str]]] = [
         (weights, ["draw"]), (sources, ["Dataset", "SourceData"]),
-        (pipeline, ["split_indices", "Batch", "DataPipeline", "assemble_pipeline"]
+        (pipeline, ["split_indices", "Batch", "DataPipeline", "check_source",
+                    "assemble_pipeline"]
          + (["AugmentedPipeline"] if augmented else [])),
         *([(augment, ["AugmentParams", "draw_params", "apply_augmentation"])]
           if augmented else []),

@@ -202,3 +202,27 @@ optimizer: {type: adam}
     node = program.graph["conv2d_1"]
     kernel = draw(node.params[0], "conv2d_1.kernel", program.seed)
     assert np.array_equal(state["conv2d_1.weight"].numpy(), kernel.transpose(3, 2, 0, 1))
+
+
+def test_an_exact_script_refuses_labels_the_model_has_no_output_for(tmp_path: Path):
+    """As `specforge run` does (exit code 2, the data named), not an IndexError mid-step."""
+    import subprocess
+
+    from specforge_torch.build import render_script
+
+    from specforge.compiler import compile_text
+    from tests.processes import without_specforge
+
+    program = compile_text("""name: two-outputs
+model: {input: [4, 4, 1], layers: [{type: flatten}, {type: dense, units: 2}]}
+loss: {type: cross_entropy, from_logits: true}
+optimizer: {type: sgd}
+data: {source: {type: synthetic, samples: 20, classes: 5}, batch_size: 4}
+""", "two-outputs.yaml")
+    script = tmp_path / "two_outputs.py"
+    script.write_text(render_script(program), encoding="utf-8")
+    result = subprocess.run(without_specforge(script, "--epochs", "1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "5 classes, more than the model's 2 outputs" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -179,13 +179,20 @@ def build_pipeline(program: Any, spec_dir: Path | str = ".") -> DataPipeline:
                         "data: {source: {type: digits}}")
     input_shape = tuple(program.graph.input.shape)
     source = load_source(data.source, input_shape, Path(spec_dir), program.seed)
-    _check_against_model(source.train, input_shape, program.loss.classes)
+    check_source(source, data, input_shape, program.loss.classes)
+    return assemble_pipeline(data, source, program.seed, pipeline_class(data))
+
+
+def check_source(source: Any, data: Any, input_shape: tuple[int, ...], classes: int) -> None:
+    """A loaded source against the spec: its images have the model's input shape and its
+    labels fit the model's ``classes`` outputs, and a source with its own test set is not
+    split for another (built scripts check their data with this too)."""
+    _check_against_model(source.train, input_shape, classes)
     if source.test is not None:
         if data.split.test:
             raise DataError(f"{source.train.origin} has its own test set: remove "
                             "data.split.test")
-        _check_against_model(source.test, input_shape, program.loss.classes)
-    return assemble_pipeline(data, source, program.seed, pipeline_class(data))
+        _check_against_model(source.test, input_shape, classes)
 
 
 def assemble_pipeline(data: Any, source: Any, seed: int,
