@@ -810,6 +810,91 @@ def test_a_layer_norm_over_more_than_the_channels_is_refused(tmp_path):
         "specforge's layer_norm normalises the channels alone" in str(refusal.value)
 
 
+class _TorchvisionSqueezeExcite(torch.nn.Module):
+    """torchvision's MobileNetV3 block: hard-swish, a depthwise convolution, and its
+    squeeze-excite written with 1x1 Conv2d layers on the (N, C, 1, 1) pooled tensor
+    (AdaptiveAvgPool2d(1), Conv2d, ReLU, Conv2d, Hardsigmoid, times the image); ``groups``:
+    the first 1x1 conv's (then not a dense layer)."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.expand = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8),
+                                    nn.Hardswish(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1, groups=groups), nn.Conv2d(4, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: Any) -> Any:
+        x = self.expand(x)
+        gate = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+        return self.head(x * gate)
+
+
+def test_torchvisions_squeeze_excite_imports_with_dense_layers_on_the_pooled_tensor(tmp_path):
+    torch.manual_seed(0)
+    source = _TorchvisionSqueezeExcite()
+    randomize_torch(source)
+    path = export_torch(source, (7, 6, 3), tmp_path / "se.onnx")
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    dense = [n for n in graph if n.op == "dense"]
+    readers = {i: n for n in graph for i in n.inputs}
+    assert [(n.shape, readers[n.name].attrs.get("fn")) for n in dense[:2]] == [
+        ((4,), "relu"), ((8,), "hard_sigmoid")]
+    assert np.array_equal(weights[f"{dense[0].name}.kernel"],
+                          source.fc1.weight.detach().numpy()[:, :, 0, 0].T)
+    product = next(n for n in graph if n.op == "multiply")
+    assert [graph[i].shape for i in product.inputs] == [(7, 6, 8), (8,)]
+
+
+def test_a_grouped_conv_of_the_pooled_tensor_is_refused(tmp_path):
+    path = export_torch(_TorchvisionSqueezeExcite(groups=2), (7, 6, 3), tmp_path / "g.onnx")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "a 1x1 Conv (group 2, pads [0, 0, 0, 0]) of a POOLED (N, C, 1, 1) tensor: only a " \
+        "1x1 Conv without groups or pads is translated" in str(refusal.value)
+
+
+class _TorchvisionConvNeXtBlock(torch.nn.Module):
+    """torchvision's ConvNeXt CNBlock: a depthwise 7x7 convolution, the channels moved last,
+    LayerNorm, nn.Linear on each pixel (a MatMul of the NHWC image), GELU, nn.Linear, moved
+    back, its layer scale (a learned (C, 1, 1) tensor times the image) and the residual."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, channels, 2, 2)
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.up, self.down = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels).reshape(channels, 1, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 3))
+
+    def forward(self, x: Any) -> Any:
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.down(torch.nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+        return self.head(x + self.scale * y)
+
+
+def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_path):
+    torch.manual_seed(0)
+    source = _TorchvisionConvNeXtBlock()
+    path = export_torch(source, (10, 8, 3), tmp_path / "cnblock.onnx", opset_version=17)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((10, 8, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    pointwise = [n for n in graph if n.op == "conv2d" and n.attrs["kernel"] == (1, 1)]
+    assert [(n.shape, n.attrs["bias"]) for n in pointwise] == [((5, 4, 24), True),
+                                                               ((5, 4, 6), True)]
+    assert np.array_equal(weights[f"{pointwise[0].name}.kernel"][0, 0],
+                          source.up.weight.detach().numpy().T)
+    assert np.array_equal(weights[f"{pointwise[0].name}.bias"], source.up.bias.detach().numpy())
+    assert any(n.op == "rescaling" for n in graph)  # the layer scale: a constant here
+
+
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     torch.manual_seed(0)
     path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")

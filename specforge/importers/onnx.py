@@ -410,6 +410,8 @@ def _pad_before(t: _Translator, node: Any, value: Value) -> PadLayer | None:
 
 
 def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    if t.value(node).layout == "pooled":
+        return _pooled_conv(t, node, attrs)
     value = _image(t, node, "Conv")
     weight = t.constant(node.input[1])
     bias = t.optional_constant(node, 2)
@@ -459,6 +461,33 @@ def _conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     return Value(name, (oh, ow, int(filters)), "nchw")
 
 
+def _pooled_conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """A 1x1 Conv of a globally pooled (N, C, 1, 1) tensor (torchvision's squeeze-excite:
+    AdaptiveAvgPool2d(1), then Conv2d(C, R, 1)) maps its channels as a dense layer does on
+    the (C,) vector the spec holds; its output stays pooled."""
+    value = t.value(node)
+    weight = t.constant(node.input[1])
+    filters, per_group, kh, kw = weight.shape
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    auto = _text(attrs.get("auto_pad", "NOTSET"))
+    if (kh, kw) != (1, 1) or int(attrs.get("group", 1)) != 1 or any(pads) or \
+            auto not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise _NotExpressible(
+            f"a {kh}x{kw} Conv (group {attrs.get('group', 1)}, pads {pads}) of a POOLED "
+            "(N, C, 1, 1) tensor: only a 1x1 Conv without groups or pads is translated (as a "
+            "dense layer)")
+    if per_group != value.shape[0]:
+        raise _NotExpressible(f"kernel of {per_group} input channels for {value.shape[0]}")
+    bias = t.optional_constant(node, 2)
+    weights = {"kernel": weight[:, :, 0, 0].T}
+    fields: dict[str, Any] = {"units": int(filters)}
+    if bias is None:
+        fields["bias"] = False
+    else:
+        weights["bias"] = bias
+    return Value(t.add(node, "dense", [value], weights, **fields), (int(filters),), "pooled")
+
+
 def _flat_input(t: _Translator, node: Any) -> Value:
     value = t.value(node)
     if value.layout not in ("flat", "chw"):
@@ -504,7 +533,23 @@ def _matmul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     kernel = t.constant(node.input[1])
     if kernel.ndim != 2:
         raise _NotExpressible(f"a weight of {kernel.ndim} dims (2 only)")
+    value = t.value(node)
+    if value.layout == "nhwc":  # torch's nn.Linear on (N, H, W, C): a 1x1 convolution
+        return _pointwise_conv(t, node, value, kernel)
     return _dense(t, node, kernel, None)
+
+
+def _pointwise_conv(t: _Translator, node: Any, value: Value, kernel: np.ndarray) -> Value:
+    """A MatMul of an NHWC image by a (C, units) weight, as torchvision's ConvNeXt applies
+    nn.Linear to each pixel's channels: a 1x1 `conv2d` without bias (a following Add of a
+    (units,) constant becomes its bias); the output stays NHWC."""
+    h, w, channels = value.shape
+    if kernel.shape[0] != channels:
+        raise _NotExpressible(f"kernel of {kernel.shape[0]} rows for {channels} channels")
+    units = int(kernel.shape[1])
+    name = t.add(node, "conv2d", [value], {"kernel": kernel.reshape(1, 1, channels, units)},
+                 filters=units, kernel=1, bias=False)
+    return Value(name, (h, w, units), "nhwc")
 
 
 def _add(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -530,8 +575,12 @@ def _bias_add(t: _Translator, node: Any, value_name: str, bias_name: str) -> Val
         raise _Skip if value_name in t.values else _NotExpressible("adds two constants")
     producer = t.layers.get(value.layer)
     bias = t.constant(bias_name)
-    if (producer is None or producer["type"] != "dense" or producer.get("bias") is not False
-            or t.uses[value_name] != 1 or bias.size != value.shape[0]):
+    # a dense layer's bias, or a pointwise conv's on an NHWC image (the constant's last axis,
+    # which broadcasts over the channels there)
+    biased = {"dense": ("flat", "chw", "pooled"), "conv2d": ("nhwc",)}
+    if (producer is None or value.layout not in biased.get(producer["type"], ())
+            or producer.get("bias") is not False or t.uses[value_name] != 1
+            or bias.size != value.shape[-1] or bias.shape[-1:] != (value.shape[-1],)):
         return _offset_add(t, node, value, value_name, bias_name)
     del producer["bias"]
     t.out.weights[f"{value.layer}.bias"] = bias.reshape(-1).astype(np.float32)
