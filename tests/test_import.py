@@ -860,7 +860,8 @@ def test_a_grouped_conv_of_the_pooled_tensor_is_refused(tmp_path):
 class _TorchvisionConvNeXtBlock(torch.nn.Module):
     """torchvision's ConvNeXt CNBlock: a depthwise 7x7 convolution, the channels moved last,
     LayerNorm, nn.Linear on each pixel (a MatMul of the NHWC image), GELU, nn.Linear, moved
-    back, its layer scale (a learned (C, 1, 1) tensor times the image) and the residual."""
+    back, its layer scale (a learned (C, 1, 1) tensor times the image) and the residual;
+    then ConvNeXt's head: pooled, layer-normed channels-last (LayerNorm2d), flattened."""
 
     def __init__(self, channels: int = 6) -> None:
         super().__init__()
@@ -870,13 +871,15 @@ class _TorchvisionConvNeXtBlock(torch.nn.Module):
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.up, self.down = nn.Linear(channels, 4 * channels), nn.Linear(4 * channels, channels)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels).reshape(channels, 1, 1))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 3))
+        self.pool, self.head_norm = nn.AdaptiveAvgPool2d(1), nn.LayerNorm(channels, eps=1e-6)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels, 3))
 
     def forward(self, x: Any) -> Any:
         x = self.stem(x)
         y = self.norm(self.dw(x).permute(0, 2, 3, 1))
         y = self.down(torch.nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
-        return self.head(x + self.scale * y)
+        pooled = self.pool(x + self.scale * y)
+        return self.head(self.head_norm(pooled.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_path):
@@ -893,6 +896,7 @@ def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_pat
                           source.up.weight.detach().numpy().T)
     assert np.array_equal(weights[f"{pointwise[0].name}.bias"], source.up.bias.detach().numpy())
     assert any(n.op == "rescaling" for n in graph)  # the layer scale: a constant here
+    assert [n.shape for n in graph if n.op == "layer_norm"] == [(5, 4, 6), (6,)]
 
 
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):

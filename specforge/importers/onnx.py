@@ -15,7 +15,9 @@ rounds to them. Every ONNX value is tracked as the spec layer that computes it a
   reads it gets its kernel rows permuted to the spec's order;
 - ``pooled``: a globally pooled vector that ONNX still sees as (N, C, 1, 1) (or a vector
   unsqueezed or reshaped to it: a squeeze-and-excitation gate, which a Mul with an NCHW
-  image reads as a (C,) gate).
+  image reads as a (C,) gate);
+- ``pooled_nhwc``: the same moved channels-last, (N, 1, 1, C) (torchvision's ConvNeXt
+  head normalises its pooled features so, between two Transposes).
 
 The file is read by :mod:`specforge.importers.onnx_safety` first.
 """
@@ -66,6 +68,8 @@ class Value:
             return (1, *self.shape)
         if self.layout == "pooled":
             return (1, self.shape[0], 1, 1)
+        if self.layout == "pooled_nhwc":
+            return (1, 1, 1, self.shape[0])
         return (1, self.shape[0])
 
 
@@ -654,7 +658,7 @@ def _new_rescaling(t: _Translator, node: Any, value: Value, **fields: Any) -> Va
 
 
 #: The axis of ONNX's tensor that holds the channels (features), by layout.
-CHANNEL_AXIS = {"nchw": 1, "nhwc": 3, "pooled": 1, "flat": 1}
+CHANNEL_AXIS = {"nchw": 1, "nhwc": 3, "pooled": 1, "pooled_nhwc": 3, "flat": 1}
 
 
 def _channel_constant(t: _Translator, name: str, value: Value, what: str
@@ -696,7 +700,7 @@ def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 
 
 #: The ONNX axis from which LayerNormalization normalises only the channels, by layout.
-LAST_AXIS = {"nhwc": 3, "flat": 1, "pooled": 1}
+LAST_AXIS = {"nhwc": 3, "flat": 1, "pooled": 1, "pooled_nhwc": 3}
 
 
 def _layer_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -813,7 +817,8 @@ def _softmax(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     rank = len(value.onnx_shape)
     axis = int(attrs.get("axis", -1 if t.opset >= 13 else 1))
     axis = axis + rank if axis < 0 else axis
-    channel = {"nchw": 1, "nhwc": 3, "pooled": 1, "flat": 1, "chw": 1}[value.layout]
+    channel = {"nchw": 1, "nhwc": 3, "pooled": 1, "pooled_nhwc": 3, "flat": 1,
+               "chw": 1}[value.layout]
     if axis != channel or (t.opset < 13 and rank == 4 and value.layout != "pooled"):
         raise _NotExpressible(f"axis {attrs.get('axis')}: specforge's softmax is over the "
                               "channels")
@@ -940,7 +945,7 @@ def _flatten(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 def _flattened(t: _Translator, node: Any, value: Value) -> Value:
     if value.layout in ("flat", "chw"):
         return value
-    if value.layout == "pooled":
+    if value.layout in ("pooled", "pooled_nhwc"):
         return Value(value.layer, value.shape, "flat")
     h, w, c = value.shape
     name = t.add(node, "flatten", [value])
@@ -989,7 +994,9 @@ def _transpose(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     value = t.value(node)
     perm = list(attrs.get("perm", []))
     moves = {("nchw", (0, 2, 3, 1)): "nhwc", ("nhwc", (0, 3, 1, 2)): "nchw",
-             ("nchw", (0, 1, 2, 3)): "nchw", ("nhwc", (0, 1, 2, 3)): "nhwc"}
+             ("pooled", (0, 2, 3, 1)): "pooled_nhwc", ("pooled_nhwc", (0, 3, 1, 2)): "pooled"}
+    moves |= {(layout, (0, 1, 2, 3)): layout for layout in ("nchw", "nhwc", "pooled",
+                                                            "pooled_nhwc")}
     layout = moves.get((value.layout, tuple(perm)))
     if layout is None:
         raise _NotExpressible(f"perm {perm} of ONNX shape {list(value.onnx_shape)}: only "
@@ -1002,7 +1009,8 @@ def _concat(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     first = values[0]
     rank = len(first.onnx_shape)
     axis = int(attrs["axis"]) % rank
-    channel = {"nchw": 1, "nhwc": 3, "flat": 1, "pooled": 1, "chw": -1}[first.layout]
+    channel = {"nchw": 1, "nhwc": 3, "flat": 1, "pooled": 1, "pooled_nhwc": 3,
+               "chw": -1}[first.layout]
     if axis != channel or any(v.layout != first.layout for v in values):
         raise _NotExpressible(f"axis {attrs['axis']} of {first.layout.upper()} tensors: "
                               "specforge concatenates channels")
