@@ -899,6 +899,29 @@ def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_pat
     assert [n.shape for n in graph if n.op == "layer_norm"] == [(5, 4, 6), (6,)]
 
 
+@pytest.mark.parametrize("source", [_ResNetStyle, _TorchvisionSqueezeExcite,
+                                    _TorchvisionConvNeXtBlock],
+                         ids=["resnet", "squeeze-excite", "convnext"])
+def test_torchs_default_dynamo_exporter_graphs_import(tmp_path, source):
+    """torch.onnx.export's default since torch 2.9 (dynamo=True, through torch.export and
+    onnxscript) writes other graphs than the TorchScript exporter: opset 18, its own names
+    and decompositions. They import with torch's outputs too."""
+    import warnings
+
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    module = source()
+    randomize_torch(module)
+    path = tmp_path / "dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(1, 3, 20, 20),), str(path), dynamo=True,
+                          verbose=False)
+    spec, _, weights = imported(path, tmp_path)
+    batch = images((20, 20, 3))
+    assert_matches(spec, weights, batch, torch_output(module, batch))
+
+
 def test_the_import_command_writes_a_spec_that_validates(tmp_path):
     torch.manual_seed(0)
     path = export_torch(_ResNetStyle(), (20, 20, 3), tmp_path / "resnet.onnx")
