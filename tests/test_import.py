@@ -1126,7 +1126,10 @@ def test_keras_applications_import_with_their_outputs_and_parameter_counts(tmp_p
 @pytest.mark.parametrize(("name", "size"), [
     ("DenseNet121", 32), ("InceptionV3", 75), ("Xception", 71), ("ResNet50V2", 32),
     # about 30 s: 4.3 million parameters in 770 layers
-    pytest.param("NASNetMobile", 32, marks=pytest.mark.slow)])
+    pytest.param("NASNetMobile", 32, marks=pytest.mark.slow),
+    # drop-connect (per-sample dropout) and fused MBConv blocks
+    pytest.param("EfficientNetV2B0", 32, marks=pytest.mark.slow),
+    pytest.param("MobileNetV3Large", 32, marks=pytest.mark.slow)])
 def test_more_keras_applications_import_with_their_outputs(tmp_path, name, size):
     """Concatenations (DenseNet, Inception), separable convolutions (Xception, NASNet), batch
     norm without scale (Inception), pre-activation blocks (ResNetV2) and NASNet's padded and
