@@ -31,7 +31,8 @@ SCHEMA_ID = "https://specforge.dev/schema/spec.json"
 SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Top level", [Spec]),
     ("Model", [L.ModelSpec, L.BlockDef]),
-    ("Layers", [L.Conv2D, L.DepthwiseConv2D, L.Pad2D, L.Cropping2D, L.MaxPool2D, L.AvgPool2D,
+    ("Layers", [L.Conv2D, L.DepthwiseConv2D, L.Pad2D, L.Cropping2D, L.ChannelSlice,
+                L.ChannelShuffle, L.MaxPool2D, L.AvgPool2D,
                 L.GlobalAvgPool2D, L.GlobalMaxPool2D, L.Flatten, L.Dense, L.BatchNorm,
                 L.LayerNorm, L.Dropout, L.ActivationLayer, L.Rescaling, L.Add, L.Multiply,
                 L.Concat, L.BlockUse]),

@@ -198,6 +198,29 @@ def export_cropping2d(ctx: OpContext) -> str:
     return ctx.add("Slice", inputs)
 
 
+@exports("channel_slice", "start", "stop")
+def export_channel_slice(ctx: OpContext) -> str:
+    """Slice of axis 1: the channels of an NCHW image, the features of an (N, F) vector."""
+    inputs = [ctx.inputs[0]] + [
+        ctx.builder.constant(f"{ctx.node.name}.{key}", [value], np.int64) for key, value in (
+            ("starts", ctx.node.attrs["start"]), ("ends", ctx.node.attrs["stop"]),
+            ("axes", 1))]
+    return ctx.add("Slice", inputs)
+
+
+@exports("channel_shuffle", "groups")
+def export_channel_shuffle(ctx: OpContext) -> str:
+    """torch's view / transpose / view: Reshape to (N, g, C / g, H, W), Transpose of axes 1
+    and 2, Reshape back (a 0 keeps the batch, whatever its size)."""
+    h, w, c = ctx.in_shapes[0]
+    g = ctx.node.attrs["groups"]
+    grouped = ctx.builder.constant(f"{ctx.node.name}.grouped", [0, g, c // g, h, w], np.int64)
+    whole = ctx.builder.constant(f"{ctx.node.name}.whole", [0, c, h, w], np.int64)
+    x = ctx.add("Reshape", [ctx.inputs[0], grouped], "grouped")
+    x = ctx.add("Transpose", [x], "interleaved", perm=[0, 2, 1, 3, 4])
+    return ctx.add("Reshape", [x, whole])
+
+
 def _pool(ctx: OpContext, op_type: str, padded_value: float | None, **attrs: Any) -> str:
     """A pool over ``ctx``'s input. ``padded_value``: the value padded cells hold (None:
     the pool's own padding); then the input is padded with it first, since ONNX's pools

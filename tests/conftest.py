@@ -27,6 +27,7 @@ EVERY_OP_LAYERS = (
     " {type: max_pool2d, pool: 3, strides: 2, padding: same},"
     " {type: pad2d, padding: {top: 1, bottom: 0, left: 0, right: 2}, mode: reflect},"
     " {type: cropping2d, cropping: {top: 1, bottom: 0, left: 1, right: 1}},"
+    " {type: channel_shuffle, groups: 4},"
     " {type: rescaling, scale: 0.5, offset: [0.1, -0.2, 0.3, 0, 1, -1, 2, 0.5]},"
     " {type: batch_norm, name: bn}, {type: activation, fn: hard_swish, name: hs},"
     " {type: global_avg_pool2d, name: squeeze, inputs: bn},"
@@ -34,7 +35,7 @@ EVERY_OP_LAYERS = (
     " {type: multiply, inputs: [hs, excite], name: gated},"
     " {type: layer_norm, epsilon: 0.01, name: ln, inputs: bn},"
     " {type: activation, fn: silu, name: branch},"
-    " {type: concat, inputs: [gated, branch]},")
+    " {type: concat, inputs: [gated, branch]}, {type: channel_slice, start: 3, stop: 13},")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -899,9 +899,81 @@ def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_pat
     assert [n.shape for n in graph if n.op == "layer_norm"] == [(5, 4, 6), (6,)]
 
 
+def _channel_shuffle(x: Any, groups: int) -> Any:
+    """torchvision's shufflenetv2.channel_shuffle, as it writes it."""
+    n, c, h, w = x.size()
+    x = x.view(n, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(n, c, h, w)
+
+
+class _ShuffleUnit(torch.nn.Module):
+    """torchvision's ShuffleNetV2 InvertedResidual: at stride 1 half the channels pass
+    (``x.chunk(2, dim=1)``) and half go through the branch; at stride 2 two branches read
+    the whole input; concatenated, then shuffled in two groups."""
+
+    def __init__(self, inp: int, oup: int, stride: int) -> None:
+        super().__init__()
+        nn, half = torch.nn, oup // 2
+        self.stride = stride
+
+        def depthwise(channels: int) -> list[Any]:
+            return [nn.Conv2d(channels, channels, 3, stride, 1, bias=False, groups=channels),
+                    nn.BatchNorm2d(channels)]
+
+        def pointwise(i: int, o: int) -> list[Any]:
+            return [nn.Conv2d(i, o, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.branch1 = nn.Sequential(*depthwise(inp), *pointwise(inp, half)) \
+            if stride > 1 else nn.Sequential()
+        self.branch2 = nn.Sequential(*pointwise(inp if stride > 1 else half, half),
+                                     *depthwise(half), *pointwise(half, half))
+
+    def forward(self, x: Any) -> Any:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return _channel_shuffle(out, 2)
+
+
+class _TorchvisionShuffleNetUnits(torch.nn.Module):
+    """A stem, ShuffleNetV2's stride-2 unit and two stride-1 units, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True))
+        self.stage = nn.Sequential(_ShuffleUnit(8, 16, 2), _ShuffleUnit(16, 16, 1),
+                                   _ShuffleUnit(16, 16, 1))
+        self.head = nn.Sequential(nn.Conv2d(16, 12, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(12, 3))
+
+    def forward(self, x: Any) -> Any:
+        return self.head(self.stage(self.stem(x)))
+
+
+def test_torchvisions_shufflenet_v2_units_import_with_channel_slices_and_shuffles(tmp_path):
+    """The TorchScript exporter writes ``x.chunk(2, dim=1)`` as two Slices whose ends are
+    shape arithmetic; torch's default exporter's Split is in the dynamo test below."""
+    torch.manual_seed(0)
+    source = _TorchvisionShuffleNetUnits()
+    randomize_torch(source)
+    path = export_torch(source, (12, 10, 3), tmp_path / "shufflenet.onnx", opset_version=17)
+    assert {"Slice", "Reshape", "Transpose"} <= {n.op_type for n in onnx.load(path).graph.node}
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((12, 10, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    assert [n.attrs["groups"] for n in graph if n.op == "channel_shuffle"] == [2, 2, 2]
+    assert [(n.attrs["start"], n.attrs["stop"]) for n in graph if n.op == "channel_slice"] \
+        == [(0, 8), (8, 16)] * 2
+
+
 @pytest.mark.parametrize("source", [_ResNetStyle, _TorchvisionSqueezeExcite,
-                                    _TorchvisionConvNeXtBlock],
-                         ids=["resnet", "squeeze-excite", "convnext"])
+                                    _TorchvisionConvNeXtBlock, _TorchvisionShuffleNetUnits],
+                         ids=["resnet", "squeeze-excite", "convnext", "shufflenet"])
 def test_torchs_default_dynamo_exporter_graphs_import(tmp_path, source):
     """torch.onnx.export's default since torch 2.9 (dynamo=True, through torch.export and
     onnxscript) writes other graphs than the TorchScript exporter: opset 18, its own names

@@ -234,10 +234,24 @@ def test_a_slice_of_opset_9_is_a_cropping2d(tmp_path):
                                                         "right": 0}
 
 
+@pytest.mark.parametrize("starts, ends, axes, fields", [
+    ([1], [2], [1], {"start": 1, "stop": 2}), ([0], [2], [-3], {"stop": 2}),
+    ([1], [INT64_MAX], [1], {"start": 1}),
+    ([0, 1, 0], [INT64_MAX, -1, 4], [0, 1, 3], {"start": 1, "stop": 2})])
+def test_a_slice_of_the_channels_is_a_channel_slice(tmp_path, starts, ends, axes, fields):
+    path = sliced_model(tmp_path / "m.onnx", starts, ends, axes)
+    assert assert_imports_exactly(path, tmp_path) == ["channel_slice", "flatten"]
+    layer = import_model(path).layers[0]
+    assert {k: layer[k] for k in ("start", "stop") if k in layer} == fields
+
+
 @pytest.mark.parametrize("starts, ends, axes, steps, reason", [
-    ([1], [3], [1], None, "a slice of axis 1 (1:3) of ONNX shape [1, 3, 4, 4]: only height "
-                          "and width can be cropped"),
-    ([0], [4], [2], [2], "by steps [2]: only height and width of an image, by steps of 1"),
+    ([1, 1], [3, 3], [1, 2], None, "a slice of axis 1 (1:3) of ONNX shape [1, 3, 4, 4]: only "
+                                   "height and width can be cropped, or the channels alone"),
+    ([0], [1], [0], None, "a slice of axis 0 (0:1) of ONNX shape [1, 3, 4, 4]"),
+    ([0], [4], [2], [2], "by steps [2]: only height and width of an image, or the channels, "
+                         "by steps of 1"),
+    ([2], [1], [1], None, "a slice that leaves no channel of ONNX shape [1, 3, 4, 4]"),
     ([3], [-2], [3], None, "a slice that leaves no pixel of ONNX shape [1, 3, 4, 4]")])
 def test_other_slices_are_refused_with_the_reason(tmp_path, starts, ends, axes, steps, reason):
     path = sliced_model(tmp_path / "m.onnx", starts, ends, axes, steps)
@@ -417,4 +431,104 @@ def test_a_constant_minus_or_over_a_layer_is_refused(tmp_path, op):
     with pytest.raises(ImportRefused) as caught:
         import_model(path)
     assert any(line.startswith(f"'reversed' ({op}): specforge ") and "a constant" in line
+               for line in caught.value.lines), caught.value.lines
+
+
+# --- a Split of the channels: channel_slice; a Reshape / Transpose / Reshape: channel_shuffle ---
+
+def nhwc_flatten(source: str) -> list[Any]:
+    return [helper.make_node("Transpose", [source], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+            helper.make_node("Flatten", ["t"], ["y"], name="flat")]
+
+
+@pytest.mark.parametrize("opset, sizes, how", [
+    (11, [1, 2], "attribute"), (13, [2, 1], "input"), (18, [2, 1], "num_outputs"),
+    (18, [1, 1, 1], "num_outputs"), (13, [1, 1, 1], "none")])
+def test_a_split_of_the_channels_is_a_channel_slice_per_output(tmp_path, opset, sizes, how):
+    """The split sizes as opset 11 and 13 write them, opset 18's equal pieces (the last one
+    smaller), or none (equal pieces); the pieces concatenated in reverse order."""
+    outputs = [f"s{k}" for k in range(len(sizes))]
+    options: dict[str, Any] = {"axis": 1}
+    inputs, initializers = ["x"], []
+    if how == "attribute":
+        options["split"] = sizes
+    elif how == "input":
+        inputs.append("sizes")
+        initializers.append(onnx.numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+    elif how == "num_outputs":
+        options["num_outputs"] = len(sizes)
+    nodes = [helper.make_node("Split", inputs, outputs, name="chunk", **options),
+             helper.make_node("Concat", outputs[::-1], ["a"], name="again", axis=1),
+             *nhwc_flatten("a")]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4], opset=opset), path)
+    assert assert_imports_exactly(path, tmp_path) == ["channel_slice"] * len(sizes) + [
+        "concat", "flatten"]
+    bounds = [(item.get("start", 0), item.get("stop", 3)) for item in import_model(path).layers
+              if item["type"] == "channel_slice"]
+    ends = list(np.cumsum(sizes))
+    assert bounds == list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def test_an_unread_piece_of_a_split_writes_no_layer(tmp_path):
+    nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], name="chunk", axis=1,
+                              num_outputs=3),
+             helper.make_node("Concat", ["c", "a"], ["d"], name="again", axis=1),
+             *nhwc_flatten("d")]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model(nodes, [], [1, 3, 4, 4], opset=18), path)
+    assert assert_imports_exactly(path, tmp_path) == ["channel_slice"] * 2 + ["concat",
+                                                                              "flatten"]
+
+
+def test_a_split_of_height_is_refused_with_the_reason(tmp_path):
+    nodes = [helper.make_node("Split", ["x"], ["a", "b"], name="rows", axis=2, num_outputs=2),
+             helper.make_node("Concat", ["a", "b"], ["d"], name="again", axis=1),
+             *nhwc_flatten("d")]
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_model(nodes, [], [1, 3, 4, 4], opset=18), path)
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert any("a split of axis 2 of ONNX shape [1, 3, 4, 4]: only the channels" in line
+               for line in caught.value.lines), caught.value.lines
+
+
+def shuffled_model(path: Path, grouped: list[int], perm: list[int], whole: list[int],
+                   extra: list[Any] = ()) -> Path:
+    """``x`` -> a 1x1 conv to 6 channels -> Reshape -> Transpose -> Reshape -> NHWC flatten."""
+    weight = np.random.default_rng(5).normal(size=(6, 3, 1, 1)).astype(np.float32)
+    initializers = [onnx.numpy_helper.from_array(weight, "w"),
+                    onnx.numpy_helper.from_array(np.array(grouped, np.int64), "grouped"),
+                    onnx.numpy_helper.from_array(np.array(whole, np.int64), "whole")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "grouped"], ["g"], name="view"),
+             helper.make_node("Transpose", ["g"], ["p"], name="transpose", perm=perm),
+             helper.make_node("Reshape", ["p", "whole"], ["a"], name="view_back"),
+             *extra, *nhwc_flatten("a")]
+    onnx.save(onnx_model(nodes, initializers, [1, 3, 4, 4]), path)
+    return path
+
+
+@pytest.mark.parametrize("grouped, whole, groups", [
+    ([1, 2, 3, 4, 4], [1, 6, 4, 4], 2), ([-1, 3, 2, 4, 4], [0, -1, 4, 4], 3),
+    ([0, 2, -1, 4, 4], [-1, 6, 4, 4], 2)])
+def test_torchs_channel_shuffle_is_a_channel_shuffle(tmp_path, grouped, whole, groups):
+    path = shuffled_model(tmp_path / "m.onnx", grouped, [0, 2, 1, 3, 4], whole)
+    assert assert_imports_exactly(path, tmp_path) == ["conv2d", "channel_shuffle", "flatten"]
+    assert import_model(path).layers[1]["groups"] == groups
+
+
+@pytest.mark.parametrize("grouped, perm, whole, extra, where", [
+    ([1, 2, 3, 4, 4], [0, 2, 1, 4, 3], [1, 6, 4, 4], [], "view"),  # height and width swapped
+    ([1, 2, 3, 16, 1], [0, 2, 1, 3, 4], [1, 6, 4, 4], [], "view"),  # not (N, g, C/g, H, W)
+    ([1, 2, 3, 4, 4], [0, 2, 1, 3, 4], [1, 6, 16], [], "view_back"),  # not back to NCHW
+    ([1, 2, 3, 4, 4], [0, 2, 1, 3, 4], [1, 6, 4, 4],  # the grouped view read twice
+     [helper.make_node("Relu", ["g"], ["unused"], name="other")], "view")])
+def test_other_five_axis_reshapes_are_refused_with_the_reason(tmp_path, grouped, perm, whole,
+                                                              extra, where):
+    path = shuffled_model(tmp_path / "m.onnx", grouped, perm, whole, extra)
+    with pytest.raises(ImportRefused) as caught:
+        import_model(path)
+    assert any(line.lstrip().startswith(f"'{where}'") and "(Reshape)" in line and
+               "only a channel shuffle reshapes to 5 axes" in line
                for line in caught.value.lines), caught.value.lines

@@ -249,6 +249,44 @@ def test_cropping2d_in_a_spec(tmp_path: Path) -> None:
     assert "crop less than 3 rows (top + bottom) and 4 columns" in message  # the hint
 
 
+@pytest.mark.parametrize(("attrs", "shape", "out"), [
+    ({"start": 0, "stop": 3}, (5, 7, 6), (5, 7, 3)), ({"start": 5, "stop": 6}, (5, 7, 6),
+                                                      (5, 7, 1)),
+    ({"start": 2, "stop": 10}, (12,), (8,))])
+def test_channel_slice_shapes(attrs: dict[str, int], shape: tuple[int, ...],
+                              out: tuple[int, ...]) -> None:
+    assert OPS["channel_slice"].infer(attrs, [shape]).shape == out
+
+
+@pytest.mark.parametrize("attrs", [{"start": 0, "stop": 7}, {"start": 6, "stop": 6},
+                                   {"start": 4, "stop": 2}])
+def test_channel_slice_must_take_channels_of_its_input(attrs: dict[str, int]) -> None:
+    with pytest.raises(ShapeError, match=r"channel_slice's channels \[\d, \d\) are not "
+                                         r"within the 6 channels of its input"):
+        OPS["channel_slice"].infer(attrs, [(5, 7, 6)])
+
+
+def test_a_channel_slice_stops_at_the_last_channel_by_default(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, [{"type": "conv2d", "filters": 6, "kernel": 1},
+                                 {"type": "channel_slice", "start": 2, "name": "tail"},
+                                 {"type": "flatten"}, {"type": "dense", "units": 2}])
+    node = compile_spec(path).graph["tail"]
+    assert (node.attrs["start"], node.attrs["stop"], node.shape) == (2, 6, (8, 8, 4))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_channel_shuffle_keeps_the_shape(groups: int) -> None:
+    assert OPS["channel_shuffle"].infer({"groups": groups}, [(5, 7, 6)]).shape == (5, 7, 6)
+
+
+@pytest.mark.parametrize(("groups", "shape", "message"), [
+    (4, (5, 7, 6), "channel_shuffle's 4 groups do not divide the 6 channels"),
+    (2, (6,), "channel_shuffle needs an image input")])
+def test_channel_shuffle_refusals(groups: int, shape: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ShapeError, match=re.escape(message)):
+        OPS["channel_shuffle"].infer({"groups": groups}, [shape])
+
+
 def test_reflect_pads_in_a_spec(tmp_path: Path) -> None:
     path = write_spec(tmp_path, [{"type": "pad2d", "name": "pad", "padding": 3,
                                   "mode": "reflect"},

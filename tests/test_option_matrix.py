@@ -39,6 +39,9 @@ VALUES: dict[str, list[Any]] = {
     "padding": ["valid", "same", "same_lower", 1, [1, 0], PER_SIDE],
     "pad2d.padding": [1, [1, 0], PER_SIDE], "pad_value": [None, 0.5],
     "cropping2d.cropping": [1, [2, 0], PER_SIDE],
+    # of INPUT's 4 channels: a start at or past the stop does not validate
+    "channel_slice.start": [0, 1, 3], "channel_slice.stop": [None, 2, 4],
+    "channel_shuffle.groups": [1, 2, 4],
     "count_include_pad": [None, False, True], "units": [3], "running_decay": [0.9],
     "epsilon": [1e-3], "layer_norm.epsilon": [1e-3, 1e-5], "rate": [0.0, 0.5],
     "negative_slope": [None, 0.2], "alpha": [None, 0.7], "beta": [None, 0.3],

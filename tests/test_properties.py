@@ -160,6 +160,15 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         if crops[0] + crops[1] >= h or crops[2] + crops[3] >= w:
             return None
         return [NodeExp("", "cropping2d", (h - crops[0] - crops[1], w - crops[2] - crops[3], c))]
+    if kind == "channel_slice":  # [start, stop) of the channels, stop by default all
+        start, stop = layer.get("start", 0), layer.get("stop", shape[-1])
+        if not start < stop <= shape[-1]:
+            return None
+        return [NodeExp("", "channel_slice", (*shape[:-1], stop - start))]
+    if kind == "channel_shuffle":  # an image whose channels the groups divide
+        if len(shape) != 3 or shape[-1] % layer["groups"]:
+            return None
+        return [NodeExp("", "channel_shuffle", shape)]
     if kind == "batch_norm":
         c = shape[-1]
         learned = c * (int(layer.get("scale", True)) + int(layer.get("center", True)))
@@ -448,6 +457,22 @@ class Builder:
         if not self.emit({"type": "cropping2d", "cropping": cropping}):
             assert self.emit({"type": "cropping2d", "cropping": 0})
 
+    def step_channels(self) -> None:
+        """A shuffle of groups that divide the channels, or a slice of them (its start and
+        stop each drawn or left at the default)."""
+        d, channels = self.draw, self.shape[-1]
+        if d(st.booleans()):
+            divisors = [g for g in range(1, channels + 1) if channels % g == 0]
+            assert self.emit({"type": "channel_shuffle", "groups": d(st.sampled_from(divisors))})
+            return
+        layer: dict[str, Any] = {"type": "channel_slice"}
+        start = d(st.integers(0, channels - 1))
+        if start or d(st.booleans()):
+            layer["start"] = start
+        if d(st.booleans()):
+            layer["stop"] = d(st.integers(start + 1, channels))
+        assert self.emit(layer)
+
     def step_simple(self) -> None:
         self.emit_or_same(self.shape_keeping())
 
@@ -534,7 +559,7 @@ def random_models(draw: Any) -> Builder:
     shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, 8)))
     b = Builder(draw, shape)
     steps = [b.step_conv, b.step_conv, b.step_pool, b.step_pool, b.step_pad, b.step_crop,
-             b.step_simple, b.step_residual, b.step_concat, b.step_gate]
+             b.step_channels, b.step_simple, b.step_residual, b.step_concat, b.step_gate]
     for _ in range(draw(st.integers(0, 6))):
         draw(st.sampled_from(steps))()
     end = draw(st.sampled_from(["flatten", "global_avg_pool2d", "global_average_pooling2d",

@@ -67,3 +67,34 @@ def test_reference_batch_norm_uses_batch_statistics_in_training():
     np.testing.assert_allclose(out.mean(axis=axes), 0, atol=1e-9)
     # gamma 1, beta 0: the output's variance is var / (var + epsilon)
     np.testing.assert_allclose(out.var(axis=axes), var / (var + 1e-5), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("groups", "channels"), [(2, 6), (3, 6), (4, 8), (2, 116)])
+def test_channel_shuffle_is_torchs_view_transpose_view(groups: int, channels: int) -> None:
+    """The IR's channel order is what ShuffleNetV2's code computes, written as torchvision
+    writes it (not nn.ChannelShuffle, which the backend uses)."""
+    from specforge.ir.graph import Node
+    from specforge.reference.forward import OPS
+
+    x = np.random.default_rng(3).normal(size=(2, channels, 3, 4)).astype(np.float32)
+    t = torch.from_numpy(x)
+    n, c, h, w = t.shape
+    expected = t.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(
+        n, c, h, w).permute(0, 2, 3, 1).numpy()
+    node = Node("shuffle", "channel_shuffle", ("input",), {"groups": groups}, (3, 4, c))
+    actual = OPS["channel_shuffle"](node, [x.transpose(0, 2, 3, 1)], {}, False)
+    assert np.array_equal(actual, expected)
+
+
+def test_channel_slices_are_torchs_chunk() -> None:
+    from specforge.ir.graph import Node
+    from specforge.reference.forward import OPS
+
+    x = np.random.default_rng(4).normal(size=(2, 10, 3, 4)).astype(np.float32)
+    nhwc = x.transpose(0, 2, 3, 1)
+    for piece, (start, stop) in zip(torch.from_numpy(x).chunk(2, dim=1), [(0, 5), (5, 10)],
+                                    strict=True):
+        node = Node("half", "channel_slice", ("input",), {"start": start, "stop": stop},
+                    (3, 4, 5))
+        assert np.array_equal(OPS["channel_slice"](node, [nhwc], {}, False),
+                              piece.permute(0, 2, 3, 1).numpy())

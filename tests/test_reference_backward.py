@@ -447,6 +447,23 @@ MERGE_CASES = {
                      " {type: global_max_pool2d}, {type: dense, units: 3, activation: tanh,"
                      " name: gate}, {type: multiply, inputs: [gate, a]},"
                      " {type: global_avg_pool2d}, {type: dense, units: 3}]",
+    # ShuffleNet's unit: half the channels pass, half are convolved, then interleaved; the
+    # dense reads every pixel's channels, so a gradient sent to the wrong channel shows
+    "channel-slice-shuffle": "[{type: conv2d, filters: 6, kernel: 1, name: a},"
+                             " {type: channel_slice, stop: 3, name: kept},"
+                             " {type: channel_slice, start: 3, inputs: a, name: rest},"
+                             " {type: conv2d, filters: 3, kernel: 3, padding: same,"
+                             " activation: tanh, name: b},"
+                             " {type: concat, inputs: [kept, b]},"
+                             " {type: channel_shuffle, groups: 2}, {type: flatten},"
+                             " {type: dense, units: 3}]",
+    "channel-shuffle-three-groups": "[{type: conv2d, filters: 6, kernel: 2, name: a},"
+                                    " {type: channel_shuffle, groups: 3},"
+                                    " {type: channel_slice, start: 1, stop: 5},"
+                                    " {type: flatten}, {type: dense, units: 3}]",
+    "channel-slice-of-a-vector": "[{type: conv2d, filters: 4, kernel: 2, name: a},"
+                                 " {type: flatten}, {type: channel_slice, start: 5, stop: 17},"
+                                 " {type: dense, units: 3}]",
 }
 
 

@@ -123,6 +123,10 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
         even = top == bottom and left == right
         cropping = pair((top, left)) if even else ((top, bottom), (left, right))
         return [], call("layers.Cropping2D", cropping, name=name)
+    if op == "channel_slice":  # Keras has no layer that slices channels
+        return [], call("ChannelSlice", a["start"], a["stop"], name=name)
+    if op == "channel_shuffle":
+        return [], call("ChannelShuffle", a["groups"], name=name)
     if op == "rescaling":  # x * scale + offset; Keras's offset defaults to 0
         offset = {} if a["offset"] == 0.0 else {"offset": _listed(a["offset"])}
         return [], call("layers.Rescaling", _listed(a["scale"]), **offset, name=name)
@@ -304,7 +308,8 @@ def _listed(value: float | tuple[float, ...]) -> float | list[float]:
 
 def _helpers(calls: list[str]) -> str:
     """specforge's own Keras layers that the model uses (padding Keras's words cannot say)."""
-    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D", "Conv2D")
+    wanted = [cls for cls in ("Pad2D", "MaxPool2D", "AvgPool2D", "Conv2D", "ChannelSlice",
+                              "ChannelShuffle")
               if any(c.startswith(f"{cls}(") for c in calls)]
     return copied([(LAYERS, used(LAYERS, wanted))]) if wanted else ""
 

@@ -94,6 +94,32 @@ class Pad2D(keras.layers.Layer):
         return pad_nhwc(x, self.pads, self.mode, self.pad_value)
 
 
+class ChannelSlice(keras.layers.Layer):
+    """Channels ``[start, stop)`` (the last axis) of an image or a vector (IR
+    `channel_slice`)."""
+
+    def __init__(self, start, stop, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = start, stop
+
+    def call(self, x):
+        return x[..., self.start : self.stop]
+
+
+class ChannelShuffle(keras.layers.Layer):
+    """ShuffleNet's channel shuffle of an NHWC image (IR `channel_shuffle`): the channels as
+    ``groups`` groups, interleaved."""
+
+    def __init__(self, groups, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = groups
+
+    def call(self, x):
+        _, h, w, c = x.shape
+        grouped = ops.reshape(x, (-1, h, w, self.groups, c // self.groups))
+        return ops.reshape(ops.transpose(grouped, (0, 1, 2, 4, 3)), (-1, h, w, c))
+
+
 class Pool2D(keras.layers.Layer):
     """What both pools share: the window, the pads and the cells ceil_mode adds
     (:func:`specforge.ir.ops.pool_extension`, given as ``extra``)."""

@@ -40,6 +40,10 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
     if op == "cropping2d":  # Keras's Cropping2D slices the same pixels away
         top, bottom, left, right = a["crops"]
         return "keras.layers.Cropping2D", [], {"cropping": ((top, bottom), (left, right))}
+    if op == "channel_slice":
+        return "ChannelSlice", [a["start"], a["stop"]], {}
+    if op == "channel_shuffle":
+        return "ChannelShuffle", [a["groups"]], {}
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         return "GlobalPool", ["avg" if op == "global_avg_pool2d" else "max"], {}
     if op == "flatten":  # NHWC: already height, width, channel order

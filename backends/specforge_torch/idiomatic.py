@@ -38,7 +38,8 @@ from specforge.scriptgen import copied, used
 HERE = Path(__file__).parent
 LAYERS = HERE / "layers.py"
 #: specforge's own modules an idiomatic script may need, where torch's cannot say the IR's
-HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid", "Rescaling", "Cropping2d")
+HELPERS = ("MaxPool2d", "AvgPool2d", "HardSigmoid", "Rescaling", "Cropping2d",
+           "ChannelSlice")
 PAD_MODULES = {"zeros": "nn.ZeroPad2d", "reflect": "nn.ReflectionPad2d",
                "replicate": "nn.ReplicationPad2d"}
 #: activation -> torch module (the functional form is the same call on ``x``)
@@ -99,6 +100,10 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
         return [(_pad_module(pads, a["mode"], a.get("pad_value", 0.0)), "")]
     if op == "cropping2d":
         return [(call("Cropping2d", a["crops"]), "a slice of x; torch has no such module")]
+    if op == "channel_slice":
+        return [(call("ChannelSlice", a["start"], a["stop"]), "x[:, start:stop]")]
+    if op == "channel_shuffle":
+        return [(call("nn.ChannelShuffle", a["groups"]), "")]
     if op == "rescaling":
         return [(call("Rescaling", a["scale"], a["offset"], len(in_shape) == 3),
                  "x * scale + offset; torch has no such module")]

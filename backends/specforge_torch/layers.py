@@ -375,6 +375,18 @@ class Cropping2d(nn.Module):
         return x[:, :, top : x.shape[2] - bottom, left : x.shape[3] - right]
 
 
+class ChannelSlice(nn.Module):
+    """Channels ``[start, stop)`` of an NCHW image or an (N, C) vector (IR
+    `channel_slice`): ``x[:, start:stop]``, one piece of torch's ``x.chunk(2, dim=1)``."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start : self.stop]
+
+
 class Rescaling(nn.Module):
     """``x * scale + offset``, each a number or one per channel (IR `rescaling`); ``image``:
     NCHW input, so per-channel values are held as (C, 1, 1)."""

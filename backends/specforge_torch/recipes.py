@@ -37,6 +37,10 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "Pad2d", [a["pads"], a["mode"]], pad_value(a)
     if op == "cropping2d":
         return "Cropping2d", [a["crops"]], {}
+    if op == "channel_slice":
+        return "ChannelSlice", [a["start"], a["stop"]], {}
+    if op == "channel_shuffle":  # torch's view(n, g, c // g, h, w).transpose(1, 2).view(...)
+        return "nn.ChannelShuffle", [a["groups"]], {}
     if op in ("global_avg_pool2d", "global_max_pool2d"):
         return "GlobalPool", ["avg" if op == "global_avg_pool2d" else "max"], {}
     if op == "flatten":

@@ -170,6 +170,18 @@ def _layer_cases() -> list[Case]:
         {"type": "add", "inputs": ["centre", "side"]},
         {"type": "cropping2d", "cropping": {"top": 1, "bottom": 0, "left": 2, "right": 1}},
         *HEAD]
+    # ShuffleNetV2's stride-1 unit: half the channels pass, half go through the branch,
+    # then the two are interleaved; a shuffle of three groups after it
+    shuffle = [
+        _conv(8, 3, padding="same", name="stem", activation="relu"),
+        {"type": "channel_slice", "stop": 4, "name": "kept"},
+        {"type": "channel_slice", "start": 4, "inputs": "stem"},
+        _conv(4, 1, activation="relu"),
+        {"type": "depthwise_conv2d", "kernel": 3, "padding": "same"},
+        _conv(4, 1, activation="relu", name="branch"),
+        {"type": "concat", "inputs": ["kept", "branch"]},
+        {"type": "channel_shuffle", "groups": 2},
+        _conv(6, 3), {"type": "channel_shuffle", "groups": 3}, *HEAD]
     return [
         Case("batch-norm", [_conv(6, 3, bias=False),
                             {"type": "batch_norm", "running_decay": 0.8, "epsilon": 1e-3},
@@ -222,6 +234,13 @@ def _layer_cases() -> list[Case]:
         Case("add-concat-residual", residual),
         Case("multiply-squeeze-excite", squeeze_excite),
         Case("cropping2d", cropping),
+        Case("channel-shuffle", shuffle),
+        # channels from the middle of an image, then features from a vector
+        Case("channel-slice", [_conv(6, 3, activation="tanh"),
+                               {"type": "channel_slice", "start": 1, "stop": 5}, *HEAD[:1],
+                               {"type": "dense", "units": 12, "activation": "relu"},
+                               {"type": "channel_slice", "start": 2},
+                               {"type": "dense", "units": 4}]),
         Case("dense-stack", [*HEAD[:1], {"type": "dense", "units": 12, "activation": "relu"},
                              {"type": "dense", "units": 4, "bias": False}]),
     ]

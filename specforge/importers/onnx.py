@@ -17,7 +17,14 @@ rounds to them. Every ONNX value is tracked as the spec layer that computes it a
   unsqueezed or reshaped to it: a squeeze-and-excitation gate, which a Mul with an NCHW
   image reads as a (C,) gate);
 - ``pooled_nhwc``: the same moved channels-last, (N, 1, 1, C) (torchvision's ConvNeXt
-  head normalises its pooled features so, between two Transposes).
+  head normalises its pooled features so, between two Transposes);
+- ``grouped`` / ``grouped_t``: inside a channel shuffle (torch's ``x.view(n, g, c // g, h,
+  w).transpose(1, 2).view(n, c, h, w)``), an NCHW image seen as (N, g, C/g, H, W) and then as
+  (N, C/g, g, H, W); only the Transpose and the Reshape of that pattern read them, checked
+  at its first Reshape, and the last Reshape writes the `channel_shuffle` layer.
+
+A Split of the channels (torch's ``x.chunk(2, dim=1)``) has one value per output, each a
+`channel_slice` layer; so does a Slice of the channel axis alone.
 
 The file is read by :mod:`specforge.importers.onnx_safety` first.
 """
@@ -57,6 +64,7 @@ class Value:
     shape: tuple[int, ...]  # the spec's per-sample shape: (H, W, C) or (features,)
     layout: str
     chw: tuple[int, int, int] | None = None  # (C, H, W) of a `chw` vector
+    groups: int = 1  # a channel shuffle's groups, in the `grouped` layouts
 
     @property
     def onnx_shape(self) -> tuple[int, ...]:
@@ -70,6 +78,10 @@ class Value:
             return (1, self.shape[0], 1, 1)
         if self.layout == "pooled_nhwc":
             return (1, 1, 1, self.shape[0])
+        if self.layout in ("grouped", "grouped_t"):
+            h, w, c = self.shape
+            g, rest = self.groups, c // self.groups
+            return (1, g, rest, h, w) if self.layout == "grouped" else (1, rest, g, h, w)
         return (1, self.shape[0])
 
 
@@ -127,6 +139,10 @@ class _Translator:
         self.crop_layers: dict[str, tuple[Value, str, Pads]] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
+        self.readers: dict[str, list[Any]] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
         #: GELUs written out element-wise, by their output; the nodes inside them
         self.gelus = find_gelus(self.graph, self._read_tensor, self.uses)
         self.inside_gelus = {n for g in self.gelus.values() for n in g.nodes} - set(self.gelus)
@@ -203,7 +219,11 @@ class _Translator:
             elif node.op_type not in HANDLERS:
                 self._fail(node, f"op {node.op_type} has no specforge equivalent")
             else:
-                self.values[outputs[0]] = HANDLERS[node.op_type](self, node, _attrs(node))
+                result = HANDLERS[node.op_type](self, node, _attrs(node))
+                if isinstance(result, list):  # one value per output (Split)
+                    self.values.update(zip(outputs, result, strict=True))
+                    return
+                self.values[outputs[0]] = result
                 for extra in outputs[1:]:  # e.g. MaxPool's indices: usable by nothing
                     self.values[extra] = None
         except _Skip:
@@ -955,9 +975,12 @@ def _flattened(t: _Translator, node: Any, value: Value) -> Value:
 
 
 def _reshape(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
-    """A reshape to (batch, features): a flatten; others have no specforge equivalent."""
+    """A reshape to (batch, features): a flatten; the two of a channel shuffle; others have
+    no specforge equivalent."""
     value = t.value(node)
     target = [int(d) for d in t.constant(node.input[1]).reshape(-1)]
+    if len(target) == 5 or value.layout == "grouped_t":
+        return _shuffle_reshape(t, node, value, target)
     features = value.shape[0] if len(value.shape) == 1 else int(np.prod(value.shape))
     if len(target) == 2 and target[0] in (-1, 0, 1) and target[1] in (-1, features):
         return _flattened(t, node, value)
@@ -966,6 +989,94 @@ def _reshape(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         return Value(value.layer, value.shape, "pooled")  # a gate, torch's view(b, c, 1, 1)
     raise _NotExpressible(f"reshape to {target}: only to (batch, {features}) (a flatten) "
                           f"or a vector to (batch, {features}, 1, 1)")
+
+
+#: torch's channel shuffle, as its exporters write it, for the refusals' reason.
+SHUFFLE_PATTERN = ("only a channel shuffle reshapes to 5 axes: Reshape to (N, g, C/g, H, W), "
+                   "Transpose [0, 2, 1, 3, 4] and Reshape to (N, C, H, W), each read by the "
+                   "next alone")
+
+
+def _shuffle_reshape(t: _Translator, node: Any, value: Value, target: list[int]) -> Value:
+    """The first Reshape of a channel shuffle (the whole pattern checked here: it is seen
+    as ``grouped``) or its last (the `channel_shuffle` layer)."""
+    resolved = _reshaped(target, value.onnx_shape)
+    if value.layout == "grouped_t":
+        h, w, c = value.shape
+        if resolved != (1, c, h, w):
+            raise _NotExpressible(f"reshape of ONNX shape {list(value.onnx_shape)} to "
+                                  f"{target}: {SHUFFLE_PATTERN}")
+        name = t.add(node, "channel_shuffle", [value], groups=value.groups)
+        return Value(name, value.shape, "nchw")
+    if value.layout != "nchw" or resolved is None or len(resolved) != 5:
+        raise _NotExpressible(f"reshape of ONNX shape {list(value.onnx_shape)} to {target}: "
+                              f"{SHUFFLE_PATTERN}")
+    h, w, c = value.shape
+    groups = resolved[1]
+    transpose = _only_reader(t, node.output[0], "Transpose")
+    if resolved != (1, groups, c // groups, h, w) or transpose is None or \
+            list(_attrs(transpose).get("perm", [])) != [0, 2, 1, 3, 4] or \
+            _only_reader(t, transpose.output[0], "Reshape") is None:
+        raise _NotExpressible(f"reshape of ONNX shape {list(value.onnx_shape)} to {target}: "
+                              f"{SHUFFLE_PATTERN}")
+    return Value(value.layer, value.shape, "grouped", groups=groups)
+
+
+def _only_reader(t: _Translator, output: str, op_type: str) -> Any | None:
+    """The one node reading ``output`` if it is an ``op_type`` (and not a graph output)."""
+    readers = t.readers.get(output, [])
+    if t.uses[output] != 1 or len(readers) != 1 or readers[0].op_type != op_type:
+        return None
+    return readers[0]
+
+
+def _reshaped(target: list[int], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape a Reshape (allowzero 0) to ``target`` gives ``shape``; None if none."""
+    dims = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target)]
+    total, known = int(np.prod(shape)), int(np.prod([d for d in dims if d != -1]))
+    if dims.count(-1) > 1 or min(dims, default=0) < -1 or known == 0:
+        return None
+    if -1 in dims:
+        if total % known:
+            return None
+        dims[dims.index(-1)] = total // known
+    return tuple(dims) if int(np.prod(dims)) == total else None
+
+
+def _split(t: _Translator, node: Any, attrs: dict[str, Any]) -> list[Value | None]:
+    """A Split of the channels (torch's ``x.chunk(2, dim=1)``): a `channel_slice` per output
+    that something reads (None for the others)."""
+    value = t.value(node)
+    channels = value.shape[-1]
+    axis = int(attrs.get("axis", 0)) % len(value.onnx_shape)
+    if axis != CHANNEL_AXIS.get(value.layout):
+        raise _NotExpressible(f"a split of axis {axis} of ONNX shape {list(value.onnx_shape)}:"
+                              " only the channels")
+    given = t.optional_constant(node, 1) if t.opset >= 13 else None
+    sizes = [int(n) for n in (given.tolist() if given is not None else attrs.get("split", []))]
+    count = len(node.output)
+    if not sizes:  # equal pieces; opset 18's num_outputs makes the last one smaller
+        piece = -(-channels // count)
+        sizes = [min(piece, channels - k * piece) for k in range(count)]
+    if len(sizes) != count or sum(sizes) != channels or min(sizes) < 1:
+        raise _NotExpressible(f"split sizes {sizes} of {channels} channels into {count} "
+                              "outputs: each takes at least one")
+    values: list[Value | None] = []
+    start = 0
+    for output, size in zip(node.output, sizes, strict=True):
+        values.append(_channel_slice(t, node, value, start, start + size)
+                      if t.uses[output] else None)
+        start += size
+    return values
+
+
+def _channel_slice(t: _Translator, node: Any, value: Value, start: int, stop: int) -> Value:
+    """Channels [start, stop) of ``value`` as a `channel_slice` layer (the defaults left
+    out)."""
+    fields = {k: v for k, v, default in (("start", start, 0), ("stop", stop, value.shape[-1]))
+              if v != default}
+    name = t.add(node, "channel_slice", [value], **fields)
+    return Value(name, (*value.shape[:-1], stop - start), value.layout)
 
 
 def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -993,6 +1104,8 @@ def _unsqueeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 def _transpose(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     value = t.value(node)
     perm = list(attrs.get("perm", []))
+    if value.layout == "grouped":  # a channel shuffle's (checked by its first Reshape)
+        return Value(value.layer, value.shape, "grouped_t", groups=value.groups)
     moves = {("nchw", (0, 2, 3, 1)): "nhwc", ("nhwc", (0, 3, 1, 2)): "nchw",
              ("pooled", (0, 2, 3, 1)): "pooled_nhwc", ("pooled_nhwc", (0, 3, 1, 2)): "pooled"}
     moves |= {(layout, (0, 1, 2, 3)): layout for layout in ("nchw", "nhwc", "pooled",
@@ -1056,10 +1169,11 @@ def _pad(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
 
 
 def _slice(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
-    """A Slice of height and width by steps of 1 is a cropping2d; the batch and channel
-    axes may only be kept whole."""
+    """A Slice of height and width by steps of 1 is a cropping2d, one of the channel axis
+    alone a channel_slice; the batch axis may only be kept whole."""
     value = t.value(node)
     spatial = {"nchw": (2, 3), "nhwc": (1, 2)}.get(value.layout)
+    channel = CHANNEL_AXIS.get(value.layout)
     shape = value.onnx_shape
     if t.opset < 10:  # starts, ends and axes were attributes then
         starts, ends, axes, steps = (attrs.get(k) for k in ("starts", "ends", "axes", "steps"))
@@ -1070,16 +1184,29 @@ def _slice(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     if not len(starts) == len(ends) == len(axes):
         raise _NotExpressible(f"starts {starts}, ends {ends} and axes {axes} of different "
                               "lengths")
-    if spatial is None or any(step != 1 for step in steps or []):
+    if (spatial is None and channel is None) or any(step != 1 for step in steps or []):
         raise _NotExpressible(f"a slice of ONNX shape {list(shape)} by steps {steps}: only "
-                              "height and width of an image, by steps of 1")
+                              "height and width of an image, or the channels, by steps of 1")
     kept = {a: (0, shape[a]) for a in range(len(shape))}
+    cut: list[int] = []
     for axis, start, end in zip(axes, starts, ends, strict=True):
         kept[axis] = (_slice_bound(start, shape[axis]), _slice_bound(end, shape[axis]))
         whole = start == 0 and (end >= 2**31 - 1 if axis == 0 else kept[axis][1] == shape[axis])
-        if axis not in spatial and not whole:
+        if not whole:
+            cut.append(axis)
+    if cut and set(cut) == {channel}:
+        first, last = kept[channel]
+        if last <= first:
+            raise _NotExpressible(f"a slice that leaves no channel of ONNX shape {list(shape)}")
+        return _channel_slice(t, node, value, first, last)
+    for axis in cut:
+        if spatial is None or axis not in spatial:
+            start, end = kept[axis]
             raise _NotExpressible(f"a slice of axis {axis} ({start}:{end}) of ONNX shape "
-                                  f"{list(shape)}: only height and width can be cropped")
+                                  f"{list(shape)}: only height and width can be cropped, or "
+                                  "the channels alone taken")
+    if spatial is None:
+        raise _NotExpressible(f"a slice of ONNX shape {list(shape)} that keeps it whole")
     (top, h_end), (left, w_end) = kept[spatial[0]], kept[spatial[1]]
     if h_end <= top or w_end <= left:
         raise _NotExpressible(f"a slice that leaves no pixel of ONNX shape {list(shape)}")
@@ -1108,7 +1235,7 @@ def _slice_bound(index: int, size: int) -> int:
     return min(max(index + size if index < 0 else index, 0), size)
 
 
-HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
+HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Any]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
     "Relu": _activation("relu"),
@@ -1125,7 +1252,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "ReduceMax": _global_pool("global_max_pool2d"), "Flatten": _flatten,
     "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat,
     "Pad": _pad, "Mul": _mul, "Sub": _sub, "Div": _div, "Unsqueeze": _unsqueeze,
-    "Slice": _slice,
+    "Slice": _slice, "Split": _split,
 }
 
 

@@ -103,6 +103,11 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
     elif isinstance(layer, L.Cropping2D):  # written as padding is: the same four sides
         return [("cropping2d", {"crops": resolve_pads(layer.cropping, in_shape, (1, 1),
                                                       (1, 1))})]
+    elif isinstance(layer, L.ChannelSlice):  # stop made explicit: the input's channels
+        stop = in_shape[-1] if layer.stop is None else layer.stop
+        return [("channel_slice", {"start": layer.start, "stop": stop})]
+    elif isinstance(layer, L.ChannelShuffle):
+        return [("channel_shuffle", {"groups": layer.groups})]
     elif isinstance(layer, L.BatchNorm):
         main = ("batch_norm", {"decay": layer.running_decay, "epsilon": layer.epsilon,
                                "scale": layer.scale, "center": layer.center})

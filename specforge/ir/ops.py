@@ -201,6 +201,37 @@ def cropping2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult((h - top - bottom, w - left - right, c))
 
 
+@op("channel_slice")
+def channel_slice(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Channels ``start`` to ``stop - 1`` (the last axis) of an image or a vector:
+    ``out[..., k] = x[..., start + k]``, of ``stop - start`` channels (torch's
+    ``x[:, start:stop]``; ``x.chunk(2, dim=1)`` is two of them). ``stop`` is always explicit
+    and at most the input's channels; at least one channel remains. No parameters, no
+    arithmetic."""
+    channels = shapes[0][-1]
+    start, stop = attrs["start"], attrs["stop"]
+    if not start < stop <= channels:
+        raise ShapeError(f"channel_slice's channels [{start}, {stop}) are not within the "
+                         f"{channels} channels of its input (shape {shapes[0]})",
+                         f"take channels from 0 to at most {channels}, start below stop")
+    return OpResult((*shapes[0][:-1], stop - start))
+
+
+@op("channel_shuffle")
+def channel_shuffle(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """ShuffleNet's channel shuffle of an image (H, W, C): the C channels seen as ``groups``
+    groups of ``C / groups``, interleaved: output channel ``i * groups + j`` is input channel
+    ``j * (C / groups) + i``, for ``j < groups`` and ``i < C / groups``. This is torch's
+    ``x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)`` (and
+    ``nn.ChannelShuffle``). ``groups`` must divide C. No parameters, no arithmetic."""
+    h, w, c = _image("channel_shuffle", shapes[0])
+    if c % attrs["groups"]:
+        raise ShapeError(f"channel_shuffle's {attrs['groups']} groups do not divide the {c} "
+                         f"channels of its input", "use a number of groups that divides "
+                         f"{c}")
+    return OpResult((h, w, c))
+
+
 @op("max_pool2d")
 def max_pool2d(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Maximum over each window. Padded cells never win (they are -inf), unless the attr

@@ -25,6 +25,7 @@ from specforge.reference.forward import (
     pool_padded,
     pool_pads,
     pool_windows,
+    shuffle_channels,
     windows,
 )
 
@@ -52,6 +53,13 @@ def unpad(g: Array, shape: tuple[int, ...], pads: tuple[int, int, int, int],
         np.add.at(out, index, g)
         g = out
     return g
+
+
+def channel_slice_grad(g: Array, shape: tuple[int, ...], node: Node) -> Array:
+    """A channel slice's adjoint: ``g`` in the taken channels, zeros in the others."""
+    out = np.zeros(shape, g.dtype)
+    out[..., node.attrs["start"]:node.attrs["stop"]] = g
+    return out
 
 
 def unwindow(g: Array, padded_shape: tuple[int, ...], kernel: tuple[int, int],
@@ -232,6 +240,10 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
         [unpad(gy, xs[0].shape, n.attrs["pads"], n.attrs["mode"])], {}),
     # the cut pixels take no part in the output: zero gradient, the kept ones pass theirs
     "cropping2d": lambda n, xs, y, gy, w, t: ([pad(gy, n.attrs["crops"])], {}),
+    "channel_slice": lambda n, xs, y, gy, w, t: ([channel_slice_grad(gy, xs[0].shape, n)], {}),
+    # the shuffle's inverse is the shuffle of C / groups groups
+    "channel_shuffle": lambda n, xs, y, gy, w, t: (
+        [shuffle_channels(gy, gy.shape[-1] // n.attrs["groups"])], {}),
     "global_avg_pool2d": lambda n, xs, y, gy, w, t: (
         [np.broadcast_to(gy[:, None, None, :] / (xs[0].shape[1] * xs[0].shape[2]),
                          xs[0].shape)], {}),

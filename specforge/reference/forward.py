@@ -32,6 +32,12 @@ def crop(x: Array, crops: tuple[int, int, int, int]) -> Array:
     return x[:, top:h - bottom, left:w - right, :]
 
 
+def shuffle_channels(x: Array, groups: int) -> Array:
+    """(..., C) with channel ``i * groups + j`` taken from ``j * (C / groups) + i``."""
+    c = x.shape[-1]
+    return x.reshape(*x.shape[:-1], groups, c // groups).swapaxes(-1, -2).reshape(x.shape)
+
+
 def windows(x: Array, kernel: tuple[int, int], strides: tuple[int, int],
             dilation: tuple[int, int] = (1, 1)) -> Array:
     """(N, OH, OW, kh, kw, C): every window of an already padded input."""
@@ -174,6 +180,8 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
                                      n.attrs.get("pad_value", 0.0)),
     "cropping2d": lambda n, xs, w, t: crop(xs[0], n.attrs["crops"]),
+    "channel_slice": lambda n, xs, w, t: xs[0][..., n.attrs["start"]:n.attrs["stop"]],
+    "channel_shuffle": lambda n, xs, w, t: shuffle_channels(xs[0], n.attrs["groups"]),
     "global_avg_pool2d": lambda n, xs, w, t: xs[0].mean(axis=(1, 2)),
     "global_max_pool2d": lambda n, xs, w, t: xs[0].max(axis=(1, 2)),
     "flatten": lambda n, xs, w, t: xs[0].reshape(len(xs[0]), -1),  # NHWC: H, W, C order

@@ -184,6 +184,33 @@ class Cropping2D(LayerBase):
                     "`{top, bottom, left, right}`.")
 
 
+class ChannelSlice(LayerBase):
+    """Channels ``[start, stop)`` of an image or a vector (torch's ``x[:, start:stop]``,
+    one piece of ``x.chunk(2, dim=1)``). At least one channel must remain."""
+
+    type: Literal["channel_slice"]
+    start: Annotated[int, Field(ge=0, le=65_536)] = Field(
+        0, description="The first channel taken (counted from 0).")
+    stop: Size | None = Field(None, description=(
+        "One past the last channel taken; default: to the last channel."))
+
+    @model_validator(mode="after")
+    def _takes_a_channel(self) -> ChannelSlice:
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError(f"stop {self.stop} must be greater than start {self.start}: "
+                             "a slice takes at least one channel")
+        return self
+
+
+class ChannelShuffle(LayerBase):
+    """ShuffleNet's channel shuffle of an image: the channels, seen as ``groups`` groups of
+    C / groups, interleaved (torch's ``nn.ChannelShuffle``)."""
+
+    type: Literal["channel_shuffle"]
+    groups: Size = Field(description=(
+        "How many groups the channels form; must divide the channels."))
+
+
 class Pool2D(LayerBase):
     """Fields of both pooling layers."""
 
@@ -361,9 +388,9 @@ class BlockUse(LayerBase):
 
 
 Layer = Annotated[
-    Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | Dropout | ActivationLayer
-    | Rescaling | Add | Multiply | Concat | BlockUse,
+    Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | ChannelSlice | ChannelShuffle | MaxPool2D
+    | AvgPool2D | GlobalAvgPool2D | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm
+    | Dropout | ActivationLayer | Rescaling | Add | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
 ]
 
