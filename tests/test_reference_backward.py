@@ -354,6 +354,24 @@ def test_layer_norm_gradients(case: str) -> None:
     check_parameter_gradients(program, x, y)
 
 
+# --- prelu ---------------------------------------------------------------------------------
+
+PRELU_CASES = {
+    # one slope per channel, shared by the pixels; the conv's outputs straddle 0
+    "image": ("[{type: conv2d, filters: 3, kernel: 2, name: before},"
+              " {type: prelu, name: pr}, {type: flatten}, {type: dense, units: 3}]"),
+    "vector": ("[{type: flatten, name: flat}, {type: dense, units: 4, name: before},"
+               " {type: prelu, alpha_init: -0.5}, {type: dense, units: 3}]"),
+}
+
+
+@pytest.mark.parametrize("case", PRELU_CASES)
+def test_prelu_gradients(case: str) -> None:
+    program = build(PRELU_CASES[case], (3, 4, 2))
+    x, y = data(program)
+    check_parameter_gradients(program, x, y)
+
+
 def test_batch_norm_training_and_evaluation_differ() -> None:
     # Guards the two tests above: the modes must really take different paths.
     program = build("[{type: conv2d, filters: 3, kernel: 2}, {type: batch_norm},"
@@ -471,7 +489,8 @@ def test_composite_graph_through_the_probe() -> None:
     masks = dropout_masks(program.graph, 0, 0, len(x))
     value, grads = ReferenceProbe(program, weights).gradients(x, y, masks)
     assert np.isclose(value, model_loss(program, weights, x, y, True, masks))
-    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "dense_1.bias"):
+    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "pr.alpha",
+                 "dense_1.bias"):
         numeric = numeric_gradient(
             lambda w, name=name: ReferenceProbe(program, {**weights, name: w}).gradients(
                 x, y, masks)[0], weights[name])

@@ -185,6 +185,10 @@ def _layer_cases() -> list[Case]:
                             {"type": "layer_norm", "epsilon": 1e-5},
                             {"type": "activation", "fn": "gelu"},
                             {"type": "dense", "units": 4}]),
+        # a learned slope per channel of an image (torch's init), then per feature (Keras's 0)
+        Case("prelu", [_conv(6, 3), {"type": "prelu"}, *HEAD[:1],
+                       {"type": "dense", "units": 8}, {"type": "prelu", "alpha_init": 0.0},
+                       {"type": "dense", "units": 4}]),
         Case("batch-norm-on-features", [*HEAD[:1], {"type": "dense", "units": 16,
                                                     "bias": False},
                                          {"type": "batch_norm"},

@@ -357,6 +357,19 @@ def layer_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult(shapes[0], params, 7 * _numel(shapes[0]))
 
 
+@op("prelu")
+def prelu(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Parametric ReLU: ``y = x`` where ``x > 0``, else ``alpha * x``, with one learned slope
+    per channel (last axis), shared by every pixel of an image (torch's
+    ``nn.PReLU(num_parameters=C)``; Keras's ``PReLU(shared_axes=[1, 2])``; on a vector each
+    feature's). At ``x == 0`` the gradient to x is ``alpha`` (torch's side). alpha (C,)
+    init ``alpha_init`` (``constant:<alpha_init>``: 0.25 by default, torch's).
+    """
+    c = shapes[0][-1]
+    alpha = Param("alpha", (c,), f"constant:{float(attrs['alpha_init'])!r}")
+    return OpResult(shapes[0], (alpha,), 3 * _numel(shapes[0]))
+
+
 @op("dropout")
 def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Training only: zero each element with probability ``rate`` and scale the others by

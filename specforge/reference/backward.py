@@ -149,6 +149,14 @@ def layer_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str,
     return [g_x], grads
 
 
+def prelu(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
+          training: bool) -> Grads:
+    positive = xs[0] > 0
+    others = tuple(range(gy.ndim - 1))  # alpha is shared by every sample and pixel
+    grads = {"alpha": np.where(positive, 0, gy * xs[0]).sum(axis=others)}
+    return [np.where(positive, gy, gy * w["alpha"])], grads
+
+
 def _sigmoid(x: Array) -> Array:
     return 1 / (1 + np.exp(-x))
 
@@ -225,6 +233,7 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
+    "prelu": prelu,
     "activation": activation,
     "dense": dense,
     "global_max_pool2d": global_max_pool2d,

@@ -125,6 +125,10 @@ def layer_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bo
     return x_hat * w["gamma"] + w["beta"]
 
 
+def prelu(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    return np.where(xs[0] > 0, xs[0], w["alpha"] * xs[0])
+
+
 erf_elementwise = np.vectorize(erf)
 
 
@@ -171,6 +175,7 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
+    "prelu": prelu,
     "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
                                      n.attrs.get("pad_value", 0.0)),
     "cropping2d": lambda n, xs, w, t: crop(xs[0], n.attrs["crops"]),

@@ -272,6 +272,18 @@ class LayerNorm(LayerBase):
         "Added to the variance before the sqrt (Keras's default; torch's is 1e-5)."))
 
 
+class PReLU(LayerBase):
+    """Parametric ReLU: ``x`` where ``x > 0``, else ``alpha * x``, with a learned slope
+    ``alpha`` per channel (shared by every pixel of an image): torch's
+    ``nn.PReLU(num_parameters=C)``, Keras's ``PReLU(shared_axes=[1, 2])`` on images and
+    ``PReLU()`` on vectors."""
+
+    type: Literal["prelu"]
+    alpha_init: float = Field(0.25, allow_inf_nan=False, description=(
+        "Every channel's initial slope (torch's default and He et al.'s; Keras's is 0, "
+        "which starts as a relu)."))
+
+
 class Dropout(LayerBase):
     """Inverted dropout: zero each element with probability `rate`, scale the rest."""
 
@@ -362,7 +374,7 @@ class BlockUse(LayerBase):
 
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | Dropout | ActivationLayer
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | PReLU | Dropout | ActivationLayer
     | Rescaling | Add | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
 ]
