@@ -141,6 +141,11 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     if op == "layer_norm":  # over the last axis, Keras's default
         epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
         return [], call("layers.LayerNormalization", **epsilon, name=name)
+    if op == "prelu":  # one slope per channel: shared by an image's height and width
+        init = {} if a["alpha_init"] == 0.0 else {
+            "alpha_initializer": Code(f"keras.initializers.Constant({a['alpha_init']!r})")}
+        shared = {"shared_axes": [1, 2]} if len(in_shape) == 3 else {}
+        return [], call("layers.PReLU", **init, **shared, name=name)
     if op == "dropout":
         if a["per_sample"]:  # drop-connect, as keras.applications' EfficientNet writes it
             noise_shape = (None, *[1] * len(in_shape))

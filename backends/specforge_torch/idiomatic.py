@@ -117,6 +117,9 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
             return [(call("LayerNorm2d", in_shape[-1], **epsilon),
                      "each pixel's channels (torchvision's ConvNeXt)")]
         return [(call("nn.LayerNorm", in_shape[-1], **epsilon), "")]
+    if op == "prelu":  # one slope per channel (dim 1) of an image or a vector
+        init = {} if a["alpha_init"] == 0.25 else {"init": a["alpha_init"]}
+        return [(call("nn.PReLU", in_shape[-1], **init), "")]
     if op == "dropout":
         cls = "SampleDropout" if a["per_sample"] else \
             "nn.Dropout2d" if a["spatial"] else "nn.Dropout"
