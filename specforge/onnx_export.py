@@ -294,6 +294,15 @@ def export_layer_norm(ctx: OpContext) -> str:
     return ctx.add("Transpose", [y], perm=[0, 3, 1, 2]) if image else y
 
 
+@exports("prelu", "alpha_init")  # the initial slope: no part of a trained model
+def export_prelu(ctx: OpContext) -> str:
+    """PRelu with the slopes as (C, 1, 1) on an NCHW image (as torch exports nn.PReLU), so
+    that they broadcast over height and width; (C,) on features."""
+    alpha = ctx.params["alpha"]
+    slope = alpha.reshape(-1, 1, 1) if len(ctx.node.shape) == 3 else alpha
+    return ctx.add("PRelu", [*ctx.inputs, ctx.constant("alpha", slope)])
+
+
 @exports("dropout", "rate", "spatial", "per_sample")
 def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all

@@ -447,6 +447,40 @@ def test_keras_layer_norm_over_other_axes_is_refused(tmp_path, layer, reason):
     assert reason in str(refusal.value)
 
 
+def test_keras_prelus_import_as_prelu(tmp_path):
+    """A slope per channel of an image (shared_axes=[1, 2]), one for all (every axis
+    shared), one per feature of a vector (Keras's default there)."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 3))
+    x = k.PReLU(shared_axes=[1, 2], name="channels")(k.Conv2D(4, 3, name="conv")(inputs))
+    x = k.PReLU(shared_axes=[1, 2, 3], name="one")(x)
+    x = k.PReLU(name="features")(k.Dense(5, name="fc")(k.Flatten()(x)))
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "prelu.keras")
+    spec, graph, weights = imported(tmp_path / "prelu.keras", tmp_path)
+    batch = images((6, 5, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [(ops[n].op, ops[n].shape) for n in ("channels", "one", "features")] == [
+        ("prelu", (4, 3, 4)), ("prelu", (4, 3, 4)), ("prelu", (5,))]
+    one = float(np.asarray(source.get_layer("one").get_weights()[0]).reshape(-1)[0])
+    assert weights["one.alpha"].tolist() == [one] * 4
+    np.testing.assert_array_equal(weights["channels.alpha"],
+                                  source.get_layer("channels").get_weights()[0].reshape(4))
+
+
+def test_a_keras_prelu_with_a_slope_per_pixel_is_refused(tmp_path):
+    inputs = keras.Input((4, 5, 3))  # Keras's default: alpha of shape (4, 5, 3)
+    source = keras.Model(inputs, keras.layers.Flatten()(keras.layers.PReLU(name="pr")(inputs)))
+    source.save(tmp_path / "prelu.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "prelu.keras")
+    assert "'pr' (PReLU): alpha of shape [4, 5, 3] (shared_axes None): specforge's prelu " \
+        "learns one slope per channel, shared by height and width (PReLU(shared_axes=[1, 2]))" \
+        in str(refusal.value)
+
+
 def test_keras_cropping2d_imports_as_cropping2d(tmp_path):
     """Each way Keras writes a crop, NASNet's one-pixel crop of a branch beside a valid
     convolution among them; the spec writes pad2d's forms."""

@@ -418,3 +418,36 @@ def test_a_constant_minus_or_over_a_layer_is_refused(tmp_path, op):
         import_model(path)
     assert any(line.startswith(f"'reversed' ({op}): specforge ") and "a constant" in line
                for line in caught.value.lines), caught.value.lines
+
+
+# --- PRelu --------------------------------------------------------------------------------------
+
+def test_torch_prelus_import_as_prelu(tmp_path):
+    """nn.PReLU(C) on an image ((C, 1, 1) slopes), nn.PReLU() (one slope) on features."""
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(4),
+                                 torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5),
+                                 torch.nn.PReLU(), torch.nn.Linear(5, 3))
+    with torch.no_grad():  # slopes of both signs, each channel its own
+        source[1].weight.copy_(torch.tensor([0.5, -0.3, 0.0, 1.7]))
+        source[4].weight.fill_(-0.2)
+    path = export_torch(source, (6, 6, 3), tmp_path / "prelu.onnx", opset_version=17)
+    assert "PRelu" in {n.op_type for n in onnx.load(path).graph.node}
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((6, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    prelus = [n for n in graph if n.op == "prelu"]
+    assert [n.shape for n in prelus] == [(4, 4, 4), (5,)]
+    assert weights[f"{prelus[0].name}.alpha"].tolist() == pytest.approx([0.5, -0.3, 0.0, 1.7])
+    assert weights[f"{prelus[1].name}.alpha"].tolist() == pytest.approx([-0.2] * 5)
+
+
+def test_a_prelu_slope_per_pixel_is_refused(tmp_path):
+    slope = np.random.default_rng(1).normal(0, 1, (4, 4, 4))  # (C, H, W): one per element
+    path = conv_then([helper.make_node("PRelu", ["c", "s"], ["a"], name="prelu")],
+                     [constant("s", slope)], tmp_path / "m.onnx")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "a slope of shape [4, 4, 4] that differs along more than the channels of a NCHW " \
+        "tensor of ONNX shape [1, 4, 4, 4]: specforge's prelu learns one slope per channel" \
+        in str(refusal.value)

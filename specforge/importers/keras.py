@@ -535,6 +535,22 @@ def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
           **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
 
 
+def _prelu(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """PReLU with one slope per channel (``shared_axes=[1, 2]`` on an image; a vector's or a
+    pixel's own per feature) or one for all; a slope per pixel (Keras's default on an
+    image) refused."""
+    (alpha,) = op.get_weights()
+    channels = tuple(op.input.shape)[-1]
+    if alpha.size == 1:  # shared by every axis
+        alpha = np.full(channels, alpha.reshape(-1)[0], alpha.dtype)
+    elif alpha.size != channels or alpha.shape[-1] != channels:
+        raise _NotExpressible(
+            f"alpha of shape {list(alpha.shape)} (shared_axes {config.get('shared_axes')!r}):"
+            " specforge's prelu learns one slope per channel, shared by height and width "
+            "(PReLU(shared_axes=[1, 2]))")
+    t.add(op, "prelu", inputs, {"alpha": alpha.reshape(channels)})
+
+
 def _layer_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """keras.applications' LayerScale (ConvNeXt's), ``x * gamma`` with a learned gamma per
     channel: a depthwise 1x1 convolution without bias, one product per element as Keras's,
@@ -754,12 +770,13 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
     "CustomScaleLayer": _custom_scale, "LayerScale": _layer_scale, "Cropping2D": _cropping,
+    "PReLU": _prelu,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
 ELEMENTWISE = {"BatchNormalization", "LayerNormalization", "Dropout", "SpatialDropout2D",
                "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate",
-               "Rescaling", "Normalization", "Multiply"}
+               "Rescaling", "Normalization", "Multiply", "PReLU"}
 #: keras.ops arithmetic translated in a functional model (see _Translator._translate_op).
 ARITHMETIC = {"Add", "Subtract", "Multiply", "TrueDivide"}
 #: Layers translated on one pixel (see _Translator.pixels).

@@ -699,6 +699,36 @@ def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     return Value(name, value.shape, value.layout, value.chw)
 
 
+#: The ONNX axis of the channels (of the features, for a vector), by layout.
+CHANNEL_AXIS = {"nchw": 1, "nhwc": 3, "flat": 1, "pooled": 1, "pooled_nhwc": 3}
+
+
+def _prelu(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """PRelu with one slope, or one per channel (torch's nn.PReLU(C): (C, 1, 1) on an NCHW
+    image), as prelu; a slope that differs along any other axis refused."""
+    value = t.value(node)
+    slope, shape = t.constant(node.input[1]), value.onnx_shape
+    try:
+        full = np.broadcast_to(slope, shape)
+    except ValueError:
+        raise _NotExpressible(f"a slope of shape {list(slope.shape)} for a tensor of ONNX "
+                              f"shape {list(shape)}") from None
+    channels = value.shape[-1]
+    if (full == full.flat[0]).all():  # one slope (nn.PReLU()'s default) for every channel
+        alpha = np.full(channels, full.flat[0], np.float32)
+    else:
+        axis = CHANNEL_AXIS.get(value.layout)
+        rows = None if axis is None else np.moveaxis(full, axis, -1).reshape(-1, channels)
+        if rows is None or not (rows == rows[0]).all():
+            raise _NotExpressible(
+                f"a slope of shape {list(slope.shape)} that differs along more than the "
+                f"channels of a {value.layout.upper()} tensor of ONNX shape {list(shape)}: "
+                "specforge's prelu learns one slope per channel")
+        alpha = rows[0]
+    name = t.add(node, "prelu", [value], {"alpha": alpha})
+    return Value(name, value.shape, value.layout, value.chw)
+
+
 #: The ONNX axis from which LayerNormalization normalises only the channels, by layout.
 LAST_AXIS = {"nhwc": 3, "flat": 1, "pooled": 1, "pooled_nhwc": 3}
 
@@ -1111,6 +1141,7 @@ def _slice_bound(index: int, size: int) -> int:
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "PRelu": _prelu,
     "Relu": _activation("relu"),
     "LeakyRelu": _activation(_leaky), "Elu": _activation(_elu), "Selu": _activation(_selu),
     "Sigmoid": _activation("sigmoid"), "Tanh": _activation("tanh"),
