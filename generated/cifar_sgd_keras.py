@@ -32,15 +32,13 @@ def build_model() -> keras.Model:
 
 
 def load_weights(model: keras.Model, path: Path) -> None:  # specforge's layouts are Keras's
-    order = ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_var", "alpha"]
+    order = ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_var"]
     weights = {}
     with np.load(path, allow_pickle=False) as arrays:
         for key in sorted(arrays.files, key=lambda k: order.index(k.rsplit(".", 1)[1])):
             weights.setdefault(re.sub(r"\W", "_", key.rsplit(".", 1)[0]), []).append(arrays[key])
     for name, values in weights.items():
-        layer = model.get_layer(name)  # PReLU keeps an image's slopes as (1, 1, C)
-        shapes = [w.shape for w in layer.get_weights()]
-        layer.set_weights([v.reshape(s) for v, s in zip(values, shapes, strict=True)])
+        model.get_layer(name).set_weights(values)
 
 
 class SGD(keras.optimizers.SGD):  # torch's: b = momentum * b + g, p -= lr * b

@@ -283,8 +283,7 @@ def load_weights(model: nn.Module, path: Path) -> None:  # specforge's neutral l
             value = arrays[key]
             if param == "kernel":
                 value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            renames = {"kernel": "weight", "gamma": "weight", "beta": "bias", "alpha": "weight"}
-            torch_name = renames.get(param, param)
+            torch_name = {"kernel": "weight", "gamma": "weight", "beta": "bias"}.get(param, param)
             name = re.sub(r"\W", "_", node) + "." + torch_name.replace("moving_", "running_")
             state[name] = torch.from_numpy(np.ascontiguousarray(value))
     state |= {k: v for k, v in model.state_dict().items() if k.endswith("batches_tracked")}

@@ -237,6 +237,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         framework="Keras 3", chain=chain, input_shape=tuple(graph.input.shape),
         augment_layers=augment_layers(augment, tuple(graph.input.shape)) if augment else [],
         augment=augment, dropout=any(n.op == "dropout" for n in graph),
+        prelu=any(n.op == "prelu" for n in graph),
         sequential=[c for c in calls], functional=[] if chain else functional_lines(
             program, layers_),
         final_activation=program.output_activation if extra_softmax else None,

@@ -306,6 +306,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         input_shape=tuple(graph.input.shape), augment=augment,
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),
+        prelu=any(n.op == "prelu" for n in graph),
         optimizer=wrapped("optimizer = ", _optimizer(program), 4),
         loss_lines=_loss_lines(program), loss_call=_losscall(program),
         metric_lines=_metric_lines(program), clip=program.optimizer,
