@@ -166,6 +166,8 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         return [NodeExp("", "batch_norm", shape, learned, 2 * c, 4 * numel(shape))]
     if kind == "layer_norm":  # gamma and beta; a mean, a variance and the affine per element
         return [NodeExp("", "layer_norm", shape, 2 * shape[-1], 0, 7 * numel(shape))]
+    if kind == "prelu":  # a slope per channel; a compare, a product and a select per element
+        return [NodeExp("", "prelu", shape, shape[-1], 0, 3 * numel(shape))]
     if kind == "dropout":
         return [NodeExp("", "dropout", shape, flops=numel(shape))]
     if kind == "activation":
@@ -370,14 +372,16 @@ class Builder:
     def shape_keeping(self) -> dict[str, Any]:
         """A layer that keeps the tip's shape exactly (for residual branches)."""
         d, c = self.draw, self.shape[2]
-        kind = d(st.sampled_from(["conv", "batch_norm", "layer_norm", "activation", "dropout",
-                                  "rescaling"]))
+        kind = d(st.sampled_from(["conv", "batch_norm", "layer_norm", "prelu", "activation",
+                                  "dropout", "rescaling"]))
         if kind == "conv":
             return self.conv(filters=c, keep_hw=True)
         if kind == "batch_norm":
             return self.batch_norm()
         if kind == "layer_norm":
             return self.layer_norm()
+        if kind == "prelu":
+            return self.prelu()
         if kind == "rescaling":
             return self.rescaling()
         if kind == "activation":
@@ -400,6 +404,12 @@ class Builder:
                                                             "layer_normalization"]))}
         if d(st.booleans()):
             layer["epsilon"] = d(st.sampled_from([1e-5, 0.01]))
+        return layer
+
+    def prelu(self) -> dict[str, Any]:
+        layer: dict[str, Any] = {"type": "prelu"}
+        if self.draw(st.booleans()):
+            layer["alpha_init"] = self.draw(st.sampled_from([0.0, -0.5]))
         return layer
 
     def rescaling(self) -> dict[str, Any]:
@@ -541,7 +551,7 @@ def random_models(draw: Any) -> Builder:
                                 "global_max_pool2d", "global_max_pooling2d"]))
     assert b.emit({"type": end})
     for _ in range(draw(st.integers(0, 2))):
-        kind = draw(st.sampled_from(["dense", "batch_norm", "layer_norm", "dropout",
+        kind = draw(st.sampled_from(["dense", "batch_norm", "layer_norm", "prelu", "dropout",
                                      "activation", "rescaling"]))
         if kind == "dense":
             layer: dict[str, Any] = {"type": draw(st.sampled_from(["dense", "linear"])),
@@ -552,6 +562,8 @@ def random_models(draw: Any) -> Builder:
             layer = b.batch_norm()
         elif kind == "layer_norm":
             layer = b.layer_norm()
+        elif kind == "prelu":
+            layer = b.prelu()
         elif kind == "dropout":
             layer = {"type": "dropout", "rate": 0.25}
         elif kind == "rescaling":
