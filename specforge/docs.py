@@ -33,7 +33,7 @@ SECTIONS: list[tuple[str, list[type[BaseModel]]]] = [
     ("Model", [L.ModelSpec, L.BlockDef]),
     ("Layers", [L.Conv2D, L.DepthwiseConv2D, L.Pad2D, L.Cropping2D, L.MaxPool2D, L.AvgPool2D,
                 L.GlobalAvgPool2D, L.GlobalMaxPool2D, L.Flatten, L.Dense, L.BatchNorm,
-                L.LayerNorm, L.Dropout, L.ActivationLayer, L.PReLU, L.Rescaling, L.Add,
+                L.LayerNorm, L.GroupNorm, L.Dropout, L.ActivationLayer, L.PReLU, L.Rescaling, L.Add,
                 L.Multiply, L.Concat, L.BlockUse]),
     ("Layer options", [L.ActivationConfig, L.PerSidePadding, L.PerSideCropping]),
     ("Loss", [T.CrossEntropy, T.BinaryCrossEntropy, T.Regression]),

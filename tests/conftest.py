@@ -33,6 +33,7 @@ EVERY_OP_LAYERS = (
     " {type: dense, units: 8, activation: sigmoid, name: excite},"
     " {type: multiply, inputs: [hs, excite], name: gated},"
     " {type: layer_norm, epsilon: 0.01, name: ln, inputs: bn}, {type: prelu, name: pr},"
+    " {type: group_norm, groups: 4, epsilon: 0.01, name: gn},"
     " {type: activation, fn: silu, name: branch},"
     " {type: concat, inputs: [gated, branch]},")
 

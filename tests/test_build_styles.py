@@ -264,7 +264,8 @@ def _epoch_schedule(kind: str, **params: Any) -> Case:
 
 
 UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "batch-norm",
-                                                      "layer-norm", "prelu"))
+                                                      "layer-norm", "prelu",
+                                                      "group-norm"))
                 and "one-image" not in c.name] + [
     _epoch_schedule("cosine", t_max=3, min_lr=0.01), _epoch_schedule("step", step_size=2),
     _epoch_schedule("multistep", milestones=[1, 2]), _epoch_schedule("exponential", gamma=0.5),

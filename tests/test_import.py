@@ -933,9 +933,60 @@ def test_torchvisions_convnext_block_imports_with_pointwise_convolutions(tmp_pat
     assert [n.shape for n in graph if n.op == "layer_norm"] == [(5, 4, 6), (6,)]
 
 
+class _GroupNormed(torch.nn.Module):
+    """torch's group norms: nn.GroupNorm of an image (torch's default epsilon) and of
+    features, and nn.InstanceNorm2d with its affine parameters (a group per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.groups, self.instance = nn.GroupNorm(2, 6), nn.InstanceNorm2d(6, affine=True)
+        self.fc, self.features = nn.Linear(6, 8), nn.GroupNorm(2, 8, eps=1e-3)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():  # gamma and beta that matter (torch's start as ones and zeros)
+            for norm in (self.groups, self.instance, self.features):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: Any) -> Any:
+        x = self.instance(torch.relu(self.groups(self.conv(x))))
+        return self.head(self.features(self.fc(x.mean((2, 3)))))
+
+
+def test_group_norms_from_torch_import_as_group_norm(tmp_path):
+    """Reshape to (N, groups, -1), InstanceNormalization, Reshape back, Mul by gamma, Add
+    of beta: one group_norm, gamma and beta in it."""
+    torch.manual_seed(0)
+    source = _GroupNormed()
+    randomize_torch(source)
+    path = export_torch(source, (7, 6, 3), tmp_path / "grouped.onnx", opset_version=17)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    norms = [n for n in graph if n.op == "group_norm"]
+    assert [(n.shape, n.attrs["groups"], n.attrs["epsilon"]) for n in norms] == [
+        ((5, 4, 6), 2, 1e-5), ((5, 4, 6), 6, 1e-5), ((8,), 2, 1e-3)]
+    assert not any(n.op == "rescaling" for n in graph)  # gamma and beta went into the norms
+    np.testing.assert_allclose(weights[f"{norms[0].name}.gamma"],
+                               source.groups.weight.detach().numpy(), rtol=1e-6)
+
+
+def test_a_reshape_to_groups_read_by_another_op_is_refused(tmp_path):
+    class Grouped(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return torch.relu(x.reshape(x.shape[0], 3, -1)).reshape(x.shape[0], -1)
+
+    path = export_torch(Grouped(), (4, 4, 6), tmp_path / "grouped.onnx", opset_version=17)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "only (batch, groups, -1) read by an InstanceNormalization alone (torch's " \
+        "GroupNorm)" in str(refusal.value)
+
+
 @pytest.mark.parametrize("source", [_ResNetStyle, _TorchvisionSqueezeExcite,
-                                    _TorchvisionConvNeXtBlock],
-                         ids=["resnet", "squeeze-excite", "convnext"])
+                                    _TorchvisionConvNeXtBlock, _GroupNormed],
+                         ids=["resnet", "squeeze-excite", "convnext", "group-norm"])
 def test_torchs_default_dynamo_exporter_graphs_import(tmp_path, source):
     """torch.onnx.export's default since torch 2.9 (dynamo=True, through torch.export and
     onnxscript) writes other graphs than the TorchScript exporter: opset 18, its own names

@@ -451,3 +451,21 @@ def test_a_prelu_slope_per_pixel_is_refused(tmp_path):
     assert "a slope of shape [4, 4, 4] that differs along more than the channels of a NCHW " \
         "tensor of ONNX shape [1, 4, 4, 4]: specforge's prelu learns one slope per channel" \
         in str(refusal.value)
+
+
+# --- InstanceNormalization ----------------------------------------------------------------------
+
+def test_an_instance_norm_then_a_scale_and_offset_is_one_group_norm(tmp_path):
+    """A group per channel; the Mul and Add after it fold into its gamma and beta (its
+    own bias scaled too)."""
+    nodes = [helper.make_node("InstanceNormalization", ["c", "s", "b"], ["n"], name="norm"),
+             helper.make_node("Mul", ["n", "k"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "o"], ["a"], name="offset")]
+    rng = np.random.default_rng(4)
+    constants = [constant("s", rng.uniform(0.5, 1.5, 4)), constant("b", rng.normal(0, 1, 4)),
+                 constant("k", rng.uniform(0.5, 1.5, (4, 1, 1))),
+                 constant("o", rng.normal(0, 1, (4, 1, 1)))]
+    path = conv_then(nodes, constants, tmp_path / "m.onnx")
+    assert rescalings(path, tmp_path) == []  # and the outputs are onnxruntime's
+    assert [(item["type"], item.get("groups")) for item in import_model(path).layers] == [
+        ("conv2d", None), ("group_norm", 4), ("global_avg_pool2d", None)]

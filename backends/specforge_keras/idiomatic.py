@@ -141,6 +141,9 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     if op == "layer_norm":  # over the last axis, Keras's default
         epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
         return [], call("layers.LayerNormalization", **epsilon, name=name)
+    if op == "group_norm":  # over the last axis, Keras's default; its groups default is 32
+        epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
+        return [], call("layers.GroupNormalization", a["groups"], **epsilon, name=name)
     if op == "prelu":  # one slope per channel: shared by an image's height and width
         init = {} if a["alpha_init"] == 0.0 else {
             "alpha_initializer": Code(f"keras.initializers.Constant({a['alpha_init']!r})")}

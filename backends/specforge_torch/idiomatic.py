@@ -117,6 +117,9 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
             return [(call("LayerNorm2d", in_shape[-1], **epsilon),
                      "each pixel's channels (torchvision's ConvNeXt)")]
         return [(call("nn.LayerNorm", in_shape[-1], **epsilon), "")]
+    if op == "group_norm":
+        epsilon = {} if a["epsilon"] == 1e-5 else {"eps": a["epsilon"]}
+        return [(call("nn.GroupNorm", a["groups"], in_shape[-1], **epsilon), "")]
     if op == "prelu":  # one slope per channel (dim 1) of an image or a vector
         init = {} if a["alpha_init"] == 0.25 else {"init": a["alpha_init"]}
         return [(call("nn.PReLU", in_shape[-1], **init), "")]

@@ -132,7 +132,7 @@ _RESERVED = """
     load_data train_step evaluate augment loss_fn learning_rate gelu_tanh
     Activation Add AvgPool2D AvgPool2d BatchNorm Concat Conv2D Conv2d Cropping2d Dropout
     FlattenHWC GlobalPool LayerNorm LayerNorm2d MaxPool2D MaxPool2d Pad2D Pad2d Rescaling
-    PReLU
+    PReLU GroupNorm
     print len range zip sum max min float int list dict tuple set sorted enumerate map round
     open isinstance super getattr setattr hasattr any all abs iter next object str bool repr
     type id vars

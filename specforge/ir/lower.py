@@ -108,6 +108,8 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
                                "scale": layer.scale, "center": layer.center})
     elif isinstance(layer, L.LayerNorm):
         return [("layer_norm", {"epsilon": layer.epsilon})]
+    elif isinstance(layer, L.GroupNorm):
+        return [("group_norm", {"groups": layer.groups, "epsilon": layer.epsilon})]
     elif isinstance(layer, L.PReLU):
         return [("prelu", {"alpha_init": layer.alpha_init})]
     elif isinstance(layer, L.Dropout):

@@ -272,6 +272,18 @@ class LayerNorm(LayerBase):
         "Added to the variance before the sqrt (Keras's default; torch's is 1e-5)."))
 
 
+class GroupNorm(LayerBase):
+    """Group normalisation: each sample's channels in `groups` groups of C / groups, each
+    group normalised over its channels and every pixel, with a learned per-channel scale and
+    offset (torch's `nn.GroupNorm`, Keras's `GroupNormalization`)."""
+
+    type: Literal["group_norm", "group_normalization"]
+    groups: Size = Field(description="Number of channel groups; must divide the channels.")
+    epsilon: float = Field(1e-3, gt=0, description=(
+        "Added to the variance before the sqrt (Keras's default, as `layer_norm`'s; "
+        "torch's is 1e-5)."))
+
+
 class PReLU(LayerBase):
     """Parametric ReLU: ``x`` where ``x > 0``, else ``alpha * x``, with a learned slope
     ``alpha`` per channel (shared by every pixel of an image): torch's
@@ -374,7 +386,8 @@ class BlockUse(LayerBase):
 
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | MaxPool2D | AvgPool2D | GlobalAvgPool2D
-    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | PReLU | Dropout | ActivationLayer
+    | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm | GroupNorm | PReLU | Dropout
+    | ActivationLayer
     | Rescaling | Add | Multiply | Concat | BlockUse,
     Field(discriminator="type"),
 ]
