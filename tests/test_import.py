@@ -481,6 +481,37 @@ def test_a_keras_prelu_with_a_slope_per_pixel_is_refused(tmp_path):
         in str(refusal.value)
 
 
+def test_keras_group_norms_import_as_group_norm(tmp_path):
+    """Groups of an image's channels, one group per channel (groups=-1), groups of
+    features; Keras's epsilon and another."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 3))
+    x = k.GroupNormalization(2, name="groups")(k.Conv2D(4, 3, name="conv")(inputs))
+    x = k.GroupNormalization(-1, epsilon=1e-5, name="instance")(x)
+    x = k.GroupNormalization(3, name="features")(k.Dense(6, name="fc")(k.Flatten()(x)))
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "grouped.keras")
+    spec, graph, weights = imported(tmp_path / "grouped.keras", tmp_path)
+    batch = images((6, 5, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [(ops[n].op, ops[n].attrs["groups"], ops[n].attrs["epsilon"])
+            for n in ("groups", "instance", "features")] == [
+        ("group_norm", 2, 1e-3), ("group_norm", 4, 1e-5), ("group_norm", 3, 1e-3)]
+
+
+def test_a_keras_group_norm_without_scale_is_refused(tmp_path):
+    inputs = keras.Input((4, 5, 4))
+    norm = keras.layers.GroupNormalization(2, scale=False, name="gn")
+    source = keras.Model(inputs, keras.layers.Flatten()(norm(inputs)))
+    source.save(tmp_path / "gn.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "gn.keras")
+    assert "'gn' (GroupNormalization): scale=False: specforge's group_norm learns both " \
+        "gamma and beta" in str(refusal.value)
+
+
 def test_keras_cropping2d_imports_as_cropping2d(tmp_path):
     """Each way Keras writes a crop, NASNet's one-pixel crop of a branch beside a valid
     convolution among them; the spec writes pad2d's forms."""

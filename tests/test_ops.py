@@ -178,6 +178,16 @@ def test_layer_norm_shape_and_parameters(shape: tuple[int, ...]) -> None:
         ("gamma", (shape[-1],), "ones", True), ("beta", (shape[-1],), "zeros", True)]
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 6), (6,)])
+def test_group_norm_shape_and_parameters(shape: tuple[int, ...]) -> None:
+    result = OPS["group_norm"].infer({"groups": 3, "epsilon": 1e-3}, [shape])
+    assert result.shape == shape
+    assert [(p.name, p.shape, p.init, p.trainable) for p in result.params] == [
+        ("gamma", (6,), "ones", True), ("beta", (6,), "zeros", True)]
+    with pytest.raises(ShapeError, match="groups=4 must divide the input's 6 channels"):
+        OPS["group_norm"].infer({"groups": 4, "epsilon": 1e-3}, [shape])
+
+
 @pytest.mark.parametrize("shape", [(4, 5, 3), (7,)])
 def test_prelu_shape_and_parameters(shape: tuple[int, ...]) -> None:
     result = OPS["prelu"].infer({"alpha_init": -0.5}, [shape])
@@ -571,6 +581,7 @@ def test_check_weights_reports_missing_extra_and_wrong_shapes(tmp_path: Path) ->
     ({"type": "batch_normalization"}, "batch_norm_1", "batch_norm"),
     ({"type": "layer_normalization"}, "layer_norm_1", "layer_norm"),
     ({"type": "prelu"}, "prelu_1", "prelu"),
+    ({"type": "group_normalization", "groups": 1}, "group_norm_1", "group_norm"),
     ({"type": "add", "inputs": ["c", "input"]}, "add_1", "add"),
     ({"type": "multiply", "inputs": ["c", "input"]}, "multiply_1", "multiply"),
     ({"type": "concatenate", "inputs": ["c", "input"]}, "concat_1", "concat"),

@@ -371,7 +371,8 @@ def group_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     c, groups = shapes[0][-1], attrs["groups"]
     if c % groups:
         raise ShapeError(f"group_norm groups={groups} must divide the input's {c} channels",
-                         f"use a divisor of {c} for groups")
+                         "groups that divide them: "
+                         + ", ".join(str(d) for d in range(1, c + 1) if c % d == 0)[:200])
     params = (Param("gamma", (c,), "ones"), Param("beta", (c,), "zeros"))
     return OpResult(shapes[0], params, 7 * _numel(shapes[0]))
 
