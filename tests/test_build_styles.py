@@ -398,6 +398,8 @@ model:
     - {type: add, name: keras, inputs: [self, class]}
     - {type: layer_norm, name: LayerNorm}
     - {type: layer_norm, name: LayerNorm2d}
+    - {type: prelu, name: PReLU}
+    - {type: group_norm, name: GroupNorm, groups: 2}
     - {type: batch_norm, name: forward}
     - {type: flatten, name: inputs}
     - {type: dense, name: None, units: 3}
