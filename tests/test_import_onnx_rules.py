@@ -469,3 +469,17 @@ def test_an_instance_norm_then_a_scale_and_offset_is_one_group_norm(tmp_path):
     assert rescalings(path, tmp_path) == []  # and the outputs are onnxruntime's
     assert [(item["type"], item.get("groups")) for item in import_model(path).layers] == [
         ("conv2d", None), ("group_norm", 4), ("global_avg_pool2d", None)]
+
+
+@pytest.mark.parametrize("opset, size", [(18, 2), (21, 4)], ids=["per-group", "per-channel"])
+def test_onnx_group_normalization_is_a_group_norm(tmp_path, opset, size):
+    """Opset 18's scale and bias hold one number per group, opset 21's one per channel."""
+    node = helper.make_node("GroupNormalization", ["c", "s", "b"], ["a"], name="norm",
+                            num_groups=2, epsilon=1e-5)
+    rng = np.random.default_rng(5)
+    path = conv_then([node], [constant("s", rng.uniform(0.5, 1.5, size)),
+                              constant("b", rng.normal(0, 1, size))],
+                     tmp_path / "m.onnx", opset=opset)
+    assert rescalings(path, tmp_path) == []  # and the outputs are onnxruntime's
+    norm = import_model(path).layers[1]
+    assert (norm["type"], norm["groups"], norm["epsilon"]) == ("group_norm", 2, 1e-5)

@@ -1052,22 +1052,43 @@ def _instance_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         raise _NotExpressible(f"normalising a {value.layout.upper()} tensor of ONNX shape "
                               f"{list(value.onnx_shape)}: specforge's group_norm normalises "
                               "groups of an NCHW image's channels, or of features")
-    per_group = source.shape[-1] // groups
-    weights = {}
-    for param, index in (("gamma", 1), ("beta", 2)):
-        array = t.constant(node.input[index])
-        if array.size != groups:
-            raise _NotExpressible(f"input {index} of shape {list(array.shape)}: one number "
-                                  f"per group ({groups}) expected")
-        weights[param] = np.repeat(array.reshape(-1), per_group)
-    epsilon = float32_value(attrs.get("epsilon", 1e-5))
-    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
-    name = t.add(node, "group_norm", [source], weights, groups=groups, **fields)
-    result = Value(name, source.shape, source.layout, source.chw)
+    result = _new_group_norm(t, node, source, groups, attrs, per_channel=False)
     if value.layout != "groups":
         return result
     t.grouped_norms[node.output[0]] = result
-    return Value(name, source.shape, "groups")
+    return Value(result.layer, source.shape, "groups")
+
+
+def _group_normalization(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """GroupNormalization of an NCHW image or of features: opset 21's scale and bias per
+    channel, opset 18's per group."""
+    value = t.value(node)
+    groups = int(attrs["num_groups"])
+    if value.layout not in ("nchw", "flat") or groups < 1 or value.shape[-1] % groups:
+        raise _NotExpressible(f"{groups} groups of a {value.layout.upper()} tensor of ONNX "
+                              f"shape {list(value.onnx_shape)}: specforge's group_norm groups "
+                              "the channels of an NCHW image or of features, evenly")
+    return _new_group_norm(t, node, value, groups, attrs, per_channel=t.opset >= 21)
+
+
+def _new_group_norm(t: _Translator, node: Any, value: Value, groups: int,
+                    attrs: dict[str, Any], per_channel: bool) -> Value:
+    """A `group_norm` of ``value`` with ``node``'s epsilon and its inputs 1 and 2 as gamma
+    and beta: one number per channel, or (not ``per_channel``) per group, repeated."""
+    channels = value.shape[-1]
+    expected = channels if per_channel else groups
+    weights = {}
+    for param, index in (("gamma", 1), ("beta", 2)):
+        array = t.constant(node.input[index])
+        if array.size != expected:
+            raise _NotExpressible(f"input {index} of shape {list(array.shape)}: one number "
+                                  f"per {'channel' if per_channel else 'group'} ({expected}) "
+                                  "expected")
+        weights[param] = np.repeat(array.reshape(-1), channels // expected)
+    epsilon = float32_value(attrs.get("epsilon", 1e-5))
+    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
+    name = t.add(node, "group_norm", [value], weights, groups=groups, **fields)
+    return Value(name, value.shape, value.layout, value.chw)
 
 
 def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -1214,6 +1235,7 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Value]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
     "PRelu": _prelu, "InstanceNormalization": _instance_norm,
+    "GroupNormalization": _group_normalization,
     "Relu": _activation("relu"),
     "LeakyRelu": _activation(_leaky), "Elu": _activation(_elu), "Selu": _activation(_selu),
     "Sigmoid": _activation("sigmoid"), "Tanh": _activation("tanh"),
