@@ -676,6 +676,8 @@ def draw(param: Param, name: str, seed: int) -> np.ndarray:
         return np.zeros(param.shape, np.float32)
     if param.init == "ones":
         return np.ones(param.shape, np.float32)
+    if param.init.startswith("constant:"):  # one number for every element (prelu's alpha)
+        return np.full(param.shape, float(param.init.split(":", 1)[1]), np.float32)
     if param.init == "glorot_uniform":
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         fan_in, fan_out = _fans(param.shape)

@@ -317,6 +317,39 @@ def export_layer_norm(ctx: OpContext) -> str:
     return ctx.add("Transpose", [y], perm=[0, 3, 1, 2]) if image else y
 
 
+@exports("group_norm", "groups", "epsilon")
+def export_group_norm(ctx: OpContext) -> str:
+    """Opset 19's GroupNormalization scales each group, not each channel, so the norm is
+    written out as torch's exporter writes nn.GroupNorm: a Reshape to (N, groups, rest), an
+    InstanceNormalization of each group (scale 1, bias 0), a Reshape back, then a Mul by
+    gamma and an Add of beta per channel ((C, 1, 1) on an NCHW image)."""
+    shape, groups = ctx.node.shape, ctx.node.attrs["groups"]
+    c = shape[-1]
+    back = [0, c, shape[0], shape[1]] if len(shape) == 3 else [0, c]  # 0: the batch, kept
+
+    def ints(name: str, value: list[int]) -> str:
+        return ctx.builder.constant(f"{ctx.node.name}.{name}", value, np.int64)
+
+    x = ctx.add("Reshape", [ctx.inputs[0], ints("groups_shape", [0, groups, -1])], "groups")
+    x = ctx.add("InstanceNormalization", [x, ctx.constant("ones", np.ones(groups)),
+                                          ctx.constant("zeros", np.zeros(groups))],
+                "normalised", epsilon=float(ctx.node.attrs["epsilon"]))
+    x = ctx.add("Reshape", [x, ints("shape", back)], "ungrouped")
+    per_channel = (-1, 1, 1) if len(shape) == 3 else (-1,)
+    x = ctx.add("Mul", [x, ctx.constant("gamma", ctx.params["gamma"].reshape(per_channel))],
+                "scaled")
+    return ctx.add("Add", [x, ctx.constant("beta", ctx.params["beta"].reshape(per_channel))])
+
+
+@exports("prelu", "alpha_init")  # the initial slope: no part of a trained model
+def export_prelu(ctx: OpContext) -> str:
+    """PRelu with the slopes as (C, 1, 1) on an NCHW image (as torch exports nn.PReLU), so
+    that they broadcast over height and width; (C,) on features."""
+    alpha = ctx.params["alpha"]
+    slope = alpha.reshape(-1, 1, 1) if len(ctx.node.shape) == 3 else alpha
+    return ctx.add("PRelu", [*ctx.inputs, ctx.constant("alpha", slope)])
+
+
 @exports("dropout", "rate", "spatial", "per_sample")
 def export_dropout(ctx: OpContext) -> str:
     return ctx.inputs[0]  # the identity in evaluation: no node at all

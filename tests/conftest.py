@@ -33,7 +33,8 @@ EVERY_OP_LAYERS = (
     " {type: global_avg_pool2d, name: squeeze, inputs: bn},"
     " {type: dense, units: 8, activation: sigmoid, name: excite},"
     " {type: multiply, inputs: [hs, excite], name: gated},"
-    " {type: layer_norm, epsilon: 0.01, name: ln, inputs: bn},"
+    " {type: layer_norm, epsilon: 0.01, name: ln, inputs: bn}, {type: prelu, name: pr},"
+    " {type: group_norm, groups: 4, epsilon: 0.01, name: gn},"
     " {type: activation, fn: silu, name: branch},"
     " {type: concat, inputs: [gated, branch]}, {type: channel_slice, start: 3, stop: 13},")
 

@@ -264,7 +264,8 @@ def _epoch_schedule(kind: str, **params: Any) -> Case:
 
 
 UPDATE_CASES = [c for c in CASES if c.name.startswith(("optimizer-", "loss-", "batch-norm",
-                                                      "layer-norm"))
+                                                      "layer-norm", "prelu",
+                                                      "group-norm"))
                 and "one-image" not in c.name] + [
     _epoch_schedule("cosine", t_max=3, min_lr=0.01), _epoch_schedule("step", step_size=2),
     _epoch_schedule("multistep", milestones=[1, 2]), _epoch_schedule("exponential", gamma=0.5),
@@ -397,6 +398,8 @@ model:
     - {type: add, name: keras, inputs: [self, class]}
     - {type: layer_norm, name: LayerNorm}
     - {type: layer_norm, name: LayerNorm2d}
+    - {type: prelu, name: PReLU}
+    - {type: group_norm, name: GroupNorm, groups: 2}
     - {type: batch_norm, name: forward}
     - {type: flatten, name: inputs}
     - {type: dense, name: None, units: 3}

@@ -447,6 +447,71 @@ def test_keras_layer_norm_over_other_axes_is_refused(tmp_path, layer, reason):
     assert reason in str(refusal.value)
 
 
+def test_keras_prelus_import_as_prelu(tmp_path):
+    """A slope per channel of an image (shared_axes=[1, 2]), one for all (every axis
+    shared), one per feature of a vector (Keras's default there)."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 3))
+    x = k.PReLU(shared_axes=[1, 2], name="channels")(k.Conv2D(4, 3, name="conv")(inputs))
+    x = k.PReLU(shared_axes=[1, 2, 3], name="one")(x)
+    x = k.PReLU(name="features")(k.Dense(5, name="fc")(k.Flatten()(x)))
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "prelu.keras")
+    spec, graph, weights = imported(tmp_path / "prelu.keras", tmp_path)
+    batch = images((6, 5, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [(ops[n].op, ops[n].shape) for n in ("channels", "one", "features")] == [
+        ("prelu", (4, 3, 4)), ("prelu", (4, 3, 4)), ("prelu", (5,))]
+    one = float(np.asarray(source.get_layer("one").get_weights()[0]).reshape(-1)[0])
+    assert weights["one.alpha"].tolist() == [one] * 4
+    np.testing.assert_array_equal(weights["channels.alpha"],
+                                  source.get_layer("channels").get_weights()[0].reshape(4))
+
+
+def test_a_keras_prelu_with_a_slope_per_pixel_is_refused(tmp_path):
+    inputs = keras.Input((4, 5, 3))  # Keras's default: alpha of shape (4, 5, 3)
+    source = keras.Model(inputs, keras.layers.Flatten()(keras.layers.PReLU(name="pr")(inputs)))
+    source.save(tmp_path / "prelu.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "prelu.keras")
+    assert "'pr' (PReLU): alpha of shape [4, 5, 3] (shared_axes None): specforge's prelu " \
+        "learns one slope per channel, shared by height and width (PReLU(shared_axes=[1, 2]))" \
+        in str(refusal.value)
+
+
+def test_keras_group_norms_import_as_group_norm(tmp_path):
+    """Groups of an image's channels, one group per channel (groups=-1), groups of
+    features; Keras's epsilon and another."""
+    k = keras.layers
+    inputs = keras.Input((6, 5, 3))
+    x = k.GroupNormalization(2, name="groups")(k.Conv2D(4, 3, name="conv")(inputs))
+    x = k.GroupNormalization(-1, epsilon=1e-5, name="instance")(x)
+    x = k.GroupNormalization(3, name="features")(k.Dense(6, name="fc")(k.Flatten()(x)))
+    source = keras.Model(inputs, k.Dense(3, name="out")(x))
+    randomize_keras(source)
+    source.save(tmp_path / "grouped.keras")
+    spec, graph, weights = imported(tmp_path / "grouped.keras", tmp_path)
+    batch = images((6, 5, 3))
+    assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+    ops = {n.name: n for n in graph}
+    assert [(ops[n].op, ops[n].attrs["groups"], ops[n].attrs["epsilon"])
+            for n in ("groups", "instance", "features")] == [
+        ("group_norm", 2, 1e-3), ("group_norm", 4, 1e-5), ("group_norm", 3, 1e-3)]
+
+
+def test_a_keras_group_norm_without_scale_is_refused(tmp_path):
+    inputs = keras.Input((4, 5, 4))
+    norm = keras.layers.GroupNormalization(2, scale=False, name="gn")
+    source = keras.Model(inputs, keras.layers.Flatten()(norm(inputs)))
+    source.save(tmp_path / "gn.keras")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(tmp_path / "gn.keras")
+    assert "'gn' (GroupNormalization): scale=False: specforge's group_norm learns both " \
+        "gamma and beta" in str(refusal.value)
+
+
 def test_keras_cropping2d_imports_as_cropping2d(tmp_path):
     """Each way Keras writes a crop, NASNet's one-pixel crop of a branch beside a valid
     convolution among them; the spec writes pad2d's forms."""
@@ -971,9 +1036,61 @@ def test_torchvisions_shufflenet_v2_units_import_with_channel_slices_and_shuffle
         == [(0, 8), (8, 16)] * 2
 
 
+class _GroupNormed(torch.nn.Module):
+    """torch's group norms: nn.GroupNorm of an image (torch's default epsilon) and of
+    features, and nn.InstanceNorm2d with its affine parameters (a group per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.groups, self.instance = nn.GroupNorm(2, 6), nn.InstanceNorm2d(6, affine=True)
+        self.fc, self.features = nn.Linear(6, 8), nn.GroupNorm(2, 8, eps=1e-3)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():  # gamma and beta that matter (torch's start as ones and zeros)
+            for norm in (self.groups, self.instance, self.features):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: Any) -> Any:
+        x = self.instance(torch.relu(self.groups(self.conv(x))))
+        return self.head(self.features(self.fc(x.mean((2, 3)))))
+
+
+def test_group_norms_from_torch_import_as_group_norm(tmp_path):
+    """Reshape to (N, groups, -1), InstanceNormalization, Reshape back, Mul by gamma, Add
+    of beta: one group_norm, gamma and beta in it."""
+    torch.manual_seed(0)
+    source = _GroupNormed()
+    randomize_torch(source)
+    path = export_torch(source, (7, 6, 3), tmp_path / "grouped.onnx", opset_version=17)
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((7, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    norms = [n for n in graph if n.op == "group_norm"]
+    assert [(n.shape, n.attrs["groups"], n.attrs["epsilon"]) for n in norms] == [
+        ((5, 4, 6), 2, 1e-5), ((5, 4, 6), 6, 1e-5), ((8,), 2, 1e-3)]
+    assert not any(n.op == "rescaling" for n in graph)  # gamma and beta went into the norms
+    np.testing.assert_allclose(weights[f"{norms[0].name}.gamma"],
+                               source.groups.weight.detach().numpy(), rtol=1e-6)
+
+
+def test_a_reshape_to_groups_read_by_another_op_is_refused(tmp_path):
+    class Grouped(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return torch.relu(x.reshape(x.shape[0], 3, -1)).reshape(x.shape[0], -1)
+
+    path = export_torch(Grouped(), (4, 4, 6), tmp_path / "grouped.onnx", opset_version=17)
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "only (batch, groups, -1) read by an InstanceNormalization alone (torch's " \
+        "GroupNorm)" in str(refusal.value)
+
+
 @pytest.mark.parametrize("source", [_ResNetStyle, _TorchvisionSqueezeExcite,
-                                    _TorchvisionConvNeXtBlock, _TorchvisionShuffleNetUnits],
-                         ids=["resnet", "squeeze-excite", "convnext", "shufflenet"])
+                                    _TorchvisionConvNeXtBlock, _TorchvisionShuffleNetUnits,
+                                    _GroupNormed],
+                         ids=["resnet", "squeeze-excite", "convnext", "shufflenet", "group-norm"])
 def test_torchs_default_dynamo_exporter_graphs_import(tmp_path, source):
     """torch.onnx.export's default since torch 2.9 (dynamo=True, through torch.export and
     onnxscript) writes other graphs than the TorchScript exporter: opset 18, its own names

@@ -532,3 +532,68 @@ def test_other_five_axis_reshapes_are_refused_with_the_reason(tmp_path, grouped,
     assert any(line.lstrip().startswith(f"'{where}'") and "(Reshape)" in line and
                "only a channel shuffle reshapes to 5 axes" in line
                for line in caught.value.lines), caught.value.lines
+
+
+# --- PRelu --------------------------------------------------------------------------------------
+
+def test_torch_prelus_import_as_prelu(tmp_path):
+    """nn.PReLU(C) on an image ((C, 1, 1) slopes), nn.PReLU() (one slope) on features."""
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(4),
+                                 torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5),
+                                 torch.nn.PReLU(), torch.nn.Linear(5, 3))
+    with torch.no_grad():  # slopes of both signs, each channel its own
+        source[1].weight.copy_(torch.tensor([0.5, -0.3, 0.0, 1.7]))
+        source[4].weight.fill_(-0.2)
+    path = export_torch(source, (6, 6, 3), tmp_path / "prelu.onnx", opset_version=17)
+    assert "PRelu" in {n.op_type for n in onnx.load(path).graph.node}
+    spec, graph, weights = imported(path, tmp_path)
+    batch = images((6, 6, 3))
+    assert_matches(spec, weights, batch, torch_output(source, batch))
+    prelus = [n for n in graph if n.op == "prelu"]
+    assert [n.shape for n in prelus] == [(4, 4, 4), (5,)]
+    assert weights[f"{prelus[0].name}.alpha"].tolist() == pytest.approx([0.5, -0.3, 0.0, 1.7])
+    assert weights[f"{prelus[1].name}.alpha"].tolist() == pytest.approx([-0.2] * 5)
+
+
+def test_a_prelu_slope_per_pixel_is_refused(tmp_path):
+    slope = np.random.default_rng(1).normal(0, 1, (4, 4, 4))  # (C, H, W): one per element
+    path = conv_then([helper.make_node("PRelu", ["c", "s"], ["a"], name="prelu")],
+                     [constant("s", slope)], tmp_path / "m.onnx")
+    with pytest.raises(ImportRefused) as refusal:
+        import_model(path)
+    assert "a slope of shape [4, 4, 4] that differs along more than the channels of a NCHW " \
+        "tensor of ONNX shape [1, 4, 4, 4]: specforge's prelu learns one slope per channel" \
+        in str(refusal.value)
+
+
+# --- InstanceNormalization ----------------------------------------------------------------------
+
+def test_an_instance_norm_then_a_scale_and_offset_is_one_group_norm(tmp_path):
+    """A group per channel; the Mul and Add after it fold into its gamma and beta (its
+    own bias scaled too)."""
+    nodes = [helper.make_node("InstanceNormalization", ["c", "s", "b"], ["n"], name="norm"),
+             helper.make_node("Mul", ["n", "k"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "o"], ["a"], name="offset")]
+    rng = np.random.default_rng(4)
+    constants = [constant("s", rng.uniform(0.5, 1.5, 4)), constant("b", rng.normal(0, 1, 4)),
+                 constant("k", rng.uniform(0.5, 1.5, (4, 1, 1))),
+                 constant("o", rng.normal(0, 1, (4, 1, 1)))]
+    path = conv_then(nodes, constants, tmp_path / "m.onnx")
+    assert rescalings(path, tmp_path) == []  # and the outputs are onnxruntime's
+    assert [(item["type"], item.get("groups")) for item in import_model(path).layers] == [
+        ("conv2d", None), ("group_norm", 4), ("global_avg_pool2d", None)]
+
+
+@pytest.mark.parametrize("opset, size", [(18, 2), (21, 4)], ids=["per-group", "per-channel"])
+def test_onnx_group_normalization_is_a_group_norm(tmp_path, opset, size):
+    """Opset 18's scale and bias hold one number per group, opset 21's one per channel."""
+    node = helper.make_node("GroupNormalization", ["c", "s", "b"], ["a"], name="norm",
+                            num_groups=2, epsilon=1e-5)
+    rng = np.random.default_rng(5)
+    path = conv_then([node], [constant("s", rng.uniform(0.5, 1.5, size)),
+                              constant("b", rng.normal(0, 1, size))],
+                     tmp_path / "m.onnx", opset=opset)
+    assert rescalings(path, tmp_path) == []  # and the outputs are onnxruntime's
+    norm = import_model(path).layers[1]
+    assert (norm["type"], norm["groups"], norm["epsilon"]) == ("group_norm", 2, 1e-5)

@@ -104,7 +104,7 @@ LAYOUT_CASES = ["padding-explicit-per-side", "conv-dilation-groups-depthwise",
                 "global_avg_pool2d", "global_max_pool2d",
                 "activation-softmax", "avg_pool2d-same-p3-s2", "max_pool2d-same-p3-s2",
                 "dropout-spatial", "dropout-per-sample", "loss-binary-cross-entropy",
-                "rescaling", "layer-norm", "cropping2d",
+                "rescaling", "layer-norm", "cropping2d", "prelu", "group-norm",
                 "channel-shuffle", "channel-slice"]
 
 

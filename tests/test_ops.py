@@ -178,6 +178,24 @@ def test_layer_norm_shape_and_parameters(shape: tuple[int, ...]) -> None:
         ("gamma", (shape[-1],), "ones", True), ("beta", (shape[-1],), "zeros", True)]
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 6), (6,)])
+def test_group_norm_shape_and_parameters(shape: tuple[int, ...]) -> None:
+    result = OPS["group_norm"].infer({"groups": 3, "epsilon": 1e-3}, [shape])
+    assert result.shape == shape
+    assert [(p.name, p.shape, p.init, p.trainable) for p in result.params] == [
+        ("gamma", (6,), "ones", True), ("beta", (6,), "zeros", True)]
+    with pytest.raises(ShapeError, match="groups=4 must divide the input's 6 channels"):
+        OPS["group_norm"].infer({"groups": 4, "epsilon": 1e-3}, [shape])
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (7,)])
+def test_prelu_shape_and_parameters(shape: tuple[int, ...]) -> None:
+    result = OPS["prelu"].infer({"alpha_init": -0.5}, [shape])
+    assert result.shape == shape
+    assert [(p.name, p.shape, p.init, p.trainable) for p in result.params] == [
+        ("alpha", (shape[-1],), "constant:-0.5", True)]
+
+
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d"])
 def test_pool_larger_than_input(op: str) -> None:
     attrs = {"pool": (3, 3), "strides": (1, 1), "dilation": (1, 1), "pads": (0, 0, 0, 0),
@@ -465,6 +483,7 @@ WEIGHTS_LAYERS: list[dict[str, Any]] = [
     {"type": "conv2d", "name": "g", "filters": 6, "kernel": [3, 2], "groups": 2,
      "padding": "same"},
     {"type": "layer_norm", "name": "ln"},
+    {"type": "prelu", "name": "pr"},
     {"type": "flatten", "name": "flat"},
     {"type": "dense", "name": "fc", "units": 5},
 ]
@@ -489,6 +508,7 @@ def test_initial_weights_names_shapes_and_constants(tmp_path: Path) -> None:
         "c1.kernel": (3, 3, 3, 4), "c1.bias": (4,),
         "bn.gamma": (4,), "bn.beta": (4,), "bn.moving_mean": (4,), "bn.moving_var": (4,),
         "g.kernel": (3, 2, 2, 6), "g.bias": (6,), "ln.gamma": (6,), "ln.beta": (6,),
+        "pr.alpha": (6,),
         "fc.kernel": (6 * 6 * 6, 5), "fc.bias": (5,),
     }
     assert all(v.dtype == np.float32 for v in weights.values())
@@ -496,6 +516,7 @@ def test_initial_weights_names_shapes_and_constants(tmp_path: Path) -> None:
         assert not weights[name].any(), name
     for name in ("bn.gamma", "bn.moving_var", "ln.gamma"):
         assert (weights[name] == 1).all(), name
+    assert (weights["pr.alpha"] == np.float32(0.25)).all()  # torch's initial slope
 
 
 def test_initial_weights_are_deterministic_per_seed(tmp_path: Path) -> None:
@@ -597,6 +618,8 @@ def test_check_weights_reports_missing_extra_and_wrong_shapes(tmp_path: Path) ->
     ({"type": "zero_padding2d"}, "pad2d_1", "pad2d"),
     ({"type": "batch_normalization"}, "batch_norm_1", "batch_norm"),
     ({"type": "layer_normalization"}, "layer_norm_1", "layer_norm"),
+    ({"type": "prelu"}, "prelu_1", "prelu"),
+    ({"type": "group_normalization", "groups": 1}, "group_norm_1", "group_norm"),
     ({"type": "add", "inputs": ["c", "input"]}, "add_1", "add"),
     ({"type": "multiply", "inputs": ["c", "input"]}, "multiply_1", "multiply"),
     ({"type": "concatenate", "inputs": ["c", "input"]}, "concat_1", "concat"),

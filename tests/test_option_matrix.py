@@ -44,6 +44,8 @@ VALUES: dict[str, list[Any]] = {
     "channel_shuffle.groups": [1, 2, 4],
     "count_include_pad": [None, False, True], "units": [3], "running_decay": [0.9],
     "epsilon": [1e-3], "layer_norm.epsilon": [1e-3, 1e-5], "rate": [0.0, 0.5],
+    "alpha_init": [0.25, -0.5], "group_norm.groups": [1, 2, 4],
+    "group_norm.epsilon": [1e-3, 1e-5],
     "negative_slope": [None, 0.2], "alpha": [None, 0.7], "beta": [None, 0.3],
     "activation": [None, "relu", {"fn": "hard_sigmoid", "alpha": 0.2}],
     # a number or one per channel of INPUT's 4

@@ -35,7 +35,7 @@ Pads = tuple[int, int, int, int]
 CANONICAL = {
     "max_pooling2d": "max_pool2d", "average_pooling2d": "avg_pool2d",
     "zero_padding2d": "pad2d", "batch_normalization": "batch_norm", "linear": "dense",
-    "layer_normalization": "layer_norm",
+    "layer_normalization": "layer_norm", "group_normalization": "group_norm",
     "concatenate": "concat", "global_average_pooling2d": "global_avg_pool2d",
     "global_max_pooling2d": "global_max_pool2d",
 }
@@ -175,6 +175,10 @@ def model_layer(layer: dict[str, Any], shapes: list[Shape]) -> list[NodeExp] | N
         return [NodeExp("", "batch_norm", shape, learned, 2 * c, 4 * numel(shape))]
     if kind == "layer_norm":  # gamma and beta; a mean, a variance and the affine per element
         return [NodeExp("", "layer_norm", shape, 2 * shape[-1], 0, 7 * numel(shape))]
+    if kind == "group_norm":  # gamma and beta; as layer_norm's, per group
+        return [NodeExp("", "group_norm", shape, 2 * shape[-1], 0, 7 * numel(shape))]
+    if kind == "prelu":  # a slope per channel; a compare, a product and a select per element
+        return [NodeExp("", "prelu", shape, shape[-1], 0, 3 * numel(shape))]
     if kind == "dropout":
         return [NodeExp("", "dropout", shape, flops=numel(shape))]
     if kind == "activation":
@@ -379,14 +383,18 @@ class Builder:
     def shape_keeping(self) -> dict[str, Any]:
         """A layer that keeps the tip's shape exactly (for residual branches)."""
         d, c = self.draw, self.shape[2]
-        kind = d(st.sampled_from(["conv", "batch_norm", "layer_norm", "activation", "dropout",
-                                  "rescaling"]))
+        kind = d(st.sampled_from(["conv", "batch_norm", "layer_norm", "group_norm", "prelu",
+                                  "activation", "dropout", "rescaling"]))
         if kind == "conv":
             return self.conv(filters=c, keep_hw=True)
         if kind == "batch_norm":
             return self.batch_norm()
         if kind == "layer_norm":
             return self.layer_norm()
+        if kind == "prelu":
+            return self.prelu()
+        if kind == "group_norm":
+            return self.group_norm()
         if kind == "rescaling":
             return self.rescaling()
         if kind == "activation":
@@ -409,6 +417,22 @@ class Builder:
                                                             "layer_normalization"]))}
         if d(st.booleans()):
             layer["epsilon"] = d(st.sampled_from([1e-5, 0.01]))
+        return layer
+
+    def group_norm(self) -> dict[str, Any]:
+        """A group norm whose groups divide the tip's channels (its last axis)."""
+        d, c = self.draw, self.shape[-1]
+        layer: dict[str, Any] = {
+            "type": d(st.sampled_from(["group_norm", "group_normalization"])),
+            "groups": d(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))}
+        if d(st.booleans()):
+            layer["epsilon"] = d(st.sampled_from([1e-5, 0.01]))
+        return layer
+
+    def prelu(self) -> dict[str, Any]:
+        layer: dict[str, Any] = {"type": "prelu"}
+        if self.draw(st.booleans()):
+            layer["alpha_init"] = self.draw(st.sampled_from([0.0, -0.5]))
         return layer
 
     def rescaling(self) -> dict[str, Any]:
@@ -566,8 +590,8 @@ def random_models(draw: Any) -> Builder:
                                 "global_max_pool2d", "global_max_pooling2d"]))
     assert b.emit({"type": end})
     for _ in range(draw(st.integers(0, 2))):
-        kind = draw(st.sampled_from(["dense", "batch_norm", "layer_norm", "dropout",
-                                     "activation", "rescaling"]))
+        kind = draw(st.sampled_from(["dense", "batch_norm", "layer_norm", "group_norm", "prelu",
+                                     "dropout", "activation", "rescaling"]))
         if kind == "dense":
             layer: dict[str, Any] = {"type": draw(st.sampled_from(["dense", "linear"])),
                                      "units": draw(st.integers(1, 16))}
@@ -577,6 +601,10 @@ def random_models(draw: Any) -> Builder:
             layer = b.batch_norm()
         elif kind == "layer_norm":
             layer = b.layer_norm()
+        elif kind == "prelu":
+            layer = b.prelu()
+        elif kind == "group_norm":
+            layer = b.group_norm()
         elif kind == "dropout":
             layer = {"type": "dropout", "rate": 0.25}
         elif kind == "rescaling":

@@ -354,6 +354,50 @@ def test_layer_norm_gradients(case: str) -> None:
     check_parameter_gradients(program, x, y)
 
 
+# --- group norm ----------------------------------------------------------------------------
+
+GN_CASES = {
+    # two groups of two channels, each over its channels and pixels
+    "image": ("[{type: conv2d, filters: 4, kernel: 2, name: before},"
+              " {type: group_norm, groups: 2, name: gn}, {type: activation, fn: tanh},"
+              " {type: flatten}, {type: dense, units: 3}]"),
+    # one group per channel: instance norm
+    "instance": ("[{type: conv2d, filters: 3, kernel: 2, name: before},"
+                 " {type: group_norm, groups: 3, epsilon: 0.01},"
+                 " {type: activation, fn: silu}, {type: flatten}, {type: dense, units: 3}]"),
+    "vector": ("[{type: flatten, name: flat}, {type: dense, units: 6, name: before},"
+               " {type: group_norm, groups: 2, epsilon: 0.1}, {type: activation, fn: silu},"
+               " {type: dense, units: 3}]"),
+}
+
+
+@pytest.mark.parametrize("case", GN_CASES)
+def test_group_norm_gradients(case: str) -> None:
+    program = build(GN_CASES[case], (3, 4, 2))
+    x, y = data(program)
+    # a channel normalised alone over its pixels: the conv's bias before it cancels out
+    check_parameter_gradients(program, x, y,
+                              zero=("before.bias",) if case == "instance" else ())
+
+
+# --- prelu ---------------------------------------------------------------------------------
+
+PRELU_CASES = {
+    # one slope per channel, shared by the pixels; the conv's outputs straddle 0
+    "image": ("[{type: conv2d, filters: 3, kernel: 2, name: before},"
+              " {type: prelu, name: pr}, {type: flatten}, {type: dense, units: 3}]"),
+    "vector": ("[{type: flatten, name: flat}, {type: dense, units: 4, name: before},"
+               " {type: prelu, alpha_init: -0.5}, {type: dense, units: 3}]"),
+}
+
+
+@pytest.mark.parametrize("case", PRELU_CASES)
+def test_prelu_gradients(case: str) -> None:
+    program = build(PRELU_CASES[case], (3, 4, 2))
+    x, y = data(program)
+    check_parameter_gradients(program, x, y)
+
+
 def test_batch_norm_training_and_evaluation_differ() -> None:
     # Guards the two tests above: the modes must really take different paths.
     program = build("[{type: conv2d, filters: 3, kernel: 2}, {type: batch_norm},"
@@ -488,7 +532,8 @@ def test_composite_graph_through_the_probe() -> None:
     masks = dropout_masks(program.graph, 0, 0, len(x))
     value, grads = ReferenceProbe(program, weights).gradients(x, y, masks)
     assert np.isclose(value, model_loss(program, weights, x, y, True, masks))
-    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "dense_1.bias"):
+    for name in ("conv2d_1.kernel", "conv2d_1.bias", "bn.gamma", "ln.beta", "pr.alpha", "gn.gamma",
+                 "dense_1.bias"):
         numeric = numeric_gradient(
             lambda w, name=name: ReferenceProbe(program, {**weights, name: w}).gradients(
                 x, y, masks)[0], weights[name])

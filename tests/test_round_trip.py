@@ -23,11 +23,16 @@ from specforge.importers.write import write_import  # noqa: E402
 from specforge.onnx_export import to_onnx  # noqa: E402
 from tests.test_onnx_export import random_weights, reference  # noqa: E402
 
+#: Attributes that set only a parameter's initial value: no part of a trained model's file.
+INITIAL_VALUES = {"alpha_init"}
+
 
 def structure(graph: Graph) -> list[tuple[str, dict, tuple]]:
     """The graph up to names: op, attributes and parameter shapes of each node, in order,
-    without what an inference model does not compute (dropout, a linear activation)."""
-    return [(n.op, dict(n.attrs), tuple(tuple(p.shape) for p in n.params)) for n in graph
+    without what an inference model does not compute (dropout, a linear activation) or
+    hold (an initial value)."""
+    return [(n.op, {k: v for k, v in n.attrs.items() if k not in INITIAL_VALUES},
+             tuple(tuple(p.shape) for p in n.params)) for n in graph
             if n.op != "dropout" and not (n.op == "activation" and n.attrs["fn"] == "linear")]
 
 

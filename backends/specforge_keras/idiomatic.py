@@ -145,6 +145,14 @@ def layercall(node: Node, in_shape: tuple[int, ...], name: str,
     if op == "layer_norm":  # over the last axis, Keras's default
         epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
         return [], call("layers.LayerNormalization", **epsilon, name=name)
+    if op == "group_norm":  # over the last axis, Keras's default; its groups default is 32
+        epsilon = {} if a["epsilon"] == 1e-3 else {"epsilon": a["epsilon"]}
+        return [], call("layers.GroupNormalization", a["groups"], **epsilon, name=name)
+    if op == "prelu":  # one slope per channel: shared by an image's height and width
+        init = {} if a["alpha_init"] == 0.0 else {
+            "alpha_initializer": Code(f"keras.initializers.Constant({a['alpha_init']!r})")}
+        shared = {"shared_axes": [1, 2]} if len(in_shape) == 3 else {}
+        return [], call("layers.PReLU", **init, **shared, name=name)
     if op == "dropout":
         if a["per_sample"]:  # drop-connect, as keras.applications' EfficientNet writes it
             noise_shape = (None, *[1] * len(in_shape))
@@ -236,6 +244,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         framework="Keras 3", chain=chain, input_shape=tuple(graph.input.shape),
         augment_layers=augment_layers(augment, tuple(graph.input.shape)) if augment else [],
         augment=augment, dropout=any(n.op == "dropout" for n in graph),
+        prelu=any(n.op == "prelu" for n in graph),
         sequential=[c for c in calls], functional=[] if chain else functional_lines(
             program, layers_),
         final_activation=program.output_activation if extra_softmax else None,

@@ -201,6 +201,19 @@ class AvgPool2D(Pool2D):
         return sum(cells[1:], cells[0]) / len(cells)
 
 
+class PReLU(keras.layers.Layer):
+    """x where x > 0, else alpha * x, one slope per channel (IR `prelu`), computed as
+    Keras's PReLU does (relu(x) - alpha * relu(-x)), with alpha kept as specforge's (C,)
+    where Keras's PReLU(shared_axes=[1, 2]) keeps (1, 1, C)."""
+
+    def build(self, input_shape):
+        self.alpha = self.add_weight(shape=(input_shape[-1],), initializer="zeros",
+                                     name="alpha")
+
+    def call(self, x):
+        return ops.relu(x) - self.alpha * ops.relu(-x)
+
+
 class BatchNorm(keras.layers.Layer):
     """running = decay * running + (1 - decay) * batch statistic, with the unbiased batch
     variance for the running variance (IR `batch_norm`). Keras's own BatchNormalization

@@ -49,7 +49,7 @@ def build_model(graph: Graph,
 
 
 _KERAS_PARAM = {"kernel": "kernel", "bias": "bias", "gamma": "gamma", "beta": "beta",
-                "moving_mean": "moving_mean", "moving_var": "moving_var"}
+                "moving_mean": "moving_mean", "moving_var": "moving_var", "alpha": "alpha"}
 
 
 def variable_of(model: keras.Model, names: dict[str, str], node: Node, param: str) -> object:

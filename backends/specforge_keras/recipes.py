@@ -52,6 +52,11 @@ def layer_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any],
         return "BatchNorm", [], {k: a[k] for k in ("decay", "epsilon", "scale", "center")}
     if op == "layer_norm":  # Keras's computes the IR's formula (rounding aside)
         return "keras.layers.LayerNormalization", [], {"axis": -1, "epsilon": a["epsilon"]}
+    if op == "group_norm":  # Keras's computes the IR's formula (rounding aside)
+        return "keras.layers.GroupNormalization", [], {
+            "groups": a["groups"], "axis": -1, "epsilon": a["epsilon"]}
+    if op == "prelu":  # Keras's PReLU keeps an image's slopes as (1, 1, C): PReLU keeps (C,)
+        return "PReLU", [], {}
     if op == "dropout":  # specforge's masks (layers.Dropout), the same in every backend
         return "Dropout", [a["rate"], a["spatial"], node.name], dropout_options(a)
     if op == "activation":

@@ -122,6 +122,12 @@ def node_modules(node: Node, in_shape: tuple[int, ...]) -> list[tuple[str, str]]
             return [(call("LayerNorm2d", in_shape[-1], **epsilon),
                      "each pixel's channels (torchvision's ConvNeXt)")]
         return [(call("nn.LayerNorm", in_shape[-1], **epsilon), "")]
+    if op == "group_norm":
+        epsilon = {} if a["epsilon"] == 1e-5 else {"eps": a["epsilon"]}
+        return [(call("nn.GroupNorm", a["groups"], in_shape[-1], **epsilon), "")]
+    if op == "prelu":  # one slope per channel (dim 1) of an image or a vector
+        init = {} if a["alpha_init"] == 0.25 else {"init": a["alpha_init"]}
+        return [(call("nn.PReLU", in_shape[-1], **init), "")]
     if op == "dropout":
         cls = "SampleDropout" if a["per_sample"] else \
             "nn.Dropout2d" if a["spatial"] else "nn.Dropout"
@@ -308,6 +314,7 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         input_shape=tuple(graph.input.shape), augment=augment,
         dropout=any(n.op == "dropout" for n in graph),
         batch_norm=any(n.op == "batch_norm" for n in graph),
+        prelu=any(n.op == "prelu" for n in graph),
         optimizer=wrapped("optimizer = ", _optimizer(program), 4),
         loss_lines=_loss_lines(program), loss_call=_losscall(program),
         metric_lines=_metric_lines(program), clip=program.optimizer,

@@ -227,6 +227,21 @@ class LayerNorm(nn.Module):
         return y.permute(0, 3, 1, 2) if y.dim() == 4 else y
 
 
+class GroupNorm(nn.Module):
+    """Each sample's channels normalised in groups over their channels and pixels, then
+    scaled and shifted (IR `group_norm`): torch's F.group_norm, whose groups are
+    consecutive channels of dim 1, of an NCHW image or a vector alike."""
+
+    def __init__(self, channels: int, groups: int, epsilon: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.groups, self.epsilon = groups, epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.groups, self.gamma, self.beta, self.epsilon)
+
+
 class Dropout(nn.Module):
     """Dropout with specforge's counter-based masks (IR `dropout`; docs/ir-ops.md, "The
     dropout generator"): element i of the whole batch is kept by its own bits under this

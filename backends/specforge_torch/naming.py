@@ -6,7 +6,8 @@ from specforge.ir.graph import identifier_names
 
 #: Neutral parameter name -> the attribute of the torch module that holds it.
 TORCH_PARAM_NAMES = {"kernel": "weight", "bias": "bias", "gamma": "gamma", "beta": "beta",
-                     "moving_mean": "moving_mean", "moving_var": "moving_var"}
+                     "moving_mean": "moving_mean", "moving_var": "moving_var",
+                     "alpha": "weight"}
 
 
 #: Torch attribute names of the nodes (shared with every backend that needs identifiers).

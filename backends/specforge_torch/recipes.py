@@ -50,6 +50,10 @@ def module_recipe(node: Node, in_shape: tuple[int, ...]) -> tuple[str, list[Any]
         return "BatchNorm", [in_shape[-1]], {k: a[k] for k in keys}
     if op == "layer_norm":
         return "LayerNorm", [in_shape[-1], a["epsilon"]], {}
+    if op == "group_norm":
+        return "GroupNorm", [in_shape[-1], a["groups"], a["epsilon"]], {}
+    if op == "prelu":  # torch's: one slope per channel (dim 1) of an NCHW image or a vector
+        return "nn.PReLU", [in_shape[-1]], {"init": a["alpha_init"]}
     if op == "dropout":
         return "Dropout", [a["rate"], a["spatial"], tuple(node.shape), node.name], \
             dropout_options(a)

@@ -197,6 +197,21 @@ def _layer_cases() -> list[Case]:
                             {"type": "layer_norm", "epsilon": 1e-5},
                             {"type": "activation", "fn": "gelu"},
                             {"type": "dense", "units": 4}]),
+        # groups of an image's channels over their pixels (and instance norm, one channel a
+        # group, of a conv without relu, whose zeros would be all rounding, and without bias,
+        # which the norm cancels: Adam would step on their rounding noise),
+        # then groups of four features (two would normalise to +-1, of true gradient 0);
+        # Keras's epsilon, then torch's
+        Case("group-norm", [_conv(6, 3, bias=False), {"type": "group_norm", "groups": 6},
+                            _conv(6, 3, activation="relu"), {"type": "group_norm", "groups": 2},
+                            *HEAD[:1], {"type": "dense", "units": 8},
+                            {"type": "group_norm", "groups": 2, "epsilon": 1e-5},
+                            {"type": "activation", "fn": "gelu"},
+                            {"type": "dense", "units": 4}]),
+        # a learned slope per channel of an image (torch's init), then per feature (Keras's 0)
+        Case("prelu", [_conv(6, 3), {"type": "prelu"}, *HEAD[:1],
+                       {"type": "dense", "units": 8}, {"type": "prelu", "alpha_init": 0.0},
+                       {"type": "dense", "units": 4}]),
         Case("batch-norm-on-features", [*HEAD[:1], {"type": "dense", "units": 16,
                                                     "bias": False},
                                          {"type": "batch_norm"},

@@ -535,6 +535,38 @@ def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
           **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
 
 
+def _group_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """GroupNormalization over the last (channel) axis (groups -1: one per channel), with
+    its gamma and beta."""
+    _check_last_axis(op, config, "specforge's group_norm groups")
+    for flag in ("scale", "center"):
+        if not config.get(flag, True):
+            raise _NotExpressible(f"{flag}=False: specforge's group_norm learns both gamma "
+                                  "and beta")
+    channels = tuple(op.input.shape)[-1]
+    groups = channels if int(config["groups"]) == -1 else int(config["groups"])
+    gamma, beta = op.get_weights()
+    epsilon = float(config["epsilon"])
+    t.add(op, "group_norm", inputs, {"gamma": gamma, "beta": beta}, groups=groups,
+          **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
+
+
+def _prelu(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
+    """PReLU with one slope per channel (``shared_axes=[1, 2]`` on an image; a vector's or a
+    pixel's own per feature) or one for all; a slope per pixel (Keras's default on an
+    image) refused."""
+    (alpha,) = op.get_weights()
+    channels = tuple(op.input.shape)[-1]
+    if alpha.size == 1:  # shared by every axis
+        alpha = np.full(channels, alpha.reshape(-1)[0], alpha.dtype)
+    elif alpha.size != channels or alpha.shape[-1] != channels:
+        raise _NotExpressible(
+            f"alpha of shape {list(alpha.shape)} (shared_axes {config.get('shared_axes')!r}):"
+            " specforge's prelu learns one slope per channel, shared by height and width "
+            "(PReLU(shared_axes=[1, 2]))")
+    t.add(op, "prelu", inputs, {"alpha": alpha.reshape(channels)})
+
+
 def _layer_scale(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """keras.applications' LayerScale (ConvNeXt's), ``x * gamma`` with a learned gamma per
     channel: a depthwise 1x1 convolution without bias, one product per element as Keras's,
@@ -754,12 +786,13 @@ HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any], list[str]], None
     "Concatenate": _merge("concat"), "ZeroPadding2D": _zero_padding, "Reshape": _reshape,
     "Rescaling": _rescaling, "Normalization": _normalization, "Multiply": _multiply,
     "CustomScaleLayer": _custom_scale, "LayerScale": _layer_scale, "Cropping2D": _cropping,
+    "PReLU": _prelu, "GroupNormalization": _group_norm,
 }
 #: Layers that compute each channel of a pixel as they do a (C,) vector's (their output is a
 #: pixel when their inputs are).
 ELEMENTWISE = {"BatchNormalization", "LayerNormalization", "Dropout", "SpatialDropout2D",
                "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Add", "Concatenate",
-               "Rescaling", "Normalization", "Multiply"}
+               "Rescaling", "Normalization", "Multiply", "PReLU", "GroupNormalization"}
 #: keras.ops arithmetic translated in a functional model (see _Translator._translate_op).
 ARITHMETIC = {"Add", "Subtract", "Multiply", "TrueDivide"}
 #: Layers translated on one pixel (see _Translator.pixels).

@@ -137,6 +137,10 @@ class _Translator:
         self.pad_layers: dict[str, PadLayer] = {}
         #: cropping2d layers: what each crops, its Slice's ONNX output and its crops
         self.crop_layers: dict[str, tuple[Value, str, Pads]] = {}
+        #: torch's nn.GroupNorm as it exports it: each (N, groups, -1) Reshape's value and
+        #: each InstanceNormalization of one, by ONNX output: the value and the groups
+        self.groupings: dict[str, tuple[Value, int]] = {}
+        self.grouped_norms: dict[str, Value] = {}
         self.uses = Counter(i for n in self.graph.node for i in n.input if i)
         self.uses.update(o.name for o in self.graph.output)
         self.readers: dict[str, list[Any]] = {}
@@ -668,7 +672,18 @@ def _with_offset(t: _Translator, node: Any, value: Value, value_name: str,
             and t.uses[value_name] == 1):
         producer["offset"] = offset
         return value
+    if _folds_into_group_norm(t, value, value_name):  # beta + offset
+        t.out.weights[f"{value.layer}.beta"] += np.asarray(offset, np.float32)
+        return value
     return _new_rescaling(t, node, value, offset=offset)
+
+
+def _folds_into_group_norm(t: _Translator, value: Value, value_name: str) -> bool:
+    """Whether ``value`` is a group_norm's output read by one node alone, so that a
+    per-channel scale or offset after it (torch's gamma and beta) goes into its own."""
+    producer = t.layers.get(value.layer)
+    return producer is not None and producer["type"] == "group_norm" and \
+        t.uses[value_name] == 1
 
 
 def _new_rescaling(t: _Translator, node: Any, value: Value, **fields: Any) -> Value:
@@ -716,6 +731,32 @@ def _batch_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
         fields["epsilon"] = epsilon
     weights = {"gamma": gamma, "beta": beta, "moving_mean": mean, "moving_var": var}
     name = t.add(node, "batch_norm", [value], weights, **fields)
+    return Value(name, value.shape, value.layout, value.chw)
+
+
+def _prelu(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """PRelu with one slope, or one per channel (torch's nn.PReLU(C): (C, 1, 1) on an NCHW
+    image), as prelu; a slope that differs along any other axis refused."""
+    value = t.value(node)
+    slope, shape = t.constant(node.input[1]), value.onnx_shape
+    try:
+        full = np.broadcast_to(slope, shape)
+    except ValueError:
+        raise _NotExpressible(f"a slope of shape {list(slope.shape)} for a tensor of ONNX "
+                              f"shape {list(shape)}") from None
+    channels = value.shape[-1]
+    if (full == full.flat[0]).all():  # one slope (nn.PReLU()'s default) for every channel
+        alpha = np.full(channels, full.flat[0], np.float32)
+    else:
+        axis = CHANNEL_AXIS.get(value.layout)
+        rows = None if axis is None else np.moveaxis(full, axis, -1).reshape(-1, channels)
+        if rows is None or not (rows == rows[0]).all():
+            raise _NotExpressible(
+                f"a slope of shape {list(slope.shape)} that differs along more than the "
+                f"channels of a {value.layout.upper()} tensor of ONNX shape {list(shape)}: "
+                "specforge's prelu learns one slope per channel")
+        alpha = rows[0]
+    name = t.add(node, "prelu", [value], {"alpha": alpha})
     return Value(name, value.shape, value.layout, value.chw)
 
 
@@ -856,9 +897,14 @@ def _mul(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     NCHW image and a (N, C, 1, 1) pooled gate (squeeze-excite)."""
     constants = [i for i in node.input if t._is_constant(i)]
     if len(constants) == 1 and len(node.input) == 2:
-        x = t.value_of(node.input[1 - list(node.input).index(constants[0])])
-        return _new_rescaling(t, node, x, scale=_channel_constant(t, constants[0], x,
-                                                                  "multiplying by"))
+        x_name = node.input[1 - list(node.input).index(constants[0])]
+        x = t.value_of(x_name)
+        scale = _channel_constant(t, constants[0], x, "multiplying by")
+        if _folds_into_group_norm(t, x, x_name):  # gamma * scale, beta * scale
+            for param in ("gamma", "beta"):
+                t.out.weights[f"{x.layer}.{param}"] *= np.asarray(scale, np.float32)
+            return x
+        return _new_rescaling(t, node, x, scale=scale)
     if constants:
         raise _NotExpressible("multiplying constants: specforge multiplies layers' outputs")
     values = [t.value(node, i) for i in range(2)]
@@ -975,12 +1021,21 @@ def _flattened(t: _Translator, node: Any, value: Value) -> Value:
 
 
 def _reshape(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
-    """A reshape to (batch, features): a flatten; the two of a channel shuffle; others have
-    no specforge equivalent."""
+    """A reshape to (batch, features): a flatten; the two of a channel shuffle; the two
+    reshapes around a group norm's InstanceNormalization (see _grouping); others have no
+    specforge equivalent."""
     value = t.value(node)
     target = [int(d) for d in t.constant(node.input[1]).reshape(-1)]
+    normalised = t.grouped_norms.get(node.input[0])
+    if normalised is not None:
+        if target[0] in (-1, 0, 1) and target[1:] == list(normalised.onnx_shape[1:]):
+            return normalised
+        raise _NotExpressible(f"reshape of a group norm's groups to {target}: only back to "
+                              f"ONNX shape {list(normalised.onnx_shape)}")
     if len(target) == 5 or value.layout == "grouped_t":
         return _shuffle_reshape(t, node, value, target)
+    if len(target) == 3 and value.layout in ("nchw", "flat"):
+        return _grouping(t, node, value, target)
     features = value.shape[0] if len(value.shape) == 1 else int(np.prod(value.shape))
     if len(target) == 2 and target[0] in (-1, 0, 1) and target[1] in (-1, features):
         return _flattened(t, node, value)
@@ -1077,6 +1132,74 @@ def _channel_slice(t: _Translator, node: Any, value: Value, start: int, stop: in
               if v != default}
     name = t.add(node, "channel_slice", [value], **fields)
     return Value(name, (*value.shape[:-1], stop - start), value.layout)
+
+
+def _grouping(t: _Translator, node: Any, value: Value, target: list[int]) -> Value:
+    """(N, C, ...) -> (N, groups, -1), read by an InstanceNormalization alone: torch's
+    nn.GroupNorm exported (then a Reshape back, a Mul by gamma and an Add of beta)."""
+    groups, channels = target[1], value.shape[-1]
+    size = int(np.prod(value.onnx_shape[1:])) // max(groups, 1)
+    readers = [n.op_type for n in t.graph.node if node.output[0] in n.input]
+    if (target[0] not in (-1, 0, 1) or groups < 1 or channels % groups
+            or target[2] not in (-1, size) or readers != ["InstanceNormalization"]):
+        raise _NotExpressible(f"reshape to {target}: only (batch, groups, -1) read by an "
+                              "InstanceNormalization alone (torch's GroupNorm), with groups "
+                              f"dividing the {channels} channels")
+    t.groupings[node.output[0]] = (value, groups)
+    return Value(value.layer, value.shape, "groups")
+
+
+def _instance_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """InstanceNormalization of an NCHW image (each channel over its pixels: a group_norm
+    with a group per channel) or of the (N, groups, -1) reshape of one, or of features
+    (torch's nn.GroupNorm): a group_norm, its scale and bias per group repeated for each
+    channel of the group."""
+    value = t.value(node)
+    if value.layout == "groups":
+        source, groups = t.groupings[node.input[0]]
+    elif value.layout == "nchw":
+        source, groups = value, value.shape[-1]
+    else:
+        raise _NotExpressible(f"normalising a {value.layout.upper()} tensor of ONNX shape "
+                              f"{list(value.onnx_shape)}: specforge's group_norm normalises "
+                              "groups of an NCHW image's channels, or of features")
+    result = _new_group_norm(t, node, source, groups, attrs, per_channel=False)
+    if value.layout != "groups":
+        return result
+    t.grouped_norms[node.output[0]] = result
+    return Value(result.layer, source.shape, "groups")
+
+
+def _group_normalization(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
+    """GroupNormalization of an NCHW image or of features: opset 21's scale and bias per
+    channel, opset 18's per group."""
+    value = t.value(node)
+    groups = int(attrs["num_groups"])
+    if value.layout not in ("nchw", "flat") or groups < 1 or value.shape[-1] % groups:
+        raise _NotExpressible(f"{groups} groups of a {value.layout.upper()} tensor of ONNX "
+                              f"shape {list(value.onnx_shape)}: specforge's group_norm groups "
+                              "the channels of an NCHW image or of features, evenly")
+    return _new_group_norm(t, node, value, groups, attrs, per_channel=t.opset >= 21)
+
+
+def _new_group_norm(t: _Translator, node: Any, value: Value, groups: int,
+                    attrs: dict[str, Any], per_channel: bool) -> Value:
+    """A `group_norm` of ``value`` with ``node``'s epsilon and its inputs 1 and 2 as gamma
+    and beta: one number per channel, or (not ``per_channel``) per group, repeated."""
+    channels = value.shape[-1]
+    expected = channels if per_channel else groups
+    weights = {}
+    for param, index in (("gamma", 1), ("beta", 2)):
+        array = t.constant(node.input[index])
+        if array.size != expected:
+            raise _NotExpressible(f"input {index} of shape {list(array.shape)}: one number "
+                                  f"per {'channel' if per_channel else 'group'} ({expected}) "
+                                  "expected")
+        weights[param] = np.repeat(array.reshape(-1), channels // expected)
+    epsilon = float32_value(attrs.get("epsilon", 1e-5))
+    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
+    name = t.add(node, "group_norm", [value], weights, groups=groups, **fields)
+    return Value(name, value.shape, value.layout, value.chw)
 
 
 def _squeeze(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -1238,6 +1361,8 @@ def _slice_bound(index: int, size: int) -> int:
 HANDLERS: dict[str, Callable[[_Translator, Any, dict[str, Any]], Any]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Add": _add, "Sum": _add,
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "PRelu": _prelu, "InstanceNormalization": _instance_norm,
+    "GroupNormalization": _group_normalization,
     "Relu": _activation("relu"),
     "LeakyRelu": _activation(_leaky), "Elu": _activation(_elu), "Selu": _activation(_selu),
     "Sigmoid": _activation("sigmoid"), "Tanh": _activation("tanh"),

@@ -131,8 +131,8 @@ _RESERVED = """
     layers math nn np ops re torch x y inputs model self args main build_model load_weights
     load_data train_step evaluate augment loss_fn learning_rate gelu_tanh
     Activation Add AvgPool2D AvgPool2d BatchNorm ChannelShuffle ChannelSlice Concat Conv2D
-    Conv2d Cropping2d Dropout FlattenHWC GlobalPool LayerNorm LayerNorm2d MaxPool2D MaxPool2d
-    Pad2D Pad2d Rescaling
+    Conv2d Cropping2d Dropout FlattenHWC GlobalPool GroupNorm LayerNorm LayerNorm2d MaxPool2D
+    MaxPool2d Pad2D Pad2d PReLU Rescaling
     print len range zip sum max min float int list dict tuple set sorted enumerate map round
     open isinstance super getattr setattr hasattr any all abs iter next object str bool repr
     type id vars

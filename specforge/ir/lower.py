@@ -113,6 +113,10 @@ def _ops_for(layer: Any, in_shape: Shape) -> list[tuple[str, dict[str, Any]]]:
                                "scale": layer.scale, "center": layer.center})
     elif isinstance(layer, L.LayerNorm):
         return [("layer_norm", {"epsilon": layer.epsilon})]
+    elif isinstance(layer, L.GroupNorm):
+        return [("group_norm", {"groups": layer.groups, "epsilon": layer.epsilon})]
+    elif isinstance(layer, L.PReLU):
+        return [("prelu", {"alpha_init": layer.alpha_init})]
     elif isinstance(layer, L.Dropout):
         main = ("dropout", {"rate": layer.rate, "spatial": layer.spatial,
                             "per_sample": layer.per_sample})

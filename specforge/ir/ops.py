@@ -388,6 +388,39 @@ def layer_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     return OpResult(shapes[0], params, 7 * _numel(shapes[0]))
 
 
+@op("group_norm")
+def group_norm(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Normalisation of each sample's channels (last axis) in ``groups`` groups of
+    ``C / groups`` consecutive channels: each group over its channels and, on an image
+    (H, W, C), every pixel (H * W * C / groups values); on a vector (C,) its channels.
+
+    ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` with the group's mean and
+    *biased* variance (torch's ``nn.GroupNorm``, Keras's ``GroupNormalization``; groups=1
+    normalises the whole sample, groups=C each channel: instance norm). The same in training
+    and evaluation: no running statistics. gamma (C,) init ones, beta (C,) zeros.
+    """
+    c, groups = shapes[0][-1], attrs["groups"]
+    if c % groups:
+        raise ShapeError(f"group_norm groups={groups} must divide the input's {c} channels",
+                         "groups that divide them: "
+                         + ", ".join(str(d) for d in range(1, c + 1) if c % d == 0)[:200])
+    params = (Param("gamma", (c,), "ones"), Param("beta", (c,), "zeros"))
+    return OpResult(shapes[0], params, 7 * _numel(shapes[0]))
+
+
+@op("prelu")
+def prelu(attrs: Attrs, shapes: list[Shape]) -> OpResult:
+    """Parametric ReLU: ``y = x`` where ``x > 0``, else ``alpha * x``, with one learned slope
+    per channel (last axis), shared by every pixel of an image (torch's
+    ``nn.PReLU(num_parameters=C)``; Keras's ``PReLU(shared_axes=[1, 2])``; on a vector each
+    feature's). At ``x == 0`` the gradient to x is ``alpha`` (torch's side). alpha (C,)
+    init ``alpha_init`` (``constant:<alpha_init>``: 0.25 by default, torch's).
+    """
+    c = shapes[0][-1]
+    alpha = Param("alpha", (c,), f"constant:{float(attrs['alpha_init'])!r}")
+    return OpResult(shapes[0], (alpha,), 3 * _numel(shapes[0]))
+
+
 @op("dropout")
 def dropout(attrs: Attrs, shapes: list[Shape]) -> OpResult:
     """Training only: zero each element with probability ``rate`` and scale the others by

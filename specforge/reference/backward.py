@@ -19,6 +19,7 @@ from specforge.reference.forward import (
     as_image,
     batch_statistics,
     erf_elementwise,
+    group_statistics,
     layer_statistics,
     pad,
     pool_counts,
@@ -157,6 +158,27 @@ def layer_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str,
     return [g_x], grads
 
 
+def group_norm(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
+               training: bool) -> Grads:
+    x_hat, inv_std = group_statistics(xs[0], node.attrs["groups"], node.attrs["epsilon"])
+    others = tuple(range(gy.ndim - 1))  # gamma and beta are shared by every sample and pixel
+    flat_hat = x_hat.reshape(gy.shape)
+    grads = {"gamma": (gy * flat_hat).sum(axis=others), "beta": gy.sum(axis=others)}
+    g_hat = (gy * w["gamma"]).reshape(x_hat.shape)
+    # each group's mean and variance depend on its own channels and pixels (axes 1 and 3)
+    g_x = inv_std * (g_hat - g_hat.mean(axis=(1, 3), keepdims=True)
+                     - x_hat * (g_hat * x_hat).mean(axis=(1, 3), keepdims=True))
+    return [g_x.reshape(gy.shape)], grads
+
+
+def prelu(node: Node, xs: list[Array], y: Array, gy: Array, w: Mapping[str, Array],
+          training: bool) -> Grads:
+    positive = xs[0] > 0
+    others = tuple(range(gy.ndim - 1))  # alpha is shared by every sample and pixel
+    grads = {"alpha": np.where(positive, 0, gy * xs[0]).sum(axis=others)}
+    return [np.where(positive, gy, gy * w["alpha"])], grads
+
+
 def _sigmoid(x: Array) -> Array:
     return 1 / (1 + np.exp(-x))
 
@@ -233,6 +255,8 @@ BACKWARD: dict[str, Callable[..., Grads]] = {
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
+    "prelu": prelu,
+    "group_norm": group_norm,
     "activation": activation,
     "dense": dense,
     "global_max_pool2d": global_max_pool2d,

@@ -131,6 +131,24 @@ def layer_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bo
     return x_hat * w["gamma"] + w["beta"]
 
 
+def group_statistics(x: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
+    """Group norm's normalised input and 1 / sqrt(variance + epsilon), each shaped
+    (N, pixels, groups, C / groups): each group's mean and biased variance taken over its
+    channels and pixels."""
+    grouped = x.reshape(len(x), -1, groups, x.shape[-1] // groups)
+    inv_std = 1 / np.sqrt(grouped.var(axis=(1, 3), keepdims=True) + epsilon)
+    return (grouped - grouped.mean(axis=(1, 3), keepdims=True)) * inv_std, inv_std
+
+
+def group_norm(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    x_hat, _ = group_statistics(xs[0], node.attrs["groups"], node.attrs["epsilon"])
+    return x_hat.reshape(xs[0].shape) * w["gamma"] + w["beta"]
+
+
+def prelu(node: Node, xs: list[Array], w: Mapping[str, Array], training: bool) -> Array:
+    return np.where(xs[0] > 0, xs[0], w["alpha"] * xs[0])
+
+
 erf_elementwise = np.vectorize(erf)
 
 
@@ -177,6 +195,8 @@ OPS: dict[str, Callable[[Node, list[Array], Mapping[str, Array], bool], Array]] 
     "avg_pool2d": avg_pool2d,
     "batch_norm": batch_norm,
     "layer_norm": layer_norm,
+    "prelu": prelu,
+    "group_norm": group_norm,
     "pad2d": lambda n, xs, w, t: pad(xs[0], n.attrs["pads"], n.attrs["mode"],
                                      n.attrs.get("pad_value", 0.0)),
     "cropping2d": lambda n, xs, w, t: crop(xs[0], n.attrs["crops"]),

@@ -299,6 +299,30 @@ class LayerNorm(LayerBase):
         "Added to the variance before the sqrt (Keras's default; torch's is 1e-5)."))
 
 
+class GroupNorm(LayerBase):
+    """Group normalisation: each sample's channels in `groups` groups of C / groups, each
+    group normalised over its channels and every pixel, with a learned per-channel scale and
+    offset (torch's `nn.GroupNorm`, Keras's `GroupNormalization`)."""
+
+    type: Literal["group_norm", "group_normalization"]
+    groups: Size = Field(description="Number of channel groups; must divide the channels.")
+    epsilon: float = Field(1e-3, gt=0, description=(
+        "Added to the variance before the sqrt (Keras's default, as `layer_norm`'s; "
+        "torch's is 1e-5)."))
+
+
+class PReLU(LayerBase):
+    """Parametric ReLU: ``x`` where ``x > 0``, else ``alpha * x``, with a learned slope
+    ``alpha`` per channel (shared by every pixel of an image): torch's
+    ``nn.PReLU(num_parameters=C)``, Keras's ``PReLU(shared_axes=[1, 2])`` on images and
+    ``PReLU()`` on vectors."""
+
+    type: Literal["prelu"]
+    alpha_init: float = Field(0.25, allow_inf_nan=False, description=(
+        "Every channel's initial slope (torch's default and He et al.'s; Keras's is 0, "
+        "which starts as a relu)."))
+
+
 class Dropout(LayerBase):
     """Inverted dropout: zero each element with probability `rate`, scale the rest."""
 
@@ -390,7 +414,8 @@ class BlockUse(LayerBase):
 Layer = Annotated[
     Conv2D | DepthwiseConv2D | Pad2D | Cropping2D | ChannelSlice | ChannelShuffle | MaxPool2D
     | AvgPool2D | GlobalAvgPool2D | GlobalMaxPool2D | Flatten | Dense | BatchNorm | LayerNorm
-    | Dropout | ActivationLayer | Rescaling | Add | Multiply | Concat | BlockUse,
+    | GroupNorm | PReLU | Dropout | ActivationLayer | Rescaling | Add | Multiply | Concat
+    | BlockUse,
     Field(discriminator="type"),
 ]
 
