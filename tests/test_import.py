@@ -7,6 +7,7 @@ weights against the source framework's own output, within the conformance forwar
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -1506,3 +1507,40 @@ def test_keras_efficientnet_imports_with_its_outputs(tmp_path):
     assert sum(node.attrs["per_sample"] for node in dropouts) == 9  # each after a stage's first
     batch = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     assert_matches(spec, weights, batch, np.asarray(source(batch, training=False)))
+
+
+#: One tested model of each keras.applications family (its test): the README says every
+#: family imports with Keras's outputs.
+TESTED_FAMILIES = {
+    "ConvNeXt": "ConvNeXtTiny", "DenseNet": "DenseNet121", "EfficientNet": "EfficientNetB0",
+    "EfficientNetV2": "EfficientNetV2B0", "InceptionResNetV2": "InceptionResNetV2",
+    "InceptionV3": "InceptionV3", "MobileNet": "MobileNet", "MobileNetV2": "MobileNetV2",
+    "MobileNetV3": "MobileNetV3Small", "NASNet": "NASNetMobile", "ResNet": "ResNet50",
+    "ResNetV2": "ResNet50V2", "VGG": "VGG16", "Xception": "Xception"}
+
+
+def _family(name: str) -> str:
+    """keras.applications' family of a model name: ResNet101V2 -> ResNetV2, VGG19 -> VGG."""
+    for pattern, family in ((r"ResNet\d+V2", "ResNetV2"), (r"ResNet\d+", "ResNet"),
+                            (r"EfficientNetV2\w+", "EfficientNetV2"),
+                            (r"EfficientNetB\d", "EfficientNet"), (r"DenseNet\d+", "DenseNet"),
+                            (r"VGG\d+", "VGG"), (r"NASNet\w+", "NASNet"),
+                            (r"ConvNeXt\w+", "ConvNeXt"), (r"MobileNetV3\w+", "MobileNetV3")):
+        if re.fullmatch(pattern, name):
+            return family
+    return name
+
+
+def test_every_keras_applications_family_has_an_import_test():
+    """A family that a new Keras adds (or a test that goes) fails here, and so the README's
+    claim that every family imports."""
+    names = [n for n in dir(keras.applications) if n[0].isupper()]
+    assert {_family(n) for n in names} == set(TESTED_FAMILIES), sorted(
+        {_family(n) for n in names} ^ set(TESTED_FAMILIES))
+    text = Path(__file__).read_text(encoding="utf-8")
+    table = text.index("TESTED_FAMILIES = {")
+    tests = text[:table] + text[text.index("}", table):]  # every test, without this table
+    for family, model in TESTED_FAMILIES.items():
+        assert f'"{model}"' in tests or f"keras.applications.{model}(" in tests, (family, model)
+    assert "every family of `keras.applications` in Keras 3.15 imports" in \
+        " ".join(readme_section().split())
