@@ -1302,10 +1302,11 @@ class ScriptLoop(TrainingLoop):
         images = self.train_images - self.timed[1]
         self.timed = (self.train_seconds, self.train_images)
         shown = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        # the first steps allocate and tune and are not timed: an epoch of them has no rate
+        rate = f"  ({images / max(seconds, 1e-9):,.0f} images/s)" if images else ""
         if self.main:
             print(f"epoch {record['epoch']}/{self.epochs}: "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-                  + f"  ({images / max(seconds, 1e-9):,.0f} images/s)", flush=True)
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) + rate, flush=True)
 
 
 def run(args: argparse.Namespace, pipeline: DataPipeline, trainer: Any, batches: Any = None,
