@@ -226,3 +226,29 @@ data: {source: {type: synthetic, samples: 20, classes: 5}, batch_size: 4}
     assert result.returncode == 2, result.stderr[-2000:]
     assert "5 classes, more than the model's 2 outputs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_exact_script_names_an_unreadable_image_and_exits_2(tmp_path: Path):
+    """A truncated PNG in an image folder: the file named, exit code 2, no traceback (as
+    `specforge run`; the README's claim for built scripts)."""
+    import subprocess
+
+    from specforge.compiler import compile_text
+    from specforge_torch.build import render_script
+    from tests.processes import image_folders, without_specforge
+
+    root = image_folders(tmp_path / "images", classes=2, per_class=3, size=8)
+    broken = root / "train" / "class_1" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    program = compile_text("""name: folders
+model: {input: [8, 8, 3], layers: [{type: flatten}, {type: dense, units: 2}]}
+loss: {type: cross_entropy, from_logits: true}
+optimizer: {type: sgd}
+data: {source: {type: image_folder, train: train, test: test}, batch_size: 2}
+""", "folders.yaml")
+    script = tmp_path / "folders.py"
+    script.write_text(render_script(program), encoding="utf-8")
+    result = subprocess.run(without_specforge(script, "--data-dir", str(root), "--epochs", "1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot read image {broken}" in result.stderr and "Traceback" not in result.stderr
