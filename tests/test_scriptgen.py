@@ -233,8 +233,9 @@ def test_an_exact_script_names_an_unreadable_image_and_exits_2(tmp_path: Path):
     `specforge run`; the README's claim for built scripts)."""
     import subprocess
 
-    from specforge.compiler import compile_text
     from specforge_torch.build import render_script
+
+    from specforge.compiler import compile_text
     from tests.processes import image_folders, without_specforge
 
     root = image_folders(tmp_path / "images", classes=2, per_class=3, size=8)
