@@ -19,7 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -356,7 +356,7 @@ def _defined(node: ast.stmt) -> set[str]:
     return set()
 
 
-def _without(body: str, unused: Any) -> str:
+def _without(body: str, unused: Callable[[ast.Module], list[ast.stmt]]) -> str:
     """``body`` without the statements ``unused(tree)`` finds, until it finds none (taking
     one out may leave another unused); the blank lines before each go with it."""
     while found := unused(ast.parse(body)):

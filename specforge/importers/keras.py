@@ -522,32 +522,31 @@ def _batch_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[st
 
 def _layer_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """LayerNormalization over the last (channel) axis, with its gamma and beta."""
-    _check_last_axis(op, config, "specforge's layer_norm normalises only")
     if config.get("rms_scaling"):
         raise _NotExpressible("rms_scaling=True: specforge's layer_norm subtracts the mean")
-    for flag in ("scale", "center"):
-        if not config.get(flag, True):
-            raise _NotExpressible(f"{flag}=False: specforge's layer_norm learns both gamma "
-                                  "and beta")
-    gamma, beta = op.get_weights()
-    epsilon = float(config["epsilon"])
-    t.add(op, "layer_norm", inputs, {"gamma": gamma, "beta": beta},
-          **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
+    _learned_norm(t, op, config, inputs, "layer_norm", "normalises only")
 
 
 def _group_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str]) -> None:
     """GroupNormalization over the last (channel) axis (groups -1: one per channel), with
     its gamma and beta."""
-    _check_last_axis(op, config, "specforge's group_norm groups")
-    for flag in ("scale", "center"):
-        if not config.get(flag, True):
-            raise _NotExpressible(f"{flag}=False: specforge's group_norm learns both gamma "
-                                  "and beta")
     channels = tuple(op.input.shape)[-1]
     groups = channels if int(config["groups"]) == -1 else int(config["groups"])
+    _learned_norm(t, op, config, inputs, "group_norm", "groups", groups=groups)
+
+
+def _learned_norm(t: _Translator, op: Any, config: dict[str, Any], inputs: list[str],
+                  type_: str, verb: str, **fields: Any) -> None:
+    """A normalisation over the last axis that learns both gamma and beta (`layer_norm`,
+    `group_norm`), its epsilon written only where it is not specforge's 1e-3."""
+    _check_last_axis(op, config, f"specforge's {type_} {verb}")
+    for flag in ("scale", "center"):
+        if not config.get(flag, True):
+            raise _NotExpressible(f"{flag}=False: specforge's {type_} learns both gamma "
+                                  "and beta")
     gamma, beta = op.get_weights()
     epsilon = float(config["epsilon"])
-    t.add(op, "group_norm", inputs, {"gamma": gamma, "beta": beta}, groups=groups,
+    t.add(op, type_, inputs, {"gamma": gamma, "beta": beta}, **fields,
           **({} if epsilon == 1e-3 else {"epsilon": epsilon}))
 
 

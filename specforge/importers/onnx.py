@@ -495,7 +495,7 @@ def _pooled_conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
     the (C,) vector the spec holds; its output stays pooled."""
     value = t.value(node)
     weight = t.constant(node.input[1])
-    filters, per_group, kh, kw = weight.shape
+    kh, kw = weight.shape[2:]
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     auto = _text(attrs.get("auto_pad", "NOTSET"))
     if (kh, kw) != (1, 1) or int(attrs.get("group", 1)) != 1 or any(pads) or \
@@ -504,16 +504,8 @@ def _pooled_conv(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
             f"a {kh}x{kw} Conv (group {attrs.get('group', 1)}, pads {pads}) of a POOLED "
             "(N, C, 1, 1) tensor: only a 1x1 Conv without groups or pads is translated (as a "
             "dense layer)")
-    if per_group != value.shape[0]:
-        raise _NotExpressible(f"kernel of {per_group} input channels for {value.shape[0]}")
-    bias = t.optional_constant(node, 2)
-    weights = {"kernel": weight[:, :, 0, 0].T}
-    fields: dict[str, Any] = {"units": int(filters)}
-    if bias is None:
-        fields["bias"] = False
-    else:
-        weights["bias"] = bias
-    return Value(t.add(node, "dense", [value], weights, **fields), (int(filters),), "pooled")
+    return _dense_of(t, node, value, weight[:, :, 0, 0].T, t.optional_constant(node, 2),
+                     "pooled")
 
 
 def _flat_input(t: _Translator, node: Any) -> Value:
@@ -535,14 +527,21 @@ def _dense_kernel(value: Value, kernel: np.ndarray) -> np.ndarray:
 
 
 def _dense(t: _Translator, node: Any, kernel: np.ndarray, bias: np.ndarray | None) -> Value:
-    value = _flat_input(t, node)
+    return _dense_of(t, node, _flat_input(t, node), kernel, bias, "flat")
+
+
+def _dense_of(t: _Translator, node: Any, value: Value, kernel: np.ndarray,
+              bias: np.ndarray | None, layout: str) -> Value:
+    """A `dense` layer of ``value`` with an (inputs, units) ``kernel``; its output in
+    ``layout`` (a flat vector, or still ONNX's pooled (N, C, 1, 1))."""
     weights = {"kernel": _dense_kernel(value, kernel)}
     fields: dict[str, Any] = {"units": int(kernel.shape[1])}
     if bias is None:
         fields["bias"] = False
     else:
         weights["bias"] = np.broadcast_to(bias, (kernel.shape[1],))
-    return Value(t.add(node, "dense", [value], weights, **fields), (kernel.shape[1],), "flat")
+    name = t.add(node, "dense", [value], weights, **fields)
+    return Value(name, (int(kernel.shape[1]),), layout)
 
 
 def _gemm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
@@ -786,10 +785,16 @@ def _layer_norm(t: _Translator, node: Any, attrs: dict[str, Any]) -> Value:
             raise _NotExpressible(f"{what} of shape {list(array.shape)}: one number per "
                                   f"channel ({channels}) expected")
     gamma, beta = (np.broadcast_to(a.reshape(-1), (channels,)) for a in (gamma, beta))
-    epsilon = float32_value(attrs.get("epsilon", 1e-5))
-    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
-    name = t.add(node, "layer_norm", [value], {"gamma": gamma, "beta": beta}, **fields)
+    name = t.add(node, "layer_norm", [value], {"gamma": gamma, "beta": beta},
+                 **_norm_epsilon(attrs))
     return Value(name, value.shape, value.layout, value.chw)
+
+
+def _norm_epsilon(attrs: dict[str, Any]) -> dict[str, float]:
+    """A layer or group norm's `epsilon` field: ONNX's (1e-5 unless given), left out where it
+    is specforge's default, 1e-3."""
+    epsilon = float32_value(attrs.get("epsilon", 1e-5))
+    return {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
 
 
 def _activation(fn: str | Callable[[dict[str, Any]], dict[str, Any]]
@@ -1196,9 +1201,7 @@ def _new_group_norm(t: _Translator, node: Any, value: Value, groups: int,
                                   f"per {'channel' if per_channel else 'group'} ({expected}) "
                                   "expected")
         weights[param] = np.repeat(array.reshape(-1), channels // expected)
-    epsilon = float32_value(attrs.get("epsilon", 1e-5))
-    fields = {} if np.isclose(epsilon, 1e-3, rtol=1e-6, atol=0) else {"epsilon": epsilon}
-    name = t.add(node, "group_norm", [value], weights, groups=groups, **fields)
+    name = t.add(node, "group_norm", [value], weights, groups=groups, **_norm_epsilon(attrs))
     return Value(name, value.shape, value.layout, value.chw)
 
 
