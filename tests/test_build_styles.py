@@ -474,3 +474,40 @@ def test_every_built_script_reports_bad_data_and_a_nan_loss_with_exit_code_2(tmp
     check_user_errors_in_scripts(tmp_path, [
         ("torch", "idiomatic", "data"), ("keras", "idiomatic", "data"),
         ("keras", "exact", "data"), ("torch", "exact", "nan"), ("keras", "idiomatic", "nan")])
+
+
+LONG_LINES = """name: long-lines
+model:
+  input: [12, 12, 3]
+  layers:
+    - {type: conv2d, filters: 16, kernel: 3, strides: 2, padding: same, bias: false,
+       activation: relu, name: a_rather_long_convolution_layer_name}
+    - {type: prelu, alpha_init: 0.1, name: a_rather_long_parametric_relu_name_x}
+    - {type: group_norm, groups: 4, epsilon: 0.00001, name: a_rather_long_group_norm_name}
+%s    - {type: flatten}
+    - {type: dense, units: 3}
+loss: {type: cross_entropy, from_logits: true}
+optimizer: {type: sgd}
+data: {source: {type: synthetic, samples: 16, classes: 3}, batch_size: 4}
+"""
+
+
+@pytest.mark.parametrize("graph", ["chain", "branching"])
+def test_idiomatic_scripts_of_long_layer_calls_pass_ruff_format(tmp_path, graph):
+    """Layer calls too long for a line (long names, many options) are written as ruff
+    formats them: the arguments on a line of their own, or one a line, in a Sequential's
+    model.add and in a functional graph alike."""
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    merge = "    - {type: add, inputs: [a_rather_long_group_norm_name, " \
+        "a_rather_long_parametric_relu_name_x]}\n" if graph == "branching" else ""
+    program = compile_text(LONG_LINES % merge, "long.yaml")
+    scripts = []
+    for backend in ("torch", "keras"):
+        scripts.append(tmp_path / f"{backend}.py")
+        scripts[-1].write_text(load_backend(backend).build(program), encoding="utf-8")
+    config = ["--config", str(ROOT / "pyproject.toml")]  # the rules generated/ is held to
+    for command in (["check", *config], ["format", "--check", *config]):
+        result = subprocess.run([sys.executable, "-m", "ruff", *command, *map(str, scripts)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stdout[-3000:])

@@ -11,6 +11,7 @@ imports no keras.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,8 @@ def render_idiomatic(program: Program, distributed: bool = False) -> str:
         augment_layers=augment_layers(augment, tuple(graph.input.shape)) if augment else [],
         augment=augment, dropout=any(n.op == "dropout" for n in graph),
         prelu=any(n.op == "prelu" for n in graph),
-        sequential=[c for c in calls], functional=[] if chain else functional_lines(
+        sequential=[line for c in calls for line in _added(c)],
+        functional=[] if chain else functional_lines(
             program, layers_),
         final_activation=program.output_activation if extra_softmax else None,
         helpers=_helpers(calls), batch_norm="BatchNorm(" in " ".join(calls),
@@ -306,8 +308,31 @@ def _assigned(target: str, layer: str, operand: str) -> list[str]:
         return [line]
     if 4 + len(f"{target} = {layer}(") <= 100:
         return [f"{target} = {layer}(", f"    {operand}", ")"]
-    head, _, args = layer.partition("(")
-    return [f"{target} = {head}(", f"    {args[:-1]}", f")({operand})"]
+    head = layer.partition("(")[0]
+    return [f"{target} = {head}(", *_arguments(layer, 4), f")({operand})"]
+
+
+def _added(layer: str) -> list[str]:
+    """``model.add(layer)`` as ruff formats it at 100 columns (4 spaces in)."""
+    if 4 + len(f"model.add({layer})") <= 100:
+        return [f"model.add({layer})"]
+    if 8 + len(layer) <= 100:
+        return ["model.add(", f"    {layer}", ")"]
+    head = layer.partition("(")[0]
+    return ["model.add(", f"    {head}(", *_arguments(layer, 8), "    )", ")"]
+
+
+def _arguments(call: str, indent: int) -> list[str]:
+    """The arguments of ``call`` (a layer's constructor) as ruff writes them inside its
+    parentheses, ``indent`` columns in from the body's 4: on one line if they fit, else
+    one a line, each with its comma."""
+    args = call.partition("(")[2][:-1]
+    if 4 + indent + len(args) <= 100:
+        return [" " * indent + args]
+    parsed = ast.parse(call, mode="eval").body
+    assert isinstance(parsed, ast.Call)
+    return [f"{' ' * indent}{ast.get_source_segment(call, part)},"
+            for part in [*parsed.args, *parsed.keywords]]
 
 
 def _listed(value: float | tuple[float, ...]) -> float | list[float]:
